@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The fedhubert pipeline on the built-in synthetic corpora, stage by stage (the stages that exist so far).
+# Each stage writes its own folder under DEMO_DIR with its resolved config, log and run record.
+set -euo pipefail
+DEMO_DIR=${DEMO_DIR:-data/demo}
+FEDHUBERT=${FEDHUBERT:-fedhubert}
+run() { echo "+ $*"; "$@"; }
+
+run "$FEDHUBERT" synth librispeech --out "$DEMO_DIR/LibriSpeech" --speakers 24 --minutes 1.5 --force
+run "$FEDHUBERT" synth speech-commands --out "$DEMO_DIR/speech_commands" --force
+
+echo
+echo "Demo finished. Outputs:"
+echo "  $DEMO_DIR/LibriSpeech        synthetic LibriSpeech (SPEAKERS.TXT, subsets, run.json)"
+echo "  $DEMO_DIR/speech_commands    synthetic Speech Commands v0.01 and its test set"

@@ -1,0 +1,3 @@
+from fedhubert.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The one place that opens, checks, resamples and writes audio files.
+
+Speech models here expect 16 kHz mono. Problems are reported with the file's path and a command that fixes it,
+never a bare decoder traceback.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from fedhubert.atomic import atomic_path
+from fedhubert.errors import AudioError
+
+SAMPLE_RATE = 16000
+
+_FORMATS = {".flac": "FLAC", ".wav": "WAV"}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What an audio file's header says, read without decoding the samples."""
+
+    path: Path
+    sample_rate: int
+    channels: int
+    num_samples: int
+    format: str
+    subtype: str
+
+    @property
+    def seconds(self) -> float:
+        return self.num_samples / self.sample_rate if self.sample_rate else 0.0
+
+
+def audio_info(path: Path) -> AudioInfo:
+    """Header-only read: sample rate, channels and length, without decoding."""
+    path = Path(path)
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise AudioError(f"cannot read the header of {path}: {err}") from None
+    return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), info.format, info.subtype)
+
+
+def check_speech_format(info: AudioInfo, sample_rate: int = SAMPLE_RATE) -> None:
+    """Raise an AudioError (with the fix) unless the file is non-empty mono audio at `sample_rate`."""
+    if info.num_samples <= 0:
+        raise AudioError(f"{info.path} holds no audio samples (empty file); remove it or re-export it")
+    if info.channels != 1:
+        raise AudioError(
+            f"{info.path} has {info.channels} channels; fedhubert expects mono. Convert it with: "
+            f"sox '{info.path}' -c 1 OUT{info.path.suffix}"
+        )
+    if info.sample_rate != sample_rate:
+        raise AudioError(
+            f"{info.path} is sampled at {info.sample_rate} Hz; fedhubert expects {sample_rate} Hz. Convert it "
+            f"with: sox '{info.path}' -r {sample_rate} OUT{info.path.suffix}"
+        )
+
+
+def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Decode a mono file at `sample_rate` into float32 samples in [-1, 1]; wrong formats raise AudioError."""
+    info = audio_info(path)
+    check_speech_format(info, sample_rate)
+    try:
+        wav, _ = sf.read(str(path), dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise AudioError(f"cannot decode {path}: {err}; the file is corrupt or truncated") from None
+    if wav.shape[0] != info.num_samples:
+        raise AudioError(
+            f"{path} decoded to {wav.shape[0]} samples but its header says {info.num_samples}; "
+            f"the file is truncated"
+        )
+    return wav
+
+
+def decode_audio(data: bytes, source: str) -> tuple[np.ndarray, int]:
+    """Decode in-memory audio (a WAV stream from a program, say) to float32 mono and its sample rate."""
+    try:
+        wav, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioError(f"cannot decode audio from {source}: {err}") from None
+    return wav.mean(axis=1), int(rate)
+
+
+def resample(wav: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
+    if orig_rate == target_rate:
+        return wav.astype(np.float32, copy=False)
+    return soxr.resample(wav, orig_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+
+
+def write_audio(path: Path, wav: np.ndarray, sample_rate: int = SAMPLE_RATE, subtype: str = "PCM_16") -> None:
+    """Write mono audio atomically; the format (FLAC or WAV) follows the file's suffix."""
+    path = Path(path)
+    fmt = _FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise AudioError(f"cannot write {path}: unsupported suffix (use one of {', '.join(_FORMATS)})")
+    samples = np.clip(np.asarray(wav, dtype=np.float32), -1.0, 32767 / 32768)
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), samples, sample_rate, format=fmt, subtype=subtype)

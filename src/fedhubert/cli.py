@@ -1,0 +1,144 @@
+"""The `fedhubert` command: one subcommand per pipeline stage.
+
+Every stage takes `--config FILE` (a YAML file like those in configs/; without it, the built-in defaults, which
+configs/ mirrors), any number of `KEY=VALUE` overrides (`model.layers=2`), `--print-config` to show the resolved
+config without running, and writes its resolved config, log and run record beside its outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fedhubert import __version__
+from fedhubert.config import describe_fields, dump_config, load_config
+from fedhubert.errors import FedhubertError
+from fedhubert.runlog import setup_logging, stage_run
+
+log = logging.getLogger("fedhubert")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A runnable stage: its config class (kept in a light module, for --help), the entries it owns in its
+    output folder, its entry point as "module:function" (imported only when the stage runs), and flags that are
+    shorthands for config keys."""
+
+    name: str
+    config_cls: type
+    owned: Sequence[str]
+    entry: str
+    flags: tuple[tuple[str, str, type, str], ...] = ()  # (--flag, config key, type, help)
+
+
+def _config_epilog(cls: type) -> str:
+    rows = describe_fields(cls)
+    width = max(len(key) for key, *_ in rows)
+    lines = ["config keys (set in --config FILE or as KEY=VALUE):"]
+    for key, type_name, default, help_text in rows:
+        lines.append(f"  {key:<{width}}  {help_text} [{type_name}; default {default!r}]")
+    return "\n".join(lines)
+
+
+def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: str, stage: Stage, out_help: str) -> None:
+    parser = subparsers.add_parser(
+        command,
+        help=help_text,
+        description=help_text,
+        epilog=_config_epilog(stage.config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    for flag, key, kind, flag_help in stage.flags:
+        parser.add_argument(flag, dest=f"flag_{key}", type=kind, metavar=key.upper(), help=f"{flag_help} (= {key})")
+    parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults, as in configs/)")
+    parser.add_argument("--force", action="store_true", help="replace this stage's earlier outputs in --out")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. seed=3")
+    parser.set_defaults(handler=lambda args: _run_stage(args, stage))
+
+
+def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
+    sugar = [f"{key}={getattr(args, f'flag_{key}')}" for _, key, _, _ in stage.flags if getattr(args, f"flag_{key}") is not None]
+    cfg = load_config(stage.config_cls, args.config, [*sugar, *args.overrides])
+    if args.print_config:
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    module_name, function_name = stage.entry.split(":")
+    entry = getattr(importlib.import_module(module_name), function_name)
+    with stage_run(stage.name, args.out, cfg, force=args.force, owned=stage.owned) as run:
+        entry(cfg, args.out, run)
+    return 0
+
+
+def _stages() -> dict[str, Stage]:
+    from fedhubert.corpus import librispeech_synth as ls
+    from fedhubert.corpus import speech_commands_synth as sc
+
+    return {
+        "librispeech": Stage(
+            name="synth-librispeech",
+            config_cls=ls.LibriSpeechSynthConfig,
+            owned=ls.owned_entries(),
+            entry="fedhubert.corpus.librispeech_synth:synthesize_librispeech",
+            flags=(
+                ("--speakers", "speakers", int, "speakers in all subsets"),
+                ("--minutes", "minutes", float, "minutes of speech per speaker"),
+                ("--seed", "seed", int, "random seed"),
+                ("--workers", "workers", int, "worker processes, 0 = one per core"),
+            ),
+        ),
+        "speech-commands": Stage(
+            name="synth-speech-commands",
+            config_cls=sc.SpeechCommandsSynthConfig,
+            owned=sc.owned_entries(),
+            entry="fedhubert.corpus.speech_commands_synth:synthesize_speech_commands",
+            flags=(
+                ("--speakers", "speakers", int, "speakers in speech_commands_v0.01"),
+                ("--test-speakers", "test_speakers", int, "speakers in the separate test set"),
+                ("--seed", "seed", int, "random seed"),
+                ("--workers", "workers", int, "worker processes, 0 = one per core"),
+            ),
+        ),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedhubert",
+        description="Federated HuBERT pretraining, distillation and SUPERB evaluation on Flower.",
+    )
+    parser.add_argument("--version", action="version", version=f"fedhubert {__version__}")
+    stages = parser.add_subparsers(title="stages", metavar="STAGE", required=True)
+
+    stage = _stages()
+    synth = stages.add_parser("synth", help="write the built-in synthetic corpora (espeak-ng speakers)")
+    corpora = synth.add_subparsers(title="corpora", metavar="CORPUS", required=True)
+    _add_stage(
+        corpora, "librispeech", "a small LibriSpeech-layout corpus (SPEAKERS.TXT, FLAC, trans.txt)",
+        stage["librispeech"], "corpus root to create (it will hold SPEAKERS.TXT and the subset folders)",
+    )
+    _add_stage(
+        corpora, "speech-commands", "a small Speech Commands v0.01 with its separate test set, as S3PRL reads it",
+        stage["speech-commands"], "folder to hold speech_commands_v0.01/ and speech_commands_test_set_v0.01/",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        return args.handler(args)
+    except FedhubertError as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130

@@ -1,0 +1,364 @@
+"""Stage configs: YAML files loaded into typed dataclasses, with `key.sub=value` command-line overrides.
+
+Every field of a config dataclass is declared with `param(...)`, which carries its help text and its allowed
+range. Loading layers three sources, later ones winning: the dataclass defaults, an optional YAML file, and
+command-line overrides. Any unknown key, wrong type or out-of-range value stops with a `ConfigError` that names
+the key, the source it came from (file or override) and what is allowed.
+
+Merging rules: a mapping given for a nested config merges key by key into it; a mapping given for a
+dict-typed field replaces the whole dict in a YAML file, while an override such as `weights.a=0.5` sets one
+entry of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from fedhubert.atomic import atomic_write_text
+from fedhubert.errors import ConfigError
+
+T = TypeVar("T")
+
+_DEFAULT_SOURCE = "built-in default"
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def param(
+    default: Any,
+    help: str,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    choices: Sequence[Any] | None = None,
+) -> Any:
+    """Declare a config field with its help text and allowed range (bounds apply to numbers and to
+    every number inside a list or dict value; `choices` to strings and list items)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        snapshot = default
+
+        def factory() -> Any:
+            import copy
+
+            return copy.deepcopy(snapshot)
+
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------------- types
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        optional = len(args) < len(get_args(tp))
+        if len(args) == 1:
+            return args[0], optional
+        return Union[tuple(args)], optional  # type: ignore[return-value]
+    return tp, False
+
+
+def _type_name(tp: Any) -> str:
+    tp, optional = _strip_optional(tp)
+    origin = get_origin(tp)
+    if origin is Literal:
+        name = "one of " + ", ".join(repr(a) for a in get_args(tp))
+    elif origin is list:
+        (item,) = get_args(tp)
+        name = f"a list, each item {_type_name(item)}"
+    elif origin is dict:
+        _, value = get_args(tp)
+        name = f"a mapping, each value {_type_name(value)}"
+    elif dataclasses.is_dataclass(tp):
+        name = "a mapping of " + ", ".join(f.name for f in dataclasses.fields(tp))
+    else:
+        name = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}.get(
+            tp, getattr(tp, "__name__", str(tp))
+        )
+    return name + (" (or null)" if optional else "")
+
+
+def _is_textual(tp: Any) -> bool:
+    """Whether an override's raw text should be kept as-is rather than parsed as YAML."""
+    tp, _ = _strip_optional(tp)
+    return tp in (str, Path) or (get_origin(tp) is Literal and all(isinstance(a, str) for a in get_args(tp)))
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+# --------------------------------------------------------------------------------------------------- layering
+def _field_map(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(cls: type, key: str, path: str, source: str) -> ConfigError:
+    names = sorted(_field_map(cls))
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{source}: unknown key '{path}'{hint}; allowed keys here: {', '.join(names)}")
+
+
+def _apply_mapping(cls: type, base: dict, layer: Any, source: str, origins: dict, prefix: str) -> None:
+    if not isinstance(layer, dict):
+        where = f"key '{prefix[:-1]}'" if prefix else "the top level"
+        raise ConfigError(f"{source}: {where} must be {_type_name(cls)}, got {_describe(layer)}")
+    hints = _hints(cls)
+    fields = _field_map(cls)
+    for key, value in layer.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise _unknown_key(cls, str(key), path, source)
+        inner, _ = _strip_optional(hints[key])
+        if dataclasses.is_dataclass(inner) and isinstance(value, dict) and isinstance(base.get(key), dict):
+            _apply_mapping(inner, base[key], value, source, origins, path + ".")
+        else:
+            base[key] = value
+            for old in [k for k in origins if k.startswith(path + ".")]:
+                del origins[old]
+            origins[path] = source
+
+
+def _apply_override(cls: type, base: dict, text: str, origins: dict) -> None:
+    source = f"command-line override '{text}'"
+    if "=" not in text:
+        raise ConfigError(f"{source}: expected KEY=VALUE, for example seed=3 or model.layers=2")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    parts = dotted.split(".")
+    if not dotted or any(not p for p in parts):
+        raise ConfigError(f"{source}: '{dotted}' is not a valid key (use dots between nested keys)")
+    node, node_cls, tp = base, cls, None
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[: depth + 1])
+        if node_cls is not None:
+            fields = _field_map(node_cls)
+            if part not in fields:
+                raise _unknown_key(node_cls, part, path, source)
+            tp = _hints(node_cls)[part]
+        last = depth == len(parts) - 1
+        inner, optional = _strip_optional(tp)
+        if last:
+            if optional and raw.strip() in ("", "null", "~"):
+                node[part] = None
+            else:
+                node[part] = raw.strip() if _is_textual(inner) else _parse_scalar(raw)
+            for old in [k for k in origins if k.startswith(path + ".")]:
+                del origins[old]
+            origins[path] = source
+            return
+        if dataclasses.is_dataclass(inner):
+            if not isinstance(node.get(part), dict):
+                node[part] = dataclasses.asdict(inner())
+            node, node_cls = node[part], inner
+        elif get_origin(inner) is dict:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+            node_cls, tp = None, get_args(inner)[1]
+        else:
+            raise ConfigError(f"{source}: key '{path}' is {_type_name(tp)} and has no sub-keys")
+    raise AssertionError("unreachable")
+
+
+def _parse_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+# --------------------------------------------------------------------------------------------------- building
+def _origin_of(origins: dict, path: str) -> str:
+    while path:
+        if path in origins:
+            return origins[path]
+        path = path.rpartition(".")[0]
+    return _DEFAULT_SOURCE
+
+
+def _coerce(value: Any, tp: Any, path: str, origins: dict) -> Any:
+    inner, optional = _strip_optional(tp)
+    source = _origin_of(origins, path)
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: key '{path}' must be {_type_name(tp)}, got {_describe(value)}")
+
+    if value is None:
+        if optional:
+            return None
+        raise fail()
+    origin = get_origin(inner)
+    if origin is Literal:
+        if value not in get_args(inner):
+            raise fail()
+        return value
+    if origin in (Union, types.UnionType):
+        for option in get_args(inner):
+            try:
+                return _coerce(value, option, path, origins)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        (item,) = get_args(inner)
+        return [_coerce(v, item, f"{path}[{i}]", origins) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise fail()
+        key_tp, value_tp = get_args(inner)
+        return {
+            _coerce(k, key_tp, f"{path}.{k}", origins): _coerce(v, value_tp, f"{path}.{k}", origins)
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, inner):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise fail()
+        return _build(inner, value, origins, path + ".")
+    if inner is bool:
+        if not isinstance(value, bool):
+            raise fail()
+        return value
+    if inner is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail()
+        return value
+    if inner is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail()
+        return float(value)
+    if inner is str:
+        if not isinstance(value, str):
+            raise fail()
+        return value
+    if inner is Path:
+        if not isinstance(value, (str, Path)) or str(value) == "":
+            raise fail()
+        return Path(value)
+    raise TypeError(f"config field '{path}' has unsupported type {tp!r}")
+
+
+def _check_bounds(value: Any, meta: dict, path: str, origins: dict) -> None:
+    source = _origin_of(origins, path)
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_bounds(item, meta, f"{path}[{i}]", origins)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_bounds(item, meta, f"{path}.{key}", origins)
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{source}: key '{path}' must be one of {allowed}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        for name, ok, word in (
+            ("ge", lambda v, b: v >= b, ">="),
+            ("gt", lambda v, b: v > b, ">"),
+            ("le", lambda v, b: v <= b, "<="),
+            ("lt", lambda v, b: v < b, "<"),
+        ):
+            bound = meta.get(name)
+            if bound is not None and not ok(value, bound):
+                raise ConfigError(f"{source}: key '{path}' must be {word} {bound}, got {value!r}")
+
+
+def _build(cls: type[T], raw: dict, origins: dict, prefix: str = "") -> T:
+    hints = _hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        path = f"{prefix}{f.name}"
+        value = _coerce(raw[f.name], hints[f.name], path, origins)
+        _check_bounds(value, dict(f.metadata), path, origins)
+        kwargs[f.name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ConfigError as err:
+            sources = sorted({s for k, s in origins.items() if k.startswith(prefix)} or {_DEFAULT_SOURCE})
+            raise ConfigError(f"{' / '.join(sources)}: {err}") from None
+    return obj
+
+
+# --------------------------------------------------------------------------------------------------- public API
+def load_config(cls: type[T], path: Path | None = None, overrides: Sequence[str] = ()) -> T:
+    """Build `cls` from its defaults, then the YAML file at `path` (if any), then `overrides` (KEY=VALUE)."""
+    raw = dataclasses.asdict(cls())
+    origins: dict[str, str] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            layer = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if layer is not None:
+            _apply_mapping(cls, raw, layer, str(path), origins, "")
+    for text in overrides:
+        _apply_override(cls, raw, text, origins)
+    return _build(cls, raw, origins)
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain data (str, numbers, lists, dicts) for YAML and JSON records."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Any) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+
+
+def save_config(cfg: Any, path: Path) -> None:
+    """Write the resolved config (every key, defaults included) so the run can be repeated from it."""
+    header = f"# Resolved {type(cfg).__name__}: every key, defaults included. Reload with --config {Path(path).name}\n"
+    atomic_write_text(Path(path), header + dump_config(cfg))
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every leaf key, for documentation and `--help-config`."""
+    rows = []
+    defaults = cls()
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        inner, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            rows.extend(describe_fields(inner, f"{prefix}{f.name}."))
+        else:
+            default = getattr(defaults, f.name)
+            rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows

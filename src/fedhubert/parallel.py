@@ -1,0 +1,50 @@
+"""Process-parallel map with a progress bar, shared by the corpus synthesiser, the scanner and featurisers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from typing import Callable, Iterator, Sequence, TypeVar
+
+from fedhubert.runlog import progress
+
+A = TypeVar("A")
+R = TypeVar("R")
+
+
+def available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def resolve_workers(workers: int) -> int:
+    """0 means one worker per available CPU core."""
+    return workers if workers > 0 else available_cpus()
+
+
+def parallel_map(
+    fn: Callable[[A], R], items: Sequence[A], *, workers: int, desc: str, unit: str = "it"
+) -> Iterator[tuple[int, R]]:
+    """Yield (index, fn(item)) as results complete. One worker runs in-process (no pickling, easy to debug).
+
+    Workers are spawned, not forked, so they never inherit locks held by threads of the parent (tqdm, logging).
+    An exception in a worker is re-raised here, and the pending work is cancelled.
+    """
+    workers = min(resolve_workers(workers), max(1, len(items)))
+    if workers == 1:
+        for index, item in enumerate(progress(items, total=len(items), desc=desc, unit=unit)):
+            yield index, fn(item)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(fn, item): index for index, item in enumerate(items)}
+        try:
+            for future in progress(as_completed(futures), total=len(futures), desc=desc, unit=unit):
+                yield futures[future], future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise

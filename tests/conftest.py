@@ -1,0 +1,34 @@
+"""Shared fixtures: small real corpora made once per test session through the real command line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fedhubert.cli import main
+
+os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
+
+TINY_LIBRISPEECH = ["--speakers", "7", "--minutes", "0.25", "--seed", "11", "chapters=2", "max_seconds=8"]
+TINY_SPEECH_COMMANDS = ["--speakers", "10", "--test-speakers", "3", "--seed", "5", "noise_seconds=4",
+                        "auxiliary_words=[bed,cat,marvin,wow]"]
+
+
+def run_cli(*args: str | Path) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def tiny_librispeech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("corpora") / "LibriSpeech"
+    assert run_cli("synth", "librispeech", "--out", root, "--workers", "2", *TINY_LIBRISPEECH) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_speech_commands(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("corpora") / "speech_commands"
+    assert run_cli("synth", "speech-commands", "--out", out, "--workers", "2", *TINY_SPEECH_COMMANDS) == 0
+    return out

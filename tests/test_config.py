@@ -1,0 +1,180 @@
+"""Config loading: types, ranges, unknown keys, overrides, and the files in configs/."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import pytest
+import yaml
+
+from fedhubert.cli import _stages
+from fedhubert.config import dump_config, load_config, param, save_config
+from fedhubert.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Optim:
+    lr: float = param(1e-3, "learning rate", gt=0)
+    betas: list[float] = param([0.9, 0.98], "Adam betas", ge=0, lt=1)
+
+
+@dataclass
+class Demo:
+    rounds: int = param(3, "rounds", ge=1)
+    name: str = param("run", "a name")
+    mode: Literal["per-client", "federated"] = param("federated", "k-means mode")
+    device: str = param("cpu", "device", choices=["cpu", "cuda"])
+    out: Optional[Path] = param(None, "where")
+    amp: bool = param(False, "mixed precision")
+    weights: dict[str, float] = param({"a": 1.0, "b": 2.0}, "weights", ge=0)
+    optim: Optim = param(Optim(), "optimiser")
+
+    def validate(self) -> None:
+        if self.name == "forbidden":
+            raise ConfigError("key 'name' must not be 'forbidden'")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "demo.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_without_file():
+    cfg = load_config(Demo)
+    assert cfg == Demo()
+    assert cfg.optim.betas == [0.9, 0.98]
+
+
+def test_yaml_values_are_typed_and_nested_maps_merge(tmp_path):
+    cfg = load_config(Demo, write(tmp_path, "rounds: 5\nout: runs/x\noptim:\n  lr: 1\n"))
+    assert cfg.rounds == 5 and cfg.out == Path("runs/x")
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.9, 0.98]  # untouched sibling keeps its default
+
+
+def test_unknown_key_names_key_file_and_allowed_keys(tmp_path):
+    path = write(tmp_path, "rouds: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Demo, path)
+    message = str(err.value)
+    assert str(path) in message and "'rouds'" in message and "did you mean 'rounds'" in message
+    assert "allowed keys here:" in message and "optim" in message
+
+
+def test_unknown_nested_key_is_reported_with_its_dotted_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'optim\.momentum'.*allowed keys here: betas, lr"):
+        load_config(Demo, write(tmp_path, "optim:\n  momentum: 0.9\n"))
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("rounds: three\n", r"key 'rounds' must be an integer, got 'three' \(str\)"),
+        ("rounds: true\n", r"key 'rounds' must be an integer, got True"),
+        ("rounds: 2.5\n", r"key 'rounds' must be an integer"),
+        ("amp: 1\n", r"key 'amp' must be true or false"),
+        ("mode: central\n", r"key 'mode' must be one of 'per-client', 'federated'"),
+        ("optim: 3\n", r"key 'optim' must be a mapping of lr, betas"),
+        ("optim:\n  betas: 0.9\n", r"key 'optim.betas' must be a list"),
+        ("weights: {a: x}\n", r"key 'weights.a' must be a number"),
+        ("name: null\n", r"key 'name' must be a string, got None"),
+    ],
+)
+def test_wrong_types_name_the_key_the_file_and_the_expected_type(tmp_path, text, pattern):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_config(Demo, path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("rounds: 0\n", r"key 'rounds' must be >= 1, got 0"),
+        ("optim:\n  lr: 0\n", r"key 'optim.lr' must be > 0, got 0.0"),
+        ("optim:\n  betas: [0.9, 1.0]\n", r"key 'optim.betas\[1\]' must be < 1, got 1.0"),
+        ("weights: {a: -1}\n", r"key 'weights.a' must be >= 0, got -1.0"),
+        ("device: tpu\n", r"key 'device' must be one of 'cpu', 'cuda', got 'tpu'"),
+    ],
+)
+def test_out_of_range_values_say_what_is_allowed(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(Demo, write(tmp_path, text))
+
+
+def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
+    path = write(tmp_path, "rounds: 5\nname: fromfile\n")
+    cfg = load_config(Demo, path, ["rounds=7", "optim.lr=0.5", "optim.betas=[0.8, 0.9]", "amp=true", "out=/x/y"])
+    assert (cfg.rounds, cfg.name, cfg.optim.lr, cfg.optim.betas, cfg.amp, cfg.out) == (
+        7, "fromfile", 0.5, [0.8, 0.9], True, Path("/x/y"))
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    assert load_config(Demo, write(tmp_path, "optim:\n  lr: 5e-4\n")).optim.lr == pytest.approx(5e-4)
+
+
+def test_override_of_a_string_key_keeps_the_text():
+    assert load_config(Demo, None, ["name=123"]).name == "123"
+    assert load_config(Demo, None, ["name=yes"]).name == "yes"
+
+
+def test_override_sets_one_dict_entry_while_a_file_replaces_the_dict(tmp_path):
+    assert load_config(Demo, None, ["weights.c=3"]).weights == {"a": 1.0, "b": 2.0, "c": 3.0}
+    assert load_config(Demo, write(tmp_path, "weights: {c: 3}\n")).weights == {"c": 3.0}
+
+
+def test_override_can_set_null_on_optional_keys(tmp_path):
+    path = write(tmp_path, "out: /a\n")
+    assert load_config(Demo, path).out == Path("/a")
+    assert load_config(Demo, path, ["out=null"]).out is None
+    assert load_config(Demo, None, ["optim.lr=1e-4"]).optim.lr == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("rounds", r"expected KEY=VALUE"),
+        ("=3", r"is not a valid key"),
+        ("optim..lr=1", r"is not a valid key"),
+        ("optim.lrr=1", r"unknown key 'optim.lrr'.*did you mean 'lr'"),
+        ("rounds.x=1", r"key 'rounds' is an integer and has no sub-keys"),
+        ("rounds=-2", r"command-line override 'rounds=-2': key 'rounds' must be >= 1"),
+    ],
+)
+def test_bad_overrides_are_reported_as_such(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(Demo, None, [override])
+
+
+def test_cross_field_checks_name_the_source(tmp_path):
+    path = write(tmp_path, "name: forbidden\n")
+    with pytest.raises(ConfigError, match=rf"{path}: key 'name' must not be 'forbidden'"):
+        load_config(Demo, path)
+
+
+@pytest.mark.parametrize("text, pattern", [("- a\n- b\n", "the top level must be"), ("a: [\n", "not valid YAML")])
+def test_malformed_files(tmp_path, text, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(Demo, write(tmp_path, text))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Demo, tmp_path / "missing.yaml")
+
+
+def test_resolved_config_reloads_to_the_same_config(tmp_path):
+    cfg = load_config(Demo, None, ["rounds=9", "out=/data/run", "weights.z=0.5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(Demo, tmp_path / "config.yaml") == cfg
+    assert yaml.safe_load(dump_config(cfg))["out"] == "/data/run"
+
+
+@pytest.mark.parametrize("corpus", sorted(_stages()))
+def test_shipped_config_files_equal_the_built_in_defaults(corpus):
+    stage = _stages()[corpus]
+    path = REPO / "configs" / f"{stage.name.replace('-', '_')}.yaml"
+    assert path.is_file(), f"{path} missing: every stage ships its config"
+    assert load_config(stage.config_cls, path) == stage.config_cls()
