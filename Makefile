@@ -1,7 +1,7 @@
 # fedhubert: two commands on a fresh machine.
 #   make demo   set up (once) and run the pipeline on the built-in synthetic corpora
 #   make test   set up (once) and run the test suite
-# Other targets: setup, lock, clean. Variables: PYTHON (a Python 3.11), VENV, DEMO_DIR, PYTEST_ARGS,
+# Other targets: setup, bench, lock, clean. Variables: PYTHON (a Python 3.11), VENV, DEMO_DIR, PYTEST_ARGS,
 # SKIP_SYSTEM_DEPS=1 (do not check or install system packages; see setup.md for HPC clusters).
 
 SHELL := /bin/bash
@@ -12,7 +12,7 @@ STAMP := $(VENV)/.fedhubert-installed
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test lock clean
+.PHONY: setup system-deps demo test bench lock clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Speed and memory benchmarks: each writes benchmarks/results/<name>.json and prints a table.
+bench: setup
+	@for script in benchmarks/[a-z]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
 
 # Re-resolve requirements/requirements.in into requirements/lock.txt in a throw-away environment.
 lock:

@@ -12,6 +12,8 @@ from fedhubert.cli import main
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
 TINY_LIBRISPEECH = ["--speakers", "7", "--minutes", "0.25", "--seed", "11", "chapters=2", "max_seconds=8"]
+SMALL_LIBRISPEECH = ["--speakers", "16", "--minutes", "0.15", "--seed", "3", "chapters=2", "max_seconds=5",
+                     "subsets.dev-other=1"]
 TINY_SPEECH_COMMANDS = ["--speakers", "10", "--test-speakers", "3", "--seed", "5", "noise_seconds=4",
                         "auxiliary_words=[bed,cat,marvin,wow]"]
 
@@ -24,6 +26,14 @@ def run_cli(*args: str | Path) -> int:
 def tiny_librispeech(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("corpora") / "LibriSpeech"
     assert run_cli("synth", "librispeech", "--out", root, "--workers", "2", *TINY_LIBRISPEECH) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_librispeech(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """More speakers, less audio each: enough speakers for partitions of several clients."""
+    root = tmp_path_factory.mktemp("corpora") / "LibriSpeech-small"
+    assert run_cli("synth", "librispeech", "--out", root, "--workers", "2", *SMALL_LIBRISPEECH) == 0
     return root
 
 

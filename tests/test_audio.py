@@ -27,21 +27,21 @@ def test_round_trip_of_16k_mono_flac_and_wav(tmp_path):
 def test_stereo_is_refused_with_the_sox_fix(tmp_path):
     path = tmp_path / "stereo.wav"
     sf.write(path, np.stack([tone(), tone()], axis=1), 16000)
-    with pytest.raises(AudioError, match=r"stereo.wav has 2 channels.*sox .* -c 1"):
+    with pytest.raises(AudioError, match=r"stereo.wav: 2 channels \(expected mono\).*sox .* -c 1"):
         read_audio(path)
 
 
 def test_wrong_sample_rate_is_refused_with_the_sox_fix(tmp_path):
     path = tmp_path / "rate.flac"
     sf.write(path, tone(rate=22050), 22050)
-    with pytest.raises(AudioError, match=r"rate.flac is sampled at 22050 Hz.*sox .* -r 16000"):
+    with pytest.raises(AudioError, match=r"rate.flac: sample rate 22050 Hz \(expected 16000\).*sox .* -r 16000"):
         read_audio(path)
 
 
 def test_zero_length_wav_is_refused(tmp_path):
     path = tmp_path / "empty.wav"
     sf.write(path, np.zeros(0, dtype=np.float32), 16000)
-    with pytest.raises(AudioError, match=r"empty.wav holds no audio samples"):
+    with pytest.raises(AudioError, match=r"empty.wav: empty \(no samples\)"):
         read_audio(path)
 
 
@@ -56,6 +56,17 @@ def test_truncated_and_garbage_files_are_refused(tmp_path):
         read_audio(tmp_path / "junk.flac")
     with pytest.raises(AudioError, match="missing.flac"):
         audio_info(tmp_path / "missing.flac")
+
+
+def test_flac_without_a_length_in_its_header_is_refused(tmp_path):
+    write_audio(tmp_path / "ok.flac", tone())
+    data = bytearray((tmp_path / "ok.flac").read_bytes())
+    assert data[:4] == b"fLaC"
+    data[21] &= 0xF0  # STREAMINFO: zero the 36-bit total-samples field (as a streaming encoder leaves it)
+    data[22:26] = bytes(4)
+    (tmp_path / "stream.flac").write_bytes(data)
+    with pytest.raises(AudioError, match=r"stream.flac: no length in the header.*sox"):
+        audio_info(tmp_path / "stream.flac")
 
 
 def test_unsupported_suffix_is_refused(tmp_path):

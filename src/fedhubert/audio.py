@@ -38,30 +38,53 @@ class AudioInfo:
         return self.num_samples / self.sample_rate if self.sample_rate else 0.0
 
 
+_UNKNOWN_LENGTH = 2**62  # libsndfile reports about 2^63 frames when a FLAC header leaves the length unset
+
+
+def _decoder_message(err: Exception) -> str:
+    """libsndfile's reason without the path it repeats ("Error opening '/x.flac': Format not recognised.")."""
+    text = str(err)
+    return text.split("': ", 1)[1] if "': " in text else text
+
+
 def audio_info(path: Path) -> AudioInfo:
     """Header-only read: sample rate, channels and length, without decoding."""
     path = Path(path)
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise AudioError(f"cannot read the header of {path}: {err}") from None
+        raise AudioError(f"cannot read the header of {path}: {_decoder_message(err)}") from None
+    if info.frames >= _UNKNOWN_LENGTH:  # libsndfile cannot decode these either
+        raise AudioError(
+            f"cannot read the header of {path}: no length in the header (written as a stream, or empty); "
+            f"re-encode it with: sox '{path}' OUT{path.suffix}"
+        )
     return AudioInfo(path, int(info.samplerate), int(info.channels), int(info.frames), info.format, info.subtype)
+
+
+def speech_format_problem(info: AudioInfo, sample_rate: int = SAMPLE_RATE) -> str | None:
+    """A short reason why the file cannot be used as speech input (for skip lists), or None if it can."""
+    if info.num_samples <= 0:
+        return "empty (no samples)"
+    if info.channels != 1:
+        return f"{info.channels} channels (expected mono)"
+    if info.sample_rate != sample_rate:
+        return f"sample rate {info.sample_rate} Hz (expected {sample_rate})"
+    return None
 
 
 def check_speech_format(info: AudioInfo, sample_rate: int = SAMPLE_RATE) -> None:
     """Raise an AudioError (with the fix) unless the file is non-empty mono audio at `sample_rate`."""
+    problem = speech_format_problem(info, sample_rate)
+    if problem is None:
+        return
     if info.num_samples <= 0:
-        raise AudioError(f"{info.path} holds no audio samples (empty file); remove it or re-export it")
-    if info.channels != 1:
-        raise AudioError(
-            f"{info.path} has {info.channels} channels; fedhubert expects mono. Convert it with: "
-            f"sox '{info.path}' -c 1 OUT{info.path.suffix}"
-        )
-    if info.sample_rate != sample_rate:
-        raise AudioError(
-            f"{info.path} is sampled at {info.sample_rate} Hz; fedhubert expects {sample_rate} Hz. Convert it "
-            f"with: sox '{info.path}' -r {sample_rate} OUT{info.path.suffix}"
-        )
+        fix = "remove it or export it again"
+    elif info.channels != 1:
+        fix = f"convert it to mono with: sox '{info.path}' -c 1 OUT{info.path.suffix}"
+    else:
+        fix = f"resample it with: sox '{info.path}' -r {sample_rate} OUT{info.path.suffix}"
+    raise AudioError(f"{info.path}: {problem}; {fix}")
 
 
 def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -71,7 +94,7 @@ def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     try:
         wav, _ = sf.read(str(path), dtype="float32", always_2d=False)
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise AudioError(f"cannot decode {path}: {err}; the file is corrupt or truncated") from None
+        raise AudioError(f"cannot decode {path}: {_decoder_message(err)}; the file is corrupt or truncated") from None
     if wav.shape[0] != info.num_samples:
         raise AudioError(
             f"{path} decoded to {wav.shape[0]} samples but its header says {info.num_samples}; "

@@ -79,12 +79,13 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
 def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
+    from fedhubert.partition import config as partition_config
 
     return {
         "librispeech": Stage(
             name="synth-librispeech",
             config_cls=ls.LibriSpeechSynthConfig,
-            owned=ls.owned_entries(),
+            owned=ls.OUTPUTS,
             entry="fedhubert.corpus.librispeech_synth:synthesize_librispeech",
             flags=(
                 ("--speakers", "speakers", int, "speakers in all subsets"),
@@ -96,11 +97,24 @@ def _stages() -> dict[str, Stage]:
         "speech-commands": Stage(
             name="synth-speech-commands",
             config_cls=sc.SpeechCommandsSynthConfig,
-            owned=sc.owned_entries(),
+            owned=sc.OUTPUTS,
             entry="fedhubert.corpus.speech_commands_synth:synthesize_speech_commands",
             flags=(
                 ("--speakers", "speakers", int, "speakers in speech_commands_v0.01"),
                 ("--test-speakers", "test_speakers", int, "speakers in the separate test set"),
+                ("--seed", "seed", int, "random seed"),
+                ("--workers", "workers", int, "worker processes, 0 = one per core"),
+            ),
+        ),
+        "partition": Stage(
+            name="partition",
+            config_cls=partition_config.PartitionConfig,
+            owned=partition_config.OUTPUTS,
+            entry="fedhubert.partition.run:run_partition",
+            flags=(
+                ("--corpus", "corpus", str, "LibriSpeech root (the folder holding SPEAKERS.TXT)"),
+                ("--scheme", "scheme", str, "balanced, dirichlet, quantity or natural"),
+                ("--clients", "num_clients", str, "number of clients"),
                 ("--seed", "seed", int, "random seed"),
                 ("--workers", "workers", int, "worker processes, 0 = one per core"),
             ),
@@ -127,12 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
         corpora, "speech-commands", "a small Speech Commands v0.01 with its separate test set, as S3PRL reads it",
         stage["speech-commands"], "folder to hold speech_commands_v0.01/ and speech_commands_test_set_v0.01/",
     )
+    _add_stage(
+        stages, "partition", "split a LibriSpeech-layout corpus into speaker-disjoint federated clients",
+        stage["partition"], "partition folder to create (manifests, partition.json, plots)",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # KEY=VALUE overrides may come before or after flags; argparse's positional would take only the first run.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     setup_logging()
     try:
         return args.handler(args)

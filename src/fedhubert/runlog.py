@@ -128,7 +128,7 @@ def _previous_run_failed(out_dir: Path, stage: str) -> bool:
 
 def prepare_output_dir(out_dir: Path, *, stage: str, force: bool, owned: Sequence[str]) -> None:
     """Create `out_dir`. If it already has content, refuse unless `force` or the last run of this stage there
-    failed; then remove only the entries this stage writes (`owned`, relative names), nothing else."""
+    failed; then remove only the entries this stage writes (`owned`: names or glob patterns), nothing else."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"output path {out_dir} exists and is not a folder")
@@ -141,12 +141,12 @@ def prepare_output_dir(out_dir: Path, *, stage: str, force: bool, owned: Sequenc
                 f"output folder {out_dir} is not empty; choose another --out, or pass --force to replace "
                 f"this stage's outputs there"
             )
-        for name in (*owned, CONFIG_FILE, RUN_FILE, LOG_DIR):
-            target = out_dir / name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            elif target.exists() or target.is_symlink():
-                target.unlink()
+        for pattern in (*owned, CONFIG_FILE, RUN_FILE, LOG_DIR):
+            for target in out_dir.glob(pattern):
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 

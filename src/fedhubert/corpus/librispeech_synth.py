@@ -19,6 +19,7 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.audio import SAMPLE_RATE, write_audio
 from fedhubert.config import param
 from fedhubert.corpus.acoustics import apply_channel
+from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, SPEAKERS_FILE
 from fedhubert.corpus.espeak import Voice, espeak_binary, speak
 from fedhubert.corpus.text import normalize_transcript, sentences
 from fedhubert.corpus.voices import Channel, random_channel, random_name, random_voice
@@ -28,11 +29,8 @@ from fedhubert.runlog import StageRun
 
 log = logging.getLogger(__name__)
 
-LIBRISPEECH_SUBSETS = (
-    "train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other",
-)
-SPEAKERS_FILE = "SPEAKERS.TXT"
 VOICES_FILE = "voices.json"
+OUTPUTS = (SPEAKERS_FILE, VOICES_FILE, *LIBRISPEECH_SUBSETS)  # replaced as a whole by --force
 
 
 @dataclass
@@ -151,20 +149,35 @@ class _Reading:
 def _speak_utterance(
     reading: _Reading, target_s: float, voice: Voice, min_s: float, max_s: float
 ) -> tuple[np.ndarray, str]:
-    """Speak about `target_s` seconds of the next words, adjusting the word count until it fits [min_s, max_s]."""
+    """Speak about `target_s` seconds of the next words: a search over the word count for a length within
+    [min_s, max_s]. Where no count fits (one more word jumps past max_s), the longest that stays below max_s is
+    padded with trailing silence up to min_s."""
     n = max(1, round(target_s * voice.rate / 60))
-    for _ in range(12):
-        text = " ".join(reading.peek(n))
-        wav = speak(text, voice)
+    too_short: tuple[int, np.ndarray] | None = None  # the longest count known to be too short, and its audio
+    too_long = None  # the shortest count known to be too long
+    while True:
+        wav = speak(" ".join(reading.peek(n)), voice)
         seconds = len(wav) / SAMPLE_RATE
-        if seconds > max_s and n > 1:
-            n = max(1, min(n - 1, int(n * max_s / seconds * 0.92)))
+        if seconds > max_s:
+            if n == 1:
+                raise RuntimeError(f"one word lasts {seconds:.1f} s > max_seconds {max_s} with voice {voice}")
+            too_long = n
         elif seconds < min_s:
-            n += max(1, int(np.ceil(n * (min_s / max(seconds, 0.05) - 1))))
+            too_short = (n, wav)
         else:
-            reading.advance(n)
-            return wav, text
-    raise RuntimeError(f"could not fit an utterance into [{min_s}, {max_s}] s with voice {voice}")
+            break
+        low = too_short[0] if too_short else 0
+        if too_long is None:
+            n = max(n + 1, int(n * min_s / max(seconds, 0.05)) + 1)
+        elif too_long - low > 1:
+            n = (low + too_long) // 2 if too_short else max(1, min(too_long - 1, int(n * max_s / seconds * 0.9)))
+        else:
+            n, wav = too_short
+            wav = np.concatenate([wav, np.zeros(int(np.ceil(min_s * SAMPLE_RATE)) - len(wav), dtype=np.float32)])
+            break
+    text = " ".join(reading.peek(n))
+    reading.advance(n)
+    return wav, text
 
 
 def synthesize_speaker(plan: SpeakerPlan) -> dict:
@@ -201,10 +214,6 @@ def _speakers_txt(plans: list[SpeakerPlan], seconds: dict[int, float]) -> str:
     for p in sorted(plans, key=lambda p: p.speaker_id):
         lines.append(f"{p.speaker_id:<5}| {p.sex} | {p.subset:<17}| {seconds[p.speaker_id] / 60:5.2f} | {p.name}")
     return "\n".join(lines) + "\n"
-
-
-def owned_entries() -> list[str]:
-    return [SPEAKERS_FILE, VOICES_FILE, *LIBRISPEECH_SUBSETS]
 
 
 def synthesize_librispeech(cfg: LibriSpeechSynthConfig, root: Path, run: StageRun) -> dict:

@@ -41,6 +41,7 @@ TRAIN_DIR = "speech_commands_v0.01"
 TEST_DIR = "speech_commands_test_set_v0.01"
 NOISE_DIR = "_background_noise_"
 VOICES_FILE = "voices.json"
+OUTPUTS = (TRAIN_DIR, TEST_DIR, VOICES_FILE)  # replaced as a whole by --force
 NOISE_FILES = ("white_noise", "pink_noise", "brown_noise", "running_tap", "exercise_bike", "doing_the_dishes")
 CLIP = SAMPLE_RATE  # one second
 MAX_PER_CLASS = 2**27 - 1  # the constant of the dataset's (and S3PRL's) hash split
@@ -199,10 +200,6 @@ def _background_noise(name: str, seconds: float, rng: np.random.Generator) -> np
         for start in rng.integers(0, max(1, n - 4000), size=int(seconds * 2)):
             wav[start : start + 4000] += rng.standard_normal(4000) * np.exp(-np.arange(4000) / 600) * 3
     return (wav / (rms(wav) or 1.0) * 0.05).astype(np.float32)
-
-
-def owned_entries() -> list[str]:
-    return [TRAIN_DIR, TEST_DIR, VOICES_FILE]
 
 
 def synthesize_speech_commands(cfg: SpeechCommandsSynthConfig, out: Path, run: StageRun) -> dict:

@@ -1,0 +1,1 @@
+"""Speaker-based non-IID partitioning of a LibriSpeech-layout corpus into federated clients."""
