@@ -38,6 +38,14 @@ def small_librispeech(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_partition(small_librispeech: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three balanced clients of the small corpus."""
+    out = tmp_path_factory.mktemp("stages") / "partition"
+    assert run_cli("partition", "--corpus", small_librispeech, "--out", out, "--clients", "3", "use_cache=false") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_speech_commands(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpora") / "speech_commands"
     assert run_cli("synth", "speech-commands", "--out", out, "--workers", "2", *TINY_SPEECH_COMMANDS) == 0

@@ -173,7 +173,7 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
     assert yaml.safe_load(dump_config(cfg))["out"] == "/data/run"
 
 
-REQUIRED = {"partition": ["corpus=/data/LibriSpeech"]}  # keys without a default, given as a user would
+REQUIRED = {"partition": ["corpus=/data/LibriSpeech"], "kmeans": ["partition=/data/partition"]}  # keys without a default, given as a user would
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))

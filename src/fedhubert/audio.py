@@ -89,16 +89,24 @@ def check_speech_format(info: AudioInfo, sample_rate: int = SAMPLE_RATE) -> None
 
 def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode a mono file at `sample_rate` into float32 samples in [-1, 1]; wrong formats raise AudioError."""
-    info = audio_info(path)
-    check_speech_format(info, sample_rate)
+    path = Path(path)
     try:
-        wav, _ = sf.read(str(path), dtype="float32", always_2d=False)
+        handle = sf.SoundFile(str(path))
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
-        raise AudioError(f"cannot decode {path}: {_decoder_message(err)}; the file is corrupt or truncated") from None
+        raise AudioError(f"cannot read the header of {path}: {_decoder_message(err)}") from None
+    with handle:
+        info = AudioInfo(path, int(handle.samplerate), int(handle.channels), int(handle.frames), handle.format,
+                         handle.subtype)
+        if info.num_samples >= _UNKNOWN_LENGTH:
+            audio_info(path)  # raises the error that explains it
+        check_speech_format(info, sample_rate)
+        try:
+            wav = handle.read(dtype="float32", always_2d=False)
+        except (sf.LibsndfileError, RuntimeError, OSError) as err:
+            raise AudioError(f"cannot decode {path}: {_decoder_message(err)}; the file is corrupt or truncated") from None
     if wav.shape[0] != info.num_samples:
         raise AudioError(
-            f"{path} decoded to {wav.shape[0]} samples but its header says {info.num_samples}; "
-            f"the file is truncated"
+            f"{path} decoded to {wav.shape[0]} samples but its header says {info.num_samples}; the file is truncated"
         )
     return wav
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedhubert import __version__
-from fedhubert.config import describe_fields, dump_config, load_config
+from fedhubert.config import absolute_paths, describe_fields, dump_config, load_config
 from fedhubert.errors import FedhubertError
 from fedhubert.runlog import setup_logging, stage_run
 
@@ -65,7 +65,7 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
 
 def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
     sugar = [f"{key}={getattr(args, f'flag_{key}')}" for _, key, _, _ in stage.flags if getattr(args, f"flag_{key}") is not None]
-    cfg = load_config(stage.config_cls, args.config, [*sugar, *args.overrides])
+    cfg = absolute_paths(load_config(stage.config_cls, args.config, [*sugar, *args.overrides]))
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
@@ -79,6 +79,7 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
 def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
+    from fedhubert.labels import config as kmeans_config
     from fedhubert.partition import config as partition_config
 
     return {
@@ -119,6 +120,19 @@ def _stages() -> dict[str, Stage]:
                 ("--workers", "workers", int, "worker processes, 0 = one per core"),
             ),
         ),
+        "kmeans": Stage(
+            name="kmeans",
+            config_cls=kmeans_config.KMeansConfig,
+            owned=kmeans_config.OUTPUTS,
+            entry="fedhubert.labels.run:run_kmeans",
+            flags=(
+                ("--partition", "partition", str, "partition folder (made by 'fedhubert partition')"),
+                ("--mode", "mode", str, "federated (one shared codebook) or per-client"),
+                ("--clusters", "num_clusters", int, "number of clusters K"),
+                ("--seed", "seed", int, "random seed"),
+                ("--workers", "workers", int, "featurising processes, 0 = one per core"),
+            ),
+        ),
     }
 
 
@@ -144,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(
         stages, "partition", "split a LibriSpeech-layout corpus into speaker-disjoint federated clients",
         stage["partition"], "partition folder to create (manifests, partition.json, plots)",
+    )
+    _add_stage(
+        stages, "kmeans", "MFCC k-means targets (HuBERT iteration 1) for every client, federated or per client",
+        stage["kmeans"], "k-means folder to create (labels per client, codebook, kmeans.json)",
     )
     return parser
 

@@ -324,6 +324,27 @@ def load_config(cls: type[T], path: Path | None = None, overrides: Sequence[str]
     return _build(cls, raw, origins)
 
 
+def config_from_dict(cls: type[T], data: dict, source: str) -> T:
+    """Build `cls` from its defaults updated by a nested mapping (e.g. a config received in a message)."""
+    raw = dataclasses.asdict(cls())
+    origins: dict[str, str] = {}
+    _apply_mapping(cls, raw, data, source, origins, "")
+    return _build(cls, raw, origins)
+
+
+def absolute_paths(cfg: T) -> T:
+    """The same config with every relative path made absolute (against the current folder), so that records
+    and processes started elsewhere (Flower's ServerApp, batch jobs) see the same files."""
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path):
+            changes[f.name] = value.absolute()
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
 def config_to_dict(cfg: Any) -> dict:
     """Plain data (str, numbers, lists, dicts) for YAML and JSON records."""
 

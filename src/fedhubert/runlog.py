@@ -50,6 +50,7 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
     console._fedhubert = True  # type: ignore[attr-defined]
+    console.setLevel(level)
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -58,9 +59,10 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
             logging.Formatter("%(asctime)s %(levelname)-7s %(name)s %(processName)s: %(message)s")
         )
         file_handler._fedhubert = True  # type: ignore[attr-defined]
+        file_handler.setLevel(level)
         root.addHandler(file_handler)
     root.setLevel(level)
-    for noisy in ("matplotlib", "numba", "PIL", "urllib3"):
+    for noisy in ("matplotlib", "numba", "PIL", "urllib3", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

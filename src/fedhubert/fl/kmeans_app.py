@@ -1,0 +1,274 @@
+"""k-means as a Flower app: the client handlers and the server's loop.
+
+Federated mode: each client fits MiniBatchKMeans on a sample of its frames and shares the centroids that stand
+for at least `lloyd.min_shared_count` frames, with their counts; the server clusters them (weighted) into the
+initial codebook. Then, each round, clients return per-cluster sums, sums of squares and counts for the current
+codebook, and the server recomputes the centroids, until the relative change in inertia is below `lloyd.tol`.
+Finally clients label their own frames; labels never leave a client.
+
+Per-client mode: each client fits its own codebook, keeps it (`client_<i>/codebook.npy`) and labels its frames.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedhubert.atomic import atomic_path, atomic_write_text
+from fedhubert.config import config_to_dict, load_config
+from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
+from fedhubert.labels.config import KMeansConfig
+from fedhubert.labels.features import FeatureSet, featurise, load_features
+from fedhubert.labels.kmeans import (
+    ClusterStats, KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
+    sample_frames, write_label_file,
+)
+from fedhubert.manifest import file_sha256, read_manifest
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid")
+KMEANS_FILE = "kmeans.json"
+CODEBOOK_FILE = "codebook.npy"
+
+
+# ------------------------------------------------------------------------------------------------ client side
+@dataclass(frozen=True)
+class ClientPaths:
+    index: int
+    partition: Path
+    out: Path
+    features: Path
+
+    def manifest(self, split: str) -> Path:
+        return self.partition / f"client_{self.index}" / f"{split}.tsv"
+
+    def feature_prefix(self, split: str) -> Path:
+        return self.features / f"client_{self.index}" / split
+
+    def labels(self, split: str) -> Path:
+        return self.out / f"client_{self.index}" / f"{split}.km"
+
+
+def _client_setup(message: Message, context: Context) -> tuple[KMeansConfig, ClientPaths]:
+    cfg = config_from_record(KMeansConfig, message.content["config"])
+    run = message.content["run"]
+    node = context.node_config
+    out = Path(str(node.get("work-dir", run["out"])))
+    paths = ClientPaths(
+        index=int(node["partition-id"]),
+        partition=Path(str(node.get("partition-dir", cfg.partition))),
+        out=out,
+        features=Path(cfg.feature_dir) if cfg.feature_dir else out / "features",
+    )
+    return cfg, paths
+
+
+def _features(cfg: KMeansConfig, paths: ClientPaths, split: str) -> FeatureSet:
+    """This client's features, computed here if the stage did not compute them already (deployment)."""
+    featurise([(paths.manifest(split), paths.feature_prefix(split))], cfg.features, workers=1)
+    return load_features(paths.feature_prefix(split), paths.manifest(split), cfg.features)
+
+
+def _reply(message: Message, metrics: dict, **named: np.ndarray) -> Message:
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    if named:
+        content["stats"] = arrays(**named)
+    return Message(content, reply_to=message)
+
+
+def _fit_local(cfg: KMeansConfig, paths: ClientPaths, feats: FeatureSet):
+    rng = np.random.default_rng([cfg.seed, paths.index])
+    sample = sample_frames(feats.feats, cfg.sample_fraction, cfg.min_sample_frames, rng)
+    model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed + paths.index, f"client {paths.index}")
+    return model, len(sample)
+
+
+def client_init(message: Message, context: Context) -> Message:
+    cfg, paths = _client_setup(message, context)
+    feats = _features(cfg, paths, "train")
+    model, sampled = _fit_local(cfg, paths, feats)
+    counts = np.bincount(model.labels_, minlength=cfg.num_clusters)
+    shared = counts >= cfg.lloyd.min_shared_count
+    return _reply(
+        message, {"client": paths.index, "frames": feats.num_frames, "sample_frames": sampled,
+                  "shared_centroids": int(shared.sum())},
+        centroids=model.cluster_centers_[shared].astype(np.float32), counts=counts[shared].astype(np.int64),
+    )
+
+
+def client_stats(message: Message, context: Context) -> Message:
+    cfg, paths = _client_setup(message, context)
+    centroids = numpy_arrays(message.content["codebook"])["centroids"]
+    stats = cluster_stats(_features(cfg, paths, "train"), centroids)
+    return _reply(message, {"client": paths.index, "inertia": stats.inertia, "frames": stats.frames},
+                  sums=stats.sums, sumsq=stats.sumsq, counts=stats.counts)
+
+
+def _label(cfg: KMeansConfig, paths: ClientPaths, centroids: np.ndarray) -> tuple[dict, np.ndarray]:
+    metrics: dict = {"client": paths.index}
+    usage = np.zeros(len(centroids), dtype=np.int64)
+    for split in SPLITS:
+        feats = _features(cfg, paths, split)
+        lines, split_usage, sse = label_lines(feats, centroids)
+        write_label_file(paths.labels(split), lines, read_manifest(paths.manifest(split)))
+        usage += split_usage
+        metrics[f"{split}_frames"] = feats.num_frames
+        metrics[f"{split}_sse"] = sse
+    return metrics, usage
+
+
+def client_labels(message: Message, context: Context) -> Message:
+    cfg, paths = _client_setup(message, context)
+    metrics, usage = _label(cfg, paths, numpy_arrays(message.content["codebook"])["centroids"])
+    reply = _reply(message, metrics, usage=usage)
+    reply.content["manifests"] = _manifest_hashes(paths)
+    return reply
+
+
+def client_own_codebook(message: Message, context: Context) -> Message:
+    """Per-client mode: fit, keep and use this client's own codebook."""
+    cfg, paths = _client_setup(message, context)
+    model, sampled = _fit_local(cfg, paths, _features(cfg, paths, "train"))
+    centroids = model.cluster_centers_.astype(np.float32)
+    with atomic_path(paths.out / f"client_{paths.index}" / CODEBOOK_FILE) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, centroids)
+    metrics, usage = _label(cfg, paths, centroids)
+    metrics["sample_frames"] = sampled
+    reply = _reply(message, metrics, usage=usage)
+    reply.content["manifests"] = _manifest_hashes(paths)
+    return reply
+
+
+def _manifest_hashes(paths: ClientPaths) -> ConfigRecord:
+    return ConfigRecord({f"{split}.tsv": file_sha256(paths.manifest(split)) for split in SPLITS})
+
+
+# ------------------------------------------------------------------------------------------------ server side
+class _Server:
+    def __init__(self, grid: Grid, cfg: KMeansConfig, out: Path, num_clients: int, timeout_s: float):
+        self.grid = grid
+        self.cfg = cfg
+        self.out = out
+        self.num_clients = num_clients
+        self.messages = MessageLog(out / "messages.jsonl")
+        self.nodes = self._wait_for_nodes(timeout_s)
+
+    def _wait_for_nodes(self, timeout_s: float) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.num_clients:
+                return nodes
+            if time.monotonic() > deadline:
+                raise KMeansError(f"only {len(nodes)} of {self.num_clients} clients connected within {timeout_s:.0f} s")
+            time.sleep(1.0)
+
+    def ask(self, action: str, round_: int | None = None, **records) -> dict[int, RecordDict]:
+        """Send `action` with the config (and `records`) to every client; return the replies by client index."""
+        outgoing = []
+        for node in self.nodes:
+            content = RecordDict({"config": config_to_record(self.cfg), "run": ConfigRecord({"out": str(self.out)}),
+                                  **records})
+            message = Message(content, dst_node_id=node, message_type=f"query.{action}",
+                              group_id=str(round_ if round_ is not None else action))
+            self.messages.record("to_client", message, round_, None)
+            outgoing.append(message)
+        replies: dict[int, RecordDict] = {}
+        for reply in self.grid.send_and_receive(outgoing):
+            if reply.has_error():
+                self.messages.record("from_client", reply, round_, None)
+                raise KMeansError(f"client on node {reply.metadata.src_node_id} failed in {action}: {reply.error.reason}")
+            client = int(reply.content["metrics"]["client"])
+            self.messages.record("from_client", reply, round_, client)
+            replies[client] = reply.content
+        if sorted(replies) != list(range(self.num_clients)):
+            raise KMeansError(f"{action}: replies came from clients {sorted(replies)}, expected 0..{self.num_clients - 1}")
+        return replies
+
+
+def serve_kmeans(grid: Grid, config_path: Path, out: Path) -> None:
+    cfg = load_config(KMeansConfig, config_path)
+    partition = json.loads((Path(cfg.partition) / "partition.json").read_text())
+    server = _Server(grid, cfg, out, int(partition["num_clients"]), cfg.federation.timeout_s)
+    started = time.monotonic()
+    history: list[dict] = []
+    if cfg.mode == "per-client":
+        replies = server.ask("kmeans_own_codebook")
+        codebook = None
+    else:
+        replies_init = server.ask("kmeans_init")
+        local = [(numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"])
+                 for _, r in sorted(replies_init.items())]
+        centroids = initial_codebook(local, cfg.num_clusters, cfg.seed)
+        log.info("initial codebook from %d shared local centroids", sum(len(c) for c, _ in local))
+        rng = np.random.default_rng(cfg.seed)
+        previous = None
+        for round_ in range(1, cfg.lloyd.max_rounds + 1):
+            replies_stats = server.ask("kmeans_stats", round_, codebook=arrays(centroids=centroids.astype(np.float32)))
+            stats = [ClusterStats(**{k: v for k, v in numpy_arrays(r["stats"]).items()},
+                                  inertia=float(r["metrics"]["inertia"]), frames=int(r["metrics"]["frames"]))
+                     for _, r in sorted(replies_stats.items())]
+            inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
+            centroids, reseeded = lloyd_update(stats, centroids, rng)
+            change = abs(previous - inertia) / previous if previous else float("inf")
+            history.append({"round": round_, "inertia": inertia, "relative_change": change, "reseeded": reseeded})
+            log.info("k-means round %d: inertia %.4f per frame (change %.2e), %d clusters re-seeded", round_, inertia,
+                     change, len(reseeded))
+            previous = inertia
+            if change < cfg.lloyd.tol and not reseeded:
+                break
+        codebook = centroids.astype(np.float32)
+        with atomic_path(out / CODEBOOK_FILE) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, codebook)
+        replies = server.ask("kmeans_labels", codebook=arrays(centroids=codebook))
+    write_record(cfg, out, partition, replies, history, time.monotonic() - started)
+
+
+def write_record(cfg: KMeansConfig, out: Path, partition: dict, replies: dict[int, RecordDict], history: list,
+                 seconds: float) -> dict:
+    clients, usage_total = [], np.zeros(cfg.num_clusters, dtype=np.int64)
+    for index, content in sorted(replies.items()):
+        m = content["metrics"]
+        usage = numpy_arrays(content["stats"])["usage"]
+        usage_total += usage
+        frames = int(m["train_frames"]) + int(m["valid_frames"])
+        clients.append({
+            "client": index,
+            "frames": {split: int(m[f"{split}_frames"]) for split in SPLITS},
+            "inertia": (float(m["train_sse"]) + float(m["valid_sse"])) / max(frames, 1),
+            "cluster_usage": usage.tolist(),
+            "unused_clusters": int(np.sum(usage == 0)),
+            "manifests": dict(content["manifests"]),
+            "labels": {f"{split}.km": file_sha256(out / f"client_{index}" / f"{split}.km") for split in SPLITS},
+            **({"codebook": f"client_{index}/{CODEBOOK_FILE}"} if cfg.mode == "per-client" else {}),
+        })
+    frames = sum(sum(c["frames"].values()) for c in clients)
+    record = {
+        "mode": cfg.mode,
+        "label_head": "local" if cfg.mode == "per-client" else "shared",
+        "num_clusters": cfg.num_clusters,
+        "label_rate": 100,
+        "features": {"kind": "mfcc", "dims": 39, "cmvn": cfg.features.cmvn, "frame_rate": 100},
+        "codebook": CODEBOOK_FILE if cfg.mode == "federated" else None,
+        "rounds": len(history),
+        "history": history,
+        "inertia": sum(c["inertia"] * sum(c["frames"].values()) for c in clients) / max(frames, 1),
+        "cluster_usage": usage_total.tolist(),
+        "unused_clusters": int(np.sum(usage_total == 0)),
+        "clients": clients,
+        "partition": {"path": str(cfg.partition), "scheme": partition["scheme"], "seed": partition["seed"]},
+        "seconds": round(seconds, 2),
+        "config": config_to_dict(cfg),
+    }
+    atomic_write_text(out / KMEANS_FILE, json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,73 @@
+"""Config of `fedhubert kmeans` (kept free of heavy imports: the CLI reads it for --help)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from fedhubert.config import param
+from fedhubert.errors import ConfigError
+from fedhubert.fl.config import FederationConfig
+
+# What the stage writes into its output folder, replaced as a whole by --force (the feature cache is kept).
+OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "client_[0-9]*")
+
+
+@dataclass
+class MiniBatchConfig:
+    """scikit-learn MiniBatchKMeans settings; the defaults are the HuBERT recipe's (fairseq simple_kmeans)."""
+
+    init: str = param("k-means++", "initialisation", choices=["k-means++", "random"])
+    max_iter: int = param(100, "passes over the sample", ge=1)
+    batch_size: int = param(10000, "frames per mini-batch", ge=1)
+    tol: float = param(0.0, "early-stopping tolerance on centroid change (0: off)", ge=0)
+    max_no_improvement: int = param(100, "stop after this many mini-batches without improvement", ge=1)
+    n_init: int = param(20, "initialisations tried; the best is kept", ge=1)
+    reassignment_ratio: float = param(0.0, "reassignment of small clusters (0: off)", ge=0)
+
+
+@dataclass
+class FeaturesConfig:
+    cmvn: bool = param(False, "per-utterance mean and variance normalisation of the 39 dimensions")
+    dtype: Literal["float16", "float32"] = param("float16", "storage type of the feature cache")
+
+
+@dataclass
+class LloydConfig:
+    max_rounds: int = param(50, "most Lloyd rounds (each: clients send per-cluster sums and counts)", ge=1)
+    tol: float = param(1e-4, "stop when the relative change in inertia falls below this", ge=0)
+    min_shared_count: int = param(
+        10, "a client's local centroid is shared for the initial codebook only if it stands for this many frames",
+        ge=1,
+    )
+
+
+@dataclass
+class KMeansConfig:
+    partition: Optional[Path] = param(None, "the partition folder made by 'fedhubert partition' (required)")
+    mode: Literal["federated", "per-client"] = param(
+        "federated", "federated: one shared codebook from cluster statistics; per-client: each client its own "
+        "codebook (the label head must then stay local)",
+    )
+    num_clusters: int = param(100, "K, the number of clusters (HuBERT iteration 1: 100)", ge=2)
+    seed: int = param(0, "random seed; the same seed gives the same labels", ge=0)
+    sample_fraction: float = param(0.1, "fraction of a client's frames used to fit its MiniBatchKMeans", gt=0, le=1)
+    min_sample_frames: int = param(20000, "fit on at least this many frames (or all a client has)", ge=1)
+    features: FeaturesConfig = param(FeaturesConfig(), "MFCC features")
+    minibatch: MiniBatchConfig = param(MiniBatchConfig(), "MiniBatchKMeans (per-client codebooks, initial centroids)")
+    lloyd: LloydConfig = param(LloydConfig(), "federated Lloyd rounds")
+    reference: bool = param(
+        True, "also fit a centralized codebook on the pooled frames and report the gap to it (simulation only: "
+        "it reads every client's features)",
+    )
+    feature_dir: Optional[Path] = param(None, "feature cache folder (null: <out>/features; kept by --force)")
+    workers: int = param(0, "processes for featurising; 0 means one per CPU core", ge=0)
+    federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
+
+    def validate(self) -> None:
+        if self.partition is None:
+            raise ConfigError("key 'partition' is required: pass --partition DIR (made by 'fedhubert partition')")
+        if self.reference and self.federation.superlink is not None:
+            raise ConfigError("key 'reference' needs every client's features on this machine: set reference=false "
+                              "when running against a SuperLink")

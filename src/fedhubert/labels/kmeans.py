@@ -1,0 +1,149 @@
+"""k-means on a client's MFCC frames: the recipe's MiniBatchKMeans, assignment, cluster statistics and label files.
+
+Also the server side of federated k-means: an initial codebook from the clients' local centroids (weighted by
+their counts) and the Lloyd update from per-cluster sums and counts, with empty clusters re-seeded by splitting
+the cluster of largest squared error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
+
+from fedhubert.errors import FedhubertError
+from fedhubert.labels.config import MiniBatchConfig
+from fedhubert.labels.features import FeatureSet
+from fedhubert.labels.mfcc import num_frames
+from fedhubert.manifest import Manifest, write_aligned_lines
+
+_CHUNK = 65536  # frames per distance computation
+
+
+class KMeansError(FedhubertError):
+    """k-means cannot be fitted on this data."""
+
+
+def sample_size(total: int, fraction: float, min_frames: int) -> int:
+    """Frames to fit on: `fraction` of `total`, but at least `min_frames` (and at most all)."""
+    return min(total, max(int(round(fraction * total)), min_frames))
+
+
+def sample_frames(frames: np.ndarray, fraction: float, min_frames: int, rng: np.random.Generator) -> np.ndarray:
+    """A random sample (in order) of the rows of `frames`, as float32."""
+    size = sample_size(len(frames), fraction, min_frames)
+    if size == len(frames):
+        return np.asarray(frames, dtype=np.float32)
+    return np.asarray(frames[np.sort(rng.choice(len(frames), size=size, replace=False))], dtype=np.float32)
+
+
+def fit_minibatch(frames: np.ndarray, num_clusters: int, cfg: MiniBatchConfig, seed: int, who: str) -> MiniBatchKMeans:
+    if len(frames) < num_clusters:
+        raise KMeansError(
+            f"{who} has {len(frames)} frames, fewer than num_clusters={num_clusters}; lower num_clusters, raise "
+            f"sample_fraction, or give this client more audio"
+        )
+    model = MiniBatchKMeans(
+        n_clusters=num_clusters, init=cfg.init, max_iter=cfg.max_iter, batch_size=cfg.batch_size, tol=cfg.tol,
+        max_no_improvement=cfg.max_no_improvement, n_init=cfg.n_init, reassignment_ratio=cfg.reassignment_ratio,
+        random_state=seed, compute_labels=True, verbose=0,
+    )
+    return model.fit(frames)
+
+
+def assign(frames: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each frame and the squared distance to it, in chunks (float32 distances)."""
+    centroids = np.asarray(centroids, dtype=np.float32)
+    c_norm = np.einsum("kd,kd->k", centroids, centroids)
+    labels = np.empty(len(frames), dtype=np.int64)
+    dists = np.empty(len(frames), dtype=np.float64)
+    for start in range(0, len(frames), _CHUNK):
+        x = np.asarray(frames[start : start + _CHUNK], dtype=np.float32)
+        d = np.einsum("nd,nd->n", x, x)[:, None] - 2.0 * x @ centroids.T + c_norm[None, :]
+        best = np.argmin(d, axis=1)
+        labels[start : start + len(x)] = best
+        dists[start : start + len(x)] = np.maximum(d[np.arange(len(x)), best], 0.0)
+    return labels, dists
+
+
+@dataclass
+class ClusterStats:
+    """What a client reveals in a Lloyd round: per-cluster sums, sums of squares and counts, and its inertia."""
+
+    sums: np.ndarray  # (K, D) float64
+    sumsq: np.ndarray  # (K, D) float64
+    counts: np.ndarray  # (K,) int64
+    inertia: float
+    frames: int
+
+
+def cluster_stats(features: FeatureSet, centroids: np.ndarray) -> ClusterStats:
+    k, dim = centroids.shape
+    sums, sumsq, counts, inertia = np.zeros((k, dim)), np.zeros((k, dim)), np.zeros(k, dtype=np.int64), 0.0
+    for start in range(0, features.num_frames, _CHUNK):
+        x = np.asarray(features.feats[start : start + _CHUNK], dtype=np.float64)
+        labels, dists = assign(x, centroids)
+        np.add.at(sums, labels, x)
+        np.add.at(sumsq, labels, x * x)
+        counts += np.bincount(labels, minlength=k)
+        inertia += float(dists.sum())
+    return ClusterStats(sums, sumsq, counts, inertia, features.num_frames)
+
+
+def initial_codebook(local: list[tuple[np.ndarray, np.ndarray]], num_clusters: int, seed: int) -> np.ndarray:
+    """Cluster the clients' local centroids, weighted by how many frames each stands for, into K centroids."""
+    points = np.concatenate([c for c, _ in local]).astype(np.float64)
+    weights = np.concatenate([w for _, w in local]).astype(np.float64)
+    if len(points) < num_clusters:
+        raise KMeansError(
+            f"the clients shared {len(points)} local centroids, fewer than num_clusters={num_clusters}; lower "
+            f"num_clusters or lloyd.min_shared_count, or give the clients more audio"
+        )
+    model = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit(points, sample_weight=weights)
+    return model.cluster_centers_
+
+
+def lloyd_update(
+    stats: list[ClusterStats], centroids: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, list[int]]:
+    """New centroids from the clients' summed statistics; each empty cluster takes half of the cluster with the
+    largest squared error (split along its standard deviation). Returns the centroids and the re-seeded ids."""
+    sums = sum(s.sums for s in stats)
+    sumsq = sum(s.sumsq for s in stats)
+    counts = sum(s.counts for s in stats)
+    new = centroids.astype(np.float64).copy()
+    filled = counts > 0
+    new[filled] = sums[filled] / counts[filled, None]
+    sse = np.where(filled[:, None], sumsq - np.square(sums) / np.maximum(counts, 1)[:, None], 0.0)
+    per_cluster = sse.sum(axis=1)
+    reseeded = []
+    for empty in np.flatnonzero(~filled):
+        big = int(np.argmax(per_cluster))
+        std = np.sqrt(np.maximum(sse[big] / max(counts[big], 1), 1e-12))
+        step = 0.5 * std * rng.choice([-1.0, 1.0], size=std.shape)
+        new[empty], new[big] = new[big] + step, new[big] - step
+        per_cluster[big] /= 4  # both halves are smaller; spread further re-seeds over other clusters
+        reseeded.append(int(empty))
+    return new, reseeded
+
+
+def label_lines(features: FeatureSet, centroids: np.ndarray) -> tuple[list[str], np.ndarray, float]:
+    """One line of space-separated cluster ids per utterance, the usage histogram and the total squared error."""
+    labels, dists = assign(features.feats, centroids)
+    lines = [" ".join(map(str, labels[features.offsets[i] : features.offsets[i + 1]])) for i in range(len(features))]
+    return lines, np.bincount(labels, minlength=len(centroids)), float(dists.sum())
+
+
+def write_label_file(path: Path, lines: list[str], manifest: Manifest) -> None:
+    """Write a .km file after checking it against its manifest: one line per row, one id per 10 ms frame."""
+    for i, (line, entry) in enumerate(zip(lines, manifest.entries)):
+        expected = num_frames(entry.num_samples)
+        got = len(line.split())
+        if got != expected:
+            raise KMeansError(
+                f"{path}: line {i + 1} has {got} labels but {entry.path} ({entry.num_samples} samples) has "
+                f"{expected} frames"
+            )
+    write_aligned_lines(path, lines, len(manifest))

@@ -1,0 +1,123 @@
+"""`fedhubert kmeans`: MFCC features for every client, then k-means as a Flower app, then the record.
+
+Outputs under --out: `client_<i>/{train,valid}.km` (one line of 100 Hz cluster ids per manifest row), the
+codebook (`codebook.npy`, or `client_<i>/codebook.npy` per client), `kmeans.json`, `messages.jsonl` (what
+crossed the wire), `kmeans.png`, and the feature cache `features/` (reused by later runs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+
+from fedhubert.atomic import atomic_path, atomic_write_text  # noqa: E402
+from fedhubert.corpus.librispeech import CorpusError  # noqa: E402
+from fedhubert.fl.federation import run_flower_app  # noqa: E402
+from fedhubert.fl.kmeans_app import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths  # noqa: E402
+from fedhubert.labels.config import KMeansConfig  # noqa: E402
+from fedhubert.labels.features import featurise, load_features  # noqa: E402
+from fedhubert.labels.kmeans import KMeansError, assign, fit_minibatch, sample_frames, sample_size  # noqa: E402
+from fedhubert.runlog import CONFIG_FILE, StageRun  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def _client_paths(cfg: KMeansConfig, out: Path, num_clients: int) -> list[ClientPaths]:
+    features = Path(cfg.feature_dir) if cfg.feature_dir else out / "features"
+    return [ClientPaths(i, Path(cfg.partition), out, features) for i in range(num_clients)]
+
+
+def _reference(cfg: KMeansConfig, clients: list[ClientPaths]) -> dict:
+    """A centralized MiniBatchKMeans on the pooled training frames of all clients, for comparison."""
+    train = [load_features(p.feature_prefix("train"), p.manifest("train"), cfg.features) for p in clients]
+    pooled = np.concatenate([np.asarray(f.feats, dtype=np.float32) for f in train])
+    sample = sample_frames(pooled, cfg.sample_fraction, cfg.min_sample_frames, np.random.default_rng(cfg.seed))
+    model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed, "the pooled clients")
+    central = model.cluster_centers_.astype(np.float32)
+    _, dists = assign(pooled, central)
+    reference = {"inertia": float(dists.mean()), "frames": int(len(pooled))}
+    if cfg.mode == "federated":
+        _, fed = assign(pooled, np.load(clients[0].out / CODEBOOK_FILE))
+        reference["federated_inertia"] = float(fed.mean())
+        reference["relative_gap"] = float(fed.mean() / dists.mean() - 1)
+    else:
+        distances = []
+        for p in clients:
+            own = np.load(p.out / f"client_{p.index}" / CODEBOOK_FILE)
+            cost = np.linalg.norm(own[:, None, :] - central[None, :, :], axis=2)
+            rows, cols = linear_sum_assignment(cost)
+            distances.append(float(cost[rows, cols].mean()))
+        reference["matched_centroid_distance"] = distances
+        reference["mean_matched_centroid_distance"] = float(np.mean(distances))
+        reference["centroid_scale"] = float(np.linalg.norm(central - central.mean(axis=0), axis=1).mean())
+    return reference
+
+
+def _plot(record: dict, path: Path) -> None:
+    fig, (ax_rounds, ax_usage) = plt.subplots(1, 2, figsize=(11, 4))
+    if record["history"]:
+        ax_rounds.plot([h["round"] for h in record["history"]], [h["inertia"] for h in record["history"]], marker="o")
+        ax_rounds.set(xlabel="Lloyd round", ylabel="inertia per frame", title="federated k-means")
+    else:
+        inertia = [c["inertia"] for c in record["clients"]]
+        ax_rounds.bar([str(c["client"]) for c in record["clients"]], inertia)
+        ax_rounds.set(xlabel="client", ylabel="inertia per frame", title="per-client codebooks")
+    usage = np.array(record["cluster_usage"], dtype=float)
+    ax_usage.bar(np.arange(len(usage)), usage / usage.sum())
+    ax_usage.set(xlabel="cluster", ylabel="share of frames", title=f"cluster usage (K={record['num_clusters']})")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
+    out = Path(out).resolve()
+    partition_file = Path(cfg.partition) / "partition.json"
+    if not partition_file.is_file():
+        raise CorpusError(f"{partition_file} not found: --partition must be a folder made by 'fedhubert partition'")
+    partition = json.loads(partition_file.read_text())
+    clients = _client_paths(cfg, out, int(partition["num_clients"]))
+    simulation = cfg.federation.superlink is None
+    if simulation:  # all clients' data is on this machine: featurise it in parallel before the Flower run
+        jobs = [(p.manifest(split), p.feature_prefix(split)) for p in clients for split in SPLITS]
+        run.summary["features"] = featurise(jobs, cfg.features, workers=cfg.workers)
+        for p in clients:  # the clients would fail in the Flower run; say so before starting it
+            frames = load_features(p.feature_prefix("train"), p.manifest("train"), cfg.features).num_frames
+            size = sample_size(frames, cfg.sample_fraction, cfg.min_sample_frames)
+            if size < cfg.num_clusters:
+                raise KMeansError(
+                    f"client {p.index} would fit its codebook on {size} frames (of its {frames}), fewer than "
+                    f"num_clusters={cfg.num_clusters}: lower num_clusters, or raise sample_fraction or min_sample_frames"
+                )
+    run_id = run_flower_app({"task": "kmeans", "config": str(out / CONFIG_FILE), "out": str(out)}, out,
+                            len(clients), cfg.federation)
+    record = json.loads((out / KMEANS_FILE).read_text())
+    record["flower_run_id"] = run_id
+    if cfg.reference and simulation:
+        record["reference"] = _reference(cfg, clients)
+        ref = record["reference"]
+        if cfg.mode == "federated":
+            log.info("federated inertia %.4f vs centralized %.4f (gap %+.2f%%)", ref["federated_inertia"],
+                     ref["inertia"], 100 * ref["relative_gap"])
+        else:
+            log.info("per-client codebooks: mean distance to the matched centralized centroid %.3f (centroid spread "
+                     "%.3f)", ref["mean_matched_centroid_distance"], ref["centroid_scale"])
+    atomic_write_text(out / KMEANS_FILE, json.dumps(record, indent=2) + "\n")
+    _plot(record, out / "kmeans.png")
+    if record["unused_clusters"]:
+        log.warning("%d of %d clusters label no frame", record["unused_clusters"], record["num_clusters"])
+    log.info("%s k-means, K=%d: inertia %.4f per frame over %d clients; labels in %s/client_<i>/{train,valid}.km",
+             cfg.mode, cfg.num_clusters, record["inertia"], len(clients), out)
+    run.summary.update({k: record[k] for k in ("mode", "num_clusters", "inertia", "rounds", "unused_clusters")})
+    if "reference" in record:
+        run.summary["reference"] = record["reference"]
+    return record

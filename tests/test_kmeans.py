@@ -1,0 +1,155 @@
+"""Features cache and k-means pieces, without Flower: alignment, reuse, bad input, Lloyd updates, label files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fedhubert.labels.config import FeaturesConfig, MiniBatchConfig
+from fedhubert.labels.features import FeatureError, FeatureSet, featurise, load_features
+from fedhubert.labels.kmeans import (
+    KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
+    write_label_file,
+)
+from fedhubert.labels.mfcc import KaldiMfcc, num_frames
+from fedhubert.manifest import ManifestError, read_manifest
+
+
+def test_features_follow_the_manifest_row_by_row_and_are_reused(small_partition, tmp_path):
+    manifest_path = small_partition / "client_0" / "train.tsv"
+    prefix = tmp_path / "feats" / "client_0" / "train"
+    stats = featurise([(manifest_path, prefix)], FeaturesConfig(dtype="float32"), workers=2)
+    assert stats["computed"] == 1
+    manifest = read_manifest(manifest_path)
+    feats = load_features(prefix, manifest_path, FeaturesConfig(dtype="float32"))
+    assert len(feats) == len(manifest)
+    extractor = KaldiMfcc()
+    for i, entry in enumerate(manifest.entries):
+        assert len(feats.utterance(i)) == num_frames(entry.num_samples)
+    wav = sf.read(manifest.audio_path(2), dtype="float32")[0]
+    np.testing.assert_allclose(feats.utterance(2), extractor(wav), rtol=1e-6)
+    again = featurise([(manifest_path, prefix)], FeaturesConfig(dtype="float32"), workers=2)
+    assert (again["computed"], again["reused"]) == (0, 1)
+    half = featurise([(manifest_path, prefix)], FeaturesConfig(dtype="float16"), workers=1)
+    assert half["computed"] == 1, "other settings, other features"
+    assert load_features(prefix, manifest_path, FeaturesConfig()).feats.dtype == np.float16
+
+
+def damaged_manifest(small_partition: Path, tmp_path: Path, damage) -> Path:
+    lines = (small_partition / "client_0" / "train.tsv").read_text().splitlines()
+    corpus = Path(lines[0])
+    copy = tmp_path / "corpus"
+    rows = []
+    for line in lines[1:4]:
+        rel, samples = line.split("\t")
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(corpus / rel, copy / rel)
+        rows.append([rel, samples])
+    damage(copy, rows)
+    path = tmp_path / "train.tsv"
+    path.write_text("\n".join([str(copy)] + [f"{r}\t{n}" for r, n in rows]) + "\n")
+    return path
+
+
+def test_length_disagreeing_with_the_manifest_stops_and_names_the_row(small_partition, tmp_path):
+    def shorten(copy, rows):
+        rows[1][1] = str(int(rows[1][1]) + 160)
+
+    manifest = damaged_manifest(small_partition, tmp_path, shorten)
+    with pytest.raises(FeatureError, match=r"manifest line 3: .* samples, the manifest says"):
+        featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(), workers=1)
+    with pytest.raises(FeatureError, match="no current features"):
+        load_features(tmp_path / "f" / "train", manifest, FeaturesConfig())
+
+
+def test_unreadable_audio_stops_and_names_the_row(small_partition, tmp_path):
+    def corrupt(copy, rows):
+        (copy / rows[0][0]).write_bytes(b"garbage" * 100)
+
+    manifest = damaged_manifest(small_partition, tmp_path, corrupt)
+    with pytest.raises(FeatureError, match=r"manifest line 2: cannot read the header"):
+        featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(), workers=1)
+
+
+def test_manifest_escaping_its_root_is_refused(tmp_path):
+    path = tmp_path / "evil.tsv"
+    path.write_text("/data\n../../etc/passwd\t16000\n")
+    with pytest.raises(ManifestError, match="must be relative to the manifest root"):
+        read_manifest(path)
+
+
+def blobs(seed: int = 0, k: int = 6, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=10, size=(k, 39))
+    points = np.concatenate([c + rng.normal(size=(n, 39)) for c in centres])
+    return points.astype(np.float32), centres
+
+
+def whole(points: np.ndarray) -> FeatureSet:
+    """Frames as one utterance."""
+    return FeatureSet(points, np.array([0, len(points)]))
+
+
+def test_lloyd_update_from_split_statistics_equals_a_pooled_update():
+    points, _ = blobs()
+    centroids = points[:6].astype(np.float64)
+    halves = [points[::2], points[1::2]]
+    stats = [cluster_stats(whole(part), centroids) for part in halves]
+    new, reseeded = lloyd_update(stats, centroids, np.random.default_rng(0))
+    pooled = cluster_stats(whole(points), centroids)
+    filled = pooled.counts > 0
+    np.testing.assert_allclose(new[filled], pooled.sums[filled] / pooled.counts[filled, None], rtol=1e-10)
+    assert reseeded == list(np.flatnonzero(~filled))
+
+
+def test_empty_clusters_are_reseeded_by_splitting_the_worst():
+    points, _ = blobs(k=2)
+    far = np.full((3, 39), 1e6)
+    centroids = np.concatenate([points[:1], points[-1:], far]).astype(np.float64)
+    stats = [cluster_stats(whole(points), centroids)]
+    assert list(stats[0].counts[2:]) == [0, 0, 0]
+    new, reseeded = lloyd_update(stats, centroids, np.random.default_rng(0))
+    assert reseeded == [2, 3, 4]
+    assert np.all(np.abs(new[2:]) < 1e3), "re-seeded near the data"
+    after = cluster_stats(whole(points), new)
+    assert np.all(after.counts > 0)
+
+
+def test_initial_codebook_weights_local_centroids_and_needs_enough_of_them():
+    points, centres = blobs(k=4)
+    local = [(points[:300], np.ones(300)), (points[300:], np.ones(500))]
+    codebook = initial_codebook(local, 4, seed=0)
+    distances = np.linalg.norm(codebook[:, None] - centres[None], axis=2).min(axis=0)
+    assert np.all(distances < 1.0)
+    with pytest.raises(KMeansError, match="shared 3 local centroids, fewer than num_clusters=4"):
+        initial_codebook([(points[:3], np.ones(3))], 4, seed=0)
+
+
+def test_too_few_frames_for_k_is_a_clear_error():
+    points, _ = blobs(n=2)
+    with pytest.raises(KMeansError, match="client 7 has 12 frames, fewer than num_clusters=20"):
+        fit_minibatch(points, 20, MiniBatchConfig(n_init=1), 0, "client 7")
+
+
+def test_label_files_are_checked_against_their_manifest(small_partition, tmp_path):
+    manifest_path = small_partition / "client_1" / "valid.tsv"
+    prefix = tmp_path / "valid"
+    featurise([(manifest_path, prefix)], FeaturesConfig(), workers=1)
+    feats = load_features(prefix, manifest_path, FeaturesConfig())
+    points = np.asarray(feats.feats[:50], dtype=np.float32)
+    lines, usage, _ = label_lines(feats, points[:5])
+    manifest = read_manifest(manifest_path)
+    write_label_file(tmp_path / "valid.km", lines, manifest)
+    written = (tmp_path / "valid.km").read_text().splitlines()
+    assert [len(line.split()) for line in written] == [num_frames(e.num_samples) for e in manifest.entries]
+    assert usage.sum() == feats.num_frames
+    with pytest.raises(KMeansError, match="line 1 has"):
+        write_label_file(tmp_path / "bad.km", [lines[0] + " 3"] + lines[1:], manifest)
+    with pytest.raises(ManifestError, match="lines for a manifest of"):
+        write_label_file(tmp_path / "bad.km", lines[:-1], manifest)
+    assert not (tmp_path / "bad.km").exists()

@@ -1,0 +1,103 @@
+"""`fedhubert kmeans` end to end: real Flower simulations (SuperLink in simulation mode, Ray clients)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from fedhubert.labels.mfcc import num_frames
+from fedhubert.manifest import read_manifest
+
+pytestmark = pytest.mark.slow
+FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", "minibatch.max_iter=30"]
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kmeans") / "features"
+
+
+@pytest.fixture(scope="module")
+def federated(small_partition, features, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("kmeans") / "federated"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", out, *FAST, f"feature_dir={features}") == 0
+    return out
+
+
+def test_labels_align_with_manifests_and_match_a_centralized_codebook(federated, small_partition):
+    record = json.loads((federated / "kmeans.json").read_text())
+    assert record["mode"] == "federated" and record["label_head"] == "shared" and record["num_clusters"] == 16
+    assert np.load(federated / "codebook.npy").shape == (16, 39)
+    for client in range(3):
+        for split in ("train", "valid"):
+            manifest = read_manifest(small_partition / f"client_{client}" / f"{split}.tsv")
+            lines = (federated / f"client_{client}" / f"{split}.km").read_text().splitlines()
+            assert len(lines) == len(manifest)
+            for line, entry in zip(lines, manifest.entries):
+                ids = [int(x) for x in line.split()]
+                assert len(ids) == num_frames(entry.num_samples) and all(0 <= i < 16 for i in ids)
+    assert record["reference"]["relative_gap"] < 0.03, "federated inertia within 3% of centralized"
+    assert record["unused_clusters"] == 0 and min(record["cluster_usage"]) > 0, "every cluster used"
+    assert 1 <= record["rounds"] <= 50 and record["history"][-1]["inertia"] <= record["history"][0]["inertia"]
+    partition = json.loads((small_partition / "partition.json").read_text())
+    for client in record["clients"]:
+        expected = partition["clients"][client["client"]]["manifests"]
+        assert client["manifests"] == {k: v for k, v in expected.items() if k.endswith(".tsv")}
+    run = json.loads((federated / "run.json").read_text())
+    assert run["status"] == "completed" and run["summary"]["mode"] == "federated"
+
+
+def test_only_cluster_statistics_cross_the_wire(federated):
+    messages = [json.loads(line) for line in (federated / "messages.jsonl").read_text().splitlines()]
+    frames = [sum(c["frames"].values()) for c in json.loads((federated / "kmeans.json").read_text())["clients"]]
+    received = [m for m in messages if m["direction"] == "from_client"]
+    assert {m["type"] for m in received} == {"query.kmeans_init", "query.kmeans_stats", "query.kmeans_labels"}
+    assert all("error" not in m for m in received)
+    for message in received:
+        for name, array in message["arrays"].items():
+            assert array["shape"][0] <= 16, f"{name} {array['shape']}: nothing frame-sized leaves a client"
+            assert array["shape"] in ([16, 39], [16]) or (message["type"] == "query.kmeans_init" and
+                                                          array["shape"][1:] in ([39], [])), name
+            assert array["shape"][0] not in frames
+        assert message["bytes"] <= 16 * 39 * 8 * 3 + 1024
+    sent = [m for m in messages if m["direction"] == "to_client"]
+    assert all(set(m["arrays"]) <= {"codebook.centroids"} for m in sent)
+
+
+def test_same_seed_gives_identical_labels(federated, small_partition, features, tmp_path):
+    again = tmp_path / "again"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", again, *FAST, f"feature_dir={features}",
+                   "reference=false") == 0
+    np.testing.assert_array_equal(np.load(again / "codebook.npy"), np.load(federated / "codebook.npy"))
+    for client in range(3):
+        for split in ("train", "valid"):
+            name = f"client_{client}/{split}.km"
+            assert (again / name).read_text() == (federated / name).read_text()
+
+
+def test_per_client_codebooks_stay_with_their_clients(small_partition, features, tmp_path):
+    out = tmp_path / "per-client"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", out, "--mode", "per-client", *FAST,
+                   f"feature_dir={features}") == 0
+    record = json.loads((out / "kmeans.json").read_text())
+    assert record["mode"] == "per-client" and record["label_head"] == "local" and record["codebook"] is None
+    assert not (out / "codebook.npy").exists()
+    codebooks = [np.load(out / f"client_{i}" / "codebook.npy") for i in range(3)]
+    assert all(c.shape == (16, 39) for c in codebooks)
+    assert not np.allclose(codebooks[0], codebooks[1]), "each client fits its own codebook"
+    distances = record["reference"]["matched_centroid_distance"]
+    assert len(distances) == 3 and all(d > 0 for d in distances)
+    messages = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    assert all(set(m["arrays"]) <= {"stats.usage"} for m in messages if m["direction"] == "from_client")
+
+
+def test_too_few_frames_for_k_stops_before_any_flower_run(small_partition, features, tmp_path, capsys):
+    out = tmp_path / "too-many-clusters"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", out, "--clusters", "100000",
+                   "sample_fraction=1.0", f"feature_dir={features}") == 2
+    assert "fewer than num_clusters=100000" in capsys.readouterr().err
+    assert not (out / "flwr").exists()

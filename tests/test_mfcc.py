@@ -1,0 +1,39 @@
+"""MFCC features: the recipe's frame count and numbers, matching torchaudio's Kaldi MFCC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, num_frames, reference_features
+
+
+@pytest.mark.parametrize("samples, frames", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16000, 98),
+                                             (16000 * 15, 1498)])
+def test_frame_count_is_the_recipe_formula(samples, frames):
+    assert num_frames(samples) == frames
+    wav = np.random.default_rng(0).standard_normal(samples).astype(np.float32) * 0.1
+    assert KaldiMfcc()(wav).shape == (frames, FEATURE_DIM)
+
+
+def test_equals_torchaudio_kaldi_mfcc_with_deltas_on_real_speech(tiny_librispeech):
+    extractor = KaldiMfcc()
+    for path in sorted(tiny_librispeech.glob("*/*/*/*.flac"))[:8]:
+        wav = sf.read(path, dtype="float32")[0]
+        ours, reference = extractor(wav), reference_features(wav)
+        assert ours.shape == reference.shape == (num_frames(len(wav)), 39)
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-3 * np.abs(reference).max())
+
+
+def test_equals_reference_on_noise_and_silence_edges():
+    rng = np.random.default_rng(1)
+    for wav in (rng.standard_normal(7000).astype(np.float32) * 0.3, np.zeros(1600, dtype=np.float32)):
+        np.testing.assert_allclose(KaldiMfcc()(wav), reference_features(wav), rtol=1e-4, atol=1e-3)
+
+
+def test_cmvn_normalises_each_dimension():
+    wav = np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.2
+    feats = KaldiMfcc(cmvn=True)(wav)
+    np.testing.assert_allclose(feats.mean(axis=0), 0, atol=1e-4)
+    np.testing.assert_allclose(feats.std(axis=0), 1, atol=1e-3)
