@@ -10,6 +10,15 @@ run "$FEDHUBERT" synth librispeech --out "$DEMO_DIR/LibriSpeech" --speakers 24 -
 run "$FEDHUBERT" synth speech-commands --out "$DEMO_DIR/speech_commands" --force
 run "$FEDHUBERT" partition --corpus "$DEMO_DIR/LibriSpeech" --out "$DEMO_DIR/partition" --clients 4 --force
 run "$FEDHUBERT" kmeans --partition "$DEMO_DIR/partition" --out "$DEMO_DIR/kmeans" --force
+# The centralized baseline: the tiny preset on every client's training data pooled (one shared codebook).
+manifests=$(printf '"%s",' "$DEMO_DIR"/partition/client_*/train.tsv); labels=$(printf '"%s",' "$DEMO_DIR"/kmeans/client_*/train.km)
+run "$FEDHUBERT" train-local --out "$DEMO_DIR/central" --preset tiny --steps 150 --force \
+  "train_manifests=[${manifests%,}]" "train_labels=[${labels%,}]" \
+  --valid-manifest "$DEMO_DIR/partition/client_0/valid.tsv" --valid-labels "$DEMO_DIR/kmeans/client_0/valid.km" \
+  eval_every=50 checkpoint_every=150 train.log_every=25 train.optim.lr=0.002 train.optim.warmup_steps=20 \
+  train.optim.total_steps=2000 train.data.batch_seconds=40
+run "$FEDHUBERT" export --checkpoint "$DEMO_DIR/central/checkpoints/final.pt" --format s3prl-hubert \
+  --out "$DEMO_DIR/central/hubert_s3prl.pt" --force
 
 echo
 echo "Demo finished. Outputs:"
@@ -17,3 +26,5 @@ echo "  $DEMO_DIR/LibriSpeech        synthetic LibriSpeech (SPEAKERS.TXT, subset
 echo "  $DEMO_DIR/speech_commands    synthetic Speech Commands v0.01 and its test set"
 echo "  $DEMO_DIR/partition          4 speaker-disjoint clients: manifests, partition.json, summary.md, clients.png"
 echo "  $DEMO_DIR/kmeans             federated MFCC k-means (K=100): client_<i>/{train,valid}.km, codebook.npy, kmeans.json"
+echo "  $DEMO_DIR/central            centralized tiny HuBERT baseline: checkpoints/, metrics.jsonl, training.png,"
+echo "                               hubert_s3prl.pt (loads in S3PRL with -u hubert_local -k ...)"

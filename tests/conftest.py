@@ -45,6 +45,33 @@ def small_partition(small_librispeech: Path, tmp_path_factory: pytest.TempPathFa
     return out
 
 
+SMALL_K = 20
+
+
+@pytest.fixture(scope="session")
+def small_labels(small_partition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """k-means labels (one codebook of K=20, fitted centrally) for every client of the small partition,
+    laid out as 'fedhubert kmeans' lays them out: <dir>/client_<i>/{train,valid}.km. Made without Flower."""
+    import numpy as np
+
+    from fedhubert.labels.config import FeaturesConfig, MiniBatchConfig
+    from fedhubert.labels.features import featurise, load_features
+    from fedhubert.labels.kmeans import fit_minibatch, label_lines, write_label_file
+    from fedhubert.manifest import read_manifest
+
+    out = tmp_path_factory.mktemp("stages") / "labels"
+    jobs = [(small_partition / f"client_{i}" / f"{s}.tsv", out / "features" / f"client_{i}" / s)
+            for i in range(3) for s in ("train", "valid")]
+    featurise(jobs, FeaturesConfig(), workers=2)
+    feats = {(m, p): load_features(p, m, FeaturesConfig()) for m, p in jobs}
+    pooled = np.concatenate([np.asarray(f.feats, dtype=np.float32) for f in feats.values()])
+    codebook = fit_minibatch(pooled, SMALL_K, MiniBatchConfig(n_init=2), 0, "test").cluster_centers_
+    for (manifest, prefix), f in feats.items():
+        lines, _, _ = label_lines(f, codebook)
+        write_label_file(out / prefix.parent.name / f"{prefix.name}.km", lines, read_manifest(manifest))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_speech_commands(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpora") / "speech_commands"

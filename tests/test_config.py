@@ -173,7 +173,8 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
     assert yaml.safe_load(dump_config(cfg))["out"] == "/data/run"
 
 
-REQUIRED = {"partition": ["corpus=/data/LibriSpeech"], "kmeans": ["partition=/data/partition"]}  # keys without a default, given as a user would
+REQUIRED = {"partition": ["corpus=/data/LibriSpeech"], "kmeans": ["partition=/data/partition"],
+            "train-local": ["train_manifests=[/d/a.tsv]", "train_labels=[/d/a.km]"]}  # keys without a default, given as a user would
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))
@@ -184,3 +185,23 @@ def test_shipped_config_files_equal_the_built_in_defaults(name):
     required = REQUIRED.get(stage.name, [])
     assert load_config(stage.config_cls, path, required) == load_config(stage.config_cls, None, required)
     assert yaml.safe_load(path.read_text()).keys() == {f.name for f in dataclasses.fields(stage.config_cls)}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "base", "large"])
+def test_model_preset_files_equal_the_built_in_presets(preset):
+    from fedhubert.model.config import PRESETS, ModelConfig
+
+    path = REPO / "configs" / "models" / f"{preset}.yaml"
+    from_file = load_config(ModelConfig, path)
+    assert from_file == load_config(ModelConfig, None, [f"preset={preset}"])
+    assert {k: getattr(from_file, k) for k in PRESETS[preset]} == PRESETS[preset]
+
+
+def test_preset_fields_can_be_overridden_one_by_one():
+    from fedhubert.model.config import ModelConfig
+
+    cfg = load_config(ModelConfig, None, ["preset=small", "layers=3"])
+    assert (cfg.layers, cfg.embed_dim, cfg.heads) == (3, 384, 6)
+    assert load_config(ModelConfig).layers == 12, "the default preset is base"
+    with pytest.raises(ConfigError, match="must be divisible by 'model.heads'"):
+        load_config(ModelConfig, None, ["preset=tiny", "heads=3"])

@@ -111,6 +111,19 @@ def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     return wav
 
 
+def read_audio_segment(path: Path, start: int, stop: int) -> np.ndarray:
+    """Samples [start, stop) of a 16 kHz mono file, decoding only what is needed (a crop of a long file)."""
+    try:
+        wav, rate = sf.read(str(path), start=start, stop=stop, dtype="float32", always_2d=False)
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise AudioError(f"cannot decode {path}: {_decoder_message(err)}") from None
+    if wav.ndim != 1 or rate != SAMPLE_RATE:
+        check_speech_format(audio_info(path))
+    if len(wav) != stop - start:
+        raise AudioError(f"{path} ended after {start + len(wav)} samples; expected at least {stop} (truncated file?)")
+    return wav
+
+
 def decode_audio(data: bytes, source: str) -> tuple[np.ndarray, int]:
     """Decode in-memory audio (a WAV stream from a program, say) to float32 mono and its sample rate."""
     try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from dataclasses import dataclass
@@ -55,7 +56,8 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
     )
     parser.add_argument("--out", type=Path, required=True, help=out_help)
     for flag, key, kind, flag_help in stage.flags:
-        parser.add_argument(flag, dest=f"flag_{key}", type=kind, metavar=key.upper(), help=f"{flag_help} (= {key})")
+        parser.add_argument(flag, dest=f"flag_{key}", type=str if kind is list else kind, metavar=key.upper(),
+                            help=f"{flag_help} (= {key})")
     parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults, as in configs/)")
     parser.add_argument("--force", action="store_true", help="replace this stage's earlier outputs in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -63,8 +65,18 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
     parser.set_defaults(handler=lambda args: _run_stage(args, stage))
 
 
+def _sugar(flags: tuple, args: argparse.Namespace) -> list[str]:
+    """The KEY=VALUE overrides that flags stand for (a flag of kind `list` gives a one-item list)."""
+    out = []
+    for _, key, kind, _ in flags:
+        value = getattr(args, f"flag_{key}")
+        if value is not None:
+            out.append(f"{key}=[{json.dumps(value)}]" if kind is list else f"{key}={value}")
+    return out
+
+
 def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
-    sugar = [f"{key}={getattr(args, f'flag_{key}')}" for _, key, _, _ in stage.flags if getattr(args, f"flag_{key}") is not None]
+    sugar = _sugar(stage.flags, args)
     cfg = absolute_paths(load_config(stage.config_cls, args.config, [*sugar, *args.overrides]))
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
@@ -80,6 +92,7 @@ def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
     from fedhubert.labels import config as kmeans_config
+    from fedhubert.train import config as train_config
     from fedhubert.partition import config as partition_config
 
     return {
@@ -133,6 +146,21 @@ def _stages() -> dict[str, Stage]:
                 ("--workers", "workers", int, "featurising processes, 0 = one per core"),
             ),
         ),
+        "train-local": Stage(
+            name="train-local",
+            config_cls=train_config.TrainLocalConfig,
+            owned=train_config.OUTPUTS,
+            entry="fedhubert.train.run:run_train_local",
+            flags=(
+                ("--manifest", "train_manifests", list, "training manifest (.tsv)"),
+                ("--labels", "train_labels", list, "its k-means labels (.km)"),
+                ("--valid-manifest", "valid_manifests", list, "validation manifest"),
+                ("--valid-labels", "valid_labels", list, "its labels"),
+                ("--preset", "model.preset", str, "tiny, small, base or large"),
+                ("--steps", "steps", int, "optimizer updates"),
+                ("--seed", "train.seed", int, "random seed"),
+            ),
+        ),
     }
 
 
@@ -163,7 +191,28 @@ def build_parser() -> argparse.ArgumentParser:
         stages, "kmeans", "MFCC k-means targets (HuBERT iteration 1) for every client, federated or per client",
         stage["kmeans"], "k-means folder to create (labels per client, codebook, kmeans.json)",
     )
+    _add_stage(
+        stages, "train-local", "centralized HuBERT training on manifests and k-means labels (the baseline)",
+        stage["train-local"], "training folder to create (checkpoints, metrics.jsonl, training.png)",
+    )
+    export = stages.add_parser("export", help="convert a checkpoint for S3PRL",
+                               description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.")
+    export.add_argument("--checkpoint", type=Path, required=True, help="a fedhubert checkpoint (.pt)")
+    export.add_argument("--format", required=True, choices=["s3prl-hubert"],
+                        help="s3prl-hubert: for S3PRL's hubert_local upstream (-u hubert_local -k FILE)")
+    export.add_argument("--out", type=Path, required=True, help="file to write (and FILE.json beside it)")
+    export.add_argument("--force", action="store_true", help="replace an existing file")
+    export.set_defaults(handler=_export)
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fedhubert.model.export import export_checkpoint
+
+    record = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force)
+    log.info("wrote %s (%s, sha256 %s); load it in S3PRL with: %s", args.out, record["format"], record["sha256"][:12],
+             record["load_with"])
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -285,8 +285,26 @@ def _check_bounds(value: Any, meta: dict, path: str, origins: dict) -> None:
                 raise ConfigError(f"{source}: key '{path}' must be {word} {bound}, got {value!r}")
 
 
+def _apply_preset(cls: type, raw: dict, origins: dict, prefix: str) -> None:
+    """A dataclass with a `PRESETS` class attribute ({name: {field: value}}) and a `preset` field takes the named
+    preset's value for every field that no file or override set explicitly."""
+    presets = getattr(cls, "PRESETS", None)
+    if presets is None:
+        return
+    name = raw.get("preset")
+    if name not in presets:
+        source = _origin_of(origins, f"{prefix}preset")
+        raise ConfigError(f"{source}: key '{prefix}preset' must be one of {', '.join(map(repr, presets))}, got {name!r}")
+    for key, value in presets[name].items():
+        path = f"{prefix}{key}"
+        if not any(o == path or o.startswith(path + ".") for o in origins):
+            raw[key] = value
+
+
 def _build(cls: type[T], raw: dict, origins: dict, prefix: str = "") -> T:
     hints = _hints(cls)
+    raw = dict(raw)
+    _apply_preset(cls, raw, origins, prefix)
     kwargs = {}
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
@@ -360,8 +378,15 @@ def config_to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """YAML without anchors and aliases (&id001), which make configs hard to read."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def dump_config(cfg: Any) -> str:
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None, width=110)
+    return yaml.dump(config_to_dict(cfg), Dumper=_PlainDumper, sort_keys=False, default_flow_style=None, width=110)
 
 
 def save_config(cfg: Any, path: Path) -> None:

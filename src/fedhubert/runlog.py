@@ -62,7 +62,7 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
         file_handler.setLevel(level)
         root.addHandler(file_handler)
     root.setLevel(level)
-    for noisy in ("matplotlib", "numba", "PIL", "urllib3", "httpx", "httpcore"):
+    for noisy in ("matplotlib", "numba", "PIL", "urllib3", "httpx", "httpcore", "s3prl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -1,0 +1,143 @@
+"""Local training step: throughput (audio seconds per second) and activation memory (bytes saved for backward,
+counted with saved-tensor hooks, so it works on CPU), side by side in one run:
+
+- reference: a plain loop over torchaudio's own `hubert_pretrain_model` (its LogitGenerator, cross-entropy on
+  index 0, the recipe's loss weights, AdamW, clipping), as in torchaudio's examples/hubert;
+- ours: `fedhubert.train.loop.train` on the same architecture, without checkpointing;
+- ours with checkpointing of the transformer layers, and of the layers and the CNN.
+
+Targets (issue 5): ours without checkpointing >= 0.97x the reference's throughput; with checkpointing <= 40% of
+the reference's saved bytes at >= 0.75x its throughput. Same batches (real audio crops), same threads, best of
+`--repeats` timings. CPU only so far: the GPU figures (bf16 throughput, MFU, peak memory) need a lent GPU.
+
+    python benchmarks/train_step.py [--preset small] [--batch 4] [--seconds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from _common import write_results
+from torchaudio.models.wav2vec2.components import LogitGenerator
+
+from fedhubert.config import load_config
+from fedhubert.model.config import ModelConfig
+from fedhubert.model.hubert import build_hubert, enable_checkpointing, feature_frames
+from fedhubert.train.config import LossConfig, TrainConfig
+from fedhubert.train.data import Batch
+from fedhubert.train.loop import make_optimizer, train
+from fedhubert.train.memory import measure_saved_bytes
+
+CORPUS = Path(__file__).resolve().parents[1] / "build" / "bench" / "librispeech-4h"
+K = 100
+
+
+def batches(batch: int, seconds: float, count: int, frames_of) -> list[Batch]:
+    """Crops of real audio from the benchmark corpus (random noise if it has not been made yet)."""
+    files = sorted(CORPUS.glob("train-*/*/*/*.flac"))
+    samples = int(seconds * 16000)
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        rows = []
+        for _ in range(batch):
+            wav = sf.read(files[rng.integers(len(files))], dtype="float32")[0] if files else np.zeros(0)
+            if len(wav) < samples:
+                wav = (rng.standard_normal(samples) * 0.1).astype(np.float32)
+            start = rng.integers(0, len(wav) - samples + 1)
+            rows.append(torch.from_numpy(wav[start : start + samples].copy()))
+        out.append(Batch(torch.stack(rows), torch.from_numpy(rng.integers(0, K, (batch, frames_of(samples))))))
+    return out
+
+
+def reference_step(model, optimizer, batch: Batch, weights: LossConfig) -> None:
+    logit_m, logit_u, penalty = model(batch.waveforms, batch.labels)
+    target = torch.zeros(logit_m.shape[0], dtype=torch.long)
+    loss = F.cross_entropy(logit_m, target, reduction="sum") * weights.masked_weight
+    loss = loss + weights.feature_penalty * penalty * logit_m.shape[0]
+    (loss / logit_m.shape[0]).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def saved_bytes(model, batch: Batch) -> int:
+    model.train()
+    torch.manual_seed(0)
+    with measure_saved_bytes() as saved:
+        logit_m, logit_u, penalty = model(batch.waveforms, batch.labels)
+    (logit_m.float().mean() + penalty).backward()
+    model.zero_grad(set_to_none=True)
+    return saved["bytes"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    cfg = load_config(ModelConfig, None, [f"preset={args.preset}"])
+    data = batches(args.batch, args.seconds, args.steps + 1, lambda n: feature_frames(n, cfg))
+    audio = sum(b.seconds for b in data[1:])
+    torch.manual_seed(0)
+    base = build_hubert(cfg, K)
+    reference = copy.deepcopy(base)
+    reference.logit_generator.__class__ = LogitGenerator  # back to torchaudio's own
+    variants = {"reference (torchaudio, plain loop)": (reference, None), "ours": (copy.deepcopy(base), (False, False)),
+                "ours, checkpointed layers": (copy.deepcopy(base), (True, False)),
+                "ours, checkpointed layers + CNN": (copy.deepcopy(base), (True, True))}
+    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.warmup_steps=1", "optim.total_steps=100000"])
+    rates, memory = {}, {}
+    for name, (model, ckpt) in variants.items():
+        if ckpt:
+            enable_checkpointing(model, *ckpt)
+        memory[name] = saved_bytes(model, data[0])
+        optimizer = make_optimizer(model, tcfg.optim)
+        best = 0.0
+        for _ in range(args.repeats):
+            model.train()
+            if ckpt is None:
+                reference_step(model, optimizer, data[0], tcfg.loss)  # warm-up
+                start = time.perf_counter()
+                for batch in data[1:]:
+                    reference_step(model, optimizer, batch, tcfg.loss)
+            else:
+                train(model, iter(data[:1]), tcfg, steps=1, global_step=0, optimizer=optimizer,
+                      device=torch.device("cpu"), normalize=False)
+                start = time.perf_counter()
+                train(model, iter(data[1:]), tcfg, steps=args.steps, global_step=1, optimizer=optimizer,
+                      device=torch.device("cpu"), normalize=False)
+            best = max(best, audio / (time.perf_counter() - start))
+        rates[name] = best
+    ref = "reference (torchaudio, plain loop)"
+    figures = []
+    for name in variants:
+        row = {"figure": f"{name}: throughput", "ours": round(rates[name], 1), "unit": "audio s/s"}
+        if name == "ours":
+            row.update(target=">= 0.97x ref", met=rates[name] >= 0.97 * rates[ref])
+        figures.append(row)
+        figures.append({"figure": f"{name}: saved activations", "ours": round(memory[name] / 2**20, 1), "unit": "MiB"})
+    for name in ("ours, checkpointed layers", "ours, checkpointed layers + CNN"):
+        ratio_mem, ratio_speed = memory[name] / memory[ref], rates[name] / rates[ref]
+        figures.append({"figure": f"{name}: activations / ref", "ours": round(ratio_mem, 3), "unit": "x",
+                        "target": "<= 0.40", "met": ratio_mem <= 0.40})
+        figures.append({"figure": f"{name}: throughput / ref", "ours": round(ratio_speed, 3), "unit": "x",
+                        "target": ">= 0.75", "met": ratio_speed >= 0.75})
+    figures.append({"figure": "ours (no checkpointing): throughput / ref", "ours": round(rates["ours"] / rates[ref], 3),
+                    "unit": "x", "target": ">= 0.97", "met": rates["ours"] >= 0.97 * rates[ref]})
+    write_results("train_step", figures, notes=f"{args.preset} preset, {args.batch} x {args.seconds} s crops, fp32 on "
+                  f"CPU ({torch.get_num_threads()} threads), best of {args.repeats} x {args.steps} updates")
+
+
+if __name__ == "__main__":
+    main()

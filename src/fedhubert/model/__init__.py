@@ -1,0 +1,1 @@
+"""HuBERT on torchaudio: presets, building, gradient checkpointing, checkpoints and the S3PRL export."""

@@ -1,0 +1,73 @@
+"""fedhubert's checkpoint files: one writer (atomic, with a SHA-256 sidecar) and one reader.
+
+A checkpoint is `torch.save` of primitives and tensors only (torch >= 2.6 loads with weights_only):
+`{"format", "kind", "model": ModelConfig as a dict, "num_classes", "label_rate", "state_dict", "state": {...}}`,
+where `state` holds whatever the writer needs to resume (optimizer, global step, RNG states, round, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedhubert.atomic import atomic_write_bytes, atomic_write_text
+from fedhubert.config import config_from_dict, config_to_dict
+from fedhubert.errors import FedhubertError
+from fedhubert.model.config import LABEL_RATE, ModelConfig
+
+FORMAT = "fedhubert-checkpoint-v1"
+
+
+class CheckpointError(FedhubertError):
+    """A checkpoint is missing, corrupt, or of the wrong kind."""
+
+
+def sidecar(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def save_checkpoint(path: Path, *, kind: str, model: ModelConfig, num_classes: int, state_dict: dict,
+                    state: dict[str, Any] | None = None) -> str:
+    """Write atomically (then its .sha256 sidecar); returns the SHA-256 of the file."""
+    payload = {
+        "format": FORMAT, "kind": kind, "model": config_to_dict(model), "num_classes": int(num_classes),
+        "label_rate": LABEL_RATE, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "state": state or {},
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write_bytes(Path(path), data)
+    atomic_write_text(sidecar(path), f"{digest}  {Path(path).name}\n")
+    return digest
+
+
+def load_checkpoint(path: Path, kind: str | None = None, verify: bool = True) -> dict:
+    """Read and check a checkpoint: its SHA-256 against the sidecar (when there is one), its format and kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    data = path.read_bytes()
+    if verify and sidecar(path).is_file():
+        expected = sidecar(path).read_text().split()[0]
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise CheckpointError(f"checkpoint {path} does not match its checksum ({sidecar(path).name}): the file is "
+                                  f"corrupt or truncated")
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a fedhubert checkpoint (no '{FORMAT}' format tag)")
+    if kind is not None and payload.get("kind") != kind:
+        raise CheckpointError(f"{path} holds a '{payload.get('kind')}' model, not the '{kind}' one needed here")
+    return payload
+
+
+def model_config_of(payload: dict) -> ModelConfig:
+    return config_from_dict(ModelConfig, payload["model"], "the checkpoint's model config")

@@ -1,0 +1,177 @@
+"""Audio and k-means labels for masked prediction: random crops with their labels, batched by seconds of audio.
+
+Labels come at 100 Hz (one per 10 ms MFCC frame); the CNN emits one frame per 320 samples (50 Hz). A crop starts
+at a multiple of 320 samples, so transformer frame t of a crop starting at sample s covers the same 25 ms as
+MFCC frame s/160 + 2t, whose label it takes (the recipe's feature frame t -> label 2t).
+
+Batches: utterances sorted by length are grouped so that (batch size) x (crop length) stays within
+`batch_seconds` (and, if set, the memory budget); every utterance in a batch is cropped to the batch's shortest
+one (at most `max_seconds`), so nothing is padded. The batch order is shuffled every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from fedhubert.audio import SAMPLE_RATE, read_audio_segment
+from fedhubert.errors import FedhubertError
+from fedhubert.labels.mfcc import num_frames
+from fedhubert.manifest import read_aligned_lines, read_manifest
+from fedhubert.model.config import FEATURE_STRIDE, ModelConfig
+from fedhubert.model.hubert import feature_frames
+from fedhubert.train.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+_LABEL_HOP = SAMPLE_RATE // 100  # samples per 100 Hz label
+_LABEL_STEP = FEATURE_STRIDE // _LABEL_HOP  # labels per transformer frame (2)
+
+
+class DataError(FedhubertError):
+    """Training data is missing, empty or inconsistent."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    path: Path
+    num_samples: int
+    labels: np.ndarray  # int16 or int32, one per 100 Hz frame
+
+
+def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int) -> list[Utterance]:
+    """A manifest and its .km file, checked line by line: every label file line must have exactly the frames the
+    audio length gives, and every id must be a valid class."""
+    manifest = read_manifest(manifest_path)
+    lines = read_aligned_lines(labels_path, manifest, manifest_path)
+    dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    utterances = []
+    for number, (entry, line) in enumerate(zip(manifest.entries, lines), start=1):
+        labels = np.array(line.split(), dtype=np.int64)
+        expected = num_frames(entry.num_samples)
+        if len(labels) != expected:
+            shorter = "shorter" if len(labels) < expected else "longer"
+            raise DataError(
+                f"{labels_path}:{number}: {len(labels)} labels, {shorter} than the {expected} frames that "
+                f"{entry.path} ({entry.num_samples} samples) has; the labels do not belong to this manifest "
+                f"(re-run 'fedhubert kmeans' on it)"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"{labels_path}:{number}: label ids must be in [0, {num_classes}), found "
+                            f"{labels.min()}..{labels.max()}")
+        utterances.append(Utterance(manifest.root / entry.path, entry.num_samples, labels.astype(dtype)))
+    return utterances
+
+
+def load_utterances(pairs: Sequence[tuple[Path, Path]], num_classes: int, data: DataConfig) -> list[Utterance]:
+    """All usable utterances of the (manifest, labels) pairs; those shorter than min_seconds are counted, logged
+    and left out. No usable utterance at all is an error."""
+    usable, short = [], 0
+    min_samples = int(data.min_seconds * SAMPLE_RATE)
+    for manifest_path, labels_path in pairs:
+        for utterance in read_labelled(manifest_path, labels_path, num_classes):
+            if utterance.num_samples < min_samples:
+                short += 1
+            else:
+                usable.append(utterance)
+    if short:
+        log.info("%d utterances shorter than %.1f s left out", short, data.min_seconds)
+    if not usable:
+        names = ", ".join(str(m) for m, _ in pairs)
+        raise DataError(f"no utterance of at least {data.min_seconds} s in {names}; lower data.min_seconds or add data")
+    return usable
+
+
+@dataclass(frozen=True)
+class Crop:
+    index: int
+    start: int
+    samples: int
+
+
+class CropBatches(Sampler[list[Crop]]):
+    """Length-bucketed batches of crops within a seconds budget (and an optional per-batch size cap)."""
+
+    def __init__(self, utterances: Sequence[Utterance], data: DataConfig, seed: int,
+                 max_batch_size: Callable[[int], int] | None = None):
+        self.utterances = utterances
+        self.seed = seed
+        self.epoch = 0
+        budget = int(data.batch_seconds * SAMPLE_RATE)
+        max_samples = int(data.max_seconds * SAMPLE_RATE)
+        order = sorted(range(len(utterances)), key=lambda i: (utterances[i].num_samples, i))
+        self.batches: list[tuple[list[int], int]] = []
+        i = 0
+        while i < len(order):
+            crop = min(max_samples, utterances[order[i]].num_samples)
+            size = max(1, budget // crop)
+            if max_batch_size is not None:
+                size = max(1, min(size, max_batch_size(crop)))
+            self.batches.append((order[i : i + size], crop))
+            i += size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[Crop]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        for b in rng.permutation(len(self.batches)):
+            indices, crop = self.batches[b]
+            yield [
+                Crop(i, int(rng.integers(0, (self.utterances[i].num_samples - crop) // FEATURE_STRIDE + 1))
+                     * FEATURE_STRIDE, crop)
+                for i in indices
+            ]
+
+
+class CroppedAudio(Dataset):
+    """Reads one crop and its labels (one per transformer frame)."""
+
+    def __init__(self, utterances: Sequence[Utterance], model: ModelConfig):
+        self.utterances = utterances
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.utterances)
+
+    def __getitem__(self, crop: Crop) -> tuple[torch.Tensor, torch.Tensor]:
+        utterance = self.utterances[crop.index]
+        wav = read_audio_segment(utterance.path, crop.start, crop.start + crop.samples)
+        frames = feature_frames(crop.samples, self.model)
+        first = crop.start // _LABEL_HOP
+        labels = utterance.labels[first : first + _LABEL_STEP * frames : _LABEL_STEP]
+        if len(labels) != frames:  # read_labelled checked the counts, so this is a bug, not bad input
+            raise AssertionError(f"{utterance.path}: {len(labels)} labels for {frames} frames")
+        return torch.from_numpy(wav), torch.from_numpy(labels.astype(np.int64))
+
+
+@dataclass
+class Batch:
+    waveforms: torch.Tensor  # (B, samples)
+    labels: torch.Tensor  # (B, frames)
+
+    @property
+    def seconds(self) -> float:
+        return self.waveforms.numel() / SAMPLE_RATE
+
+
+def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
+    return Batch(torch.stack([w for w, _ in items]), torch.stack([label for _, label in items]))
+
+
+def batch_loader(utterances: Sequence[Utterance], model: ModelConfig, data: DataConfig, seed: int,
+                 max_batch_size: Callable[[int], int] | None = None) -> torch.utils.data.DataLoader:
+    sampler = CropBatches(utterances, data, seed, max_batch_size)
+    return torch.utils.data.DataLoader(
+        CroppedAudio(utterances, model), batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
+        persistent_workers=data.num_workers > 0,
+    )

@@ -1,0 +1,241 @@
+"""The local train and evaluate functions every client runs (and `fedhubert train-local`).
+
+Loss (the recipe): cross-entropy of the masked frames' logits against index 0, where torchaudio puts the positive
+(the frame's own k-means label); the label ids themselves are never the targets. Plus unmasked frames (weight 0 by
+default) and the CNN feature penalty, all normalised by the number of masked frames. AdamW, linear warm-up then
+linear decay by a global step that the caller keeps across rounds, gradient accumulation, clipping, and bf16 or
+fp16 autocast over fp32 weights. A call in which no batch is trained raises, rather than report a model that
+did not change as trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torchaudio.models.wav2vec2.model import HuBERTPretrainModel
+
+from fedhubert.errors import FedhubertError
+from fedhubert.model.hubert import normalize_waveforms
+from fedhubert.train.config import LossConfig, OptimConfig, TrainConfig
+from fedhubert.train.data import Batch
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(FedhubertError):
+    """Training did not happen or diverged."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device '{name}' was asked for but no CUDA GPU is available; use device=cpu or auto")
+    return device
+
+
+def learning_rate(step: int, optim: OptimConfig) -> float:
+    """Linear warm-up to `lr` over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    remaining = (optim.total_steps - step) / max(1, optim.total_steps - optim.warmup_steps)
+    return optim.lr * max(0.0, remaining)
+
+
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                             weight_decay=optim.weight_decay)
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # normalised by masked frames, ready for backward
+    masked: int
+    correct_m: int
+    unmasked: int
+    correct_u: int
+
+
+def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: torch.Tensor,
+                weights: LossConfig) -> StepOutput:
+    """Masked prediction loss; the positive is at index 0 of every row of logits."""
+    masked = logit_m.shape[0]
+    target_m = torch.zeros(masked, dtype=torch.long, device=logit_m.device)
+    target_u = torch.zeros(logit_u.shape[0], dtype=torch.long, device=logit_u.device)
+    total = weights.masked_weight * F.cross_entropy(logit_m.float(), target_m, reduction="sum")
+    if weights.unmasked_weight > 0 and len(target_u):
+        total = total + weights.unmasked_weight * F.cross_entropy(logit_u.float(), target_u, reduction="sum")
+    total = total + weights.feature_penalty * feature_penalty.float() * masked
+    with torch.no_grad():
+        correct_m = int((logit_m.argmax(dim=-1) == 0).sum()) if masked else 0
+        correct_u = int((logit_u.argmax(dim=-1) == 0).sum()) if len(target_u) else 0
+    return StepOutput(total / max(masked, 1), masked, correct_m, logit_u.shape[0], correct_u)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def forward(model: HuBERTPretrainModel, batch: Batch, device: torch.device, precision: str, normalize: bool,
+            weights: LossConfig) -> StepOutput:
+    waveforms = batch.waveforms.to(device, non_blocking=True)
+    labels = batch.labels.to(device, non_blocking=True)
+    if normalize:
+        waveforms = normalize_waveforms(waveforms, None)
+    with _autocast(device, precision):
+        logit_m, logit_u, penalty = model(waveforms, labels)
+    return hubert_loss(logit_m, logit_u, penalty, weights)
+
+
+@dataclass
+class Meter:
+    """Sums over the batches of a call; `summary` turns them into the reported metrics."""
+
+    loss_sum: float = 0.0
+    batches: int = 0
+    masked: int = 0
+    correct_m: int = 0
+    unmasked: int = 0
+    correct_u: int = 0
+    seconds: float = 0.0
+    skipped: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, out: StepOutput, seconds: float) -> None:
+        self.loss_sum += float(out.loss.detach())
+        self.batches += 1
+        self.masked += out.masked
+        self.correct_m += out.correct_m
+        self.unmasked += out.unmasked
+        self.correct_u += out.correct_u
+        self.seconds += seconds
+
+    def summary(self, device: torch.device) -> dict:
+        elapsed = time.perf_counter() - self.started
+        return {
+            "loss": self.loss_sum / max(self.batches, 1),
+            "acc_masked": self.correct_m / max(self.masked, 1),
+            "acc_unmasked": self.correct_u / max(self.unmasked, 1),
+            "batches": self.batches,
+            "skipped_batches": self.skipped,
+            "audio_seconds": self.seconds,
+            "audio_seconds_per_second": self.seconds / elapsed if elapsed > 0 else 0.0,
+            "peak_memory_mb": peak_memory_mb(device),
+        }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class TrainResult:
+    metrics: dict
+    global_step: int
+
+
+def cycle_batches(loader: Iterable[Batch], first_epoch: int = 0) -> Iterator[Batch]:
+    """Batches of `loader` epoch after epoch (a new order each epoch); ends at once if the loader is empty."""
+    epoch = first_epoch
+    while True:
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            return
+        epoch += 1
+
+
+def train(model: HuBERTPretrainModel, batches: Iterator[Batch], cfg: TrainConfig, *, steps: int, global_step: int,
+          optimizer: torch.optim.Optimizer, device: torch.device, normalize: bool,
+          scaler: torch.amp.GradScaler | None = None, on_step=None) -> TrainResult:
+    """Run `steps` optimizer updates (each over `accumulation_steps` batches) taken from `batches` (see
+    `cycle_batches`; the iterator carries on where it stopped, so successive calls see new batches).
+
+    `global_step` drives the learning rate and is returned advanced; `on_step(global_step, metrics)` is called
+    every `log_every` updates.
+    """
+    model.train()
+    if scaler is None and cfg.precision == "fp16":
+        scaler = torch.amp.GradScaler(device.type)
+    meter, window = Meter(), Meter()
+    done = 0
+    for _ in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(global_step, cfg.optim)
+        optimizer.zero_grad(set_to_none=True)
+        accumulated = 0
+        for batch in batches:
+            out = forward(model, batch, device, cfg.precision, normalize, cfg.loss)
+            if not torch.isfinite(out.loss):
+                meter.skipped += 1
+                log.warning("non-finite loss on a batch of %.1f s; batch skipped", batch.seconds)
+                continue
+            loss = out.loss / cfg.accumulation_steps
+            (scaler.scale(loss) if scaler else loss).backward()
+            meter.add(out, batch.seconds)
+            window.add(out, batch.seconds)
+            accumulated += 1
+            if accumulated == cfg.accumulation_steps:
+                break
+        if accumulated == 0:
+            break
+        if scaler:
+            scaler.unscale_(optimizer)
+        if cfg.optim.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_norm)
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        global_step += 1
+        done += 1
+        if on_step is not None and global_step % cfg.log_every == 0:
+            on_step(global_step, {**window.summary(device), "lr": learning_rate(global_step - 1, cfg.optim)})
+            window = Meter()
+    if done == 0:
+        raise TrainingError(
+            "no batch was trained: the data yielded no usable batch (all skipped or empty); the model is unchanged"
+        )
+    metrics = {**meter.summary(device), "steps": done, "global_step": global_step,
+               "lr": learning_rate(global_step - 1, cfg.optim)}
+    if not math.isfinite(metrics["loss"]):
+        raise TrainingError(f"training diverged: mean loss {metrics['loss']}")
+    return TrainResult(metrics, global_step)
+
+
+@torch.no_grad()
+def evaluate(model: HuBERTPretrainModel, loader: Iterable[Batch], cfg: TrainConfig, *, device: torch.device,
+             normalize: bool, seed: int = 0) -> dict:
+    """Masked-prediction loss and accuracy without dropout; masks come from a fixed seed so that evaluations of
+    different models see the same masks."""
+    model.eval()
+    meter = Meter()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        sampler = getattr(loader, "batch_sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(0)
+        for batch in loader:
+            meter.add(forward(model, batch, device, cfg.precision, normalize, cfg.loss), batch.seconds)
+    if meter.batches == 0:
+        raise TrainingError("no batch to evaluate on: the validation data is empty")
+    model.train()
+    return meter.summary(device)

@@ -1,0 +1,152 @@
+"""`fedhubert train-local`: centralized HuBERT training on one or more manifests, the baseline that federated
+runs compare with. Writes `checkpoints/` (step_<n>.pt, final.pt; loadable by `fedhubert export`),
+`metrics.jsonl` (one line per log interval and evaluation) and `training.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fedhubert.atomic import atomic_path  # noqa: E402
+from fedhubert.config import config_to_dict  # noqa: E402
+from fedhubert.model.checkpoint import save_checkpoint  # noqa: E402
+from fedhubert.model.hubert import build_hubert, enable_checkpointing  # noqa: E402
+from fedhubert.runlog import StageRun  # noqa: E402
+from fedhubert.train.config import TrainConfig, TrainLocalConfig  # noqa: E402
+from fedhubert.train.data import DataError, batch_loader, load_utterances  # noqa: E402
+from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train  # noqa: E402
+from fedhubert.train.memory import max_batch_size  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def num_classes_for(labels: list[Path], explicit: int | None) -> int:
+    """K from the config, or from the kmeans.json of the k-means run the label files come from. Labels pooled
+    from several clients must share one codebook (a per-client run's cluster ids mean different things)."""
+    records = {}
+    for path in labels:
+        record_path = Path(path).resolve().parent.parent / "kmeans.json"
+        if record_path.is_file():
+            records[record_path] = json.loads(record_path.read_text())
+    for record_path, record in records.items():
+        pooled = {Path(p).resolve().parent for p in labels if Path(p).resolve().parent.parent == record_path.parent}
+        if record["label_head"] == "local" and len(pooled) > 1:
+            raise DataError(f"labels of {len(pooled)} clients of a per-client k-means run ({record_path.parent}) cannot "
+                            f"be pooled: each client's cluster ids mean something else. Use a federated k-means run")
+        if explicit is not None and explicit != record["num_clusters"]:
+            raise DataError(f"num_classes={explicit} but {record_path} has K={record['num_clusters']}")
+    if explicit is not None:
+        return explicit
+    ks = {record["num_clusters"] for record in records.values()}
+    if len(ks) != 1:
+        raise DataError("set num_classes: no kmeans.json (or several with different K) beside the label files")
+    return ks.pop()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def data_loaders(cfg: TrainConfig, model_cfg, train_pairs, valid_pairs, num_classes: int):
+    cap = None
+    if cfg.data.memory_budget_gb:
+        cap = max_batch_size(model_cfg, cfg.data.memory_budget_gb * 2**30, num_classes=num_classes,
+                             precision=cfg.precision, checkpoint_layers=cfg.checkpoint_layers,
+                             checkpoint_cnn=cfg.checkpoint_cnn)
+    train_utts = load_utterances(train_pairs, num_classes, cfg.data)
+    train_loader = batch_loader(train_utts, model_cfg, cfg.data, cfg.seed, cap)
+    valid_loader = None
+    if valid_pairs:
+        valid_loader = batch_loader(load_utterances(valid_pairs, num_classes, cfg.data), model_cfg, cfg.data,
+                                    cfg.seed + 1, cap)
+    return train_utts, train_loader, valid_loader
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind, style in (("train", "-"), ("valid", "o-")):
+        points = [r for r in rows if r["kind"] == kind]
+        if points:
+            ax_loss.plot([r["step"] for r in points], [r["loss"] for r in points], style, label=kind)
+            ax_acc.plot([r["step"] for r in points], [r["acc_masked"] for r in points], style, label=kind)
+    ax_loss.set(xlabel="update", ylabel="loss", title="masked prediction loss")
+    ax_acc.set(xlabel="update", ylabel="accuracy", title="masked prediction accuracy")
+    ax_loss.legend()
+    ax_acc.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+
+
+def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
+    num_classes = num_classes_for(cfg.train_labels, cfg.num_classes)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    model = build_hubert(cfg.model, num_classes)
+    enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_cnn)
+    model.to(device)
+    train_utts, train_loader, valid_loader = data_loaders(
+        cfg.train, cfg.model, list(zip(cfg.train_manifests, cfg.train_labels)),
+        list(zip(cfg.valid_manifests, cfg.valid_labels)), num_classes)
+    params = sum(p.numel() for p in model.parameters())
+    log.info("HuBERT %s (%.2f M parameters, K=%d) on %s: %d utterances (%.2f h), %d batches per epoch",
+             cfg.model.preset, params / 1e6, num_classes, device, len(train_utts),
+             sum(u.num_samples for u in train_utts) / 16000 / 3600, len(train_loader))
+    optimizer = make_optimizer(model, cfg.train.optim)
+    metrics_path = out / "metrics.jsonl"
+    rows: list[dict] = []
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        with open(metrics_path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def on_step(step: int, metrics: dict) -> None:
+        record({"kind": "train", "step": step, **metrics})
+        log.info("update %d: loss %.3f, masked acc %.3f, %.0f audio s/s", step, metrics["loss"],
+                 metrics["acc_masked"], metrics["audio_seconds_per_second"])
+
+    def checkpoint(name: str, step: int) -> None:
+        save_checkpoint(out / "checkpoints" / name, kind="hubert", model=cfg.model, num_classes=num_classes,
+                        state_dict=model.state_dict(),
+                        state={"global_step": step, "stage": "train-local", "config": config_to_dict(cfg)})
+
+    first = evaluate(model, valid_loader, cfg.train, device=device, normalize=cfg.model.normalize_waveform) \
+        if valid_loader else None
+    if first:
+        record({"kind": "valid", "step": 0, **first})
+    batches = cycle_batches(train_loader)
+    step, last = 0, {}
+    while step < cfg.steps:
+        chunk = min(cfg.steps - step, cfg.eval_every - step % cfg.eval_every, cfg.checkpoint_every - step % cfg.checkpoint_every)
+        result = train(model, batches, cfg.train, steps=chunk, global_step=step, optimizer=optimizer, device=device,
+                       normalize=cfg.model.normalize_waveform, on_step=on_step)
+        step, last = result.global_step, result.metrics
+        if valid_loader and (step % cfg.eval_every == 0 or step == cfg.steps):
+            valid = evaluate(model, valid_loader, cfg.train, device=device, normalize=cfg.model.normalize_waveform)
+            record({"kind": "valid", "step": step, **valid})
+            log.info("update %d: validation loss %.3f, masked acc %.3f", step, valid["loss"], valid["acc_masked"])
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            checkpoint(f"step_{step}.pt", step)
+    checkpoint("final.pt", step)
+    _plot(rows, out / "training.png")
+    valid_rows = [r for r in rows if r["kind"] == "valid"]
+    summary = {"parameters": params, "num_classes": num_classes, "steps": step, "device": str(device),
+               "train": {k: last.get(k) for k in ("loss", "acc_masked", "audio_seconds_per_second", "peak_memory_mb")},
+               "checkpoint": str(out / "checkpoints" / "final.pt")}
+    if valid_rows:
+        summary["valid_first"] = {k: valid_rows[0][k] for k in ("loss", "acc_masked")}
+        summary["valid_last"] = {k: valid_rows[-1][k] for k in ("loss", "acc_masked")}
+    run.summary.update(summary)
+    return summary
