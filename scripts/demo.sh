@@ -19,6 +19,12 @@ run "$FEDHUBERT" train-local --out "$DEMO_DIR/central" --preset tiny --steps 150
   train.optim.total_steps=2000 train.data.batch_seconds=40
 run "$FEDHUBERT" export --checkpoint "$DEMO_DIR/central/checkpoints/final.pt" --format s3prl-hubert \
   --out "$DEMO_DIR/central/hubert_s3prl.pt" --force
+# Federated pretraining: 4 clients, FedAdam, a few rounds of the tiny preset (a real Flower simulation).
+run "$FEDHUBERT" pretrain --partition "$DEMO_DIR/partition" --kmeans "$DEMO_DIR/kmeans" --out "$DEMO_DIR/pretrain" \
+  --preset tiny --rounds 6 --local-steps 15 --force strategy.eta=0.01 train.optim.lr=0.002 \
+  train.optim.warmup_steps=20 train.optim.total_steps=2000 train.data.batch_seconds=40 train.log_every=1000
+run "$FEDHUBERT" export --checkpoint "$DEMO_DIR/pretrain/checkpoints/final.pt" --format s3prl-hubert \
+  --out "$DEMO_DIR/pretrain/hubert_s3prl.pt" --force
 
 echo
 echo "Demo finished. Outputs:"
@@ -28,3 +34,5 @@ echo "  $DEMO_DIR/partition          4 speaker-disjoint clients: manifests, part
 echo "  $DEMO_DIR/kmeans             federated MFCC k-means (K=100): client_<i>/{train,valid}.km, codebook.npy, kmeans.json"
 echo "  $DEMO_DIR/central            centralized tiny HuBERT baseline: checkpoints/, metrics.jsonl, training.png,"
 echo "                               hubert_s3prl.pt (loads in S3PRL with -u hubert_local -k ...)"
+echo "  $DEMO_DIR/pretrain           federated tiny HuBERT (FedAdam, 4 clients): checkpoints/, metrics.jsonl,"
+echo "                               tensorboard/, pretrain.png, messages.jsonl, hubert_s3prl.pt"

@@ -46,6 +46,7 @@ def small_partition(small_librispeech: Path, tmp_path_factory: pytest.TempPathFa
 
 
 SMALL_K = 20
+KMEANS_FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", "minibatch.max_iter=30"]
 
 
 @pytest.fixture(scope="session")
@@ -69,6 +70,21 @@ def small_labels(small_partition: Path, tmp_path_factory: pytest.TempPathFactory
     for (manifest, prefix), f in feats.items():
         lines, _, _ = label_lines(f, codebook)
         write_label_file(out / prefix.parent.name / f"{prefix.name}.km", lines, read_manifest(manifest))
+    return out
+
+
+@pytest.fixture(scope="session")
+def kmeans_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for every k-means run of the session (reused, as in real use)."""
+    return tmp_path_factory.mktemp("stages") / "features"
+
+
+@pytest.fixture(scope="session")
+def small_kmeans(small_partition: Path, kmeans_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Federated k-means (a real Flower simulation, K=16) of the small partition."""
+    out = tmp_path_factory.mktemp("stages") / "kmeans"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST,
+                   f"feature_dir={kmeans_features}") == 0
     return out
 
 

@@ -8,24 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import KMEANS_FAST as FAST
 from conftest import run_cli
 from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
-FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", "minibatch.max_iter=30"]
 
 
-@pytest.fixture(scope="module")
-def features(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("kmeans") / "features"
+@pytest.fixture()
+def federated(small_kmeans) -> Path:
+    return small_kmeans
 
 
-@pytest.fixture(scope="module")
-def federated(small_partition, features, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("kmeans") / "federated"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", out, *FAST, f"feature_dir={features}") == 0
-    return out
+@pytest.fixture()
+def features(kmeans_features) -> Path:
+    return kmeans_features
 
 
 def test_labels_align_with_manifests_and_match_a_centralized_codebook(federated, small_partition):

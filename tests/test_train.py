@@ -19,10 +19,11 @@ from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_c
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, feature_frames
 from fedhubert.train.config import DataConfig, TrainConfig
-from fedhubert.train.data import Crop, CropBatches, CroppedAudio, DataError, batch_loader, load_utterances
+from fedhubert.train.data import Crop, CropBatches, CroppedAudio, DataError, LabelRate, batch_loader, load_utterances
 from fedhubert.train.loop import TrainingError, cycle_batches, make_optimizer, train
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
+MFCC_RATE = LabelRate(100, TINY)
 FAST = TrainConfig(
     device="cpu", log_every=5,
     optim=load_config(TrainConfig, None, ["optim.lr=2e-3", "optim.warmup_steps=5", "optim.total_steps=500"]).optim,
@@ -42,8 +43,8 @@ def test_crops_take_the_labels_of_the_same_frames(tmp_path):
     write_manifest(tmp_path / "a.tsv", tmp_path, [ManifestEntry("a.flac", len(wav))])
     frames = num_frames(len(wav))
     (tmp_path / "a.km").write_text(" ".join(str(i % 1000) for i in range(frames)) + "\n")
-    [utt] = load_utterances([(tmp_path / "a.tsv", tmp_path / "a.km")], 1000, DataConfig(min_seconds=1))
-    dataset = CroppedAudio([utt], TINY)
+    [utt] = load_utterances([(tmp_path / "a.tsv", tmp_path / "a.km")], 1000, DataConfig(min_seconds=1), MFCC_RATE)
+    dataset = CroppedAudio([utt], MFCC_RATE)
     for start in (0, 320, 3200, 6400):
         audio, labels = dataset[Crop(0, start, 32000)]
         np.testing.assert_allclose(audio.numpy(), wav[start : start + 32000], atol=1 / 32768)
@@ -53,7 +54,7 @@ def test_crops_take_the_labels_of_the_same_frames(tmp_path):
 
 
 def test_batches_fit_the_seconds_budget_and_cover_every_utterance(small_partition, small_labels):
-    utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, FAST.data)
+    utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, FAST.data, MFCC_RATE)
     sampler = CropBatches(utts, FAST.data, seed=0)
     seen = []
     for batch in sampler:
@@ -76,19 +77,19 @@ def test_labels_shorter_than_the_audio_allows_are_refused(small_partition, small
     lines[3] = " ".join(lines[3].split()[:-5])
     (tmp_path / "short.km").write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=r"short.km:4: \d+ labels, shorter than the \d+ frames"):
-        load_utterances([(manifest, tmp_path / "short.km")], SMALL_K, FAST.data)
+        load_utterances([(manifest, tmp_path / "short.km")], SMALL_K, FAST.data, MFCC_RATE)
     (tmp_path / "few.km").write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(Exception, match="lines but its manifest"):
-        load_utterances([(manifest, tmp_path / "few.km")], SMALL_K, FAST.data)
+        load_utterances([(manifest, tmp_path / "few.km")], SMALL_K, FAST.data, MFCC_RATE)
     with pytest.raises(DataError, match=r"label ids must be in \[0, 5\)"):
-        load_utterances([(manifest, labels)], 5, FAST.data)
+        load_utterances([(manifest, labels)], 5, FAST.data, MFCC_RATE)
 
 
 def test_empty_manifest_is_refused(tmp_path):
     write_manifest(tmp_path / "empty.tsv", tmp_path, [])
     (tmp_path / "empty.km").write_text("")
     with pytest.raises(DataError, match="no utterance of at least"):
-        load_utterances([(tmp_path / "empty.tsv", tmp_path / "empty.km")], 10, FAST.data)
+        load_utterances([(tmp_path / "empty.tsv", tmp_path / "empty.km")], 10, FAST.data, MFCC_RATE)
 
 
 def test_a_call_that_trains_no_batch_raises():
@@ -100,8 +101,8 @@ def test_a_call_that_trains_no_batch_raises():
 
 def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, small_labels):
     torch.manual_seed(0)
-    utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, FAST.data)
-    loader = batch_loader(utts, TINY, FAST.data, seed=0)
+    utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, FAST.data, MFCC_RATE)
+    loader = batch_loader(utts, MFCC_RATE, FAST.data, seed=0)
     model = build_hubert(TINY, SMALL_K)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, FAST.optim)

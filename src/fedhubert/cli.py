@@ -18,8 +18,8 @@ from typing import Sequence
 
 from fedhubert import __version__
 from fedhubert.config import absolute_paths, describe_fields, dump_config, load_config
-from fedhubert.errors import FedhubertError
-from fedhubert.runlog import setup_logging, stage_run
+from fedhubert.errors import ConfigError, FedhubertError
+from fedhubert.runlog import CONFIG_FILE, setup_logging, stage_run
 
 log = logging.getLogger("fedhubert")
 
@@ -35,6 +35,7 @@ class Stage:
     owned: Sequence[str]
     entry: str
     flags: tuple[tuple[str, str, type, str], ...] = ()  # (--flag, config key, type, help)
+    resume_keys: tuple[str, ...] = ()  # keys that may change when resuming; empty: the stage cannot resume
 
 
 def _config_epilog(cls: type) -> str:
@@ -54,7 +55,11 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
         epilog=_config_epilog(stage.config_cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, required=True, help=out_help)
+    parser.add_argument("--out", type=Path, required=not stage.resume_keys, help=out_help)
+    if stage.resume_keys:
+        parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                            help="continue the run in RUN_DIR from its newest checkpoint, with its config (only "
+                                 f"{', '.join(stage.resume_keys)} may be changed, e.g. num_rounds=20)")
     for flag, key, kind, flag_help in stage.flags:
         parser.add_argument(flag, dest=f"flag_{key}", type=str if kind is list else kind, metavar=key.upper(),
                             help=f"{flag_help} (= {key})")
@@ -77,13 +82,27 @@ def _sugar(flags: tuple, args: argparse.Namespace) -> list[str]:
 
 def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
     sugar = _sugar(stage.flags, args)
-    cfg = absolute_paths(load_config(stage.config_cls, args.config, [*sugar, *args.overrides]))
+    resume = getattr(args, "resume", None)
+    if resume is not None:
+        overrides = [*sugar, *args.overrides]
+        changed = [o.split("=", 1)[0] for o in overrides]
+        bad = [k for k in changed if not any(k == r or k.startswith(r + ".") for r in stage.resume_keys)]
+        if bad or args.config or (args.out and Path(args.out).resolve() != resume.resolve()):
+            raise ConfigError(f"--resume continues {resume} with its own config: only {', '.join(stage.resume_keys)} "
+                              f"may be overridden{f' (not {bad})' if bad else ''}, and no --config or other --out")
+        if not (resume / CONFIG_FILE).is_file():
+            raise ConfigError(f"{resume} holds no {CONFIG_FILE}: it is not a {stage.name} run folder")
+        args.out, args.config, args.overrides = resume, resume / CONFIG_FILE, overrides
+    elif args.out is None:
+        raise ConfigError("--out is required (or --resume RUN_DIR)")
+    cfg = absolute_paths(load_config(stage.config_cls, args.config, [*sugar, *args.overrides] if resume is None
+                                     else args.overrides))
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
     module_name, function_name = stage.entry.split(":")
     entry = getattr(importlib.import_module(module_name), function_name)
-    with stage_run(stage.name, args.out, cfg, force=args.force, owned=stage.owned) as run:
+    with stage_run(stage.name, args.out, cfg, force=args.force, owned=stage.owned, resume=resume is not None) as run:
         entry(cfg, args.out, run)
     return 0
 
@@ -92,6 +111,7 @@ def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
     from fedhubert.labels import config as kmeans_config
+    from fedhubert.pretrain import config as pretrain_config
     from fedhubert.train import config as train_config
     from fedhubert.partition import config as partition_config
 
@@ -142,6 +162,9 @@ def _stages() -> dict[str, Stage]:
                 ("--partition", "partition", str, "partition folder (made by 'fedhubert partition')"),
                 ("--mode", "mode", str, "federated (one shared codebook) or per-client"),
                 ("--clusters", "num_clusters", int, "number of clusters K"),
+                ("--features", "features.kind", str, "mfcc (iteration 1) or hubert (iteration 2)"),
+                ("--checkpoint", "features.checkpoint", str, "hubert features: a pretrained checkpoint"),
+                ("--layer", "features.layer", int, "hubert features: the transformer layer"),
                 ("--seed", "seed", int, "random seed"),
                 ("--workers", "workers", int, "featurising processes, 0 = one per core"),
             ),
@@ -158,8 +181,24 @@ def _stages() -> dict[str, Stage]:
                 ("--valid-labels", "valid_labels", list, "its labels"),
                 ("--preset", "model.preset", str, "tiny, small, base or large"),
                 ("--steps", "steps", int, "optimizer updates"),
-                ("--seed", "train.seed", int, "random seed"),
+                ("--seed", "seed", int, "random seed"),
             ),
+        ),
+        "pretrain": Stage(
+            name="pretrain",
+            config_cls=pretrain_config.PretrainConfig,
+            owned=pretrain_config.OUTPUTS,
+            entry="fedhubert.pretrain.run:run_pretrain",
+            flags=(
+                ("--partition", "partition", str, "partition folder"),
+                ("--kmeans", "kmeans", str, "k-means folder (labels of that partition)"),
+                ("--rounds", "num_rounds", int, "federated rounds"),
+                ("--local-steps", "local_steps", int, "updates per client per round"),
+                ("--preset", "model.preset", str, "tiny, small, base or large"),
+                ("--strategy", "strategy.name", str, "fedadam, fedavg or fedyogi"),
+                ("--seed", "seed", int, "random seed"),
+            ),
+            resume_keys=("num_rounds", "federation"),
         ),
     }
 
@@ -194,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stage(
         stages, "train-local", "centralized HuBERT training on manifests and k-means labels (the baseline)",
         stage["train-local"], "training folder to create (checkpoints, metrics.jsonl, training.png)",
+    )
+    _add_stage(
+        stages, "pretrain", "federated HuBERT pretraining on Flower (FedAdam by default), with exact resume",
+        stage["pretrain"], "run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
     )
     export = stages.add_parser("export", help="convert a checkpoint for S3PRL",
                                description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.")

@@ -62,6 +62,9 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
         file_handler.setLevel(level)
         root.addHandler(file_handler)
     root.setLevel(level)
+    flower = logging.getLogger("flwr")
+    if flower.handlers:  # Flower prints its own lines; passing them on to ours would print them twice
+        flower.propagate = False
     for noisy in ("matplotlib", "numba", "PIL", "urllib3", "httpx", "httpcore", "s3prl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -153,12 +156,14 @@ def prepare_output_dir(out_dir: Path, *, stage: str, force: bool, owned: Sequenc
 
 
 class StageRun:
-    """Handle given to a stage inside `stage_run`: put results into `summary`; they land in run.json."""
+    """Handle given to a stage inside `stage_run`: put results into `summary`; they land in run.json.
+    `resume` says the stage continues an earlier run in the same folder."""
 
-    def __init__(self, stage: str, out_dir: Path, config: Any):
+    def __init__(self, stage: str, out_dir: Path, config: Any, resume: bool = False):
         self.stage = stage
         self.out_dir = out_dir
         self.config = config
+        self.resume = resume
         self.summary: dict[str, Any] = {}
         self.record: dict[str, Any] = {
             "stage": stage,
@@ -166,6 +171,7 @@ class StageRun:
             "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
             "cwd": str(Path.cwd()),
             "out_dir": str(out_dir),
+            "resumed": resume,
             "started": _now(),
             **environment_record(),
             "config": config_to_dict(config),
@@ -178,12 +184,14 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, out_dir: Path, config: Any, *, force: bool = False, owned: Sequence[str] = ()
+    stage: str, out_dir: Path, config: Any, *, force: bool = False, owned: Sequence[str] = (), resume: bool = False
 ) -> Iterator[StageRun]:
+    """With `resume`, the folder's earlier outputs stay (the stage continues them); the log is appended to."""
     out_dir = Path(out_dir)
-    prepare_output_dir(out_dir, stage=stage, force=force, owned=owned)
+    if not resume:
+        prepare_output_dir(out_dir, stage=stage, force=force, owned=owned)
     setup_logging(out_dir / LOG_DIR / f"{stage}.log")
-    run = StageRun(stage, out_dir, config)
+    run = StageRun(stage, out_dir, config, resume)
     save_config(config, out_dir / CONFIG_FILE)
     run.write()
     log.info("%s: writing to %s (fedhubert %s)", stage, out_dir, __version__)

@@ -13,6 +13,20 @@ from flwr.clientapp import ClientApp
 app = ClientApp()
 
 
+@app.query("identify")
+def identify(message: Message, context: Context) -> Message:
+    from fedhubert.pretrain.client import identify as answer
+
+    return answer(message, context)
+
+
+@app.train()
+def pretrain(message: Message, context: Context) -> Message:
+    from fedhubert.pretrain.client import train_round
+
+    return train_round(message, context)
+
+
 @app.query("kmeans_init")
 def kmeans_init(message: Message, context: Context) -> Message:
     from fedhubert.fl.kmeans_app import client_init

@@ -1,10 +1,11 @@
-"""How a federated stage reaches its clients (kept free of Flower imports: the CLI reads it for --help)."""
+"""How a federated stage reaches its clients, and how the server aggregates (kept free of Flower imports: the CLI
+reads it for --help)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from fedhubert.config import param
 
@@ -17,6 +18,23 @@ class FederationConfig:
     root_certificates: Optional[Path] = param(
         None, "CA certificate for TLS to that SuperLink; null: an insecure connection"
     )
-    cpus_per_client: int = param(1, "simulation: CPU cores reserved for each client", ge=1)
-    gpus_per_client: float = param(0.0, "simulation: share of a GPU reserved for each client", ge=0)
+    cpus_per_client: Optional[int] = param(
+        None, "simulation: CPU cores reserved for each client (null: the machine's or Slurm's cores shared out)",
+        ge=1)
+    gpus_per_client: Optional[float] = param(
+        None, "simulation: share of a GPU per client (null: from the model's estimated memory; 0 without GPUs)",
+        ge=0)
     timeout_s: float = param(7200.0, "stop a run that has not finished after this many seconds", gt=0)
+
+
+@dataclass
+class StrategyConfig:
+    name: Literal["fedadam", "fedavg", "fedyogi"] = param("fedadam", "Flower strategy aggregating the clients")
+    eta: float = param(
+        1e-3, "server learning rate of FedAdam/FedYogi: each round moves a weight by at most about eta (Flower's "
+        "default 0.1 wrecks a transformer)", gt=0)
+    beta_1: float = param(0.9, "FedAdam/FedYogi first-moment decay", ge=0, lt=1)
+    beta_2: float = param(0.99, "FedAdam/FedYogi second-moment decay", ge=0, lt=1)
+    tau: float = param(1e-3, "FedAdam/FedYogi adaptivity floor (1e-9 would turn updates into eta * sign)", gt=0)
+    fraction: float = param(1.0, "share of the clients sampled each round", gt=0, le=1)
+    min_clients: int = param(2, "a round needs replies from at least this many clients", ge=1)

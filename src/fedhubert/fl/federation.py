@@ -28,6 +28,7 @@ from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.config import FederationConfig
+from fedhubert.fl.resources import SimulationResources, simulation_resources
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +179,24 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
 
 
 def run_flower_app(
-    run_config: dict[str, object], out_dir: Path, num_clients: int, federation: FederationConfig
+    run_config: dict[str, object], out_dir: Path, num_clients: int, federation: FederationConfig,
+    resources: SimulationResources | None = None, app: Path | None = None,
 ) -> str:
-    """Run fedhubert's Flower app with `run_config` (flat scalars); returns the run id once it has completed."""
+    """Run fedhubert's Flower app with `run_config` (flat scalars); returns the run id once it has completed.
+    `resources` (for a simulation) defaults to the machine's cores shared out over the clients; `app` is the
+    Flower app folder (default: a minimal one made in the run's FLWR_HOME; the repository root works too)."""
     out_dir = Path(out_dir).resolve()
     flwr_home = out_dir / "flwr"
     log_dir = out_dir / "logs"
-    app = _app_dir(flwr_home, sorted(run_config))
+    app = Path(app).resolve() if app else _app_dir(flwr_home, sorted(run_config))
     superlink = None
     try:
         if federation.superlink is None:
+            resources = resources or simulation_resources(federation, num_clients)
             superlink = _start_simulation_superlink(flwr_home, log_dir)
             _write_connection(flwr_home, f"127.0.0.1:{superlink.port}", None)
-            log.info("Flower simulation SuperLink on 127.0.0.1:%d with %d virtual clients", superlink.port,
-                     num_clients)
+            log.info("Flower simulation SuperLink on 127.0.0.1:%d: %d virtual clients, %d CPU(s) and %.2f GPU each",
+                     superlink.port, num_clients, resources.cpus_per_client, resources.gpus_per_client)
         else:
             _write_connection(flwr_home, federation.superlink, federation.root_certificates)
             log.info("Flower deployment: SuperLink %s, expecting %d clients", federation.superlink, num_clients)
@@ -199,9 +204,7 @@ def run_flower_app(
         for key, value in run_config.items():
             command += ["--run-config", f"{key}={_toml_value(value)}"]
         if federation.superlink is None:
-            command += ["--federation-config",
-                        f"num-supernodes={num_clients} client-resources-num-cpus={federation.cpus_per_client} "
-                        f"client-resources-num-gpus={federation.gpus_per_client}"]
+            command += ["--federation-config", resources.federation_config(num_clients)]
         return _follow(command, flwr_home, log_dir / "flower.log", federation.timeout_s)
     finally:
         if superlink is not None:

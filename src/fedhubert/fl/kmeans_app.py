@@ -25,7 +25,7 @@ from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
 from fedhubert.labels.config import KMeansConfig
-from fedhubert.labels.features import FeatureSet, featurise, load_features
+from fedhubert.labels.features import FeatureSet, extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
     ClusterStats, KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
     sample_frames, write_label_file,
@@ -118,7 +118,8 @@ def _label(cfg: KMeansConfig, paths: ClientPaths, centroids: np.ndarray) -> tupl
     for split in SPLITS:
         feats = _features(cfg, paths, split)
         lines, split_usage, sse = label_lines(feats, centroids)
-        write_label_file(paths.labels(split), lines, read_manifest(paths.manifest(split)))
+        write_label_file(paths.labels(split), lines, read_manifest(paths.manifest(split)),
+                         extractor_for(cfg.features).frames)
         usage += split_usage
         metrics[f"{split}_frames"] = feats.num_frames
         metrics[f"{split}_sse"] = sse
@@ -253,12 +254,13 @@ def write_record(cfg: KMeansConfig, out: Path, partition: dict, replies: dict[in
             **({"codebook": f"client_{index}/{CODEBOOK_FILE}"} if cfg.mode == "per-client" else {}),
         })
     frames = sum(sum(c["frames"].values()) for c in clients)
+    extractor = extractor_for(cfg.features)
     record = {
         "mode": cfg.mode,
         "label_head": "local" if cfg.mode == "per-client" else "shared",
         "num_clusters": cfg.num_clusters,
-        "label_rate": 100,
-        "features": {"kind": "mfcc", "dims": 39, "cmvn": cfg.features.cmvn, "frame_rate": 100},
+        "label_rate": extractor.label_rate,
+        "features": {**extractor.meta(), "checkpoint": extractor.checkpoint},
         "codebook": CODEBOOK_FILE if cfg.mode == "federated" else None,
         "rounds": len(history),
         "history": history,

@@ -19,13 +19,15 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from fedhubert.config import config_from_dict, config_to_dict
 
 T = TypeVar("T")
-_NULLS = "__null__"
+_NULLS = "__null__"  # keys whose value is None (a ConfigRecord holds no None)
+_JSON = "__json__"  # keys whose value is JSON text (a ConfigRecord holds no nested lists)
 
 
 def config_to_record(cfg: Any) -> ConfigRecord:
-    """Flatten a config dataclass to dotted keys; None values are listed under '__null__'."""
+    """Flatten a config dataclass to dotted keys; None values and nested lists are marked (see above)."""
     flat: dict[str, Any] = {}
     nulls: list[str] = []
+    as_json: list[str] = []
 
     def walk(prefix: str, value: Any) -> None:
         if isinstance(value, dict):
@@ -33,12 +35,17 @@ def config_to_record(cfg: Any) -> ConfigRecord:
                 walk(f"{prefix}{key}.", item)
         elif value is None:
             nulls.append(prefix[:-1])
+        elif isinstance(value, list) and (not value or any(isinstance(v, (list, dict)) for v in value)):
+            flat[prefix[:-1]] = json.dumps(value)
+            as_json.append(prefix[:-1])
         else:
             flat[prefix[:-1]] = value
 
     walk("", config_to_dict(cfg))
     if nulls:
         flat[_NULLS] = nulls
+    if as_json:
+        flat[_JSON] = as_json
     return ConfigRecord(flat)
 
 
@@ -47,6 +54,8 @@ def config_from_record(cls: type[T], record: ConfigRecord) -> T:
     items = dict(record)
     for key in items.pop(_NULLS, []):
         items[key] = None
+    for key in items.pop(_JSON, []):
+        items[key] = json.loads(items[key])
     for key, value in items.items():
         node = nested
         *parents, leaf = key.split(".")

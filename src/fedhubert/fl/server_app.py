@@ -1,7 +1,8 @@
 """fedhubert's Flower ServerApp: one app for every federated task, chosen by the run config's `task`.
 
-Run config keys: `task` (kmeans), `config` (the stage's resolved YAML config), `out` (the stage's output folder).
-`fedhubert <stage>` fills them in; `flwr run` users pass them with --run-config.
+Run config keys: `task` (kmeans, pretrain), `config` (the stage's YAML config), `out` (the output folder), both
+absolute paths, and for training tasks `resume` (continue from the newest checkpoint in `out`) and `threads`
+(CPU threads per client). `fedhubert <stage>` fills them in; `flwr run` users pass them with --run-config.
 """
 
 from __future__ import annotations
@@ -18,18 +19,28 @@ from fedhubert.runlog import setup_logging
 log = logging.getLogger("fedhubert")
 app = ServerApp()
 
-TASKS = ("kmeans",)
+TASKS = ("kmeans", "pretrain")
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    task = str(context.run_config.get("task", ""))
+    run_config = context.run_config
+    task = str(run_config.get("task", ""))
     if task not in TASKS:
         raise FedhubertError(f"run config 'task' must be one of {', '.join(TASKS)}; got {task!r}")
-    config = Path(str(context.run_config["config"]))
-    out = Path(str(context.run_config["out"]))
+    config = Path(str(run_config.get("config", "")))
+    out = Path(str(run_config.get("out", "")))
+    if not config.is_absolute() or not out.is_absolute():
+        raise FedhubertError("run config 'config' and 'out' must be absolute paths (the ServerApp runs elsewhere)")
+    out.mkdir(parents=True, exist_ok=True)
     setup_logging(out / "logs" / f"server-{task}.log")
     log.info("ServerApp: task %s, config %s, output %s", task, config, out)
-    from fedhubert.fl.kmeans_app import serve_kmeans
+    if task == "kmeans":
+        from fedhubert.fl.kmeans_app import serve_kmeans
 
-    serve_kmeans(grid, config, out)
+        serve_kmeans(grid, config, out)
+    else:
+        from fedhubert.pretrain.server import serve_pretrain
+
+        serve_pretrain(grid, config, out, resume=bool(run_config.get("resume", False)),
+                       threads=int(run_config.get("threads", 1)))

@@ -11,7 +11,7 @@ from fedhubert.errors import ConfigError
 from fedhubert.fl.config import FederationConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force (the feature cache is kept).
-OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "client_[0-9]*")
+OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "global", "client_[0-9]*")
 
 
 @dataclass
@@ -29,8 +29,17 @@ class MiniBatchConfig:
 
 @dataclass
 class FeaturesConfig:
-    cmvn: bool = param(False, "per-utterance mean and variance normalisation of the 39 dimensions")
+    kind: Literal["mfcc", "hubert"] = param(
+        "mfcc", "mfcc: the recipe's 39-dim MFCC at 100 Hz (iteration 1); hubert: a transformer layer of a pretrained "
+        "checkpoint at 50 Hz (iteration 2)")
+    checkpoint: Optional[Path] = param(None, "hubert: the pretrained fedhubert checkpoint (.pt)")
+    layer: int = param(6, "hubert: the transformer layer (1 = the first) whose output is clustered", ge=1)
+    cmvn: bool = param(False, "per-utterance mean and variance normalisation of every dimension")
     dtype: Literal["float16", "float32"] = param("float16", "storage type of the feature cache")
+
+    def validate(self) -> None:
+        if self.kind == "hubert" and self.checkpoint is None:
+            raise ConfigError("key 'features.checkpoint' is required with features.kind=hubert (--checkpoint CKPT)")
 
 
 @dataclass

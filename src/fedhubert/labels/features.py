@@ -1,11 +1,14 @@
-"""MFCC features of a client's manifests, computed once, in parallel, and kept on disk for every later step.
+"""Features of a client's manifests for k-means, computed once, in parallel, and kept on disk for later steps.
+
+Two kinds: the recipe's iteration-1 MFCC (39 dims at 100 Hz), and for iteration 2 the output of one transformer
+layer of a pretrained HuBERT checkpoint (its width, at 50 Hz).
 
 Per manifest split (e.g. `client_0/train`) the feature folder holds `train.feats.npy` (all frames, float16 or
-float32, shape (frames, 39), opened as a memory map), `train.offsets.npy` (utterance i is rows offsets[i] to
-offsets[i+1]) and `train.meta.json` (written last: the manifest's hash and the feature settings). Frame counts
-follow from the manifest's num_samples, so workers write straight into their rows. A decoded length that differs
-from the manifest, or unreadable audio, stops with an error naming every such row: labels must never be
-silently misaligned with the manifest.
+float32, opened as a memory map), `train.offsets.npy` (utterance i is rows offsets[i] to offsets[i+1]) and
+`train.meta.json` (written last: the manifest's hash and what made the features). Frame counts follow from the
+manifest's num_samples, so workers write straight into their rows. A decoded length that differs from the
+manifest, or unreadable audio, stops with an error naming every such row: labels must never be silently
+misaligned with the manifest.
 """
 
 from __future__ import annotations
@@ -15,11 +18,12 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 
 from fedhubert.atomic import atomic_write_text
-from fedhubert.audio import read_audio
-from fedhubert.errors import AudioError, FedhubertError
+from fedhubert.audio import SAMPLE_RATE, read_audio
+from fedhubert.errors import FedhubertError
 from fedhubert.labels.config import FeaturesConfig
 from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, MfccConstants, kaldi_constants, num_frames
 from fedhubert.manifest import Manifest, file_sha256, read_manifest
@@ -27,7 +31,7 @@ from fedhubert.parallel import parallel_map
 
 log = logging.getLogger(__name__)
 
-FORMAT = "fedhubert-mfcc-v1"
+FORMAT = "fedhubert-features-v2"
 _CHUNK_SECONDS = 120.0  # audio per worker task
 
 
@@ -35,11 +39,99 @@ class FeatureError(FedhubertError):
     """Features cannot be computed or do not match their manifest."""
 
 
+@dataclass(frozen=True)
+class Extractor:
+    """What turns audio into k-means features. Small and picklable: workers get it with every task."""
+
+    kind: str  # mfcc or hubert
+    dims: int
+    label_rate: int
+    cmvn: bool
+    mfcc: MfccConstants | None = None
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    layer: int | None = None
+    conv_layers: tuple[tuple[int, int, int], ...] = ()
+
+    def frames(self, num_samples: int) -> int:
+        if self.kind == "mfcc":
+            return num_frames(num_samples)
+        n = num_samples
+        for _, kernel, stride in self.conv_layers:
+            n = (n - kernel) // stride + 1
+            if n <= 0:
+                return 0
+        return n
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "dims": self.dims, "label_rate": self.label_rate, "cmvn": self.cmvn,
+                "checkpoint_sha256": self.checkpoint_sha256, "layer": self.layer}
+
+
+_EXTRACTORS: dict[tuple, Extractor] = {}
+
+
+def extractor_for(settings: FeaturesConfig) -> Extractor:
+    """The extractor the settings describe (kept per process: it hashes the checkpoint)."""
+    checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
+    key = (settings.kind, str(checkpoint), checkpoint.stat().st_mtime_ns if checkpoint and checkpoint.is_file() else 0,
+           settings.layer, settings.cmvn)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS[key] = _new_extractor(settings)
+    return _EXTRACTORS[key]
+
+
+def _new_extractor(settings: FeaturesConfig) -> Extractor:
+    if settings.kind == "mfcc":
+        return Extractor("mfcc", FEATURE_DIM, 100, settings.cmvn, mfcc=kaldi_constants())
+    from fedhubert.model.checkpoint import load_checkpoint, model_config_of
+
+    payload = load_checkpoint(settings.checkpoint, kind="hubert")
+    model = model_config_of(payload)
+    if not 1 <= settings.layer <= model.layers:
+        raise FeatureError(f"features.layer={settings.layer} but {settings.checkpoint} has {model.layers} layers")
+    return Extractor("hubert", model.embed_dim, 50, settings.cmvn, checkpoint=str(Path(settings.checkpoint).resolve()),
+                     checkpoint_sha256=file_sha256(settings.checkpoint), layer=settings.layer,
+                     conv_layers=tuple(tuple(layer) for layer in model.conv_layers))
+
+
+_MODELS: dict[str, object] = {}  # per process: the HuBERT a worker loaded, by checkpoint hash
+
+
+def _hubert_features(extractor: Extractor, wav: np.ndarray) -> np.ndarray:
+    import torch
+
+    from fedhubert.model.checkpoint import load_checkpoint, model_config_of
+    from fedhubert.model.hubert import build_hubert, hidden_states
+
+    if extractor.checkpoint_sha256 not in _MODELS:
+        payload = load_checkpoint(extractor.checkpoint, kind="hubert")
+        cfg = model_config_of(payload)
+        model = build_hubert(cfg, payload["num_classes"])
+        model.load_state_dict(payload["state_dict"])
+        _MODELS[extractor.checkpoint_sha256] = (model.eval(), cfg)
+    model, cfg = _MODELS[extractor.checkpoint_sha256]
+    with torch.no_grad():
+        states = hidden_states(model, torch.from_numpy(wav)[None], None, cfg.normalize_waveform)
+    return states[extractor.layer][0].numpy()
+
+
+def extract(extractor: Extractor, wav: np.ndarray, mfcc: KaldiMfcc | None = None) -> np.ndarray:
+    """(frames, dims) float32 features of one utterance."""
+    if len(wav) < 400:
+        return np.zeros((extractor.frames(len(wav)), extractor.dims), dtype=np.float32)
+    feats = (mfcc or KaldiMfcc(constants=extractor.mfcc))(wav) if extractor.kind == "mfcc" \
+        else _hubert_features(extractor, wav)
+    if extractor.cmvn:
+        feats = (feats - feats.mean(axis=0)) / np.maximum(feats.std(axis=0), 1e-5)
+    return feats.astype(np.float32, copy=False)
+
+
 @dataclass
 class FeatureSet:
     """Read side: one manifest's features as a memory map, utterance by utterance."""
 
-    feats: np.ndarray  # (frames, 39), memory-mapped
+    feats: np.ndarray  # (frames, dims), memory-mapped
     offsets: np.ndarray  # (utterances + 1,)
 
     def __len__(self) -> int:
@@ -58,13 +150,12 @@ def _paths(prefix: Path) -> tuple[Path, Path, Path]:
             prefix.with_name(prefix.name + ".meta.json"))
 
 
-def _expected_meta(manifest_path: Path, settings: FeaturesConfig, manifest: Manifest) -> dict:
-    return {"format": FORMAT, "kind": "mfcc39", "cmvn": settings.cmvn, "dtype": settings.dtype, "manifest_sha256": file_sha256(manifest_path), "utterances": len(manifest),
-            "frames": int(sum(num_frames(e.num_samples) for e in manifest.entries))}
+def _expected_meta(manifest_path: Path, extractor: Extractor, dtype: str, manifest: Manifest) -> dict:
+    return {"format": FORMAT, **extractor.meta(), "dtype": dtype, "manifest_sha256": file_sha256(manifest_path),
+            "utterances": len(manifest), "frames": int(sum(extractor.frames(e.num_samples) for e in manifest.entries))}
 
 
-def is_current(prefix: Path, manifest_path: Path, settings: FeaturesConfig) -> bool:
-    """Whether features at `prefix` were made from this manifest with these settings (and finished)."""
+def _is_current(prefix: Path, manifest_path: Path, extractor: Extractor, dtype: str) -> bool:
     feats, offsets, meta = _paths(prefix)
     if not (feats.is_file() and offsets.is_file() and meta.is_file()):
         return False
@@ -72,11 +163,13 @@ def is_current(prefix: Path, manifest_path: Path, settings: FeaturesConfig) -> b
         recorded = json.loads(meta.read_text())
     except ValueError:
         return False
-    return recorded == _expected_meta(manifest_path, settings, read_manifest(manifest_path))
+    return recorded == _expected_meta(manifest_path, extractor, dtype, read_manifest(manifest_path))
 
 
-def load_features(prefix: Path, manifest_path: Path, settings: FeaturesConfig) -> FeatureSet:
-    if not is_current(prefix, manifest_path, settings):
+def load_features(prefix: Path, manifest_path: Path, settings: FeaturesConfig,
+                  extractor: Extractor | None = None) -> FeatureSet:
+    extractor = extractor or extractor_for(settings)
+    if not _is_current(prefix, manifest_path, extractor, settings.dtype):
         raise FeatureError(
             f"no current features at {prefix} for {manifest_path}: they are missing, unfinished, or were made from "
             f"another manifest or settings; run 'fedhubert kmeans' to compute them"
@@ -89,61 +182,66 @@ def load_features(prefix: Path, manifest_path: Path, settings: FeaturesConfig) -
 class _Task:
     feats_path: str
     rows: tuple[tuple[int, int, str, int, int], ...]  # (manifest line, frame offset, audio path, num_samples, frames)
-    cmvn: bool
-    constants: MfccConstants  # built once by the parent with torchaudio; the worker never imports torch
+    extractor: Extractor  # built once by the parent; an MFCC worker never imports torch
 
 
 def _featurise(task: _Task) -> tuple[list[str], float]:
     """Worker: write the features of some utterances into their rows; return problems and audio seconds."""
-    extractor = KaldiMfcc(cmvn=task.cmvn, constants=task.constants)
+    if task.extractor.kind == "hubert":
+        import torch
+
+        torch.set_num_threads(1)
+    mfcc = KaldiMfcc(constants=task.extractor.mfcc) if task.extractor.kind == "mfcc" else None
     out = np.load(task.feats_path, mmap_mode="r+")
     problems, seconds = [], 0.0
     for line, offset, path, num_samples, frames in task.rows:
         try:
             wav = read_audio(Path(path))
-        except AudioError as err:
+        except FedhubertError as err:
             problems.append(f"manifest line {line}: {err}")
             continue
         if len(wav) != num_samples:
             problems.append(f"manifest line {line}: {path} has {len(wav)} samples, the manifest says {num_samples}")
             continue
-        out[offset : offset + frames] = extractor(wav)
-        seconds += num_samples / 16000
+        out[offset : offset + frames] = extract(task.extractor, wav, mfcc)
+        seconds += num_samples / SAMPLE_RATE
     out.flush()
     return problems, seconds
 
 
 def featurise(
-    jobs: list[tuple[Path, Path]], settings: FeaturesConfig, *, workers: int, desc: str = "MFCC features"
+    jobs: list[tuple[Path, Path]], settings: FeaturesConfig, *, workers: int, desc: str = "features",
+    extractor: Extractor | None = None,
 ) -> dict:
     """Compute features for each (manifest path, output prefix) whose cached features are not current."""
+    extractor = extractor or extractor_for(settings)
     started = time.perf_counter()
     tasks: list[_Task] = []
-    constants = kaldi_constants()
     pending: list[tuple[Path, Path, dict, np.ndarray]] = []
     reused = 0
     for manifest_path, prefix in jobs:
-        if is_current(prefix, manifest_path, settings):
+        if _is_current(prefix, manifest_path, extractor, settings.dtype):
             reused += 1
             continue
         manifest = read_manifest(manifest_path)
-        frames = np.array([num_frames(e.num_samples) for e in manifest.entries], dtype=np.int64)
+        frames = np.array([extractor.frames(e.num_samples) for e in manifest.entries], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(frames)]).astype(np.int64)
         feats_path, offsets_path, meta_path = _paths(prefix)
         meta_path.unlink(missing_ok=True)  # unfinished until the meta file is written again
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(feats_path, mode="w+", dtype=settings.dtype, shape=(int(offsets[-1]), FEATURE_DIM))
+        np.lib.format.open_memmap(feats_path, mode="w+", dtype=settings.dtype, shape=(int(offsets[-1]), extractor.dims))
         np.save(offsets_path, offsets)
         rows, budget = [], 0.0
         for i, entry in enumerate(manifest.entries):
             rows.append((i + 2, int(offsets[i]), str(manifest.root / entry.path), entry.num_samples, int(frames[i])))
-            budget += entry.num_samples / 16000
+            budget += entry.num_samples / SAMPLE_RATE
             if budget >= _CHUNK_SECONDS:
-                tasks.append(_Task(str(feats_path), tuple(rows), settings.cmvn, constants))
+                tasks.append(_Task(str(feats_path), tuple(rows), extractor))
                 rows, budget = [], 0.0
         if rows:
-            tasks.append(_Task(str(feats_path), tuple(rows), settings.cmvn, constants))
-        pending.append((manifest_path, prefix, _expected_meta(manifest_path, settings, manifest), frames))
+            tasks.append(_Task(str(feats_path), tuple(rows), extractor))
+        pending.append((manifest_path, prefix, _expected_meta(manifest_path, extractor, settings.dtype, manifest),
+                        frames))
     problems: list[str] = []
     seconds = 0.0
     for _, (task_problems, task_seconds) in parallel_map(_featurise, tasks, workers=workers, desc=desc, unit="chunk"):
@@ -160,13 +258,13 @@ def featurise(
     for manifest_path, prefix, meta, frames in pending:
         short = int(np.sum(frames == 0))
         if short:
-            log.warning("%s: %d utterances are shorter than one 25 ms window and get no labels", manifest_path, short)
+            log.warning("%s: %d utterances are too short for one frame and get no labels", manifest_path, short)
         atomic_write_text(_paths(prefix)[2], json.dumps(meta, indent=2) + "\n")
     elapsed = time.perf_counter() - started
     stats = {"computed": len(pending), "reused": reused, "audio_hours": round(seconds / 3600, 4),
              "seconds": round(elapsed, 2),
              "hours_per_minute": round(seconds / 3600 / (elapsed / 60), 2) if seconds else None}
     if pending:
-        log.info("featurised %.2f h of audio in %.1f s (%d manifests; %d reused from the cache)",
-                 seconds / 3600, elapsed, len(pending), reused)
+        log.info("featurised %.2f h of audio (%s) in %.1f s (%d manifests; %d reused from the cache)",
+                 seconds / 3600, extractor.kind, elapsed, len(pending), reused)
     return stats

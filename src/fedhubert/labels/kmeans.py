@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -136,10 +137,12 @@ def label_lines(features: FeatureSet, centroids: np.ndarray) -> tuple[list[str],
     return lines, np.bincount(labels, minlength=len(centroids)), float(dists.sum())
 
 
-def write_label_file(path: Path, lines: list[str], manifest: Manifest) -> None:
-    """Write a .km file after checking it against its manifest: one line per row, one id per 10 ms frame."""
+def write_label_file(path: Path, lines: list[str], manifest: Manifest,
+                     frames: Callable[[int], int] = num_frames) -> None:
+    """Write a .km file after checking it against its manifest: one line per row, `frames(num_samples)` ids per
+    line (one per 10 ms MFCC frame by default)."""
     for i, (line, entry) in enumerate(zip(lines, manifest.entries)):
-        expected = num_frames(entry.num_samples)
+        expected = frames(entry.num_samples)
         got = len(line.split())
         if got != expected:
             raise KMeansError(

@@ -1,8 +1,9 @@
 """`fedhubert kmeans`: MFCC features for every client, then k-means as a Flower app, then the record.
 
 Outputs under --out: `client_<i>/{train,valid}.km` (one line of 100 Hz cluster ids per manifest row), the
-codebook (`codebook.npy`, or `client_<i>/codebook.npy` per client), `kmeans.json`, `messages.jsonl` (what
-crossed the wire), `kmeans.png`, and the feature cache `features/` (reused by later runs).
+codebook (`codebook.npy`, or `client_<i>/codebook.npy` per client), with a shared codebook also the server's
+held-out sets `global/<subset>.km` (for server-side evaluation), `kmeans.json`, `messages.jsonl` (what crossed
+the wire), `kmeans.png`, and the feature cache `features/` (reused by later runs).
 """
 
 from __future__ import annotations
@@ -11,21 +12,21 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from scipy.optimize import linear_sum_assignment
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from scipy.optimize import linear_sum_assignment  # noqa: E402
-
-from fedhubert.atomic import atomic_path, atomic_write_text  # noqa: E402
-from fedhubert.corpus.librispeech import CorpusError  # noqa: E402
-from fedhubert.fl.federation import run_flower_app  # noqa: E402
-from fedhubert.fl.kmeans_app import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths  # noqa: E402
-from fedhubert.labels.config import KMeansConfig  # noqa: E402
-from fedhubert.labels.features import featurise, load_features  # noqa: E402
-from fedhubert.labels.kmeans import KMeansError, assign, fit_minibatch, sample_frames, sample_size  # noqa: E402
-from fedhubert.runlog import CONFIG_FILE, StageRun  # noqa: E402
+from fedhubert.atomic import atomic_write_text
+from fedhubert.corpus.librispeech import CorpusError
+from fedhubert.fl.federation import run_flower_app
+from fedhubert.fl.kmeans_app import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths
+from fedhubert.labels.config import KMeansConfig
+from fedhubert.labels.features import extractor_for, featurise, load_features
+from fedhubert.labels.kmeans import (
+    KMeansError, assign, fit_minibatch, label_lines, sample_frames, sample_size, write_label_file,
+)
+from fedhubert.manifest import read_manifest
+from fedhubert.plots import plt, save_figure
+from fedhubert.runlog import CONFIG_FILE, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,24 @@ def _reference(cfg: KMeansConfig, clients: list[ClientPaths]) -> dict:
     return reference
 
 
+def _label_heldout(cfg: KMeansConfig, partition: dict, out: Path, codebook: np.ndarray) -> dict:
+    """Label the server's held-out sets (global/<subset>.tsv) with the shared codebook, for server-side evaluation."""
+    features = Path(cfg.feature_dir) if cfg.feature_dir else out / "features"
+    done = {}
+    for subset in partition["heldout"]:
+        manifest = Path(cfg.partition) / "global" / f"{subset}.tsv"
+        prefix = features / "global" / subset
+        featurise([(manifest, prefix)], cfg.features, workers=cfg.workers, desc=f"{subset} features")
+        feats = load_features(prefix, manifest, cfg.features)
+        lines, usage, sse = label_lines(feats, codebook)
+        write_label_file(out / "global" / f"{subset}.km", lines, read_manifest(manifest),
+                         extractor_for(cfg.features).frames)
+        done[subset] = {"frames": feats.num_frames, "inertia": sse / max(feats.num_frames, 1),
+                        "labels": f"global/{subset}.km"}
+        log.info("labelled held-out %s (%d frames) with the shared codebook", subset, feats.num_frames)
+    return done
+
+
 def _plot(record: dict, path: Path) -> None:
     fig, (ax_rounds, ax_usage) = plt.subplots(1, 2, figsize=(11, 4))
     if record["history"]:
@@ -73,10 +92,7 @@ def _plot(record: dict, path: Path) -> None:
     usage = np.array(record["cluster_usage"], dtype=float)
     ax_usage.bar(np.arange(len(usage)), usage / usage.sum())
     ax_usage.set(xlabel="cluster", ylabel="share of frames", title=f"cluster usage (K={record['num_clusters']})")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
@@ -102,6 +118,8 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
                             len(clients), cfg.federation)
     record = json.loads((out / KMEANS_FILE).read_text())
     record["flower_run_id"] = run_id
+    if cfg.mode == "federated":
+        record["global"] = _label_heldout(cfg, partition, out, np.load(out / CODEBOOK_FILE))
     if cfg.reference and simulation:
         record["reference"] = _reference(cfg, clients)
         ref = record["reference"]

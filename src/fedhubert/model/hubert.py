@@ -21,6 +21,10 @@ from torchaudio.models.wav2vec2.model import HuBERTPretrainModel
 
 from fedhubert.model.config import ModelConfig
 
+# The label-prediction head: with per-client codebooks it stays on each client and is never aggregated.
+LABEL_HEAD_KEYS = ("logit_generator.label_embeddings", "logit_generator.final_proj.weight",
+                   "logit_generator.final_proj.bias")
+
 
 class LabelLogits(components.LogitGenerator):
     """torchaudio's LogitGenerator with a configurable temperature and memory-light logits."""

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fedhubert.atomic import atomic_path  # noqa: E402
+from fedhubert.plots import plt, save_figure
 
 
 def summary_table(partition: dict) -> str:
@@ -60,7 +55,4 @@ def plot_clients(partition: dict, path: Path) -> None:
     ax_sex.bar(labels, [1 - f for f in female], bottom=female, label="male", color="tab:blue")
     ax_sex.set(xlabel="client", ylabel="share of audio", ylim=(0, 1), title="sex mix per client")
     ax_sex.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -1,8 +1,9 @@
 """Audio and k-means labels for masked prediction: random crops with their labels, batched by seconds of audio.
 
-Labels come at 100 Hz (one per 10 ms MFCC frame); the CNN emits one frame per 320 samples (50 Hz). A crop starts
-at a multiple of 320 samples, so transformer frame t of a crop starting at sample s covers the same 25 ms as
-MFCC frame s/160 + 2t, whose label it takes (the recipe's feature frame t -> label 2t).
+Iteration-1 labels come at 100 Hz (one per 10 ms MFCC frame); the CNN emits one frame per 320 samples (50 Hz).
+A crop starts at a multiple of 320 samples, so transformer frame t of a crop starting at sample s covers the
+same 25 ms as MFCC frame s/160 + 2t, whose label it takes (the recipe's feature frame t -> label 2t).
+Iteration-2 labels come at 50 Hz, one per CNN frame of the whole utterance: frame t takes label s/320 + t.
 
 Batches: utterances sorted by length are grouped so that (batch size) x (crop length) stays within
 `batch_seconds` (and, if set, the memory budget); every utterance in a batch is cropped to the batch's shortest
@@ -30,8 +31,6 @@ from fedhubert.train.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-_LABEL_HOP = SAMPLE_RATE // 100  # samples per 100 Hz label
-_LABEL_STEP = FEATURE_STRIDE // _LABEL_HOP  # labels per transformer frame (2)
 
 
 class DataError(FedhubertError):
@@ -45,7 +44,32 @@ class Utterance:
     labels: np.ndarray  # int16 or int32, one per 100 Hz frame
 
 
-def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int) -> list[Utterance]:
+@dataclass(frozen=True)
+class LabelRate:
+    """How labels map to transformer frames: 100 Hz MFCC-frame labels (iteration 1; frame t takes label 2t) or
+    50 Hz labels of a HuBERT layer (iteration 2; frame t takes label t)."""
+
+    rate: int
+    model: ModelConfig
+
+    def __post_init__(self) -> None:
+        if self.rate not in (50, 100):
+            raise DataError(f"label rate {self.rate} Hz is not supported (100: MFCC labels, 50: HuBERT-layer labels)")
+
+    @property
+    def hop(self) -> int:  # samples per label
+        return SAMPLE_RATE // self.rate
+
+    @property
+    def step(self) -> int:  # labels per transformer frame
+        return FEATURE_STRIDE // self.hop
+
+    def frames(self, num_samples: int) -> int:
+        """Labels an utterance of `num_samples` samples has."""
+        return num_frames(num_samples) if self.rate == 100 else feature_frames(num_samples, self.model)
+
+
+def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int, rate: LabelRate) -> list[Utterance]:
     """A manifest and its .km file, checked line by line: every label file line must have exactly the frames the
     audio length gives, and every id must be a valid class."""
     manifest = read_manifest(manifest_path)
@@ -54,7 +78,7 @@ def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int) -> l
     utterances = []
     for number, (entry, line) in enumerate(zip(manifest.entries, lines), start=1):
         labels = np.array(line.split(), dtype=np.int64)
-        expected = num_frames(entry.num_samples)
+        expected = rate.frames(entry.num_samples)
         if len(labels) != expected:
             shorter = "shorter" if len(labels) < expected else "longer"
             raise DataError(
@@ -69,13 +93,14 @@ def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int) -> l
     return utterances
 
 
-def load_utterances(pairs: Sequence[tuple[Path, Path]], num_classes: int, data: DataConfig) -> list[Utterance]:
+def load_utterances(pairs: Sequence[tuple[Path, Path]], num_classes: int, data: DataConfig,
+                    rate: LabelRate) -> list[Utterance]:
     """All usable utterances of the (manifest, labels) pairs; those shorter than min_seconds are counted, logged
     and left out. No usable utterance at all is an error."""
     usable, short = [], 0
     min_samples = int(data.min_seconds * SAMPLE_RATE)
     for manifest_path, labels_path in pairs:
-        for utterance in read_labelled(manifest_path, labels_path, num_classes):
+        for utterance in read_labelled(manifest_path, labels_path, num_classes, rate):
             if utterance.num_samples < min_samples:
                 short += 1
             else:
@@ -136,9 +161,10 @@ class CropBatches(Sampler[list[Crop]]):
 class CroppedAudio(Dataset):
     """Reads one crop and its labels (one per transformer frame)."""
 
-    def __init__(self, utterances: Sequence[Utterance], model: ModelConfig):
+    def __init__(self, utterances: Sequence[Utterance], rate: LabelRate):
         self.utterances = utterances
-        self.model = model
+        self.rate = rate
+        self.model = rate.model
 
     def __len__(self) -> int:
         return len(self.utterances)
@@ -147,8 +173,8 @@ class CroppedAudio(Dataset):
         utterance = self.utterances[crop.index]
         wav = read_audio_segment(utterance.path, crop.start, crop.start + crop.samples)
         frames = feature_frames(crop.samples, self.model)
-        first = crop.start // _LABEL_HOP
-        labels = utterance.labels[first : first + _LABEL_STEP * frames : _LABEL_STEP]
+        first, step = crop.start // self.rate.hop, self.rate.step
+        labels = utterance.labels[first : first + step * frames : step]
         if len(labels) != frames:  # read_labelled checked the counts, so this is a bug, not bad input
             raise AssertionError(f"{utterance.path}: {len(labels)} labels for {frames} frames")
         return torch.from_numpy(wav), torch.from_numpy(labels.astype(np.int64))
@@ -168,10 +194,10 @@ def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
     return Batch(torch.stack([w for w, _ in items]), torch.stack([label for _, label in items]))
 
 
-def batch_loader(utterances: Sequence[Utterance], model: ModelConfig, data: DataConfig, seed: int,
+def batch_loader(utterances: Sequence[Utterance], rate: LabelRate, data: DataConfig, seed: int,
                  max_batch_size: Callable[[int], int] | None = None) -> torch.utils.data.DataLoader:
     sampler = CropBatches(utterances, data, seed, max_batch_size)
     return torch.utils.data.DataLoader(
-        CroppedAudio(utterances, model), batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
+        CroppedAudio(utterances, rate), batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
     )

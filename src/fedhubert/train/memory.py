@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from fedhubert.model.config import FEATURE_STRIDE, ModelConfig
+from fedhubert.train.config import TrainConfig
 
 
 def estimate_activation_bytes(model: ModelConfig, batch: int, samples: int, *, num_classes: int,
@@ -55,6 +56,15 @@ def max_batch_size(model: ModelConfig, budget_bytes: float, *, num_classes: int,
         return max(1, int(budget_bytes // one))
 
     return cap
+
+
+def batch_cap(train: TrainConfig, model: ModelConfig, num_classes: int):
+    """The memory-aware batch-size cap for `train.data.memory_budget_gb` (None without a budget)."""
+    if not train.data.memory_budget_gb:
+        return None
+    return max_batch_size(model, train.data.memory_budget_gb * 2**30, num_classes=num_classes,
+                          precision=train.precision, checkpoint_layers=train.checkpoint_layers,
+                          checkpoint_cnn=train.checkpoint_cnn)
 
 
 @contextmanager

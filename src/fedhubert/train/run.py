@@ -9,34 +9,43 @@ import json
 import logging
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fedhubert.atomic import atomic_path  # noqa: E402
-from fedhubert.config import config_to_dict  # noqa: E402
-from fedhubert.model.checkpoint import save_checkpoint  # noqa: E402
-from fedhubert.model.hubert import build_hubert, enable_checkpointing  # noqa: E402
-from fedhubert.runlog import StageRun  # noqa: E402
-from fedhubert.train.config import TrainConfig, TrainLocalConfig  # noqa: E402
-from fedhubert.train.data import DataError, batch_loader, load_utterances  # noqa: E402
-from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train  # noqa: E402
-from fedhubert.train.memory import max_batch_size  # noqa: E402
+from fedhubert.config import config_to_dict
+from fedhubert.model.checkpoint import save_checkpoint
+from fedhubert.model.hubert import build_hubert, enable_checkpointing
+from fedhubert.plots import plt, save_figure
+from fedhubert.runlog import StageRun
+from fedhubert.train.config import TrainConfig, TrainLocalConfig
+from fedhubert.train.data import DataError, LabelRate, batch_loader, load_utterances
+from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train
+from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
 
 
-def num_classes_for(labels: list[Path], explicit: int | None) -> int:
-    """K from the config, or from the kmeans.json of the k-means run the label files come from. Labels pooled
-    from several clients must share one codebook (a per-client run's cluster ids mean different things)."""
+def kmeans_records(labels: list[Path]) -> dict[Path, dict]:
+    """The kmeans.json of the k-means runs that label files come from (<run>/client_<i>/<split>.km)."""
     records = {}
     for path in labels:
         record_path = Path(path).resolve().parent.parent / "kmeans.json"
         if record_path.is_file():
             records[record_path] = json.loads(record_path.read_text())
+    return records
+
+
+def label_rate_for(labels: list[Path]) -> int:
+    rates = {record.get("label_rate", 100) for record in kmeans_records(labels).values()}
+    if len(rates) > 1:
+        raise DataError(f"the label files mix label rates {sorted(rates)} Hz")
+    return rates.pop() if rates else 100
+
+
+def num_classes_for(labels: list[Path], explicit: int | None) -> int:
+    """K from the config, or from the kmeans.json of the k-means run the label files come from. Labels pooled
+    from several clients must share one codebook (a per-client run's cluster ids mean different things)."""
+    records = kmeans_records(labels)
     for record_path, record in records.items():
         pooled = {Path(p).resolve().parent for p in labels if Path(p).resolve().parent.parent == record_path.parent}
         if record["label_head"] == "local" and len(pooled) > 1:
@@ -57,18 +66,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def data_loaders(cfg: TrainConfig, model_cfg, train_pairs, valid_pairs, num_classes: int):
-    cap = None
-    if cfg.data.memory_budget_gb:
-        cap = max_batch_size(model_cfg, cfg.data.memory_budget_gb * 2**30, num_classes=num_classes,
-                             precision=cfg.precision, checkpoint_layers=cfg.checkpoint_layers,
-                             checkpoint_cnn=cfg.checkpoint_cnn)
-    train_utts = load_utterances(train_pairs, num_classes, cfg.data)
-    train_loader = batch_loader(train_utts, model_cfg, cfg.data, cfg.seed, cap)
+def data_loaders(cfg: TrainConfig, rate: LabelRate, train_pairs, valid_pairs, num_classes: int, seed: int):
+    cap = batch_cap(cfg, rate.model, num_classes)
+    train_utts = load_utterances(train_pairs, num_classes, cfg.data, rate)
+    train_loader = batch_loader(train_utts, rate, cfg.data, seed, cap)
     valid_loader = None
     if valid_pairs:
-        valid_loader = batch_loader(load_utterances(valid_pairs, num_classes, cfg.data), model_cfg, cfg.data,
-                                    cfg.seed + 1, cap)
+        valid_loader = batch_loader(load_utterances(valid_pairs, num_classes, cfg.data, rate), rate, cfg.data,
+                                    seed + 1, cap)
     return train_utts, train_loader, valid_loader
 
 
@@ -83,22 +88,20 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax_acc.set(xlabel="update", ylabel="accuracy", title="masked prediction accuracy")
     ax_loss.legend()
     ax_acc.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
     num_classes = num_classes_for(cfg.train_labels, cfg.num_classes)
-    seed_everything(cfg.train.seed)
+    seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, num_classes)
     enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_cnn)
     model.to(device)
+    rate = LabelRate(label_rate_for(cfg.train_labels), cfg.model)
     train_utts, train_loader, valid_loader = data_loaders(
-        cfg.train, cfg.model, list(zip(cfg.train_manifests, cfg.train_labels)),
-        list(zip(cfg.valid_manifests, cfg.valid_labels)), num_classes)
+        cfg.train, rate, list(zip(cfg.train_manifests, cfg.train_labels)),
+        list(zip(cfg.valid_manifests, cfg.valid_labels)), num_classes, cfg.seed)
     params = sum(p.numel() for p in model.parameters())
     log.info("HuBERT %s (%.2f M parameters, K=%d) on %s: %d utterances (%.2f h), %d batches per epoch",
              cfg.model.preset, params / 1e6, num_classes, device, len(train_utts),

@@ -1,0 +1,74 @@
+"""What a federated run records per round: metrics.jsonl (per client, aggregated, server-side evaluation and
+failures), a TensorBoard log, and at the end a PNG of the curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedhubert.plots import plt, save_figure
+
+
+class RoundLog:
+    def __init__(self, out: Path):
+        self.path = Path(out) / "metrics.jsonl"
+        self.board_dir = Path(out) / "tensorboard"
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.board_dir))
+        return self._writer
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row) + "\n")
+        step = row["round"]
+        prefix = {"client": f"client_{row.get('client')}", "train": "clients", "eval": "server_eval"}.get(row["kind"])
+        if prefix:
+            for key, value in row.items():
+                if key not in ("kind", "round", "client") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not Path(path).is_file():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_rounds(rows: list[dict], path: Path, title: str, loss_key: str = "train_loss",
+                acc_key: str | None = "train_acc_masked") -> None:
+    fig, axes = plt.subplots(1, 2 if acc_key else 1, figsize=(11 if acc_key else 6, 4), squeeze=False)
+    ax_loss = axes[0][0]
+    clients = sorted({r["client"] for r in rows if r["kind"] == "client"})
+    for client in clients:
+        points = [r for r in rows if r["kind"] == "client" and r["client"] == client and loss_key in r]
+        ax_loss.plot([r["round"] for r in points], [r[loss_key] for r in points], alpha=0.4, label=f"client {client}")
+    aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
+    ax_loss.plot([r["round"] for r in aggregated], [r[loss_key] for r in aggregated], "k-o", label="weighted mean")
+    evals = [r for r in rows if r["kind"] == "eval"]
+    if evals and "loss" in evals[0]:
+        ax_loss.plot([r["round"] for r in evals], [r["loss"] for r in evals], "r-s", label="server eval")
+    ax_loss.set(xlabel="round", ylabel="loss", title=title)
+    ax_loss.legend(fontsize="small")
+    if acc_key:
+        ax_acc = axes[0][1]
+        ax_acc.plot([r["round"] for r in aggregated], [r.get(acc_key, 0) for r in aggregated], "k-o",
+                    label="clients (train)")
+        valid = [r for r in aggregated if "valid_acc_masked" in r]
+        if valid:
+            ax_acc.plot([r["round"] for r in valid], [r["valid_acc_masked"] for r in valid], "b-^",
+                        label="clients (valid)")
+        if evals and "acc_masked" in evals[0]:
+            ax_acc.plot([r["round"] for r in evals], [r["acc_masked"] for r in evals], "r-s", label="server eval")
+        ax_acc.set(xlabel="round", ylabel="masked accuracy", title="masked prediction accuracy")
+        ax_acc.legend(fontsize="small")
+    save_figure(fig, path)

@@ -1,0 +1,263 @@
+"""The server's round loop for federated training tasks (pretraining, distillation).
+
+Each round: sample clients by partition id (seeded by the round, so a resumed run samples the same clients),
+send the shared weights and the config, take the replies that pass the checks (no error, the expected
+parameters and shapes, finite values), aggregate them in client order with a Flower strategy, log per-client and
+aggregated metrics, evaluate on the server every `evaluate_every` rounds, and checkpoint every
+`checkpoint_every` rounds and after the last. A failed client is logged and left out; a round with fewer replies
+than `strategy.min_clients` stops the run with an error, after making sure the last completed round is
+checkpointed. `resume` continues from the newest readable checkpoint (a corrupt one is skipped with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedhubert.atomic import atomic_write_text
+from fedhubert.config import config_to_dict
+from fedhubert.errors import FedhubertError
+from fedhubert.fl.records import MessageLog, config_to_record
+from fedhubert.fl.strategy import make_strategy
+from fedhubert.fl.weights import WeightsError, check_update, decode, encode
+from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedhubert.fl.round_log import RoundLog, read_rows
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+_ROUND_FILE = re.compile(r"round_(\d+)\.pt")
+# Keys whose change is allowed when a run is resumed (everything else must match the checkpoint's config).
+RESUMABLE_CHANGES = ("num_rounds", "federation")
+
+
+class RoundError(FedhubertError):
+    """A round could not be completed."""
+
+
+@dataclass
+class RoundTask:
+    """What a federated training task gives the loop."""
+
+    name: str  # pretrain, distill
+    message_type: str  # the ClientApp handler
+    checkpoint_kind: str
+    model_config: Any
+    num_classes: int
+    state: dict[str, torch.Tensor]  # the full initial state dict
+    shared_keys: list[str]  # what is aggregated
+    round_info: dict[str, Any]  # extra scalars every client gets
+    evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None
+    best_key: str | None = None
+    higher_is_better: bool = True
+    checkpoint_extra: Callable[[int], dict] = field(default=lambda round_: {})
+
+
+def round_checkpoint(out: Path, round_: int) -> Path:
+    return Path(out) / CHECKPOINTS / f"round_{round_:05d}.pt"
+
+
+def newest_checkpoint(out: Path, kind: str) -> tuple[Path, dict] | None:
+    """The newest round checkpoint that loads and matches its checksum; corrupt ones are skipped with a warning."""
+    files = sorted(((int(m[1]), p) for p in (Path(out) / CHECKPOINTS).glob("round_*.pt")
+                    if (m := _ROUND_FILE.fullmatch(p.name))), reverse=True)
+    for _, path in files:
+        try:
+            return path, load_checkpoint(path, kind=kind)
+        except CheckpointError as err:
+            log.warning("skipping checkpoint %s: %s", path.name, err)
+    return None
+
+
+def _same_except(a: dict, b: dict, allowed: tuple[str, ...]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if k not in allowed and a.get(k) != b.get(k))
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, cfg: Any, out: Path, task: RoundTask, num_clients: int, *, resume: bool,
+                 threads: int):
+        self.grid, self.cfg, self.out, self.task = grid, cfg, Path(out), task
+        self.num_clients, self.resume, self.threads = num_clients, resume, threads
+        self.strategy = make_strategy(cfg.strategy, num_clients)
+        self.messages = MessageLog(self.out / "messages.jsonl")
+        self.records = RoundLog(self.out)
+        self.min_required = min(cfg.strategy.min_clients, num_clients)
+        self.best: dict | None = None
+        self.saved_round = -1
+
+    # ------------------------------------------------------------------------------------------- setup
+    def _restore(self) -> tuple[int, int, dict[str, torch.Tensor]]:
+        found = newest_checkpoint(self.out, self.task.checkpoint_kind) if self.resume else None
+        state = dict(self.task.state)
+        if found is None:
+            if self.resume:
+                log.warning("no checkpoint to resume from in %s; starting at round 1", self.out / CHECKPOINTS)
+            return 0, 0, state
+        path, payload = found
+        saved = payload["state"]
+        changed = _same_except(saved["config"], config_to_dict(self.cfg), RESUMABLE_CHANGES)
+        if changed:
+            raise RoundError(f"cannot resume from {path}: the config differs in {changed}; only "
+                             f"{', '.join(RESUMABLE_CHANGES)} may change when resuming")
+        state.update(payload["state_dict"])
+        self.strategy.load_state(saved["strategy"])
+        self.best = saved.get("best")
+        round_, global_step = int(saved["round"]), int(saved["global_step"])
+        rows = [r for r in read_rows(self.records.path) if r["round"] <= round_]
+        atomic_write_text(self.records.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self.saved_round = round_
+        log.info("resuming from %s: round %d done, global step %d", path.name, round_, global_step)
+        return round_, global_step, state
+
+    def _identify(self) -> dict[int, int]:
+        """partition id -> node id, once all clients are connected."""
+        deadline = time.monotonic() + self.cfg.federation.timeout_s
+        while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
+            if time.monotonic() > deadline:
+                raise RoundError(f"only {len(nodes)} of {self.num_clients} clients connected in time")
+            time.sleep(1.0)
+        messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.identify")
+                    for n in nodes]
+        mapping: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s):
+            if reply.has_error():
+                raise RoundError(f"node {reply.metadata.src_node_id} did not identify: {reply.error.reason}")
+            mapping[int(reply.content["metrics"]["client"])] = reply.metadata.src_node_id
+        missing = sorted(set(range(self.num_clients)) - set(mapping))
+        if missing:
+            raise RoundError(f"no node is client(s) {missing}: check the SuperNodes' partition-id")
+        return mapping
+
+    def _sample(self, round_: int) -> list[int]:
+        count = max(math.ceil(self.cfg.strategy.fraction * self.num_clients), self.min_required)
+        rng = np.random.default_rng([self.cfg.seed, round_])
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=min(count, self.num_clients), replace=False))
+
+    # ------------------------------------------------------------------------------------------- a round
+    def _check(self, replies: list[Message], chosen: list[int], nodes: dict[int, int], round_: int,
+               reference: dict[str, torch.Tensor]) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[int, str]]:
+        by_node = {node: client for client, node in nodes.items()}
+        accepted, failed = {}, {}
+        for reply in replies:
+            client = by_node.get(reply.metadata.src_node_id, -1)
+            self.messages.record("from_client", reply, round_, client)
+            if reply.has_error():
+                failed[client] = f"client error: {reply.error.reason}"
+                continue
+            try:
+                if "arrays" not in reply.content or "metrics" not in reply.content:
+                    raise WeightsError("reply lacks 'arrays' or 'metrics'")
+                tensors = decode(reply.content["arrays"], self.cfg.transfer)
+                check_update(tensors, reference, self.task.shared_keys)
+            except WeightsError as err:
+                failed[client] = f"rejected update: {err}"
+                continue
+            accepted[client] = (tensors, reply.content["metrics"])
+        for client in chosen:
+            if client not in accepted and client not in failed:
+                failed[client] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
+        for client, reason in sorted(failed.items()):
+            log.warning("round %d: client %d left out: %s", round_, client, reason)
+            self.records.write({"kind": "failure", "round": round_, "client": client, "reason": reason})
+        return accepted, failed
+
+    def _round_info(self, round_: int, global_step: int) -> ConfigRecord:
+        return ConfigRecord({"round": round_, "global_step": global_step, "out": str(self.out),
+                             "threads": self.threads, **self.task.round_info})
+
+    def _checkpoint(self, name: Path, round_: int, global_step: int, arrays: dict[str, torch.Tensor]) -> None:
+        state = {**self.task.state, **arrays}
+        save_checkpoint(name, kind=self.task.checkpoint_kind, model=self.task.model_config,
+                        num_classes=self.task.num_classes, state_dict=state,
+                        state={"stage": self.task.name, "round": round_, "global_step": global_step,
+                               "strategy": {"name": self.cfg.strategy.name, **self.strategy.state()},
+                               "rng": {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+                                       "torch": torch.get_rng_state()},
+                               "config": config_to_dict(self.cfg), "best": self.best,
+                               **self.task.checkpoint_extra(round_)})
+
+    def _improves(self, result: dict) -> bool:
+        key = self.task.best_key
+        if key is None:
+            return False
+        if self.best is None:
+            return True
+        return result[key] > self.best[key] if self.task.higher_is_better else result[key] < self.best[key]
+
+    def run(self) -> dict:
+        start, global_step, state = self._restore()
+        arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
+        self.task.state.update(state)
+        nodes = self._identify()
+        started = time.monotonic()
+        if start == 0 and self.task.evaluate is not None:
+            first = self.task.evaluate({**self.task.state, **arrays})
+            self.records.write({"kind": "eval", "round": 0, **first})
+            log.info("round 0 (initial model): %s", _brief(first))
+        for round_ in range(start + 1, self.cfg.num_rounds + 1):
+            chosen = self._sample(round_)
+            self.strategy.begin_round(encode(arrays, "float32"))
+            payload = encode(arrays, self.cfg.transfer)
+            outgoing = []
+            for client in chosen:
+                message = Message(RecordDict({"arrays": payload, "config": config_to_record(self.cfg),
+                                              "round": self._round_info(round_, global_step)}),
+                                  dst_node_id=nodes[client], message_type=self.task.message_type, group_id=str(round_))
+                self.messages.record("to_client", message, round_, client)
+                outgoing.append(message)
+            round_started = time.monotonic()
+            replies = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout_s))
+            accepted, failed = self._check(replies, chosen, nodes, round_, arrays)
+            if len(accepted) < self.min_required:
+                if self.saved_round < round_ - 1:
+                    self._checkpoint(round_checkpoint(self.out, round_ - 1), round_ - 1, global_step, arrays)
+                raise RoundError(
+                    f"round {round_}: {len(accepted)} of {len(chosen)} clients replied usable updates, fewer than "
+                    f"strategy.min_clients={self.min_required} ({'; '.join(f'client {c}: {r}' for c, r in failed.items())}). "
+                    f"The state after round {round_ - 1} is checkpointed; fix the clients and continue with --resume"
+                )
+            ordered = [Message(RecordDict({"arrays": encode(t, "float32"), "metrics": m}), dst_node_id=0,
+                               message_type="train") for _, (t, m) in sorted(accepted.items())]
+            new, aggregated = self.strategy.aggregate(round_, ordered, {k: np.dtype(np.float32) for k in arrays})
+            arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
+            global_step += self.cfg.local_steps
+            for client, (_, metrics) in sorted(accepted.items()):
+                self.records.write({"kind": "client", "round": round_, **dict(metrics)})
+            row = {"kind": "train", "round": round_, "clients": len(accepted), "failed": len(failed),
+                   "global_step": global_step, "seconds": round(time.monotonic() - round_started, 3),
+                   **{k: v for k, v in dict(aggregated).items() if k != "client"}}
+            self.records.write(row)
+            log.info("round %d/%d: %d clients, %s", round_, self.cfg.num_rounds, len(accepted), _brief(dict(aggregated)))
+            if self.task.evaluate is not None and (round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds):
+                result = self.task.evaluate({**self.task.state, **arrays})
+                self.records.write({"kind": "eval", "round": round_, **result})
+                log.info("round %d server evaluation: %s", round_, _brief(result))
+                if self._improves(result):
+                    self.best = {"round": round_, **{k: result[k] for k in (self.task.best_key, "loss") if k in result}}
+                    self._checkpoint(self.out / CHECKPOINTS / "best.pt", round_, global_step, arrays)
+            if round_ % self.cfg.checkpoint_every == 0 or round_ == self.cfg.num_rounds:
+                self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
+                self.saved_round = round_
+            if round_ == self.cfg.num_rounds:
+                self._checkpoint(self.out / CHECKPOINTS / "final.pt", round_, global_step, arrays)
+        self.records.close()
+        return {"rounds": self.cfg.num_rounds, "resumed_after_round": start, "global_step": global_step,
+                "best": self.best, "seconds": round(time.monotonic() - started, 2),
+                "final_checkpoint": str(self.out / CHECKPOINTS / "final.pt")}
+
+
+def _brief(metrics: dict) -> str:
+    keys = [k for k in ("train_loss", "train_acc_masked", "valid_acc_masked", "loss", "acc_masked") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys)

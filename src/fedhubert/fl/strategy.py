@@ -1,0 +1,69 @@
+"""Flower's FedAvg, FedAdam and FedYogi as the aggregation step of fedhubert's server loop, made resumable.
+
+The loop (`fedhubert.pretrain.server`) samples clients by partition id and sends messages itself, then hands the
+replies of a round to the strategy's own `aggregate_train`. What these classes add:
+- `begin_round(arrays)` records the arrays sent this round (what FedOpt's `configure_train` records), so that
+  FedAdam/FedYogi compute the pseudo-gradient against them;
+- the result keeps each array's dtype: Flower's FedAdam/FedYogi multiply by a NumPy float64 scalar, which turns
+  float32 weights into float64 (twice the bytes on the wire from then on);
+- `state()` / `load_state()` carry the server optimiser's moments, so that a resumed run continues exactly
+  (the round number, which FedAdam's bias correction uses, is the loop's).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedYogi
+from flwr.serverapp.strategy.fedopt import FedOpt
+
+from fedhubert.fl.config import StrategyConfig
+
+
+class _Resumable:
+    def begin_round(self, arrays: ArrayRecord) -> None:
+        if isinstance(self, FedOpt):
+            self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+
+    def aggregate(self, server_round: int, replies: Iterable[Message],
+                  dtypes: dict[str, np.dtype]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self.aggregate_train(server_round, replies)
+        if arrays is not None:
+            arrays = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes[k])) for k, a in arrays.items()})
+        return arrays, metrics
+
+    def state(self) -> dict:
+        if not isinstance(self, FedOpt) or self.m_t is None:
+            return {}
+        return {"m_t": {k: torch.from_numpy(np.array(v)) for k, v in self.m_t.items()},
+                "v_t": {k: torch.from_numpy(np.array(v)) for k, v in self.v_t.items()}}
+
+    def load_state(self, state: dict) -> None:
+        if isinstance(self, FedOpt) and state:
+            self.m_t = {k: v.numpy() for k, v in state["m_t"].items()}
+            self.v_t = {k: v.numpy() for k, v in state["v_t"].items()}
+
+
+class ResumableFedAvg(_Resumable, FedAvg):
+    pass
+
+
+class ResumableFedAdam(_Resumable, FedAdam):
+    pass
+
+
+class ResumableFedYogi(_Resumable, FedYogi):
+    pass
+
+
+def make_strategy(cfg: StrategyConfig, num_clients: int) -> _Resumable:
+    # Sampling and federated evaluation are the loop's: only the strategy's aggregation is used.
+    common = dict(fraction_train=cfg.fraction, min_train_nodes=min(cfg.min_clients, num_clients),
+                  min_available_nodes=num_clients)
+    if cfg.name == "fedavg":
+        return ResumableFedAvg(**common)
+    cls = ResumableFedAdam if cfg.name == "fedadam" else ResumableFedYogi
+    return cls(**common, eta=cfg.eta, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)

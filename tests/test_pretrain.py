@@ -1,0 +1,168 @@
+"""`fedhubert pretrain`: real Flower simulations of a few tiny clients, exact resume, what travels on the wire,
+per-client heads, failing clients, and the iteration-2 relabelling."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import KMEANS_FAST, run_cli
+from fedhubert.config import load_config
+from fedhubert.model.checkpoint import load_checkpoint
+from fedhubert.model.config import ModelConfig
+from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert, feature_frames
+from fedhubert.manifest import read_manifest
+
+pytestmark = pytest.mark.slow
+TINY = load_config(ModelConfig, None, ["preset=tiny"])
+FAST = ["--preset", "tiny", "--local-steps", "3", "train.device=cpu", "train.optim.lr=0.002",
+        "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
+        "train.data.max_seconds=3", "train.data.batch_seconds=12"]
+
+
+def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
+    return run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, *FAST, *args)
+
+
+def rows(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def messages(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def four_rounds(small_partition, small_kmeans, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "four"
+    assert pretrain(small_partition, small_kmeans, out, "--rounds", "4", "strategy.fraction=0.6") == 0
+    return out
+
+
+def test_the_global_model_trains_and_dev_accuracy_is_reported(four_rounds):
+    final = load_checkpoint(four_rounds / "checkpoints" / "final.pt", kind="hubert")
+    torch.manual_seed(0)
+    initial = build_hubert(TINY, 16).state_dict()
+    changed = [k for k, v in final["state_dict"].items() if not torch.equal(v, initial[k])]
+    assert len(changed) > 0.9 * len(initial), "the aggregated model moved away from the initial one"
+    assert final["state"]["round"] == 4 and final["state"]["global_step"] == 12
+    assert final["state"]["strategy"]["name"] == "fedadam" and "m_t" in final["state"]["strategy"]
+    evals = rows(four_rounds, "eval")
+    assert [r["round"] for r in evals] == [0, 1, 2, 3, 4]
+    assert all(0 <= r["acc_masked"] <= 1 for r in evals) and evals[-1]["loss"] < evals[0]["loss"]
+    clients = rows(four_rounds, "client")
+    assert [len([r for r in clients if r["round"] == n]) for n in range(1, 5)] == [2, 2, 2, 2], "60% of 3 clients"
+    assert all("valid_acc_masked" in r and r["train_time_s"] > 0 for r in clients)
+    names = {p.name for p in (four_rounds / "checkpoints").glob("*.pt")}
+    assert {"round_00001.pt", "round_00004.pt", "best.pt", "final.pt"} <= names
+    assert list((four_rounds / "tensorboard").glob("events.out.tfevents.*"))
+    assert (four_rounds / "pretrain.png").is_file()
+    summary = json.loads((four_rounds / "run.json").read_text())["summary"]
+    assert summary["rounds"] == 4 and summary["best"]["round"] >= 1
+
+
+def test_weights_travel_as_float32_and_weigh_the_model(four_rounds):
+    size = sum(v.numel() * 4 for v in build_hubert(TINY, 16).state_dict().values())
+    train = [m for m in messages(four_rounds) if m["type"] == "train"]
+    assert len(train) == 2 * 8, "2 clients x 4 rounds, both directions"
+    for message in train:
+        assert {a["dtype"] for a in message["arrays"].values()} == {"float32"}
+        headers = 128 * len(message["arrays"])  # each array travels as a .npy with a 128-byte header
+        assert size <= message["bytes"] <= size + headers
+
+
+def test_a_resumed_run_ends_with_the_same_weights(four_rounds, small_partition, small_kmeans, tmp_path):
+    out = tmp_path / "two-then-four"
+    assert pretrain(small_partition, small_kmeans, out, "--rounds", "2", "strategy.fraction=0.6") == 0
+    assert run_cli("pretrain", "--resume", out, "num_rounds=4") == 0
+    a = load_checkpoint(four_rounds / "checkpoints" / "final.pt")["state_dict"]
+    b = load_checkpoint(out / "checkpoints" / "final.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(four_rounds, "eval")] == [r["loss"] for r in rows(out, "eval")]
+    assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 2
+
+
+def test_resume_keeps_the_config(four_rounds, capsys):
+    assert run_cli("pretrain", "--resume", four_rounds, "seed=5") == 2
+    assert "only num_rounds, federation may be overridden" in capsys.readouterr().err
+
+
+def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
+        small_partition, kmeans_features, tmp_path):
+    kmeans = tmp_path / "kmeans-per-client"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", kmeans, "--mode", "per-client", *KMEANS_FAST,
+                   "reference=false", f"feature_dir={kmeans_features}") == 0
+    out = tmp_path / "pretrain"
+    assert pretrain(small_partition, kmeans, out, "--rounds", "2", "transfer=bfloat16") == 0
+    size = sum(v.numel() * 4 for k, v in build_hubert(TINY, 16).state_dict().items() if k not in LABEL_HEAD_KEYS)
+    for message in (m for m in messages(out) if m["type"] == "train"):
+        names = {n.split(".", 1)[1] for n in message["arrays"]}
+        assert not names & set(LABEL_HEAD_KEYS), "the label head is never sent"
+        assert {a["dtype"] for a in message["arrays"].values()} == {"uint16"}
+        assert size / 2 <= message["bytes"] <= size / 2 + 128 * len(message["arrays"])
+    heads = [torch.load(sorted((out / "clients" / f"client_{i}").glob("head_round_*.pt"))[-1], weights_only=True)
+             for i in range(3)]
+    assert not torch.equal(heads[0]["logit_generator.label_embeddings"], heads[1]["logit_generator.label_embeddings"])
+    final = load_checkpoint(out / "checkpoints" / "final.pt")
+    assert final["state"]["label_head"] == "local" and set(final["state"]["client_heads"]) == {"0", "1", "2"}
+    assert rows(out, "eval") == [], "no shared labels: no server-side evaluation"
+
+
+def test_a_failing_client_is_left_out_and_too_few_stop_with_a_checkpoint(
+        small_partition, small_kmeans, tmp_path, capsys):
+    kmeans = tmp_path / "kmeans"
+    shutil.copytree(small_kmeans, kmeans, ignore=shutil.ignore_patterns("flwr", "features"))
+    broken = kmeans / "client_2" / "train.km"
+    broken.write_text("\n".join(broken.read_text().splitlines()[:-1]) + "\n")  # one line short: client 2 fails
+    out = tmp_path / "left-out"
+    assert pretrain(small_partition, kmeans, out, "--rounds", "1") == 0
+    [failure] = rows(out, "failure")
+    assert failure["client"] == 2 and "lines but its manifest" in failure["reason"]
+    assert rows(out, "train")[0]["clients"] == 2
+    stopped = tmp_path / "stopped"
+    assert pretrain(small_partition, kmeans, stopped, "--rounds", "2", "strategy.min_clients=3") == 2
+    err = capsys.readouterr().err
+    assert "fewer than strategy.min_clients=3" in err and "--resume" in err
+    assert load_checkpoint(stopped / "checkpoints" / "round_00000.pt")["state"]["round"] == 0
+
+
+def test_iteration_two_relabels_from_a_checkpoint_and_pretrains_again(four_rounds, small_partition, kmeans_features,
+                                                                      tmp_path):
+    relabelled = tmp_path / "kmeans-it2"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", relabelled, "--features", "hubert",
+                   "--checkpoint", four_rounds / "checkpoints" / "final.pt", "--layer", "1", "--clusters", "8",
+                   "sample_fraction=1.0", "minibatch.n_init=2", f"feature_dir={kmeans_features}") == 0
+    record = json.loads((relabelled / "kmeans.json").read_text())
+    assert record["label_rate"] == 50 and record["features"]["kind"] == "hubert" and record["features"]["dims"] == 64
+    manifest = read_manifest(small_partition / "client_0" / "train.tsv")
+    lines = (relabelled / "client_0" / "train.km").read_text().splitlines()
+    assert [len(line.split()) for line in lines] == [feature_frames(e.num_samples, TINY) for e in manifest.entries]
+    out = tmp_path / "pretrain-it2"
+    assert pretrain(small_partition, relabelled, out, "--rounds", "1") == 0
+    final = load_checkpoint(out / "checkpoints" / "final.pt")
+    assert final["num_classes"] == 8 and final["state"]["label_rate"] == 50
+    assert np.isfinite(rows(out, "eval")[-1]["loss"])
+
+
+def test_flwr_run_of_the_repository_works_as_flower_users_expect(small_partition, small_kmeans, tmp_path):
+    """`flwr run .` on the repository (its pyproject declares the app), against a simulation SuperLink."""
+    from fedhubert.config import absolute_paths, save_config
+    from fedhubert.fl.config import FederationConfig
+    from fedhubert.fl.federation import run_flower_app
+    from fedhubert.pretrain.config import PretrainConfig
+
+    repo = Path(__file__).resolve().parents[1]
+    config = absolute_paths(load_config(PretrainConfig, None, [
+        f"partition={small_partition}", f"kmeans={small_kmeans}", "num_rounds=1", "model.preset=tiny",
+        "local_steps=2", "train.device=cpu", "train.data.min_seconds=1", "train.data.max_seconds=3",
+        "train.data.batch_seconds=12"]))
+    out = tmp_path / "flwr-run"
+    save_config(config, tmp_path / "pretrain.yaml")
+    run_flower_app({"config": str(tmp_path / "pretrain.yaml"), "out": str(out)}, out, 3, FederationConfig(), app=repo)
+    summary = json.loads((out / "pretrain.json").read_text())
+    assert summary["rounds"] == 1 and (out / "checkpoints" / "final.pt").is_file()
