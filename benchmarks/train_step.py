@@ -4,10 +4,12 @@ counted with saved-tensor hooks, so it works on CPU), side by side in one run:
 - reference: a plain loop over torchaudio's own `hubert_pretrain_model` (its LogitGenerator, cross-entropy on
   index 0, the recipe's loss weights, AdamW, clipping), as in torchaudio's examples/hubert;
 - ours: `fedhubert.train.loop.train` on the same architecture, without checkpointing;
-- ours with checkpointing of the transformer layers, and of the layers and the CNN.
+- ours with checkpointing of the transformer layers, and of the layers and the CNN;
+and, on the same batches, inference of a HuBERT Base teacher against its default DistilHuBERT student.
 
 Targets (issue 5): ours without checkpointing >= 0.97x the reference's throughput; with checkpointing <= 40% of
-the reference's saved bytes at >= 0.75x its throughput. Same batches (real audio crops), same threads, best of
+the reference's saved bytes at >= 0.75x its throughput. Issue 7: the student at most 30% of the teacher's
+parameters and at least 3x faster. Same batches (real audio crops), same threads, best of
 `--repeats` timings. CPU only so far: the GPU figures (bf16 throughput, MFU, peak memory) need a lent GPU.
 
     python benchmarks/train_step.py [--preset small] [--batch 4] [--seconds 4]
@@ -32,7 +34,7 @@ from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, enable_checkpointing, feature_frames
 from fedhubert.train.config import LossConfig, TrainConfig
 from fedhubert.train.data import Batch
-from fedhubert.train.loop import make_optimizer, train
+from fedhubert.train.loop import MaskedPrediction, make_optimizer, train
 from fedhubert.train.memory import measure_saved_bytes
 
 CORPUS = Path(__file__).resolve().parents[1] / "build" / "bench" / "librispeech-4h"
@@ -97,6 +99,7 @@ def main() -> None:
                 "ours, checkpointed layers": (copy.deepcopy(base), (True, False)),
                 "ours, checkpointed layers + CNN": (copy.deepcopy(base), (True, True))}
     tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.warmup_steps=1", "optim.total_steps=100000"])
+    objective = MaskedPrediction(LossConfig())
     rates, memory = {}, {}
     for name, (model, ckpt) in variants.items():
         if ckpt:
@@ -107,16 +110,16 @@ def main() -> None:
         for _ in range(args.repeats):
             model.train()
             if ckpt is None:
-                reference_step(model, optimizer, data[0], tcfg.loss)  # warm-up
+                reference_step(model, optimizer, data[0], objective.weights)  # warm-up
                 start = time.perf_counter()
                 for batch in data[1:]:
-                    reference_step(model, optimizer, batch, tcfg.loss)
+                    reference_step(model, optimizer, batch, objective.weights)
             else:
-                train(model, iter(data[:1]), tcfg, steps=1, global_step=0, optimizer=optimizer,
-                      device=torch.device("cpu"), normalize=False)
+                train(model, iter(data[:1]), tcfg, objective=objective, steps=1, global_step=0, optimizer=optimizer,
+                      device=torch.device("cpu"))
                 start = time.perf_counter()
-                train(model, iter(data[1:]), tcfg, steps=args.steps, global_step=1, optimizer=optimizer,
-                      device=torch.device("cpu"), normalize=False)
+                train(model, iter(data[1:]), tcfg, objective=objective, steps=args.steps, global_step=1,
+                      optimizer=optimizer, device=torch.device("cpu"))
             best = max(best, audio / (time.perf_counter() - start))
         rates[name] = best
     ref = "reference (torchaudio, plain loop)"
@@ -135,8 +138,54 @@ def main() -> None:
                         "target": ">= 0.75", "met": ratio_speed >= 0.75})
     figures.append({"figure": "ours (no checkpointing): throughput / ref", "ours": round(rates["ours"] / rates[ref], 3),
                     "unit": "x", "target": ">= 0.97", "met": rates["ours"] >= 0.97 * rates[ref]})
+    figures += student_vs_teacher(data, args.repeats)
     write_results("train_step", figures, notes=f"{args.preset} preset, {args.batch} x {args.seconds} s crops, fp32 on "
-                  f"CPU ({torch.get_num_threads()} threads), best of {args.repeats} x {args.steps} updates")
+                  f"CPU ({torch.get_num_threads()} threads), best of {args.repeats} x {args.steps} updates; inference: "
+                  f"HuBERT Base teacher and its default DistilHuBERT student on the same batches")
+
+
+def student_vs_teacher(data: list[Batch], repeats: int) -> list[dict]:
+    """Inference of the default DistilHuBERT student against its HuBERT Base teacher (issue 7 target: at most 30%
+    of the parameters, at least 3x faster). The student keeps the teacher's CNN, so the CNN's share of the
+    teacher's time bounds the gain; it is reported beside the ratio."""
+    from fedhubert.distill.config import DistillLossConfig, StudentConfig
+    from fedhubert.distill.student import build_student, distiller_config, init_from_teacher, prediction_layers
+    from fedhubert.model.hubert import hidden_states
+
+    cfg = load_config(ModelConfig)  # base
+    teacher = build_hubert(cfg, K).eval()
+    student = build_student(distiller_config(StudentConfig(), cfg, prediction_layers(StudentConfig(), cfg), 1.0),
+                            DistillLossConfig()).eval()
+    init_from_teacher(student, teacher.state_dict())
+    params = {"teacher": sum(p.numel() for p in teacher.parameters()),
+              "student": sum(p.numel() for p in student.parameters())}
+    runs = {"teacher": lambda wave: hidden_states(teacher, wave, None, False),
+            "student": lambda wave: student.hidden_states(wave),
+            "cnn": lambda wave: teacher.wav2vec2.feature_extractor(wave, None)}
+    seconds = {}
+    with torch.no_grad():
+        for name, forward in runs.items():
+            forward(data[0].waveforms)  # warm-up
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                for batch in data[1:]:
+                    forward(batch.waveforms)
+                best = min(best, time.perf_counter() - start)
+            seconds[name] = best
+    share, speed = params["student"] / params["teacher"], seconds["teacher"] / seconds["student"]
+    return [
+        {"figure": "HuBERT Base teacher: parameters", "ours": round(params["teacher"] / 1e6, 2), "unit": "M"},
+        {"figure": "default student: parameters", "ours": round(params["student"] / 1e6, 2), "unit": "M"},
+        {"figure": "student / teacher parameters", "ours": round(share, 3), "unit": "x", "target": "<= 0.30",
+         "met": share <= 0.30},
+        {"figure": "inference speed, student / teacher", "ours": round(speed, 2), "unit": "x", "target": ">= 3",
+         "met": speed >= 3},
+        {"figure": "the CNN's share of the teacher's inference time", "ours": round(seconds["cnn"] / seconds["teacher"], 3),
+         "unit": "x"},
+        {"figure": "the most a student with the teacher's CNN can gain", "ours": round(seconds["teacher"] / seconds["cnn"], 2),
+         "unit": "x"},
+    ]
 
 
 if __name__ == "__main__":

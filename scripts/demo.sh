@@ -25,6 +25,13 @@ run "$FEDHUBERT" pretrain --partition "$DEMO_DIR/partition" --kmeans "$DEMO_DIR/
   train.optim.warmup_steps=20 train.optim.total_steps=2000 train.data.batch_seconds=40 train.log_every=1000
 run "$FEDHUBERT" export --checkpoint "$DEMO_DIR/pretrain/checkpoints/final.pt" --format s3prl-hubert \
   --out "$DEMO_DIR/pretrain/hubert_s3prl.pt" --force
+# Federated distillation: a 1-layer DistilHuBERT student of the federated teacher.
+run "$FEDHUBERT" distill --teacher "$DEMO_DIR/pretrain/checkpoints/final.pt" --partition "$DEMO_DIR/partition" \
+  --out "$DEMO_DIR/distill" --rounds 4 --local-steps 15 --force student.layers=1 strategy.eta=0.01 \
+  train.optim.lr=0.002 train.optim.warmup_steps=20 train.optim.total_steps=2000 train.data.batch_seconds=40 \
+  train.log_every=1000
+run "$FEDHUBERT" export --checkpoint "$DEMO_DIR/distill/checkpoints/final.pt" --format s3prl-distiller \
+  --out "$DEMO_DIR/distill/distiller_s3prl.pt" --force
 
 echo
 echo "Demo finished. Outputs:"
@@ -36,3 +43,5 @@ echo "  $DEMO_DIR/central            centralized tiny HuBERT baseline: checkpoin
 echo "                               hubert_s3prl.pt (loads in S3PRL with -u hubert_local -k ...)"
 echo "  $DEMO_DIR/pretrain           federated tiny HuBERT (FedAdam, 4 clients): checkpoints/, metrics.jsonl,"
 echo "                               tensorboard/, pretrain.png, messages.jsonl, hubert_s3prl.pt"
+echo "  $DEMO_DIR/distill            federated DistilHuBERT student of that teacher: checkpoints/, distill.png,"
+echo "                               distiller_s3prl.pt (loads in S3PRL with -u distiller_local -k ...)"

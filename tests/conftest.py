@@ -89,6 +89,19 @@ def small_kmeans(small_partition: Path, kmeans_features: Path, tmp_path_factory:
 
 
 @pytest.fixture(scope="session")
+def tiny_teacher(small_partition: Path, small_labels: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny HuBERT trained for a few updates by `fedhubert train-local`: a real pretrained checkpoint."""
+    out = tmp_path_factory.mktemp("stages") / "teacher"
+    manifests = [str(small_partition / f"client_{i}" / "train.tsv") for i in range(3)]
+    labels = [str(small_labels / f"client_{i}" / "train.km") for i in range(3)]
+    assert run_cli("train-local", "--out", out, "--preset", "tiny", "--steps", "10", f"num_classes={SMALL_K}",
+                   f"train_manifests={manifests}", f"train_labels={labels}", "checkpoint_every=10",
+                   "train.device=cpu", "train.optim.lr=2e-3", "train.optim.warmup_steps=2", "train.data.min_seconds=1",
+                   "train.data.max_seconds=3", "train.data.batch_seconds=12") == 0
+    return out / "checkpoints" / "final.pt"
+
+
+@pytest.fixture(scope="session")
 def tiny_speech_commands(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpora") / "speech_commands"
     assert run_cli("synth", "speech-commands", "--out", out, "--workers", "2", *TINY_SPEECH_COMMANDS) == 0

@@ -55,7 +55,7 @@ def test_loss_targets_index_zero_not_the_cluster_id():
     out = hubert_loss(logit_m, logit_u, torch.tensor(0.5), LossConfig())
     expected = (-(torch.log_softmax(logit_m, dim=1)[:, 0]).sum() + 10 * 0.5 * 2) / 2
     torch.testing.assert_close(out.loss, expected)
-    assert (out.masked, out.correct_m, out.unmasked, out.correct_u) == (2, 1, 1, 1)
+    assert out.sums == {"masked": 2, "correct_m": 1, "unmasked": 1, "correct_u": 1}
     weighted = hubert_loss(logit_m, logit_u, torch.tensor(0.0), LossConfig(unmasked_weight=1.0, feature_penalty=0))
     assert weighted.loss > hubert_loss(logit_m, logit_u, torch.tensor(0.0), LossConfig(feature_penalty=0)).loss
 

@@ -20,7 +20,8 @@ from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, feature_frames
 from fedhubert.train.config import DataConfig, TrainConfig
 from fedhubert.train.data import Crop, CropBatches, CroppedAudio, DataError, LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import TrainingError, cycle_batches, make_optimizer, train
+from fedhubert.train.config import LossConfig
+from fedhubert.train.loop import MaskedPrediction, TrainingError, cycle_batches, make_optimizer, train
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
 MFCC_RATE = LabelRate(100, TINY)
@@ -95,8 +96,8 @@ def test_empty_manifest_is_refused(tmp_path):
 def test_a_call_that_trains_no_batch_raises():
     model = build_hubert(TINY, 10)
     with pytest.raises(TrainingError, match="no batch was trained"):
-        train(model, iter([]), FAST, steps=3, global_step=0, optimizer=make_optimizer(model, FAST.optim),
-              device=torch.device("cpu"), normalize=False)
+        train(model, iter([]), FAST, objective=MaskedPrediction(LossConfig()), steps=3, global_step=0,
+              optimizer=make_optimizer(model, FAST.optim), device=torch.device("cpu"))
 
 
 def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, small_labels):
@@ -107,8 +108,9 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, smal
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, FAST.optim)
     history = []
-    result = train(model, cycle_batches(loader), FAST, steps=40, global_step=7, optimizer=optimizer,
-                   device=torch.device("cpu"), normalize=False, on_step=lambda step, m: history.append(m["loss"]))
+    result = train(model, cycle_batches(loader), FAST, objective=MaskedPrediction(LossConfig()), steps=40,
+                   global_step=7, optimizer=optimizer, device=torch.device("cpu"),
+                   on_step=lambda step, m: history.append(m["loss"]))
     assert result.global_step == 47 and result.metrics["steps"] == 40
     assert history[-1] < history[0] - 0.5, history
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, initial[k])]

@@ -110,6 +110,7 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
 def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
+    from fedhubert.distill import config as distill_config
     from fedhubert.labels import config as kmeans_config
     from fedhubert.pretrain import config as pretrain_config
     from fedhubert.train import config as train_config
@@ -200,6 +201,22 @@ def _stages() -> dict[str, Stage]:
             ),
             resume_keys=("num_rounds", "federation"),
         ),
+        "distill": Stage(
+            name="distill",
+            config_cls=distill_config.DistillConfig,
+            owned=distill_config.OUTPUTS,
+            entry="fedhubert.distill.run:run_distill",
+            flags=(
+                ("--teacher", "teacher", str, "the pretrained HuBERT checkpoint"),
+                ("--partition", "partition", str, "partition folder"),
+                ("--kmeans", "kmeans", str, "k-means folder (only with loss.kmeans_weight > 0)"),
+                ("--rounds", "num_rounds", int, "federated rounds"),
+                ("--local-steps", "local_steps", int, "updates per client per round"),
+                ("--strategy", "strategy.name", str, "fedadam, fedavg or fedyogi"),
+                ("--seed", "seed", int, "random seed"),
+            ),
+            resume_keys=("num_rounds", "federation"),
+        ),
     }
 
 
@@ -238,11 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
         stages, "pretrain", "federated HuBERT pretraining on Flower (FedAdam by default), with exact resume",
         stage["pretrain"], "run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
     )
+    _add_stage(
+        stages, "distill", "federated DistilHuBERT distillation from a frozen pretrained teacher, on Flower",
+        stage["distill"], "run folder to create (checkpoints, metrics.jsonl, tensorboard, distill.png)",
+    )
     export = stages.add_parser("export", help="convert a checkpoint for S3PRL",
                                description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.")
     export.add_argument("--checkpoint", type=Path, required=True, help="a fedhubert checkpoint (.pt)")
-    export.add_argument("--format", required=True, choices=["s3prl-hubert"],
-                        help="s3prl-hubert: for S3PRL's hubert_local upstream (-u hubert_local -k FILE)")
+    export.add_argument("--format", required=True, choices=["s3prl-hubert", "s3prl-distiller"],
+                        help="s3prl-hubert: a HuBERT for S3PRL's hubert_local upstream (-u hubert_local -k FILE); "
+                             "s3prl-distiller: a distilled student for distiller_local")
     export.add_argument("--out", type=Path, required=True, help="file to write (and FILE.json beside it)")
     export.add_argument("--force", action="store_true", help="replace an existing file")
     export.set_defaults(handler=_export)

@@ -15,7 +15,7 @@ app = ClientApp()
 
 @app.query("identify")
 def identify(message: Message, context: Context) -> Message:
-    from fedhubert.pretrain.client import identify as answer
+    from fedhubert.fl.local import identify as answer
 
     return answer(message, context)
 
@@ -23,6 +23,13 @@ def identify(message: Message, context: Context) -> Message:
 @app.train()
 def pretrain(message: Message, context: Context) -> Message:
     from fedhubert.pretrain.client import train_round
+
+    return train_round(message, context)
+
+
+@app.train("distill")
+def distill(message: Message, context: Context) -> Message:
+    from fedhubert.distill.client import train_round
 
     return train_round(message, context)
 

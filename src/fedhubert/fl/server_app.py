@@ -1,6 +1,6 @@
 """fedhubert's Flower ServerApp: one app for every federated task, chosen by the run config's `task`.
 
-Run config keys: `task` (kmeans, pretrain), `config` (the stage's YAML config), `out` (the output folder), both
+Run config keys: `task` (kmeans, pretrain, distill), `config` (the stage's YAML config), `out` (the output folder), both
 absolute paths, and for training tasks `resume` (continue from the newest checkpoint in `out`) and `threads`
 (CPU threads per client). `fedhubert <stage>` fills them in; `flwr run` users pass them with --run-config.
 """
@@ -19,7 +19,7 @@ from fedhubert.runlog import setup_logging
 log = logging.getLogger("fedhubert")
 app = ServerApp()
 
-TASKS = ("kmeans", "pretrain")
+TASKS = ("kmeans", "pretrain", "distill")
 
 
 @app.main()
@@ -40,7 +40,8 @@ def main(grid: Grid, context: Context) -> None:
 
         serve_kmeans(grid, config, out)
     else:
-        from fedhubert.pretrain.server import serve_pretrain
-
-        serve_pretrain(grid, config, out, resume=bool(run_config.get("resume", False)),
-                       threads=int(run_config.get("threads", 1)))
+        if task == "pretrain":
+            from fedhubert.pretrain.server import serve_pretrain as serve
+        else:
+            from fedhubert.distill.server import serve_distill as serve
+        serve(grid, config, out, resume=bool(run_config.get("resume", False)), threads=int(run_config.get("threads", 0)))

@@ -30,11 +30,13 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".sha256")
 
 
-def save_checkpoint(path: Path, *, kind: str, model: ModelConfig, num_classes: int, state_dict: dict,
+def save_checkpoint(path: Path, *, kind: str, model: ModelConfig | dict, num_classes: int, state_dict: dict,
                     state: dict[str, Any] | None = None) -> str:
-    """Write atomically (then its .sha256 sidecar); returns the SHA-256 of the file."""
+    """Write atomically (then its .sha256 sidecar); returns the SHA-256 of the file. `model` describes the
+    architecture: a ModelConfig for a HuBERT, a plain dict for other kinds (the distiller's config)."""
     payload = {
-        "format": FORMAT, "kind": kind, "model": config_to_dict(model), "num_classes": int(num_classes),
+        "format": FORMAT, "kind": kind, "model": model if isinstance(model, dict) else config_to_dict(model),
+        "num_classes": int(num_classes),
         "label_rate": LABEL_RATE, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "state": state or {},
     }

@@ -123,7 +123,21 @@ def serialise(content: dict) -> bytes:
     return buffer.getvalue()
 
 
-FORMATS = ("s3prl-hubert",)
+FORMATS = {"s3prl-hubert": "hubert", "s3prl-distiller": "distiller"}  # format -> checkpoint kind
+
+
+def to_s3prl_distiller(payload: dict) -> dict[str, Any]:
+    """What S3PRL's `distiller_local` loads: {"Config": {"distiller": ...}, "Distiller": state_dict}; our
+    masked-prediction head (if any) is left out. Checked by loading into S3PRL's DistillerModel first."""
+    from fedhubert.distill.student import s3prl_distiller
+
+    config = payload["model"]["distiller"]
+    weights = {k[len("distiller."):]: v.detach().clone().contiguous()
+               for k, v in payload["state_dict"].items() if k.startswith("distiller.")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        s3prl_distiller(config).load_state_dict(weights, strict=True)
+    return {"Config": {"distiller": config}, "Distiller": weights}
 
 
 def export_checkpoint(checkpoint: Path, fmt: str, out: Path, *, force: bool = False) -> dict:
@@ -139,15 +153,18 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, *, force: bool = Fa
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
     if fmt not in FORMATS:
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    payload = load_checkpoint(checkpoint, kind="hubert")
-    cfg = model_config_of(payload)
-    content = to_s3prl_hubert(cfg, payload["num_classes"], payload["state_dict"])
+    payload = load_checkpoint(checkpoint, kind=FORMATS[fmt])
+    if fmt == "s3prl-hubert":
+        content = to_s3prl_hubert(model_config_of(payload), payload["num_classes"], payload["state_dict"])
+    else:
+        content = to_s3prl_distiller(payload)
     atomic_write_bytes(out, serialise(content))
+    upstream = "hubert_local" if fmt == "s3prl-hubert" else "distiller_local"
     record = {
         "format": fmt, "file": out.name, "sha256": file_sha256(out), "source_checkpoint": str(Path(checkpoint).resolve()),
         "source_sha256": file_sha256(checkpoint), "num_classes": payload["num_classes"], "model": payload["model"],
         "fedhubert_version": __version__,
-        "load_with": f"python -m s3prl.run_downstream -u hubert_local -k {out.resolve()} ...",
+        "load_with": f"python -m s3prl.run_downstream -u {upstream} -k {out.resolve()} ...",
     }
     atomic_write_text(out.with_name(out.name + ".json"), json.dumps(record, indent=2) + "\n")
     return record

@@ -26,18 +26,24 @@ LABEL_HEAD_KEYS = ("logit_generator.label_embeddings", "logit_generator.final_pr
                    "logit_generator.final_proj.bias")
 
 
+def cosine_logits(proj_x: Tensor, target: Tensor, label_embeddings: Tensor, temperature: float) -> Tensor:
+    """Per frame: [cos(x, e_target), cos(x, e_k) for every class k with the target's own at -inf] / temperature,
+    the positive first (torchaudio's and fairseq's layout), as one product of normalised matrices."""
+    x = F.normalize(proj_x.float(), dim=-1, eps=1e-8)
+    emb = F.normalize(label_embeddings.float(), dim=-1, eps=1e-8)
+    sims = x @ emb.T  # (frames, K)
+    positive = sims.gather(1, target.long().unsqueeze(1))
+    negatives = sims.scatter(1, target.long().unsqueeze(1), float("-inf"))
+    return (torch.cat([positive, negatives], dim=1) / temperature).type_as(proj_x)
+
+
 class LabelLogits(components.LogitGenerator):
     """torchaudio's LogitGenerator with a configurable temperature and memory-light logits."""
 
     temperature: float = 0.1
 
     def _logits(self, proj_x: Tensor, target: Tensor) -> Tensor:
-        x = F.normalize(proj_x.float(), dim=-1, eps=1e-8)
-        emb = F.normalize(self.label_embeddings.float(), dim=-1, eps=1e-8)
-        sims = x @ emb.T  # (frames, K)
-        positive = sims.gather(1, target.long().unsqueeze(1))
-        negatives = sims.scatter(1, target.long().unsqueeze(1), float("-inf"))
-        return (torch.cat([positive, negatives], dim=1) / self.temperature).type_as(proj_x)
+        return cosine_logits(proj_x, target, self.label_embeddings, self.temperature)
 
     def forward(self, x: Tensor, label: Tensor, mask_m: Tensor, mask_u: Tensor) -> tuple[Tensor | None, Tensor | None]:
         proj_x = self.final_proj(x)
@@ -97,7 +103,8 @@ class _Recomputed:
         return parent.forward(*args, **kwargs)
 
 
-def _recompute(module: torch.nn.Module) -> None:
+def recompute_in_backward(module: torch.nn.Module) -> None:
+    """Make `module` recompute its forward in the backward pass (its class becomes a checkpointing subclass)."""
     if not isinstance(module, _Recomputed):
         cls = module.__class__
         module.__class__ = type(f"Recomputed{cls.__name__}", (_Recomputed, cls), {})
@@ -108,10 +115,10 @@ def enable_checkpointing(model: HuBERTPretrainModel, layers: bool = True, cnn: b
     were). Dropout masks are recomputed identically (the RNG state is restored), so gradients do not change."""
     if layers:
         for layer in model.wav2vec2.encoder.transformer.layers:
-            _recompute(layer)
+            recompute_in_backward(layer)
     if cnn:
         for block in model.wav2vec2.feature_extractor.conv_layers:
-            _recompute(block)
+            recompute_in_backward(block)
 
 
 def feature_frames(num_samples: int, cfg: ModelConfig) -> int:

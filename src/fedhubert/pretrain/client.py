@@ -1,190 +1,27 @@
-"""The client side of federated pretraining: one round of local training on the client's own data.
-
-A client is its node's partition id. It reads `client_<i>/train.tsv` and `valid.tsv` of the partition, its
-labels from the k-means run, and its overrides from the partition's `client_configs/client_<i>.yaml` (only
-`local_steps` and `train.*`). With per-client codebooks its label-prediction head lives in its own folder
-(`clients/client_<i>/head_round_<r>.pt`) and never leaves it. Crops, masks and dropout are seeded by (seed,
-round, client), so a round's result does not depend on which process runs it or on what ran before.
-"""
+"""The client side of federated pretraining: a HuBERT trained by masked prediction of the client's k-means labels
+for one round (the round itself is `fedhubert.fl.local.local_round`)."""
 
 from __future__ import annotations
 
-import io
-import logging
-import re
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
 import torch
-import yaml
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from fedhubert.atomic import atomic_write_bytes
-from fedhubert.config import config_from_dict, config_to_dict
-from fedhubert.errors import ConfigError
-from fedhubert.fl.records import config_from_record
-from fedhubert.fl.weights import decode, encode
+from fedhubert.fl.local import LocalTask, local_round
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert, enable_checkpointing
-from fedhubert.pretrain.config import CLIENT_KEYS, PretrainConfig
-from fedhubert.train.data import LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train
-from fedhubert.train.memory import batch_cap
-
-log = logging.getLogger(__name__)
-_HEAD = re.compile(r"head_round_(\d+)\.pt")
+from fedhubert.pretrain.config import PretrainConfig
+from fedhubert.train.data import LabelRate
+from fedhubert.train.loop import MaskedPrediction
 
 
-@dataclass(frozen=True)
-class ClientPlace:
-    index: int
-    partition: Path
-    kmeans: Path
-    work: Path
-
-    def pair(self, split: str) -> tuple[Path, Path]:
-        return (self.partition / f"client_{self.index}" / f"{split}.tsv",
-                self.kmeans / f"client_{self.index}" / f"{split}.km")
-
-
-def client_place(cfg: PretrainConfig, out: Path, context: Context) -> ClientPlace:
-    """Where this node's data is: the run's paths, unless its node config says otherwise (deployments:
-    `partition-dir`, `kmeans-dir`, `work-dir`)."""
-    node = context.node_config
-    index = int(node["partition-id"])
-    return ClientPlace(
-        index=index,
-        partition=Path(str(node.get("partition-dir", cfg.partition))),
-        kmeans=Path(str(node.get("kmeans-dir", cfg.kmeans))),
-        work=Path(str(node.get("work-dir", out / "clients" / f"client_{index}"))),
-    )
-
-
-def with_client_overrides(cfg: PretrainConfig, place: ClientPlace) -> PretrainConfig:
-    path = place.partition / "client_configs" / f"client_{place.index}.yaml"
-    if not path.is_file():
-        return cfg
-    overrides = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{path}: must be a mapping of overrides (or {{}})")
-    extra = sorted(set(overrides) - set(CLIENT_KEYS))
-    if extra:
-        raise ConfigError(f"{path}: keys {extra} cannot differ per client; allowed: {', '.join(CLIENT_KEYS)}")
-    merged = config_to_dict(cfg)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return config_from_dict(PretrainConfig, merged, str(path))
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-_CACHE: dict[tuple, list] = {}
-
-
-def utterances(pair: tuple[Path, Path], num_classes: int, rate: LabelRate, data) -> list:
-    """Parsed and checked manifest + labels, kept in the client process across rounds while the files are
-    unchanged (the key holds their modification times and everything that shapes the result)."""
-    key = (*pair, *(p.stat().st_mtime_ns for p in pair), num_classes, rate.rate, repr(rate.model.conv_layers),
-           data.min_seconds)
-    if key not in _CACHE:
-        if len(_CACHE) >= 8:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = load_utterances([pair], num_classes, data, rate)
-    return _CACHE[key]
-
-
-def head_file(work: Path, round_: int) -> Path:
-    return work / f"head_round_{round_:05d}.pt"
-
-
-def latest_head(work: Path, up_to_round: int) -> Path | None:
-    """The client's head after the last round it trained in, up to `up_to_round` (exact resume)."""
-    rounds = sorted(int(m[1]) for p in work.glob("head_round_*.pt") if (m := _HEAD.fullmatch(p.name)))
-    rounds = [r for r in rounds if r <= up_to_round]
-    return head_file(work, rounds[-1]) if rounds else None
-
-
-def save_head(work: Path, round_: int, state: dict[str, torch.Tensor], keep_every: int) -> None:
-    buffer = io.BytesIO()
-    torch.save({k: state[k].detach().cpu() for k in LABEL_HEAD_KEYS}, buffer)
-    atomic_write_bytes(head_file(work, round_), buffer.getvalue())
-    rounds = sorted(int(m[1]) for p in work.glob("head_round_*.pt") if (m := _HEAD.fullmatch(p.name)))
-    for old in rounds[:-2]:  # keep the last two, and those at checkpoint rounds (for resuming from them)
-        if old % keep_every:
-            head_file(work, old).unlink(missing_ok=True)
-
-
-def client_seed(seed: int, round_: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, round_, index]).generate_state(1)[0])
+def _task(cfg: PretrainConfig, info, context: Context) -> LocalTask:
+    num_classes = int(info["num_classes"])
+    torch.manual_seed(cfg.seed)  # the server's initial model: a new client's head starts from the same one
+    model = build_hubert(cfg.model, num_classes)
+    enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_cnn)
+    return LocalTask(model=model, objective=MaskedPrediction(cfg.loss, cfg.model.normalize_waveform),
+                     head_keys=LABEL_HEAD_KEYS if bool(info["local_head"]) else (), num_classes=num_classes,
+                     rate=LabelRate(int(info["label_rate"]), cfg.model), with_labels=True)
 
 
 def train_round(message: Message, context: Context) -> Message:
-    """Train on this client's data from the received global weights; reply with the new weights and metrics."""
-    info = message.content["round"]
-    out, round_ = Path(str(info["out"])), int(info["round"])
-    cfg = config_from_record(PretrainConfig, message.content["config"])
-    place = client_place(cfg, out, context)
-    cfg = with_client_overrides(cfg, place)
-    local_head = bool(info["local_head"])
-    num_classes, rate = int(info["num_classes"]), LabelRate(int(info["label_rate"]), cfg.model)
-    if int(info["threads"]) > 0:
-        torch.set_num_threads(int(info["threads"]))
-
-    torch.manual_seed(cfg.seed)  # the server's initial model: a new client's head starts from the same one
-    model = build_hubert(cfg.model, num_classes)
-    state = model.state_dict()
-    state.update(decode(message.content["arrays"], cfg.transfer))
-    if local_head:
-        head = latest_head(place.work, round_ - 1)
-        if head is not None:
-            state.update(torch.load(head, map_location="cpu", weights_only=True))
-    model.load_state_dict(state)
-    enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_cnn)
-    device = resolve_device(cfg.train.device)
-    model.to(device)
-
-    seed = client_seed(cfg.seed, round_, place.index)
-    torch.manual_seed(seed)
-    train_utts = utterances(place.pair("train"), num_classes, rate, cfg.train.data)
-    cap = batch_cap(cfg.train, cfg.model, num_classes)
-    loader = batch_loader(train_utts, rate, cfg.train.data, seed, cap)
-    started = time.perf_counter()
-
-    def progress(step: int, metrics: dict) -> None:
-        log.info("client %d, round %d, update %d: loss %.3f, masked acc %.3f", place.index, round_, step,
-                 metrics["loss"], metrics["acc_masked"])
-
-    result = train(model, cycle_batches(loader), cfg.train, steps=cfg.local_steps, global_step=int(info["global_step"]),
-                   optimizer=make_optimizer(model, cfg.train.optim), device=device,
-                   normalize=cfg.model.normalize_waveform, on_step=progress)
-    seconds = time.perf_counter() - started
-    metrics = {f"train_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-    valid_pair = place.pair("valid")
-    if valid_pair[0].is_file() and len(valid_pair[0].read_text().splitlines()) > 1:
-        valid_utts = utterances(valid_pair, num_classes, rate, cfg.train.data)
-        valid = evaluate(model, batch_loader(valid_utts, rate, cfg.train.data, cfg.seed + 1, cap), cfg.train,
-                         device=device, normalize=cfg.model.normalize_waveform, seed=cfg.seed)
-        metrics.update({f"valid_{k}": float(v) for k, v in valid.items() if isinstance(v, (int, float))})
-    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if local_head:
-        save_head(place.work, round_, new_state, cfg.checkpoint_every)
-    shared = {k: v for k, v in new_state.items() if k in message.content["arrays"]}
-    metrics.update({"client": place.index, "num-examples": sum(u.num_samples for u in train_utts) / 16000,
-                    "train_time_s": seconds})
-    return Message(RecordDict({"arrays": encode(shared, cfg.transfer), "metrics": MetricRecord(metrics)}),
-                   reply_to=message)
-
-
-def identify(message: Message, context: Context) -> Message:
-    """Which client this node is (its partition id)."""
-    return Message(RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}),
-                   reply_to=message)
+    return local_round(message, context, PretrainConfig, _task)

@@ -10,14 +10,11 @@ from fedhubert.config import param
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import FederationConfig, StrategyConfig
 from fedhubert.model.config import ModelConfig
-from fedhubert.train.config import TrainConfig
+from fedhubert.train.config import LossConfig, TrainConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force.
 OUTPUTS = ("checkpoints", "clients", "metrics.jsonl", "messages.jsonl", "tensorboard", "pretrain.png", "flwr",
            "pretrain.json")
-
-# Keys a client_configs/client_<i>.yaml may set for its client: how it trains, not what the federation learns.
-CLIENT_KEYS = ("local_steps", "train")
 
 
 @dataclass
@@ -34,6 +31,7 @@ class PretrainConfig:
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
     round_timeout_s: float = param(3600.0, "stop waiting for a round's replies after this many seconds", gt=0)
     model: ModelConfig = param(ModelConfig(), "HuBERT architecture")
+    loss: LossConfig = param(LossConfig(), "masked-prediction loss")
     train: TrainConfig = param(TrainConfig(), "each client's local trainer (its optim.lr is the client learning rate)")
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")

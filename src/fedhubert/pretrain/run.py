@@ -15,7 +15,7 @@ from fedhubert.fl.federation import run_flower_app
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.model.config import ModelConfig
-from fedhubert.pretrain.client import ClientPlace, with_client_overrides
+from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.pretrain.server import SUMMARY_FILE, read_inputs
 from fedhubert.runlog import CONFIG_FILE, StageRun

@@ -20,10 +20,10 @@ from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.rounds import FederatedRun, RoundTask
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
-from fedhubert.pretrain.client import latest_head
+from fedhubert.fl.local import latest_head
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import evaluate, resolve_device
+from fedhubert.train.loop import MaskedPrediction, evaluate, resolve_device
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
@@ -59,10 +59,11 @@ def dev_evaluator(cfg: PretrainConfig, kmeans: dict, rate: LabelRate):
     loader = batch_loader(utts, rate, cfg.train.data, cfg.seed, batch_cap(cfg.train, cfg.model, kmeans["num_clusters"]))
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, kmeans["num_clusters"]).to(device)
+    objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform)
 
     def run(state: dict[str, torch.Tensor]) -> dict:
         model.load_state_dict(state)
-        return evaluate(model, loader, cfg.train, device=device, normalize=cfg.model.normalize_waveform, seed=cfg.seed)
+        return evaluate(model, loader, cfg.train, objective=objective, device=device, seed=cfg.seed)
 
     return run
 

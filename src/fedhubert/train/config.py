@@ -63,7 +63,6 @@ class TrainConfig:
     checkpoint_layers: bool = param(False, "recompute each transformer layer in the backward pass (less memory)")
     checkpoint_cnn: bool = param(False, "recompute each CNN block in the backward pass too")
     log_every: int = param(50, "log training metrics every this many updates", ge=1)
-    loss: LossConfig = param(LossConfig(), "masked-prediction loss")
     optim: OptimConfig = param(OptimConfig(), "AdamW and the learning-rate schedule")
     data: DataConfig = param(DataConfig(), "crops and batches")
 
@@ -84,6 +83,7 @@ class TrainLocalConfig:
     eval_every: int = param(500, "evaluate on the validation set every this many updates", ge=1)
     checkpoint_every: int = param(500, "write a checkpoint every this many updates", ge=1)
     model: ModelConfig = param(ModelConfig(), "HuBERT architecture")
+    loss: LossConfig = param(LossConfig(), "masked-prediction loss")
     train: TrainConfig = param(TrainConfig(), "local training")
 
     def validate(self) -> None:

@@ -41,7 +41,7 @@ class DataError(FedhubertError):
 class Utterance:
     path: Path
     num_samples: int
-    labels: np.ndarray  # int16 or int32, one per 100 Hz frame
+    labels: np.ndarray | None  # int16 or int32, one per label frame (None: unlabelled audio)
 
 
 @dataclass(frozen=True)
@@ -69,10 +69,13 @@ class LabelRate:
         return num_frames(num_samples) if self.rate == 100 else feature_frames(num_samples, self.model)
 
 
-def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int, rate: LabelRate) -> list[Utterance]:
+def read_labelled(manifest_path: Path, labels_path: Path | None, num_classes: int, rate: LabelRate) -> list[Utterance]:
     """A manifest and its .km file, checked line by line: every label file line must have exactly the frames the
-    audio length gives, and every id must be a valid class."""
+    audio length gives, and every id must be a valid class. Without a label file (distillation needs none),
+    the utterances carry no labels."""
     manifest = read_manifest(manifest_path)
+    if labels_path is None:
+        return [Utterance(manifest.root / e.path, e.num_samples, None) for e in manifest.entries]
     lines = read_aligned_lines(labels_path, manifest, manifest_path)
     dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
     utterances = []
@@ -93,7 +96,7 @@ def read_labelled(manifest_path: Path, labels_path: Path, num_classes: int, rate
     return utterances
 
 
-def load_utterances(pairs: Sequence[tuple[Path, Path]], num_classes: int, data: DataConfig,
+def load_utterances(pairs: Sequence[tuple[Path, Path | None]], num_classes: int, data: DataConfig,
                     rate: LabelRate) -> list[Utterance]:
     """All usable utterances of the (manifest, labels) pairs; those shorter than min_seconds are counted, logged
     and left out. No usable utterance at all is an error."""
@@ -173,6 +176,8 @@ class CroppedAudio(Dataset):
         utterance = self.utterances[crop.index]
         wav = read_audio_segment(utterance.path, crop.start, crop.start + crop.samples)
         frames = feature_frames(crop.samples, self.model)
+        if utterance.labels is None:
+            return torch.from_numpy(wav), torch.zeros(0, dtype=torch.int64)
         first, step = crop.start // self.rate.hop, self.rate.step
         labels = utterance.labels[first : first + step * frames : step]
         if len(labels) != frames:  # read_labelled checked the counts, so this is a bug, not bad input

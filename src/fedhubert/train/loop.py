@@ -1,11 +1,12 @@
 """The local train and evaluate functions every client runs (and `fedhubert train-local`).
 
-Loss (the recipe): cross-entropy of the masked frames' logits against index 0, where torchaudio puts the positive
-(the frame's own k-means label); the label ids themselves are never the targets. Plus unmasked frames (weight 0 by
-default) and the CNN feature penalty, all normalised by the number of masked frames. AdamW, linear warm-up then
-linear decay by a global step that the caller keeps across rounds, gradient accumulation, clipping, and bf16 or
-fp16 autocast over fp32 weights. A call in which no batch is trained raises, rather than report a model that
-did not change as trained.
+The objective of a batch is pluggable (`Objective`): HuBERT's masked prediction here (`MaskedPrediction`), and
+DistilHuBERT's layer regression in `fedhubert.distill`. Masked prediction (the recipe): cross-entropy of the masked
+frames' logits against index 0, where torchaudio puts the positive (the frame's own k-means label); the label ids
+themselves are never the targets. Plus unmasked frames (weight 0 by default) and the CNN feature penalty, all
+normalised by the number of masked frames. AdamW, linear warm-up then linear decay by a global step that the
+caller keeps across rounds, gradient accumulation, clipping, and bf16 or fp16 autocast over fp32 weights. A call
+in which no batch is trained raises, rather than report a model that did not change as trained.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,16 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
 
 @dataclass
 class StepOutput:
-    loss: torch.Tensor  # normalised by masked frames, ready for backward
-    masked: int
-    correct_m: int
-    unmasked: int
-    correct_u: int
+    loss: torch.Tensor  # this batch's loss, normalised, ready for backward
+    sums: dict[str, float]  # additive statistics (frames, correct predictions, ...) for the metrics
+
+
+class Objective(Protocol):
+    """What a batch trains: the forward pass and loss of a task, and how its statistics become metrics."""
+
+    def step(self, model: torch.nn.Module, batch: Batch, device: torch.device, precision: str) -> StepOutput: ...
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
 
 def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: torch.Tensor,
@@ -77,23 +83,34 @@ def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: t
     with torch.no_grad():
         correct_m = int((logit_m.argmax(dim=-1) == 0).sum()) if masked else 0
         correct_u = int((logit_u.argmax(dim=-1) == 0).sum()) if len(target_u) else 0
-    return StepOutput(total / max(masked, 1), masked, correct_m, logit_u.shape[0], correct_u)
+    return StepOutput(total / max(masked, 1), {"masked": masked, "correct_m": correct_m,
+                                               "unmasked": logit_u.shape[0], "correct_u": correct_u})
 
 
-def _autocast(device: torch.device, precision: str):
+def autocast(device: torch.device, precision: str):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def forward(model: HuBERTPretrainModel, batch: Batch, device: torch.device, precision: str, normalize: bool,
-            weights: LossConfig) -> StepOutput:
-    waveforms = batch.waveforms.to(device, non_blocking=True)
-    labels = batch.labels.to(device, non_blocking=True)
-    if normalize:
-        waveforms = normalize_waveforms(waveforms, None)
-    with _autocast(device, precision):
-        logit_m, logit_u, penalty = model(waveforms, labels)
-    return hubert_loss(logit_m, logit_u, penalty, weights)
+@dataclass
+class MaskedPrediction:
+    """HuBERT pretraining: masked prediction of k-means labels."""
+
+    weights: LossConfig
+    normalize: bool = False  # zero-mean unit-variance waveforms (HuBERT Large)
+
+    def step(self, model: HuBERTPretrainModel, batch: Batch, device: torch.device, precision: str) -> StepOutput:
+        waveforms = batch.waveforms.to(device, non_blocking=True)
+        labels = batch.labels.to(device, non_blocking=True)
+        if self.normalize:
+            waveforms = normalize_waveforms(waveforms, None)
+        with autocast(device, precision):
+            logit_m, logit_u, penalty = model(waveforms, labels)
+        return hubert_loss(logit_m, logit_u, penalty, self.weights)
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        return {"acc_masked": sums.get("correct_m", 0) / max(sums.get("masked", 0), 1),
+                "acc_unmasked": sums.get("correct_u", 0) / max(sums.get("unmasked", 0), 1)}
 
 
 @dataclass
@@ -102,29 +119,23 @@ class Meter:
 
     loss_sum: float = 0.0
     batches: int = 0
-    masked: int = 0
-    correct_m: int = 0
-    unmasked: int = 0
-    correct_u: int = 0
     seconds: float = 0.0
     skipped: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, out: StepOutput, seconds: float) -> None:
         self.loss_sum += float(out.loss.detach())
         self.batches += 1
-        self.masked += out.masked
-        self.correct_m += out.correct_m
-        self.unmasked += out.unmasked
-        self.correct_u += out.correct_u
         self.seconds += seconds
+        for key, value in out.sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def summary(self, device: torch.device) -> dict:
+    def summary(self, device: torch.device, objective: Objective) -> dict:
         elapsed = time.perf_counter() - self.started
         return {
             "loss": self.loss_sum / max(self.batches, 1),
-            "acc_masked": self.correct_m / max(self.masked, 1),
-            "acc_unmasked": self.correct_u / max(self.unmasked, 1),
+            **objective.metrics(self.sums),
             "batches": self.batches,
             "skipped_batches": self.skipped,
             "audio_seconds": self.seconds,
@@ -161,8 +172,8 @@ def cycle_batches(loader: Iterable[Batch], first_epoch: int = 0) -> Iterator[Bat
         epoch += 1
 
 
-def train(model: HuBERTPretrainModel, batches: Iterator[Batch], cfg: TrainConfig, *, steps: int, global_step: int,
-          optimizer: torch.optim.Optimizer, device: torch.device, normalize: bool,
+def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig, *, objective: Objective, steps: int,
+          global_step: int, optimizer: torch.optim.Optimizer, device: torch.device,
           scaler: torch.amp.GradScaler | None = None, on_step=None) -> TrainResult:
     """Run `steps` optimizer updates (each over `accumulation_steps` batches) taken from `batches` (see
     `cycle_batches`; the iterator carries on where it stopped, so successive calls see new batches).
@@ -181,7 +192,7 @@ def train(model: HuBERTPretrainModel, batches: Iterator[Batch], cfg: TrainConfig
         optimizer.zero_grad(set_to_none=True)
         accumulated = 0
         for batch in batches:
-            out = forward(model, batch, device, cfg.precision, normalize, cfg.loss)
+            out = objective.step(model, batch, device, cfg.precision)
             if not torch.isfinite(out.loss):
                 meter.skipped += 1
                 log.warning("non-finite loss on a batch of %.1f s; batch skipped", batch.seconds)
@@ -207,13 +218,13 @@ def train(model: HuBERTPretrainModel, batches: Iterator[Batch], cfg: TrainConfig
         global_step += 1
         done += 1
         if on_step is not None and global_step % cfg.log_every == 0:
-            on_step(global_step, {**window.summary(device), "lr": learning_rate(global_step - 1, cfg.optim)})
+            on_step(global_step, {**window.summary(device, objective), "lr": learning_rate(global_step - 1, cfg.optim)})
             window = Meter()
     if done == 0:
         raise TrainingError(
             "no batch was trained: the data yielded no usable batch (all skipped or empty); the model is unchanged"
         )
-    metrics = {**meter.summary(device), "steps": done, "global_step": global_step,
+    metrics = {**meter.summary(device, objective), "steps": done, "global_step": global_step,
                "lr": learning_rate(global_step - 1, cfg.optim)}
     if not math.isfinite(metrics["loss"]):
         raise TrainingError(f"training diverged: mean loss {metrics['loss']}")
@@ -221,9 +232,9 @@ def train(model: HuBERTPretrainModel, batches: Iterator[Batch], cfg: TrainConfig
 
 
 @torch.no_grad()
-def evaluate(model: HuBERTPretrainModel, loader: Iterable[Batch], cfg: TrainConfig, *, device: torch.device,
-             normalize: bool, seed: int = 0) -> dict:
-    """Masked-prediction loss and accuracy without dropout; masks come from a fixed seed so that evaluations of
+def evaluate(model: torch.nn.Module, loader: Iterable[Batch], cfg: TrainConfig, *, objective: Objective,
+             device: torch.device, seed: int = 0) -> dict:
+    """The objective's loss and metrics without dropout; masks come from a fixed seed so that evaluations of
     different models see the same masks."""
     model.eval()
     meter = Meter()
@@ -234,8 +245,8 @@ def evaluate(model: HuBERTPretrainModel, loader: Iterable[Batch], cfg: TrainConf
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(0)
         for batch in loader:
-            meter.add(forward(model, batch, device, cfg.precision, normalize, cfg.loss), batch.seconds)
+            meter.add(objective.step(model, batch, device, cfg.precision), batch.seconds)
     if meter.batches == 0:
         raise TrainingError("no batch to evaluate on: the validation data is empty")
     model.train()
-    return meter.summary(device)
+    return meter.summary(device, objective)

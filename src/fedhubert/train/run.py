@@ -19,7 +19,7 @@ from fedhubert.plots import plt, save_figure
 from fedhubert.runlog import StageRun
 from fedhubert.train.config import TrainConfig, TrainLocalConfig
 from fedhubert.train.data import DataError, LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train
+from fedhubert.train.loop import MaskedPrediction, cycle_batches, evaluate, make_optimizer, resolve_device, train
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
@@ -86,8 +86,9 @@ def _plot(rows: list[dict], path: Path) -> None:
             ax_acc.plot([r["step"] for r in points], [r["acc_masked"] for r in points], style, label=kind)
     ax_loss.set(xlabel="update", ylabel="loss", title="masked prediction loss")
     ax_acc.set(xlabel="update", ylabel="accuracy", title="masked prediction accuracy")
-    ax_loss.legend()
-    ax_acc.legend()
+    if rows:
+        ax_loss.legend()
+        ax_acc.legend()
     save_figure(fig, path)
 
 
@@ -107,6 +108,7 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
              cfg.model.preset, params / 1e6, num_classes, device, len(train_utts),
              sum(u.num_samples for u in train_utts) / 16000 / 3600, len(train_loader))
     optimizer = make_optimizer(model, cfg.train.optim)
+    objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform)
     metrics_path = out / "metrics.jsonl"
     rows: list[dict] = []
 
@@ -125,19 +127,18 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
                         state_dict=model.state_dict(),
                         state={"global_step": step, "stage": "train-local", "config": config_to_dict(cfg)})
 
-    first = evaluate(model, valid_loader, cfg.train, device=device, normalize=cfg.model.normalize_waveform) \
-        if valid_loader else None
+    first = evaluate(model, valid_loader, cfg.train, objective=objective, device=device) if valid_loader else None
     if first:
         record({"kind": "valid", "step": 0, **first})
     batches = cycle_batches(train_loader)
     step, last = 0, {}
     while step < cfg.steps:
         chunk = min(cfg.steps - step, cfg.eval_every - step % cfg.eval_every, cfg.checkpoint_every - step % cfg.checkpoint_every)
-        result = train(model, batches, cfg.train, steps=chunk, global_step=step, optimizer=optimizer, device=device,
-                       normalize=cfg.model.normalize_waveform, on_step=on_step)
+        result = train(model, batches, cfg.train, objective=objective, steps=chunk, global_step=step,
+                       optimizer=optimizer, device=device, on_step=on_step)
         step, last = result.global_step, result.metrics
         if valid_loader and (step % cfg.eval_every == 0 or step == cfg.steps):
-            valid = evaluate(model, valid_loader, cfg.train, device=device, normalize=cfg.model.normalize_waveform)
+            valid = evaluate(model, valid_loader, cfg.train, objective=objective, device=device)
             record({"kind": "valid", "step": step, **valid})
             log.info("update %d: validation loss %.3f, masked acc %.3f", step, valid["loss"], valid["acc_masked"])
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:

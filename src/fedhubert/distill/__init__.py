@@ -1,0 +1,1 @@
+"""Federated distillation of a DistilHuBERT student from a frozen pretrained HuBERT teacher."""

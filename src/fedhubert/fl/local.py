@@ -1,0 +1,214 @@
+"""What a client of a federated training task keeps on its side: where its data is, its own overrides, its
+parsed data (cached across rounds in the client process), its local label head, and its seeds.
+
+A client is its node's partition id. It reads `client_<i>/train.tsv` and `valid.tsv` of the partition, its labels
+from the k-means run, and its overrides from the partition's `client_configs/client_<i>.yaml` (only
+`local_steps` and `train.*`). A label head that stays local lives in its own folder
+(`clients/client_<i>/head_round_<r>.pt`) and never leaves it. Crops, masks and dropout are seeded by (seed,
+round, client), so a round's result does not depend on which process runs it or on what ran before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, TypeVar
+
+import numpy as np
+import torch
+import yaml
+from flwr.app import Context, Message, MetricRecord, RecordDict
+
+from fedhubert.atomic import atomic_write_bytes
+from fedhubert.config import config_from_dict, config_to_dict
+from fedhubert.errors import ConfigError
+from fedhubert.train.data import LabelRate, load_utterances
+
+T = TypeVar("T")
+_HEAD = re.compile(r"head_round_(\d+)\.pt")
+# Keys a client_configs/client_<i>.yaml may set for its client: how it trains, not what the federation learns.
+CLIENT_KEYS = ("local_steps", "train")
+
+
+@dataclass(frozen=True)
+class ClientPlace:
+    index: int
+    partition: Path
+    kmeans: Path | None  # no labels: distillation without the k-means term
+    work: Path
+
+    def pair(self, split: str) -> tuple[Path, Path | None]:
+        labels = self.kmeans / f"client_{self.index}" / f"{split}.km" if self.kmeans else None
+        return self.partition / f"client_{self.index}" / f"{split}.tsv", labels
+
+    def has(self, split: str) -> bool:
+        manifest = self.pair(split)[0]
+        return manifest.is_file() and len(manifest.read_text().splitlines()) > 1
+
+
+def client_place(cfg: Any, out: Path, context: Context, with_labels: bool = True) -> ClientPlace:
+    """Where this node's data is: the run's paths, unless its node config says otherwise (deployments:
+    `partition-dir`, `kmeans-dir`, `work-dir`)."""
+    node = context.node_config
+    index = int(node["partition-id"])
+    kmeans = node.get("kmeans-dir", cfg.kmeans) if with_labels else None
+    return ClientPlace(
+        index=index,
+        partition=Path(str(node.get("partition-dir", cfg.partition))),
+        kmeans=Path(str(kmeans)) if kmeans else None,
+        work=Path(str(node.get("work-dir", out / "clients" / f"client_{index}"))),
+    )
+
+
+def with_client_overrides(cfg: T, place: ClientPlace) -> T:
+    path = place.partition / "client_configs" / f"client_{place.index}.yaml"
+    if not path.is_file():
+        return cfg
+    overrides = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{path}: must be a mapping of overrides (or {{}})")
+    extra = sorted(set(overrides) - set(CLIENT_KEYS))
+    if extra:
+        raise ConfigError(f"{path}: keys {extra} cannot differ per client; allowed: {', '.join(CLIENT_KEYS)}")
+    merged = config_to_dict(cfg)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return config_from_dict(type(cfg), merged, str(path))
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+_CACHE: dict[tuple, list] = {}
+
+
+def utterances(pair: tuple[Path, Path | None], num_classes: int, rate: LabelRate, data) -> list:
+    """Parsed and checked manifest + labels, kept in the client process across rounds while the files are
+    unchanged (the key holds their modification times and everything that shapes the result)."""
+    files = [p for p in pair if p is not None]
+    key = (*pair, *(p.stat().st_mtime_ns for p in files), num_classes, rate.rate, repr(rate.model.conv_layers),
+           data.min_seconds)
+    if key not in _CACHE:
+        if len(_CACHE) >= 8:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = load_utterances([pair], num_classes, data, rate)
+    return _CACHE[key]
+
+
+def head_file(work: Path, round_: int) -> Path:
+    return work / f"head_round_{round_:05d}.pt"
+
+
+def latest_head(work: Path, up_to_round: int) -> Path | None:
+    """The client's head after the last round it trained in, up to `up_to_round` (exact resume)."""
+    rounds = sorted(int(m[1]) for p in work.glob("head_round_*.pt") if (m := _HEAD.fullmatch(p.name)))
+    rounds = [r for r in rounds if r <= up_to_round]
+    return head_file(work, rounds[-1]) if rounds else None
+
+
+def save_head(work: Path, round_: int, state: dict[str, torch.Tensor], keys: Iterable[str], keep_every: int) -> None:
+    buffer = io.BytesIO()
+    torch.save({k: state[k].detach().cpu() for k in keys}, buffer)
+    atomic_write_bytes(head_file(work, round_), buffer.getvalue())
+    rounds = sorted(int(m[1]) for p in work.glob("head_round_*.pt") if (m := _HEAD.fullmatch(p.name)))
+    for old in rounds[:-2]:  # keep the last two, and those at checkpoint rounds (for resuming from them)
+        if old % keep_every:
+            head_file(work, old).unlink(missing_ok=True)
+
+
+def client_seed(seed: int, round_: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, round_, index]).generate_state(1)[0])
+
+
+def identify(message: Message, context: Context) -> Message:
+    """Which client this node is (its partition id)."""
+    return Message(RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}),
+                   reply_to=message)
+
+
+@dataclass
+class LocalTask:
+    """What a training task's client builds each round (the rest of a round is the same for every task)."""
+
+    model: torch.nn.Module  # freshly built with the run's seed (the server's initial model)
+    objective: Any  # fedhubert.train.loop.Objective
+    head_keys: tuple[str, ...]  # parameters that stay on this client (empty: everything is shared)
+    num_classes: int
+    rate: LabelRate
+    with_labels: bool
+
+
+def local_round(message: Message, context: Context, config_cls: type, build) -> Message:
+    """One round of local training: from the received weights (and this client's own head), `local_steps`
+    updates on this client's data, a validation pass, and the reply with the shared weights and the metrics.
+    `build(cfg, info, context)` gives the task's LocalTask."""
+    import logging
+    import time
+
+    from fedhubert.fl.records import config_from_record
+    from fedhubert.fl.weights import decode, encode
+    from fedhubert.train.data import batch_loader
+    from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train
+    from fedhubert.train.memory import batch_cap
+
+    log = logging.getLogger(__name__)
+    info = message.content["round"]
+    out, round_ = Path(str(info["out"])), int(info["round"])
+    cfg = config_from_record(config_cls, message.content["config"])
+    if int(info["threads"]) > 0:
+        torch.set_num_threads(int(info["threads"]))
+    place = client_place(cfg, out, context, with_labels=getattr(cfg, "kmeans", None) is not None)
+    cfg = with_client_overrides(cfg, place)
+    task: LocalTask = build(cfg, info, context)
+    if not task.with_labels:
+        place = dataclasses.replace(place, kmeans=None)
+    model = task.model
+    state = model.state_dict()
+    state.update(decode(message.content["arrays"], cfg.transfer))
+    if task.head_keys:
+        head = latest_head(place.work, round_ - 1)
+        if head is not None:
+            state.update(torch.load(head, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
+    device = resolve_device(cfg.train.device)
+    model.to(device)
+
+    seed = client_seed(cfg.seed, round_, place.index)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    cap = batch_cap(cfg.train, task.rate.model, task.num_classes)
+    train_utts = utterances(place.pair("train"), task.num_classes, task.rate, cfg.train.data)
+    loader = batch_loader(train_utts, task.rate, cfg.train.data, seed, cap)
+
+    def progress(step: int, metrics: dict) -> None:
+        log.info("client %d, round %d, update %d: loss %.3f", place.index, round_, step, metrics["loss"])
+
+    started = time.perf_counter()
+    result = train(model, cycle_batches(loader), cfg.train, objective=task.objective, steps=cfg.local_steps,
+                   global_step=int(info["global_step"]), optimizer=make_optimizer(model, cfg.train.optim),
+                   device=device, on_step=progress)
+    seconds = time.perf_counter() - started
+    metrics = {f"train_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if place.has("valid"):
+        valid_utts = utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data)
+        valid = evaluate(model, batch_loader(valid_utts, task.rate, cfg.train.data, cfg.seed + 1, cap), cfg.train,
+                         objective=task.objective, device=device, seed=cfg.seed)
+        metrics.update({f"valid_{k}": float(v) for k, v in valid.items() if isinstance(v, (int, float))})
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if task.head_keys:
+        save_head(place.work, round_, new_state, task.head_keys, cfg.checkpoint_every)
+    shared = {k: v for k, v in new_state.items() if k in message.content["arrays"]}
+    metrics.update({"client": place.index, "num-examples": sum(u.num_samples for u in train_utts) / 16000,
+                    "train_time_s": seconds})
+    return Message(RecordDict({"arrays": encode(shared, cfg.transfer), "metrics": MetricRecord(metrics)}),
+                   reply_to=message)
