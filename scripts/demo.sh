@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The fedhubert pipeline on the built-in synthetic corpora, stage by stage (the stages that exist so far).
+# The whole fedhubert pipeline on the built-in synthetic corpora, stage by stage, then the run report.
 # Each stage writes its own folder under DEMO_DIR with its resolved config, log and run record.
+# SC_STEPS: S3PRL speech_commands training steps per evaluation (SUPERB uses 200,000; this is a demo).
 set -euo pipefail
 DEMO_DIR=${DEMO_DIR:-data/demo}
 FEDHUBERT=${FEDHUBERT:-fedhubert}
+SC_STEPS=${SC_STEPS:-1000}
 run() { echo "+ $*"; "$@"; }
 
 run "$FEDHUBERT" synth librispeech --out "$DEMO_DIR/LibriSpeech" --speakers 24 --minutes 1.5 --force
@@ -32,6 +34,16 @@ run "$FEDHUBERT" distill --teacher "$DEMO_DIR/pretrain/checkpoints/final.pt" --p
   train.log_every=1000
 run "$FEDHUBERT" export --checkpoint "$DEMO_DIR/distill/checkpoints/final.pt" --format s3prl-distiller \
   --out "$DEMO_DIR/distill/distiller_s3prl.pt" --force
+# SUPERB keyword spotting with S3PRL's own speech_commands recipe (shortened): the federated teacher, the same
+# architecture untrained, the distilled student, and S3PRL's fbank baseline, on the same synthetic data.
+evaluate() { run "$FEDHUBERT" evaluate speech-commands --dataset "$DEMO_DIR/speech_commands" --steps "$SC_STEPS" \
+  --eval-step $((SC_STEPS / 4)) --force "$@"; }
+evaluate --checkpoint "$DEMO_DIR/pretrain/checkpoints/final.pt" --name "federated teacher" --out "$DEMO_DIR/eval/teacher"
+evaluate --checkpoint "$DEMO_DIR/pretrain/checkpoints/final.pt" --random-init --name "random-init teacher" \
+  --out "$DEMO_DIR/eval/random_init"
+evaluate --checkpoint "$DEMO_DIR/distill/checkpoints/final.pt" --name "distilled student" --out "$DEMO_DIR/eval/student"
+evaluate --baseline fbank --out "$DEMO_DIR/eval/fbank"
+run "$FEDHUBERT" report "$DEMO_DIR"
 
 echo
 echo "Demo finished. Outputs:"
@@ -39,9 +51,11 @@ echo "  $DEMO_DIR/LibriSpeech        synthetic LibriSpeech (SPEAKERS.TXT, subset
 echo "  $DEMO_DIR/speech_commands    synthetic Speech Commands v0.01 and its test set"
 echo "  $DEMO_DIR/partition          4 speaker-disjoint clients: manifests, partition.json, summary.md, clients.png"
 echo "  $DEMO_DIR/kmeans             federated MFCC k-means (K=100): client_<i>/{train,valid}.km, codebook.npy, kmeans.json"
-echo "  $DEMO_DIR/central            centralized tiny HuBERT baseline: checkpoints/, metrics.jsonl, training.png,"
-echo "                               hubert_s3prl.pt (loads in S3PRL with -u hubert_local -k ...)"
+echo "  $DEMO_DIR/central            centralized tiny HuBERT baseline: checkpoints/, training.png, hubert_s3prl.pt"
 echo "  $DEMO_DIR/pretrain           federated tiny HuBERT (FedAdam, 4 clients): checkpoints/, metrics.jsonl,"
 echo "                               tensorboard/, pretrain.png, messages.jsonl, hubert_s3prl.pt"
 echo "  $DEMO_DIR/distill            federated DistilHuBERT student of that teacher: checkpoints/, distill.png,"
-echo "                               distiller_s3prl.pt (loads in S3PRL with -u distiller_local -k ...)"
+echo "                               distiller_s3prl.pt"
+echo "  $DEMO_DIR/eval               S3PRL speech_commands runs (<name>/s3prl/log.log) and results.md"
+echo
+echo "Report: $DEMO_DIR/report.md (plots in $DEMO_DIR/report/)"

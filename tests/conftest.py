@@ -18,6 +18,17 @@ TINY_SPEECH_COMMANDS = ["--speakers", "10", "--test-speakers", "3", "--seed", "5
                         "auxiliary_words=[bed,cat,marvin,wow]"]
 
 
+PRETRAIN_FAST = ["--preset", "tiny", "--local-steps", "3", "train.device=cpu", "train.optim.lr=0.002",
+                 "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
+                 "train.data.max_seconds=3", "train.data.batch_seconds=12"]
+DISTILL_FAST = ["--local-steps", "3", "student.layers=1", "train.device=cpu", "train.optim.lr=2e-3",
+                "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
+                "train.data.max_seconds=3", "train.data.batch_seconds=12"]
+
+# A few S3PRL steps of batch 8: enough for a dev-best checkpoint and its test score, in well under a minute.
+EVAL_SHORT = ["--steps", "4", "--eval-step", "2", "log_step=2", "batch_size=8", "num_workers=0", "device=cpu"]
+
+
 def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
 
@@ -106,3 +117,32 @@ def tiny_speech_commands(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpora") / "speech_commands"
     assert run_cli("synth", "speech-commands", "--out", out, "--workers", "2", *TINY_SPEECH_COMMANDS) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def four_rounds(small_partition: Path, small_kmeans: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Federated pretraining of the tiny preset: 4 rounds on Flower, 2 of the 3 clients sampled per round."""
+    out = tmp_path_factory.mktemp("pretrain") / "four"
+    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                   *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6") == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def distilled(tiny_teacher: Path, small_partition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Federated distillation of a 1-layer student from the tiny teacher: 2 rounds on Flower."""
+    out = tmp_path_factory.mktemp("distill") / "run"
+    assert run_cli("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
+                   "--rounds", "2", *DISTILL_FAST) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def evaluations(tiny_speech_commands: Path, tiny_teacher: Path, distilled: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """S3PRL speech_commands (a few steps) on the tiny teacher (hubert_local) and the student (distiller_local)."""
+    root = tmp_path_factory.mktemp("evaluations") / "eval"
+    for name, checkpoint in (("teacher", tiny_teacher), ("student", distilled / "checkpoints" / "final.pt")):
+        assert run_cli("evaluate", "speech-commands", "--dataset", tiny_speech_commands, "--checkpoint", checkpoint,
+                       "--out", root / name, "--name", name, *EVAL_SHORT) == 0
+    return root

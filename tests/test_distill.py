@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import run_cli
+from conftest import DISTILL_FAST as FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
 from fedhubert.distill.student import (
@@ -22,9 +22,6 @@ from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_c
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, hidden_states
 
-FAST = ["--local-steps", "3", "student.layers=1", "train.device=cpu", "train.optim.lr=2e-3",
-        "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
-        "train.data.max_seconds=3", "train.data.batch_seconds=12"]
 
 
 def rows(out: Path, kind: str) -> list[dict]:
@@ -67,14 +64,6 @@ def test_the_student_starts_from_the_teachers_cnn_and_layers(tiny_teacher):
     assert torch.equal(state["encoder.layers.1.fc2.weight"],
                        teacher_state["wav2vec2.encoder.transformer.layers.1.feed_forward.output_dense.weight"])
     assert not any(k.startswith("output_layer") for k in copied)
-
-
-@pytest.fixture(scope="module")
-def distilled(tiny_teacher, small_partition, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("distill") / "run"
-    assert run_cli("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
-                   "--rounds", "2", *FAST) == 0
-    return out
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KMEANS_FAST, run_cli
+from conftest import KMEANS_FAST, PRETRAIN_FAST as FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -20,9 +20,6 @@ from fedhubert.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
-FAST = ["--preset", "tiny", "--local-steps", "3", "train.device=cpu", "train.optim.lr=0.002",
-        "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
-        "train.data.max_seconds=3", "train.data.batch_seconds=12"]
 
 
 def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
@@ -35,13 +32,6 @@ def rows(out: Path, kind: str) -> list[dict]:
 
 def messages(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def four_rounds(small_partition, small_kmeans, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pretrain") / "four"
-    assert pretrain(small_partition, small_kmeans, out, "--rounds", "4", "strategy.fraction=0.6") == 0
-    return out
 
 
 def test_the_global_model_trains_and_dev_accuracy_is_reported(four_rounds):

@@ -61,8 +61,12 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
                             help="continue the run in RUN_DIR from its newest checkpoint, with its config (only "
                                  f"{', '.join(stage.resume_keys)} may be changed, e.g. num_rounds=20)")
     for flag, key, kind, flag_help in stage.flags:
-        parser.add_argument(flag, dest=f"flag_{key}", type=str if kind is list else kind, metavar=key.upper(),
-                            help=f"{flag_help} (= {key})")
+        if kind is bool:
+            parser.add_argument(flag, dest=f"flag_{key}", action="store_const", const="true",
+                                help=f"{flag_help} (= {key}=true)")
+        else:
+            parser.add_argument(flag, dest=f"flag_{key}", type=str if kind is list else kind, metavar=key.upper(),
+                                help=f"{flag_help} (= {key})")
     parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults, as in configs/)")
     parser.add_argument("--force", action="store_true", help="replace this stage's earlier outputs in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -71,7 +75,8 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
 
 
 def _sugar(flags: tuple, args: argparse.Namespace) -> list[str]:
-    """The KEY=VALUE overrides that flags stand for (a flag of kind `list` gives a one-item list)."""
+    """The KEY=VALUE overrides that flags stand for (a flag of kind `list` gives a one-item list; of kind `bool`,
+    a switch that sets the key to true)."""
     out = []
     for _, key, kind, _ in flags:
         value = getattr(args, f"flag_{key}")
@@ -102,7 +107,8 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
         return 0
     module_name, function_name = stage.entry.split(":")
     entry = getattr(importlib.import_module(module_name), function_name)
-    with stage_run(stage.name, args.out, cfg, force=args.force, owned=stage.owned, resume=resume is not None) as run:
+    with stage_run(stage.name, args.out, cfg, force=args.force, owned=stage.owned, resume=resume is not None,
+                   command=args.command) as run:
         entry(cfg, args.out, run)
     return 0
 
@@ -111,6 +117,7 @@ def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
     from fedhubert.distill import config as distill_config
+    from fedhubert.eval import config as eval_config
     from fedhubert.labels import config as kmeans_config
     from fedhubert.pretrain import config as pretrain_config
     from fedhubert.train import config as train_config
@@ -217,6 +224,22 @@ def _stages() -> dict[str, Stage]:
             ),
             resume_keys=("num_rounds", "federation"),
         ),
+        "speech-commands-eval": Stage(
+            name="evaluate-speech-commands",
+            config_cls=eval_config.SpeechCommandsConfig,
+            owned=eval_config.OUTPUTS,
+            entry="fedhubert.eval.speech_commands:run_speech_commands",
+            flags=(
+                ("--dataset", "dataset", str, "folder holding speech_commands_v0.01/ and its test set"),
+                ("--checkpoint", "checkpoint", str, "a HuBERT or distilled-student checkpoint (.pt)"),
+                ("--baseline", "baseline", str, "instead: an S3PRL upstream such as fbank"),
+                ("--random-init", "random_init", bool, "the checkpoint's architecture, randomly initialised"),
+                ("--name", "name", str, "its name in the results table"),
+                ("--steps", "total_steps", int, "downstream training steps"),
+                ("--eval-step", "eval_step", int, "evaluate on dev every this many steps"),
+                ("--device", "device", str, "cpu, cuda or auto"),
+            ),
+        ),
     }
 
 
@@ -259,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
         stages, "distill", "federated DistilHuBERT distillation from a frozen pretrained teacher, on Flower",
         stage["distill"], "run folder to create (checkpoints, metrics.jsonl, tensorboard, distill.png)",
     )
+    evaluate = stages.add_parser("evaluate", help="SUPERB downstream evaluation with S3PRL")
+    tasks = evaluate.add_subparsers(title="tasks", metavar="TASK", required=True)
+    _add_stage(
+        tasks, "speech-commands", "keyword spotting (Speech Commands v0.01) with S3PRL's own run_downstream: "
+        "train, then score the dev-best checkpoint on the test set", stage["speech-commands-eval"],
+        "evaluation folder to create (S3PRL's experiment, result.json; the row is added to ../results.jsonl)",
+    )
+    report = stages.add_parser("report", help="write RUN_DIR/report.md and its plots from a run's files",
+                               description="Rebuild the Markdown report (and PNG plots) of a run folder from the "
+                                           "files its stages wrote.")
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the folder holding the stage folders")
+    report.set_defaults(handler=_report)
     export = stages.add_parser("export", help="convert a checkpoint for S3PRL",
                                description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.")
     export.add_argument("--checkpoint", type=Path, required=True, help="a fedhubert checkpoint (.pt)")
@@ -280,10 +315,19 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from fedhubert.report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # KEY=VALUE overrides may come before or after flags; argparse's positional would take only the first run.
     args, extra = parser.parse_known_args(argv)
+    args.command = ["fedhubert", *(sys.argv[1:] if argv is None else argv)]
     stray = [a for a in extra if a.startswith("-") or "=" not in a]
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")

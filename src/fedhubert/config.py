@@ -260,6 +260,8 @@ def _coerce(value: Any, tp: Any, path: str, origins: dict) -> Any:
 
 
 def _check_bounds(value: Any, meta: dict, path: str, origins: dict) -> None:
+    if value is None:  # null passed the type check: the field is Optional, and bounds apply to values only
+        return
     source = _origin_of(origins, path)
     if isinstance(value, list):
         for i, item in enumerate(value):

@@ -159,7 +159,8 @@ class StageRun:
     """Handle given to a stage inside `stage_run`: put results into `summary`; they land in run.json.
     `resume` says the stage continues an earlier run in the same folder."""
 
-    def __init__(self, stage: str, out_dir: Path, config: Any, resume: bool = False):
+    def __init__(self, stage: str, out_dir: Path, config: Any, resume: bool = False,
+                 command: Sequence[str] | None = None):
         self.stage = stage
         self.out_dir = out_dir
         self.config = config
@@ -168,7 +169,7 @@ class StageRun:
         self.record: dict[str, Any] = {
             "stage": stage,
             "status": "running",
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+            "command": list(command) if command is not None else [Path(sys.argv[0]).name, *sys.argv[1:]],
             "cwd": str(Path.cwd()),
             "out_dir": str(out_dir),
             "resumed": resume,
@@ -184,14 +185,15 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, out_dir: Path, config: Any, *, force: bool = False, owned: Sequence[str] = (), resume: bool = False
+    stage: str, out_dir: Path, config: Any, *, force: bool = False, owned: Sequence[str] = (), resume: bool = False,
+    command: Sequence[str] | None = None,
 ) -> Iterator[StageRun]:
     """With `resume`, the folder's earlier outputs stay (the stage continues them); the log is appended to."""
     out_dir = Path(out_dir)
     if not resume:
         prepare_output_dir(out_dir, stage=stage, force=force, owned=owned)
     setup_logging(out_dir / LOG_DIR / f"{stage}.log")
-    run = StageRun(stage, out_dir, config, resume)
+    run = StageRun(stage, out_dir, config, resume, command)
     save_config(config, out_dir / CONFIG_FILE)
     run.write()
     log.info("%s: writing to %s (fedhubert %s)", stage, out_dir, __version__)

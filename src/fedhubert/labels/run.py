@@ -80,7 +80,7 @@ def _label_heldout(cfg: KMeansConfig, partition: dict, out: Path, codebook: np.n
     return done
 
 
-def _plot(record: dict, path: Path) -> None:
+def plot_kmeans(record: dict, path: Path) -> None:
     fig, (ax_rounds, ax_usage) = plt.subplots(1, 2, figsize=(11, 4))
     if record["history"]:
         ax_rounds.plot([h["round"] for h in record["history"]], [h["inertia"] for h in record["history"]], marker="o")
@@ -130,7 +130,7 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
             log.info("per-client codebooks: mean distance to the matched centralized centroid %.3f (centroid spread "
                      "%.3f)", ref["mean_matched_centroid_distance"], ref["centroid_scale"])
     atomic_write_text(out / KMEANS_FILE, json.dumps(record, indent=2) + "\n")
-    _plot(record, out / "kmeans.png")
+    plot_kmeans(record, out / "kmeans.png")
     if record["unused_clusters"]:
         log.warning("%d of %d clusters label no frame", record["unused_clusters"], record["num_clusters"])
     log.info("%s k-means, K=%d: inertia %.4f per frame over %d clients; labels in %s/client_<i>/{train,valid}.km",

@@ -77,7 +77,7 @@ def data_loaders(cfg: TrainConfig, rate: LabelRate, train_pairs, valid_pairs, nu
     return train_utts, train_loader, valid_loader
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def plot_training(rows: list[dict], path: Path) -> None:
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
     for kind, style in (("train", "-"), ("valid", "o-")):
         points = [r for r in rows if r["kind"] == kind]
@@ -144,7 +144,7 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             checkpoint(f"step_{step}.pt", step)
     checkpoint("final.pt", step)
-    _plot(rows, out / "training.png")
+    plot_training(rows, out / "training.png")
     valid_rows = [r for r in rows if r["kind"] == "valid"]
     summary = {"parameters": params, "num_classes": num_classes, "steps": step, "device": str(device),
                "train": {k: last.get(k) for k in ("loss", "acc_masked", "audio_seconds_per_second", "peak_memory_mb")},
