@@ -2,7 +2,8 @@
 #   make demo   set up (once) and run the pipeline on the built-in synthetic corpora
 #   make test   set up (once) and run the test suite
 # Other targets: setup, bench, lock, clean. Variables: PYTHON (a Python 3.11), VENV, DEMO_DIR, PYTEST_ARGS,
-# SKIP_SYSTEM_DEPS=1 (do not check or install system packages; see setup.md for HPC clusters).
+# SKIP_SYSTEM_DEPS=1 (do not check or install system packages; see setup.md for HPC clusters), WITH_SLURM=1 (make
+# test also installs slurm-wlm and munge, so the Slurm tests run instead of being skipped; CI sets it).
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -40,6 +41,7 @@ demo: setup
 	DEMO_DIR=$(DEMO_DIR) FEDHUBERT=$(BIN)/fedhubert bash scripts/demo.sh
 
 test: setup
+	@if [ "$(WITH_SLURM)" = "1" ] && [ "$(SKIP_SYSTEM_DEPS)" != "1" ]; then WITH_SLURM=1 bash scripts/install_system_deps.sh; fi
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Speed and memory benchmarks: each writes benchmarks/results/<name>.json and prints a table.

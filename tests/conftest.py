@@ -7,30 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fedhubert.cli import main
+from common import (DISTILL_FAST, EVAL_SHORT, KMEANS_FAST, PRETRAIN_FAST, SMALL_K, SMALL_LIBRISPEECH,
+                    TINY_LIBRISPEECH, TINY_SPEECH_COMMANDS, run_cli)
 
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
-
-TINY_LIBRISPEECH = ["--speakers", "7", "--minutes", "0.25", "--seed", "11", "chapters=2", "max_seconds=8"]
-SMALL_LIBRISPEECH = ["--speakers", "16", "--minutes", "0.15", "--seed", "3", "chapters=2", "max_seconds=5",
-                     "subsets.dev-other=1"]
-TINY_SPEECH_COMMANDS = ["--speakers", "10", "--test-speakers", "3", "--seed", "5", "noise_seconds=4",
-                        "auxiliary_words=[bed,cat,marvin,wow]"]
-
-
-PRETRAIN_FAST = ["--preset", "tiny", "--local-steps", "3", "train.device=cpu", "train.optim.lr=0.002",
-                 "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
-                 "train.data.max_seconds=3", "train.data.batch_seconds=12"]
-DISTILL_FAST = ["--local-steps", "3", "student.layers=1", "train.device=cpu", "train.optim.lr=2e-3",
-                "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
-                "train.data.max_seconds=3", "train.data.batch_seconds=12"]
-
-# A few S3PRL steps of batch 8: enough for a dev-best checkpoint and its test score, in well under a minute.
-EVAL_SHORT = ["--steps", "4", "--eval-step", "2", "log_step=2", "batch_size=8", "num_workers=0", "device=cpu"]
-
-
-def run_cli(*args: str | Path) -> int:
-    return main([str(a) for a in args])
 
 
 @pytest.fixture(scope="session")
@@ -54,10 +34,6 @@ def small_partition(small_librispeech: Path, tmp_path_factory: pytest.TempPathFa
     out = tmp_path_factory.mktemp("stages") / "partition"
     assert run_cli("partition", "--corpus", small_librispeech, "--out", out, "--clients", "3", "use_cache=false") == 0
     return out
-
-
-SMALL_K = 20
-KMEANS_FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", "minibatch.max_iter=30"]
 
 
 @pytest.fixture(scope="session")

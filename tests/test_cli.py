@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import run_cli
+from common import run_cli
 
 
 def fedhubert(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:

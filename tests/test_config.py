@@ -176,7 +176,8 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
 REQUIRED = {"partition": ["corpus=/data/LibriSpeech"], "kmeans": ["partition=/data/partition"],
             "train-local": ["train_manifests=[/d/a.tsv]", "train_labels=[/d/a.km]"],
             "pretrain": ["partition=/d/p", "kmeans=/d/k"], "distill": ["teacher=/d/t.pt", "partition=/d/p"],
-            "evaluate-speech-commands": ["dataset=/d/sc", "baseline=fbank"]}  # keys without a default, given as a user would
+            "evaluate-speech-commands": ["dataset=/d/sc", "baseline=fbank"],
+            "features": ["partition=/d/p", "client=0"]}  # keys without a default, given as a user would
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))

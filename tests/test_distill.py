@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import DISTILL_FAST as FAST, run_cli
+from common import DISTILL_FAST as FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
 from fedhubert.distill.student import (

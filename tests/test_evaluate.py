@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import EVAL_SHORT as SHORT, run_cli
+from common import EVAL_SHORT as SHORT, run_cli
 from fedhubert.corpus.speech_commands_synth import TEST_DIR, TRAIN_DIR
 from fedhubert.eval.config import SpeechCommandsConfig
 from fedhubert.eval.speech_commands import prepare_upstream

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import KMEANS_FAST as FAST
-from conftest import run_cli
+from common import KMEANS_FAST as FAST
+from common import run_cli
 from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import read_manifest
 
@@ -99,3 +99,21 @@ def test_too_few_frames_for_k_stops_before_any_flower_run(small_partition, featu
                    "sample_fraction=1.0", f"feature_dir={features}") == 2
     assert "fewer than num_clusters=100000" in capsys.readouterr().err
     assert not (out / "flwr").exists()
+
+
+def test_features_computed_per_client_ahead_are_reused_by_kmeans(small_partition, tmp_path, capsys):
+    """What the Slurm features array does: one `fedhubert features` per client, then kmeans reuses them all."""
+    cache = tmp_path / "features"
+    for client in range(3):
+        assert run_cli("features", "--partition", small_partition, "--client", client, "--out",
+                       cache / f"client_{client}", "--workers", "1") == 0
+        assert json.loads((cache / f"client_{client}" / "run.json").read_text())["summary"]["computed"] == 2
+    out = tmp_path / "kmeans"
+    assert run_cli("kmeans", "--partition", small_partition, "--out", out, *FAST, f"feature_dir={cache}") == 0
+    assert json.loads((out / "run.json").read_text())["summary"]["features"]["computed"] == 0
+    assert json.loads((out / "run.json").read_text())["summary"]["features"]["reused"] == 6
+    capsys.readouterr()
+    assert run_cli("features", "--partition", small_partition, "--client", 1, "--out", cache / "elsewhere") == 2
+    assert "--out must be FEATURE_DIR/client_1 (not elsewhere)" in capsys.readouterr().err
+    assert run_cli("features", "--partition", small_partition, "--client", 7, "--out", cache / "client_7") == 2
+    assert "client 7 does not exist: the partition has clients 0..2" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import run_cli
+from common import run_cli
 from fedhubert.manifest import file_sha256, read_aligned_lines, read_manifest
 from test_synth_librispeech import speakers_table, transcripts, tree_digest
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import KMEANS_FAST, PRETRAIN_FAST as FAST, run_cli
+from common import KMEANS_FAST, PRETRAIN_FAST as FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -153,6 +153,6 @@ def test_flwr_run_of_the_repository_works_as_flower_users_expect(small_partition
         "train.data.batch_seconds=12"]))
     out = tmp_path / "flwr-run"
     save_config(config, tmp_path / "pretrain.yaml")
-    run_flower_app({"config": str(tmp_path / "pretrain.yaml"), "out": str(out)}, out, 3, FederationConfig(), app=repo)
+    run_flower_app({"config": str(tmp_path / "pretrain.yaml"), "out": str(out)}, out, 3, FederationConfig(app=repo))
     summary = json.loads((out / "pretrain.json").read_text())
     assert summary["rounds"] == 1 and (out / "checkpoints" / "final.pt").is_file()

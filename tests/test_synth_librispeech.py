@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from conftest import TINY_LIBRISPEECH, run_cli
+from common import TINY_LIBRISPEECH, run_cli
 from fedhubert.config import load_config
 from fedhubert.corpus.librispeech_synth import LibriSpeechSynthConfig, allocate
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import TINY_SPEECH_COMMANDS, run_cli
+from common import TINY_SPEECH_COMMANDS, run_cli
 from fedhubert.corpus.speech_commands_synth import KEYWORDS, split_of
 from test_synth_librispeech import tree_digest
 

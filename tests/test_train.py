@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from conftest import SMALL_K, run_cli
+from common import SMALL_K, run_cli
 from fedhubert.config import load_config
 from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import ManifestEntry, read_manifest, write_manifest

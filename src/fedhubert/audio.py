@@ -108,7 +108,15 @@ def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise AudioError(
             f"{path} decoded to {wav.shape[0]} samples but its header says {info.num_samples}; the file is truncated"
         )
+    _check_finite(wav, path)
     return wav
+
+
+def _check_finite(wav: np.ndarray, path: Path) -> None:
+    """Float WAVs can hold NaN or infinity, which would poison features and gradients downstream."""
+    if not np.isfinite(wav).all():
+        raise AudioError(f"{path} holds NaN or infinite samples (sample {int(np.flatnonzero(~np.isfinite(wav))[0])}); "
+                         f"the file is corrupt: export it again")
 
 
 def read_audio_segment(path: Path, start: int, stop: int) -> np.ndarray:
@@ -121,6 +129,7 @@ def read_audio_segment(path: Path, start: int, stop: int) -> np.ndarray:
         check_speech_format(audio_info(path))
     if len(wav) != stop - start:
         raise AudioError(f"{path} ended after {start + len(wav)} samples; expected at least {stop} (truncated file?)")
+    _check_finite(wav, path)
     return wav
 
 

@@ -8,6 +8,7 @@ config without running, and writes its resolved config, log and run record besid
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
@@ -18,7 +19,7 @@ from typing import Sequence
 
 from fedhubert import __version__
 from fedhubert.config import absolute_paths, describe_fields, dump_config, load_config
-from fedhubert.errors import ConfigError, FedhubertError
+from fedhubert.errors import EXIT_STOPPED, ConfigError, FedhubertError, StageStopped
 from fedhubert.runlog import CONFIG_FILE, setup_logging, stage_run
 
 log = logging.getLogger("fedhubert")
@@ -176,6 +177,21 @@ def _stages() -> dict[str, Stage]:
                 ("--seed", "seed", int, "random seed"),
                 ("--workers", "workers", int, "featurising processes, 0 = one per core"),
             ),
+            resume_keys=("federation",),
+        ),
+        "features": Stage(
+            name="features",
+            config_cls=kmeans_config.ClientFeaturesConfig,
+            owned=kmeans_config.FEATURES_OUTPUTS,
+            entry="fedhubert.labels.client_features:run_client_features",
+            flags=(
+                ("--partition", "partition", str, "partition folder (made by 'fedhubert partition')"),
+                ("--client", "client", int, "the client to featurise"),
+                ("--features", "features.kind", str, "mfcc (iteration 1) or hubert (iteration 2)"),
+                ("--checkpoint", "features.checkpoint", str, "hubert features: a pretrained checkpoint"),
+                ("--layer", "features.layer", int, "hubert features: the transformer layer"),
+                ("--workers", "workers", int, "processes, 0 = one per core"),
+            ),
         ),
         "train-local": Stage(
             name="train-local",
@@ -271,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         stage["kmeans"], "k-means folder to create (labels per client, codebook, kmeans.json)",
     )
     _add_stage(
+        stages, "features", "one client's k-means features ahead of 'fedhubert kmeans' (e.g. a Slurm array task "
+        "per client)", stage["features"], "FEATURE_DIR/client_<i>: the cache kmeans reads with feature_dir=FEATURE_DIR",
+    )
+    _add_stage(
         stages, "train-local", "centralized HuBERT training on manifests and k-means labels (the baseline)",
         stage["train-local"], "training folder to create (checkpoints, metrics.jsonl, training.png)",
     )
@@ -294,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                                            "files its stages wrote.")
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the folder holding the stage folders")
     report.set_defaults(handler=_report)
+    _add_deployment(stages)
     export = stages.add_parser("export", help="convert a checkpoint for S3PRL",
                                description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.")
     export.add_argument("--checkpoint", type=Path, required=True, help="a fedhubert checkpoint (.pt)")
@@ -304,6 +325,70 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace an existing file")
     export.set_defaults(handler=_export)
     return parser
+
+
+def _add_deployment(stages: argparse._SubParsersAction) -> None:
+    superlink = stages.add_parser(
+        "superlink", help="run a SuperLink of Flower's deployment engine (TLS, SuperNode authentication)",
+        description="Run a SuperLink (Flower's deployment engine) until stopped (SIGTERM, Ctrl-C). Federated stages "
+                    "use it with federation.superlink=HOST:PORT; SuperNodes join with 'fedhubert supernode'.")
+    superlink.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on; 0.0.0.0 for SuperNodes on other machines (default: 127.0.0.1)")
+    superlink.add_argument("--port", type=int, default=0,
+                           help="port of its Fleet, Control and Runtime APIs (default: a free one, see --ready-file)")
+    superlink.add_argument("--tls", type=Path, metavar="DIR",
+                           help="serve TLS with DIR/ca.crt, server.pem and server.key (scripts/make_certificates.sh)")
+    superlink.add_argument("--authorized-keys", type=Path, nargs="+", default=[], metavar="KEY.pub|DIR",
+                           help="only SuperNodes holding the private keys of these public keys may join (needs --tls)")
+    superlink.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: a fresh temporary folder)")
+    superlink.add_argument("--log", type=Path, help="write Flower's output to this file (default: the terminal)")
+    superlink.add_argument("--ready-file", type=Path,
+                           help="write HOST:PORT into this file once it serves (and remove it when it stops)")
+    superlink.set_defaults(handler=_superlink)
+
+    supernode = stages.add_parser(
+        "supernode", help="run a SuperNode serving one client (partition) of a federated run",
+        description="Run a Flower SuperNode for client --partition-id of --num-partitions (under srun: SLURM_PROCID "
+                    "and SLURM_NTASKS) until it is stopped or its SuperLink goes away. The client reads "
+                    "client_<id>/ of the partition; the --*-dir flags say where this node keeps its data when "
+                    "that differs from the paths in the run's config.")
+    supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    supernode.add_argument("--partition-id", type=int, help="this client's index (default: $SLURM_PROCID)")
+    supernode.add_argument("--num-partitions", type=int, help="number of clients (default: $SLURM_NTASKS)")
+    for flag, key, what in (("--partition-dir", "partition-dir", "the partition folder on this node"),
+                            ("--kmeans-dir", "kmeans-dir", "the k-means folder on this node"),
+                            ("--work-dir", "work-dir", "where this client writes features and its local head"),
+                            ("--teacher", "teacher-checkpoint", "distillation: the teacher checkpoint on this node")):
+        supernode.add_argument(flag, dest=f"node_{key}", metavar="PATH", help=f"{what} (node config {key})")
+    supernode.add_argument("--root-certificates", type=Path, metavar="CA",
+                           help="the CA certificate of a TLS SuperLink (default: an insecure connection)")
+    supernode.add_argument("--auth-key", type=Path, metavar="KEY",
+                           help="this node's private key (its KEY.pub registered with the SuperLink)")
+    supernode.add_argument("--port", type=int, default=0, help="port of this SuperNode's own runtime API "
+                                                               "(default: a free one)")
+    supernode.add_argument("--max-wait-time", type=float, default=300.0, metavar="SECONDS",
+                           help="give up when the SuperLink cannot be reached for this long (default: 300)")
+    supernode.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: a temporary folder, removed after)")
+    supernode.add_argument("--log", type=Path, help="write Flower's output to this file (default: the terminal)")
+    supernode.set_defaults(handler=_supernode)
+
+
+def _superlink(args: argparse.Namespace) -> int:
+    from fedhubert.fl.deploy import serve_superlink
+
+    return serve_superlink(host=args.host, port=args.port, tls_dir=args.tls, authorized_keys=args.authorized_keys,
+                           flwr_home=args.flwr_home, log_path=args.log, ready_file=args.ready_file)
+
+
+def _supernode(args: argparse.Namespace) -> int:
+    from fedhubert.fl.deploy import serve_supernode
+
+    node_config = {key.removeprefix("node_"): str(Path(value).resolve()) for key, value in vars(args).items()
+                   if key.startswith("node_") and value is not None}
+    return serve_supernode(superlink=args.superlink, partition_id=args.partition_id,
+                           num_partitions=args.num_partitions, node_config=node_config,
+                           root_certificates=args.root_certificates, auth_key=args.auth_key, port=args.port,
+                           flwr_home=args.flwr_home, log_path=args.log, max_wait_s=args.max_wait_time)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -336,8 +421,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     try:
         return args.handler(args)
+    except StageStopped as err:
+        log.warning("%s", err)
+        return EXIT_STOPPED
     except FedhubertError as err:
         log.error("%s", err)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        log.error("cannot write %s: %s. Files already written are intact (every write is atomic): free space or "
+                  "choose another --out, then run the command again", err.filename or "an output", err.strerror)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

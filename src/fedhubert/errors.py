@@ -19,3 +19,11 @@ class MissingToolError(FedhubertError):
 
 class OutputExistsError(FedhubertError):
     """A stage's output folder already holds results and --force was not given."""
+
+
+class StageStopped(FedhubertError):
+    """A stage stopped early at request (SIGTERM, as Slurm sends at a time limit) after saving its state; it
+    continues with --resume. The command exits with EXIT_STOPPED."""
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, try again (resume)

@@ -28,7 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict, save_config
-from fedhubert.errors import OutputExistsError
+from fedhubert.errors import OutputExistsError, StageStopped
 
 log = logging.getLogger("fedhubert")
 T = TypeVar("T")
@@ -201,6 +201,9 @@ def stage_run(
     try:
         with logging_redirect_tqdm():
             yield run
+    except StageStopped as err:
+        run.record.update(status="stopped", error=str(err))
+        raise
     except BaseException as err:
         run.record.update(status="failed", error=f"{type(err).__name__}: {err}")
         raise

@@ -15,7 +15,9 @@ from pathlib import Path
 from fedhubert.distill.config import DistillConfig
 from fedhubert.distill.server import SUMMARY_FILE, read_inputs
 from fedhubert.distill.student import load_teacher, prediction_layers
-from fedhubert.fl.federation import run_flower_app
+from fedhubert.errors import StageStopped
+from fedhubert.fl.federation import run_flower_app, stopped_message
+from fedhubert.fl.rounds import STOP_FILE
 from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
@@ -57,12 +59,15 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     run_id = run_flower_app(
         {"task": "distill", "config": str(out / CONFIG_FILE), "out": str(out), "resume": run.resume,
          "threads": resources.cpus_per_client if resources else 0},
-        out, num_clients, cfg.federation, resources)
+        out, num_clients, cfg.federation, resources, stop_file=out / STOP_FILE)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     summary["flower_run_id"] = run_id
     plot_rounds(read_rows(out / "metrics.jsonl"), out / "distill.png",
                 f"federated distillation ({cfg.strategy.name}, {num_clients} clients)",
                 acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None)
+    if summary["stopped_after_round"] is not None:
+        run.summary.update(summary)
+        raise StageStopped(stopped_message("distill", summary, out))
     log.info("distillation done: %d rounds, a student with %.1f%% of the teacher's parameters; final checkpoint %s",
              summary["rounds"], 100 * summary["student_parameters"] / summary["teacher_parameters"],
              summary["final_checkpoint"])

@@ -25,6 +25,9 @@ class FederationConfig:
         None, "simulation: share of a GPU per client (null: from the model's estimated memory; 0 without GPUs)",
         ge=0)
     timeout_s: float = param(7200.0, "stop a run that has not finished after this many seconds", gt=0)
+    app: Optional[Path] = param(
+        None, "a Flower app folder to run instead of fedhubert's own (its pyproject.toml names the ServerApp and "
+        "ClientApp, which may wrap fedhubert's, e.g. a customised client); null: fedhubert's")
 
 
 @dataclass

@@ -3,7 +3,8 @@
 A run gets its own FLWR_HOME under the stage's output folder (`flwr/`), with a `config.toml` naming one
 SuperLink connection, and a minimal app folder whose pyproject declares fedhubert's ServerApp and ClientApp (the
 code itself is the installed package). For a simulation, a SuperLink in simulation mode is started on a free
-loopback port and stopped afterwards, whatever happens. `flwr run --stream` follows the run; since it exits 0
+loopback port and stopped afterwards, whatever happens: even if the stage is killed, the SuperLink gets SIGTERM
+from the kernel and a watchdog (`fl.reaper`) ends the simulation it started. `flwr run --stream` follows the run; since it exits 0
 even when the ServerApp fails, the run's final status is then read with `flwr ls` and anything but
 `finished:completed` is an error that points at the logs.
 """
@@ -15,24 +16,24 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.config import FederationConfig
+from fedhubert.fl.deploy import (
+    CONNECTION, Daemon, DeploymentError, end_with_parent, flower_bin, flower_env, free_port, start_superlink,
+    write_connection,
+)
+from fedhubert.fl.reaper import Reaper
 from fedhubert.fl.resources import SimulationResources, simulation_resources
 
 log = logging.getLogger(__name__)
 
-CONNECTION = "fedhubert"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
 # Lines of the stream worth showing on the console (all go to logs/flower.log): fedhubert's and Flower's own
@@ -42,25 +43,6 @@ _SHOWN = re.compile(r"^(\d\d:\d\d:\d\d (INFO|WARNING|ERROR)\s|(INFO|WARNING|ERRO
 
 class FederationError(FedhubertError):
     """The Flower run could not start or did not complete."""
-
-
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).parent / name)
-
-
-def _env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # superexec, serverapp
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _app_dir(flwr_home: Path, keys: list[str]) -> Path:
@@ -91,65 +73,12 @@ clientapp = "fedhubert.fl.client_app:app"
     return app
 
 
-@dataclass
-class _SuperLink:
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    def stop(self) -> None:
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.process.wait(timeout=15)
-
-
-def _health(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-            return response.status == 200
-    except OSError:
-        return False
-
-
-def _start_simulation_superlink(flwr_home: Path, log_dir: Path, timeout: float = 90.0) -> _SuperLink:
+def _start_simulation_superlink(flwr_home: Path, log_dir: Path) -> tuple[Daemon, int]:
     port = free_port()
-    log_path = log_dir / "superlink.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [_bin("flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(port),
-               "--disable-runtime-dependency-installation"]
-    with open(log_path, "ab") as sink:
-        process = subprocess.Popen(command, env=_env(flwr_home), stdout=sink, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    superlink = _SuperLink(process, port, log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FederationError(f"the simulation SuperLink exited with code {process.returncode}; see {log_path}")
-        if _health(port):
-            return superlink
-        time.sleep(0.3)
-    superlink.stop()
-    raise FederationError(f"the simulation SuperLink did not answer within {timeout:.0f} s; see {log_path}")
-
-
-def _write_connection(flwr_home: Path, address: str, root_certificates: Path | None) -> None:
-    security = (f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates
-                else "insecure = true")
-    atomic_write_text(flwr_home / "config.toml", f'''[superlink]
-default = "{CONNECTION}"
-
-[superlink.{CONNECTION}]
-address = "{address}"
-{security}
-''')
+    try:
+        return start_superlink(flwr_home, log_dir / "superlink.log", port=port, simulation=True), port
+    except DeploymentError as error:
+        raise FederationError(f"the simulation SuperLink did not start: {error}") from None
 
 
 def _toml_value(value: object) -> str:
@@ -164,8 +93,8 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
     deadline = time.monotonic() + timeout
     status, details = "unknown", ""
     while time.monotonic() < deadline:
-        result = subprocess.run([_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
-                                env=_env(flwr_home), capture_output=True, text=True, timeout=60)
+        result = subprocess.run([flower_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+                                env=flower_env(flwr_home), capture_output=True, text=True, timeout=60)
         try:
             runs = json.loads(result.stdout).get("runs", [])
         except ValueError:
@@ -178,48 +107,98 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
     return status, details
 
 
+def stopped_message(stage: str, summary: dict, out: Path) -> str:
+    return (f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at request; its "
+            f"state is checkpointed. Continue with: fedhubert {stage} --resume {out}")
+
+
 def run_flower_app(
     run_config: dict[str, object], out_dir: Path, num_clients: int, federation: FederationConfig,
-    resources: SimulationResources | None = None, app: Path | None = None,
+    resources: SimulationResources | None = None, stop_file: Path | None = None,
 ) -> str:
     """Run fedhubert's Flower app with `run_config` (flat scalars); returns the run id once it has completed.
-    `resources` (for a simulation) defaults to the machine's cores shared out over the clients; `app` is the
-    Flower app folder (default: a minimal one made in the run's FLWR_HOME; the repository root works too)."""
+    `resources` (for a simulation) defaults to the machine's cores shared out over the clients. The Flower app is
+    `federation.app` (the repository root works too) or else a minimal one made in the run's FLWR_HOME.
+
+    SIGTERM or Ctrl-C: with `stop_file` (a task that checkpoints per round), the first one writes that file, which
+    the ServerApp reads after the current round to save its state and end; a second one, or the first without
+    `stop_file`, ends the run at once."""
     out_dir = Path(out_dir).resolve()
     flwr_home = out_dir / "flwr"
     log_dir = out_dir / "logs"
-    app = Path(app).resolve() if app else _app_dir(flwr_home, sorted(run_config))
+    app = Path(federation.app).resolve() if federation.app else _app_dir(flwr_home, sorted(run_config))
     superlink = None
+    reaper = Reaper(flwr_home)
     try:
         if federation.superlink is None:
             resources = resources or simulation_resources(federation, num_clients)
-            superlink = _start_simulation_superlink(flwr_home, log_dir)
-            _write_connection(flwr_home, f"127.0.0.1:{superlink.port}", None)
+            superlink, port = _start_simulation_superlink(flwr_home, log_dir)
+            write_connection(flwr_home, f"127.0.0.1:{port}", None)
             log.info("Flower simulation SuperLink on 127.0.0.1:%d: %d virtual clients, %d CPU(s) and %.2f GPU each",
-                     superlink.port, num_clients, resources.cpus_per_client, resources.gpus_per_client)
+                     port, num_clients, resources.cpus_per_client, resources.gpus_per_client)
         else:
-            _write_connection(flwr_home, federation.superlink, federation.root_certificates)
+            write_connection(flwr_home, federation.superlink, federation.root_certificates)
             log.info("Flower deployment: SuperLink %s, expecting %d clients", federation.superlink, num_clients)
-        command = [_bin("flwr"), "run", str(app), CONNECTION, "--stream"]
+        command = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream"]
         for key, value in run_config.items():
             command += ["--run-config", f"{key}={_toml_value(value)}"]
         if federation.superlink is None:
             command += ["--federation-config", resources.federation_config(num_clients)]
-        return _follow(command, flwr_home, log_dir / "flower.log", federation.timeout_s)
+        if stop_file is not None:
+            Path(stop_file).unlink(missing_ok=True)  # a request left over from an earlier run of this folder
+        return _follow(command, flwr_home, log_dir / "flower.log", federation.timeout_s, stop_file)
     finally:
         if superlink is not None:
             superlink.stop()
+        reaper.close()
+        if stop_file is not None:
+            Path(stop_file).unlink(missing_ok=True)
 
 
-def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: float) -> str:
+class _Signals:
+    """SIGTERM / SIGINT while a run is followed: the first asks for a stop after the round (when the task can),
+    any other ends the run now."""
+
+    def __init__(self, process: subprocess.Popen, stop_file: Path | None):
+        self.process, self.stop_file = process, stop_file
+        self.requested: str | None = None
+        self.aborted: str | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_file is not None and self.requested is None:
+            self.requested = name
+            atomic_write_text(self.stop_file, f"{name} received\n")
+            log.warning("%s: the run stops after the current round, with a checkpoint (send it again to abort now)",
+                        name)
+            return
+        self.aborted = name
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: float, stop_file: Path | None) -> str:
     run_id = None
     tail: list[str] = []
-    process = subprocess.Popen(command, env=_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True)
+    process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
+                               preexec_fn=end_with_parent)
     timer = threading.Timer(timeout_s, lambda: os.killpg(process.pid, signal.SIGKILL))
     timer.start()
     try:
-        with open(log_path, "a", encoding="utf-8") as sink:
+        with _Signals(process, stop_file) as signals, open(log_path, "a", encoding="utf-8") as sink:
             assert process.stdout is not None
             for raw in process.stdout:
                 line = _ANSI.sub("", raw.rstrip("\n"))
@@ -231,9 +210,16 @@ def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: floa
                     run_id = match[1]
                 if _SHOWN.search(line):
                     log.info("flower: %s", line.strip())
-        process.wait()
+            process.wait()
     finally:
         timer.cancel()
+    if signals.aborted or process.returncode == -signal.SIGKILL:
+        if run_id is not None:  # on a SuperLink the run goes on without its viewer: stop it there
+            subprocess.run([flower_bin("flwr"), "stop", run_id, CONNECTION], env=flower_env(flwr_home),
+                           capture_output=True, timeout=60)
+    if signals.aborted:
+        raise FederationError(f"the Flower run was aborted ({signals.aborted}); its last checkpoint is in the run "
+                              f"folder (continue with --resume where the stage has it); see {log_path}")
     if process.returncode == -signal.SIGKILL:
         raise FederationError(f"the Flower run did not finish within {timeout_s:.0f} s; see {log_path}")
     if run_id is None:

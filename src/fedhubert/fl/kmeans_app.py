@@ -4,7 +4,8 @@ Federated mode: each client fits MiniBatchKMeans on a sample of its frames and s
 for at least `lloyd.min_shared_count` frames, with their counts; the server clusters them (weighted) into the
 initial codebook. Then, each round, clients return per-cluster sums, sums of squares and counts for the current
 codebook, and the server recomputes the centroids, until the relative change in inertia is below `lloyd.tol`.
-Finally clients label their own frames; labels never leave a client.
+Finally clients label their own frames; labels never leave a client. The server checkpoints its state after every
+Lloyd round (`checkpoints/round_<n>.pt`: centroids, RNG, history), so a killed run resumes where it was.
 
 Per-client mode: each client fits its own codebook, keeps it (`client_<i>/codebook.npy`) and labels its frames.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -30,13 +32,16 @@ from fedhubert.labels.kmeans import (
     ClusterStats, KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
     sample_frames, write_label_file,
 )
+from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
 from fedhubert.manifest import file_sha256, read_manifest
+from fedhubert.model.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid")
 KMEANS_FILE = "kmeans.json"
 CODEBOOK_FILE = "codebook.npy"
+LLOYD_KIND = "kmeans-lloyd"
 
 
 # ------------------------------------------------------------------------------------------------ client side
@@ -87,7 +92,8 @@ def _reply(message: Message, metrics: dict, **named: np.ndarray) -> Message:
 def _fit_local(cfg: KMeansConfig, paths: ClientPaths, feats: FeatureSet):
     rng = np.random.default_rng([cfg.seed, paths.index])
     sample = sample_frames(feats.feats, cfg.sample_fraction, cfg.min_sample_frames, rng)
-    model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed + paths.index, f"client {paths.index}")
+    model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed + paths.index,
+                          f"client {paths.index} ({feats.name})")
     return model, len(sample)
 
 
@@ -196,7 +202,69 @@ class _Server:
         return replies
 
 
-def serve_kmeans(grid: Grid, config_path: Path, out: Path) -> None:
+def _save_lloyd(out: Path, round_: int, centroids: np.ndarray, rng: np.random.Generator, history: list,
+                previous: float | None, converged: bool, cfg: KMeansConfig) -> None:
+    """The server's whole state after a Lloyd round (round 0: the initial codebook), so a killed run resumes it."""
+    save_checkpoint(round_checkpoint(out, round_), kind=LLOYD_KIND, model={"num_clusters": len(centroids),
+                    "dims": int(centroids.shape[1])}, num_classes=len(centroids),
+                    state_dict={"centroids": torch.from_numpy(np.ascontiguousarray(centroids))},
+                    state={"round": round_, "rng": rng.bit_generator.state, "history": history, "previous": previous,
+                           "converged": converged, "config": config_to_dict(cfg)})
+
+
+def _restore_lloyd(out: Path, cfg: KMeansConfig, rng: np.random.Generator) -> tuple[int, np.ndarray, list,
+                                                                                     float | None, bool] | None:
+    found = newest_checkpoint(out, LLOYD_KIND)
+    if found is None:
+        log.warning("no Lloyd checkpoint to resume from in %s; starting from the initial codebook", out / CHECKPOINTS)
+        return None
+    path, payload = found
+    state = payload["state"]
+    changed = changed_keys(state["config"], config_to_dict(cfg), ("federation",))
+    if changed:
+        raise KMeansError(f"{path} was written with other settings ({', '.join(changed)}); resume with the run's own "
+                          f"config.yaml")
+    rng.bit_generator.state = state["rng"]
+    log.info("resuming federated k-means after Lloyd round %d (%s)", state["round"], path.name)
+    return (int(state["round"]), payload["state_dict"]["centroids"].numpy(), list(state["history"]), state["previous"],
+            bool(state["converged"]))
+
+
+def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple[np.ndarray, list]:
+    """The federated codebook: initial centroids from the clients' local ones, then Lloyd rounds on their statistics.
+    Every round is checkpointed; `resume` continues from the newest readable checkpoint."""
+    rng = np.random.default_rng(cfg.seed)
+    restored = _restore_lloyd(out, cfg, rng) if resume else None
+    if restored is None:
+        replies_init = server.ask("kmeans_init")
+        local = [(numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"])
+                 for _, r in sorted(replies_init.items())]
+        centroids = initial_codebook(local, cfg.num_clusters, cfg.seed)
+        log.info("initial codebook from %d shared local centroids", sum(len(c) for c, _ in local))
+        start, history, previous, converged = 0, [], None, False
+        _save_lloyd(out, 0, centroids, rng, history, previous, converged, cfg)
+    else:
+        start, centroids, history, previous, converged = restored
+    for round_ in range(start + 1, cfg.lloyd.max_rounds + 1):
+        if converged:
+            break
+        replies_stats = server.ask("kmeans_stats", round_, codebook=arrays(centroids=centroids.astype(np.float32)))
+        stats = [ClusterStats(**{k: v for k, v in numpy_arrays(r["stats"]).items()},
+                              inertia=float(r["metrics"]["inertia"]), frames=int(r["metrics"]["frames"]))
+                 for _, r in sorted(replies_stats.items())]
+        inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
+        centroids, reseeded = lloyd_update(stats, centroids, rng)
+        change = abs(previous - inertia) / previous if previous else float("inf")
+        history.append({"round": round_, "inertia": inertia, "relative_change": change, "reseeded": reseeded})
+        log.info("k-means round %d: inertia %.4f per frame (change %.2e), %d clusters re-seeded", round_, inertia,
+                 change, len(reseeded))
+        previous = inertia
+        converged = change < cfg.lloyd.tol and not reseeded
+        _save_lloyd(out, round_, centroids, rng, history, previous, converged, cfg)
+    return centroids.astype(np.float32), history
+
+
+def serve_kmeans(grid: Grid, config_path: Path, out: Path, resume: bool = False) -> None:
     cfg = load_config(KMeansConfig, config_path)
     partition = json.loads((Path(cfg.partition) / "partition.json").read_text())
     server = _Server(grid, cfg, out, int(partition["num_clients"]), cfg.federation.timeout_s)
@@ -204,30 +272,8 @@ def serve_kmeans(grid: Grid, config_path: Path, out: Path) -> None:
     history: list[dict] = []
     if cfg.mode == "per-client":
         replies = server.ask("kmeans_own_codebook")
-        codebook = None
     else:
-        replies_init = server.ask("kmeans_init")
-        local = [(numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"])
-                 for _, r in sorted(replies_init.items())]
-        centroids = initial_codebook(local, cfg.num_clusters, cfg.seed)
-        log.info("initial codebook from %d shared local centroids", sum(len(c) for c, _ in local))
-        rng = np.random.default_rng(cfg.seed)
-        previous = None
-        for round_ in range(1, cfg.lloyd.max_rounds + 1):
-            replies_stats = server.ask("kmeans_stats", round_, codebook=arrays(centroids=centroids.astype(np.float32)))
-            stats = [ClusterStats(**{k: v for k, v in numpy_arrays(r["stats"]).items()},
-                                  inertia=float(r["metrics"]["inertia"]), frames=int(r["metrics"]["frames"]))
-                     for _, r in sorted(replies_stats.items())]
-            inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
-            centroids, reseeded = lloyd_update(stats, centroids, rng)
-            change = abs(previous - inertia) / previous if previous else float("inf")
-            history.append({"round": round_, "inertia": inertia, "relative_change": change, "reseeded": reseeded})
-            log.info("k-means round %d: inertia %.4f per frame (change %.2e), %d clusters re-seeded", round_, inertia,
-                     change, len(reseeded))
-            previous = inertia
-            if change < cfg.lloyd.tol and not reseeded:
-                break
-        codebook = centroids.astype(np.float32)
+        codebook, history = _lloyd(server, cfg, out, resume)
         with atomic_path(out / CODEBOOK_FILE) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, codebook)

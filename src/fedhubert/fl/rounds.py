@@ -6,7 +6,9 @@ parameters and shapes, finite values), aggregate them in client order with a Flo
 aggregated metrics, evaluate on the server every `evaluate_every` rounds, and checkpoint every
 `checkpoint_every` rounds and after the last. A failed client is logged and left out; a round with fewer replies
 than `strategy.min_clients` stops the run with an error, after making sure the last completed round is
-checkpointed. `resume` continues from the newest readable checkpoint (a corrupt one is skipped with a warning).
+checkpointed. A `STOP` file in the run folder (written by the stage's command on SIGTERM) ends the run after the
+current round, checkpointed. `resume` continues from the newest readable checkpoint (a corrupt one is skipped with
+a warning).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from fedhubert.fl.round_log import RoundLog, read_rows
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+STOP_FILE = "STOP"
 _ROUND_FILE = re.compile(r"round_(\d+)\.pt")
 # Keys whose change is allowed when a run is resumed (everything else must match the checkpoint's config).
 RESUMABLE_CHANGES = ("num_rounds", "federation")
@@ -65,6 +68,15 @@ class RoundTask:
     checkpoint_extra: Callable[[int], dict] = field(default=lambda round_: {})
 
 
+def stop_requested(out: Path) -> str | None:
+    """Why the run should stop after the current round (the text of `STOP` in the run folder), or None. The
+    stage's command writes it when it gets SIGTERM; the server, which may run in another process, reads it."""
+    try:
+        return (Path(out) / STOP_FILE).read_text().strip() or "stop requested"
+    except FileNotFoundError:
+        return None
+
+
 def round_checkpoint(out: Path, round_: int) -> Path:
     return Path(out) / CHECKPOINTS / f"round_{round_:05d}.pt"
 
@@ -81,7 +93,8 @@ def newest_checkpoint(out: Path, kind: str) -> tuple[Path, dict] | None:
     return None
 
 
-def _same_except(a: dict, b: dict, allowed: tuple[str, ...]) -> list[str]:
+def changed_keys(a: dict, b: dict, allowed: tuple[str, ...]) -> list[str]:
+    """Top-level config keys that differ between `a` and `b`, other than `allowed`."""
     return sorted(k for k in set(a) | set(b) if k not in allowed and a.get(k) != b.get(k))
 
 
@@ -107,7 +120,7 @@ class FederatedRun:
             return 0, 0, state
         path, payload = found
         saved = payload["state"]
-        changed = _same_except(saved["config"], config_to_dict(self.cfg), RESUMABLE_CHANGES)
+        changed = changed_keys(saved["config"], config_to_dict(self.cfg), RESUMABLE_CHANGES)
         if changed:
             raise RoundError(f"cannot resume from {path}: the config differs in {changed}; only "
                              f"{', '.join(RESUMABLE_CHANGES)} may change when resuming")
@@ -202,6 +215,7 @@ class FederatedRun:
         self.task.state.update(state)
         nodes = self._identify()
         started = time.monotonic()
+        stopped = None
         if start == 0 and self.task.evaluate is not None:
             first = self.task.evaluate({**self.task.state, **arrays})
             self.records.write({"kind": "eval", "round": 0, **first})
@@ -252,10 +266,18 @@ class FederatedRun:
                 self.saved_round = round_
             if round_ == self.cfg.num_rounds:
                 self._checkpoint(self.out / CHECKPOINTS / "final.pt", round_, global_step, arrays)
+            elif (reason := stop_requested(self.out)) is not None:
+                if self.saved_round < round_:
+                    self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
+                    self.saved_round = round_
+                log.warning("stopping after round %d of %d at request (%s); the state is in %s", round_,
+                            self.cfg.num_rounds, reason, round_checkpoint(self.out, round_).name)
+                stopped = round_
+                break
         self.records.close()
         return {"rounds": self.cfg.num_rounds, "resumed_after_round": start, "global_step": global_step,
-                "best": self.best, "seconds": round(time.monotonic() - started, 2),
-                "final_checkpoint": str(self.out / CHECKPOINTS / "final.pt")}
+                "best": self.best, "seconds": round(time.monotonic() - started, 2), "stopped_after_round": stopped,
+                "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt")}
 
 
 def _brief(metrics: dict) -> str:

@@ -1,8 +1,8 @@
 """fedhubert's Flower ServerApp: one app for every federated task, chosen by the run config's `task`.
 
 Run config keys: `task` (kmeans, pretrain, distill), `config` (the stage's YAML config), `out` (the output folder), both
-absolute paths, and for training tasks `resume` (continue from the newest checkpoint in `out`) and `threads`
-(CPU threads per client). `fedhubert <stage>` fills them in; `flwr run` users pass them with --run-config.
+absolute paths, `resume` (continue from the newest checkpoint in `out`) and, for training tasks, `threads` (CPU
+threads per client). `fedhubert <stage>` fills them in; `flwr run` users pass them with --run-config.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(grid: Grid, context: Context) -> None:
     if task == "kmeans":
         from fedhubert.fl.kmeans_app import serve_kmeans
 
-        serve_kmeans(grid, config, out)
+        serve_kmeans(grid, config, out, resume=bool(run_config.get("resume", False)))
     else:
         if task == "pretrain":
             from fedhubert.pretrain.server import serve_pretrain as serve

@@ -11,7 +11,8 @@ from fedhubert.errors import ConfigError
 from fedhubert.fl.config import FederationConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force (the feature cache is kept).
-OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "global", "client_[0-9]*")
+OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "global", "client_[0-9]*",
+           "checkpoints")
 
 
 @dataclass
@@ -80,3 +81,24 @@ class KMeansConfig:
         if self.reference and self.federation.superlink is not None:
             raise ConfigError("key 'reference' needs every client's features on this machine: set reference=false "
                               "when running against a SuperLink")
+
+
+FEATURES_OUTPUTS = ("train.*", "valid.*")
+
+
+@dataclass
+class ClientFeaturesConfig:
+    """`fedhubert features`: one client's feature cache, computed ahead of `fedhubert kmeans` (a Slurm array
+    task per client). kmeans reuses it when given feature_dir=<the folder above client_<i>> and the same
+    features.* settings (otherwise it computes them again: never stale)."""
+
+    partition: Optional[Path] = param(None, "the partition folder made by 'fedhubert partition' (required)")
+    client: Optional[int] = param(None, "the client whose train and valid manifests are featurised (required)", ge=0)
+    features: FeaturesConfig = param(FeaturesConfig(), "features, as in the kmeans config")
+    workers: int = param(0, "processes; 0 means one per CPU core", ge=0)
+
+    def validate(self) -> None:
+        if self.partition is None:
+            raise ConfigError("key 'partition' is required: pass --partition DIR (made by 'fedhubert partition')")
+        if self.client is None:
+            raise ConfigError("key 'client' is required: pass --client I (e.g. --client $SLURM_ARRAY_TASK_ID)")

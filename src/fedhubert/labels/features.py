@@ -133,6 +133,11 @@ class FeatureSet:
 
     feats: np.ndarray  # (frames, dims), memory-mapped
     offsets: np.ndarray  # (utterances + 1,)
+    source: Path | None = None  # the .feats.npy file, for messages
+
+    @property
+    def name(self) -> str:
+        return str(self.source) if self.source else "the features"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -175,7 +180,7 @@ def load_features(prefix: Path, manifest_path: Path, settings: FeaturesConfig,
             f"another manifest or settings; run 'fedhubert kmeans' to compute them"
         )
     feats, offsets, _ = _paths(prefix)
-    return FeatureSet(np.load(feats, mmap_mode="r"), np.load(offsets))
+    return FeatureSet(np.load(feats, mmap_mode="r"), np.load(offsets), feats)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,16 @@ def sample_frames(frames: np.ndarray, fraction: float, min_frames: int, rng: np.
     return np.asarray(frames[np.sort(rng.choice(len(frames), size=size, replace=False))], dtype=np.float32)
 
 
+def _check_finite(x: np.ndarray, first_row: int, where: str) -> None:
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        row = first_row + int(np.flatnonzero(~finite)[0])
+        raise KMeansError(f"{where}: frame {row} holds NaN or infinite values, so no cluster can be found for it. The "
+                          f"features are corrupt: delete them and run again (they are recomputed from the audio)")
+
+
 def fit_minibatch(frames: np.ndarray, num_clusters: int, cfg: MiniBatchConfig, seed: int, who: str) -> MiniBatchKMeans:
+    _check_finite(frames, 0, f"the frames sampled for {who}")
     if len(frames) < num_clusters:
         raise KMeansError(
             f"{who} has {len(frames)} frames, fewer than num_clusters={num_clusters}; lower num_clusters, raise "
@@ -54,14 +63,17 @@ def fit_minibatch(frames: np.ndarray, num_clusters: int, cfg: MiniBatchConfig, s
     return model.fit(frames)
 
 
-def assign(frames: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest centroid of each frame and the squared distance to it, in chunks (float32 distances)."""
+def assign(frames: np.ndarray, centroids: np.ndarray, where: str = "the features",
+           first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each frame and the squared distance to it, in chunks (float32 distances). A NaN or
+    infinite frame (`where` names their file, whose rows `frames` starts at `first_row`) is an error: its nearest centroid would be a silent 0."""
     centroids = np.asarray(centroids, dtype=np.float32)
     c_norm = np.einsum("kd,kd->k", centroids, centroids)
     labels = np.empty(len(frames), dtype=np.int64)
     dists = np.empty(len(frames), dtype=np.float64)
     for start in range(0, len(frames), _CHUNK):
         x = np.asarray(frames[start : start + _CHUNK], dtype=np.float32)
+        _check_finite(x, first_row + start, where)
         d = np.einsum("nd,nd->n", x, x)[:, None] - 2.0 * x @ centroids.T + c_norm[None, :]
         best = np.argmin(d, axis=1)
         labels[start : start + len(x)] = best
@@ -85,7 +97,7 @@ def cluster_stats(features: FeatureSet, centroids: np.ndarray) -> ClusterStats:
     sums, sumsq, counts, inertia = np.zeros((k, dim)), np.zeros((k, dim)), np.zeros(k, dtype=np.int64), 0.0
     for start in range(0, features.num_frames, _CHUNK):
         x = np.asarray(features.feats[start : start + _CHUNK], dtype=np.float64)
-        labels, dists = assign(x, centroids)
+        labels, dists = assign(x, centroids, features.name, start)
         np.add.at(sums, labels, x)
         np.add.at(sumsq, labels, x * x)
         counts += np.bincount(labels, minlength=k)
@@ -132,7 +144,7 @@ def lloyd_update(
 
 def label_lines(features: FeatureSet, centroids: np.ndarray) -> tuple[list[str], np.ndarray, float]:
     """One line of space-separated cluster ids per utterance, the usage histogram and the total squared error."""
-    labels, dists = assign(features.feats, centroids)
+    labels, dists = assign(features.feats, centroids, features.name)
     lines = [" ".join(map(str, labels[features.offsets[i] : features.offsets[i + 1]])) for i in range(len(features))]
     return lines, np.bincount(labels, minlength=len(centroids)), float(dists.sum())
 

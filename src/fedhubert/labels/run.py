@@ -114,8 +114,8 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
                     f"client {p.index} would fit its codebook on {size} frames (of its {frames}), fewer than "
                     f"num_clusters={cfg.num_clusters}: lower num_clusters, or raise sample_fraction or min_sample_frames"
                 )
-    run_id = run_flower_app({"task": "kmeans", "config": str(out / CONFIG_FILE), "out": str(out)}, out,
-                            len(clients), cfg.federation)
+    run_id = run_flower_app({"task": "kmeans", "config": str(out / CONFIG_FILE), "out": str(out),
+                             "resume": run.resume}, out, len(clients), cfg.federation)
     record = json.loads((out / KMEANS_FILE).read_text())
     record["flower_run_id"] = run_id
     if cfg.mode == "federated":

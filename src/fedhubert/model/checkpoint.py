@@ -44,8 +44,13 @@ def save_checkpoint(path: Path, *, kind: str, model: ModelConfig | dict, num_cla
     torch.save(payload, buffer)
     data = buffer.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    atomic_write_bytes(Path(path), data)
-    atomic_write_text(sidecar(path), f"{digest}  {Path(path).name}\n")
+    try:
+        atomic_write_bytes(Path(path), data)
+        atomic_write_text(sidecar(path), f"{digest}  {Path(path).name}\n")
+    except OSError as err:
+        raise CheckpointError(f"cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB): {err.strerror}. "
+                              f"Earlier checkpoints are intact (writes are atomic); free space in {Path(path).parent} "
+                              f"or move the run, then continue with --resume") from None
     return digest
 
 

@@ -11,7 +11,9 @@ import json
 import logging
 from pathlib import Path
 
-from fedhubert.fl.federation import run_flower_app
+from fedhubert.errors import StageStopped
+from fedhubert.fl.federation import run_flower_app, stopped_message
+from fedhubert.fl.rounds import STOP_FILE
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.model.config import ModelConfig
@@ -52,11 +54,14 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     run_id = run_flower_app(
         {"task": "pretrain", "config": str(out / CONFIG_FILE), "out": str(out), "resume": run.resume,
          "threads": resources.cpus_per_client if resources else 0},
-        out, num_clients, cfg.federation, resources)
+        out, num_clients, cfg.federation, resources, stop_file=out / STOP_FILE)
     summary = json.loads((out / SUMMARY_FILE).read_text())
     summary["flower_run_id"] = run_id
     plot_rounds(read_rows(out / "metrics.jsonl"), out / "pretrain.png",
                 f"federated pretraining ({cfg.strategy.name}, {num_clients} clients)")
+    if summary["stopped_after_round"] is not None:
+        run.summary.update(summary)
+        raise StageStopped(stopped_message("pretrain", summary, out))
     best = summary.get("best")
     log.info("pretraining done: %d rounds%s; final checkpoint %s", summary["rounds"],
              f", best server masked accuracy {best['acc_masked']:.3f} (round {best['round']})" if best else "",

@@ -1,0 +1,94 @@
+"""Misbehaving clients, in real Flower simulations: fedhubert's own ClientApp wrapped by tests/reliability/
+hostile_app, run through `federation.app`. A client that raises, returns NaN, a wrong shape or a missing parameter,
+or whose process dies mid-round, is left out with a logged reason and the round completes from the others; below
+`strategy.min_clients` the run stops with a usable checkpoint of the last good round."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import DISTILL_FAST, PRETRAIN_FAST, run_cli
+from fedhubert.model.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+HOSTILE_APP = Path(__file__).resolve().parent / "hostile_app"
+
+
+def rows(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture
+def plan(tmp_path, monkeypatch):
+    def write(behaviours: dict[int, dict[int, str]]) -> None:
+        path = tmp_path / "drill-plan.json"
+        path.write_text(json.dumps({str(c): {str(r): b for r, b in by_round.items()}
+                                    for c, by_round in behaviours.items()}))
+        monkeypatch.setenv("FEDHUBERT_DRILL_PLAN", str(path))
+    return write
+
+
+def finite(checkpoint: Path) -> bool:
+    state = load_checkpoint(checkpoint)["state_dict"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_bad_updates_are_rejected_with_reasons_and_rounds_complete(small_partition, small_kmeans, tmp_path,
+                                                                   plan, intact):
+    intact(small_partition, small_kmeans)
+    plan({0: {1: "raise", 3: "missing"}, 1: {1: "nan"}, 2: {2: "shape"}})
+    out = tmp_path / "hostile"
+    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                   *PRETRAIN_FAST, "--rounds", "3", "strategy.min_clients=1", f"federation.app={HOSTILE_APP}") == 0
+    reasons = {(f["round"], f["client"]): f["reason"] for f in rows(out, "failure")}
+    assert set(reasons) == {(1, 0), (1, 1), (2, 2), (3, 0)}, reasons
+    assert "client error" in reasons[1, 0] and "drill: this client raises" in reasons[1, 0]
+    assert "NaN or infinite" in reasons[1, 1]
+    assert "has shape" in reasons[2, 2]
+    assert "wrong parameters" in reasons[3, 0]
+    assert [r["clients"] for r in rows(out, "train")] == [1, 2, 2]
+    assert finite(out / "checkpoints" / "final.pt")
+    log = (out / "logs" / "pretrain.log").read_text() + (out / "logs" / "server-pretrain.log").read_text()
+    assert "round 1: client 1 left out: rejected update: " in log
+
+
+def test_a_client_process_that_dies_is_left_out(small_partition, small_kmeans, tmp_path, plan):
+    """Flower 1.41's simulation does not replace a dead Ray actor: the clients it would have run fail for the rest
+    of the run (logged as ActorDiedError), the rounds go on from the others, and `--resume` (fresh actors) or
+    `strategy.min_clients` (stop with a checkpoint) are the remedies."""
+    plan({1: {1: "exit"}})
+    out = tmp_path / "died"
+    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                   *PRETRAIN_FAST, "--rounds", "2", "strategy.min_clients=1", f"federation.app={HOSTILE_APP}") == 0
+    failures = rows(out, "failure")
+    assert any(f["round"] == 1 and f["client"] == 1 and "died" in f["reason"] for f in failures), failures
+    assert [r["round"] for r in rows(out, "train")] == [1, 2] and rows(out, "train")[0]["clients"] >= 1
+    assert finite(out / "checkpoints" / "final.pt")
+
+
+def test_too_few_good_updates_stop_with_the_last_good_round_checkpointed(small_partition, small_kmeans, tmp_path,
+                                                                         plan, capsys):
+    plan({2: {2: "nan"}})
+    out = tmp_path / "under-minimum"
+    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                   *PRETRAIN_FAST, "--rounds", "3", "strategy.min_clients=3", f"federation.app={HOSTILE_APP}") == 2
+    err = capsys.readouterr().err
+    assert "round 2: 2 of 3 clients replied usable updates, fewer than strategy.min_clients=3" in err
+    assert "NaN or infinite" in err and "--resume" in err
+    checkpoint = out / "checkpoints" / "round_00001.pt"
+    assert load_checkpoint(checkpoint)["state"]["round"] == 1 and finite(checkpoint)
+    assert not (out / "checkpoints" / "round_00002.pt").exists()
+
+
+def test_distillation_rejects_a_nan_student_update(tiny_teacher, small_partition, tmp_path, plan):
+    plan({0: {1: "nan"}})
+    out = tmp_path / "distill-hostile"
+    assert run_cli("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
+                   "--rounds", "1", *DISTILL_FAST, f"federation.app={HOSTILE_APP}") == 0
+    [failure] = rows(out, "failure")
+    assert failure["client"] == 0 and "NaN or infinite" in failure["reason"]
+    assert finite(out / "checkpoints" / "final.pt")

@@ -1,0 +1,188 @@
+"""Kills: the server side killed outright (SIGKILL, as when a node dies or the OOM killer strikes) in the middle
+of a round, then resumed: every stage ends exactly as an uninterrupted run. SIGTERM (what Slurm sends at its time
+limit) ends a training run after its round with a final checkpoint, and the run continues exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, run_cli
+from fedhubert.fl import reaper
+from fedhubert.model.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+FEDHUBERT = str(Path(sys.executable).parent / "fedhubert")
+HOSTILE_APP = Path(__file__).resolve().parent / "hostile_app"
+
+
+@pytest.fixture
+def stalled(tmp_path, monkeypatch):
+    """Runs started now use the hostile app, whose clients stall for a minute in round `round_` (so a kill lands
+    mid-round whatever the machine's speed); returns the override that selects the app. Resumes run normally."""
+    def plan(round_: int) -> str:
+        path = tmp_path / "stall.json"
+        path.write_text(json.dumps({str(c): {str(round_): "stall"} for c in range(3)}))
+        monkeypatch.setenv("FEDHUBERT_DRILL_PLAN", str(path))
+        return f"federation.app={HOSTILE_APP}"
+    yield plan
+
+
+def _messages(out: Path) -> list[dict]:
+    path = out / "messages.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def sent(kind: str, round_: int) -> Callable[[Path], bool]:
+    """The server has sent `kind` messages of round `round_` (so the clients are working on that round)."""
+    return lambda out: any(m["direction"] == "to_client" and m["type"] == kind and m["round"] == round_
+                           for m in _messages(out))
+
+
+def start(*args: str | Path) -> subprocess.Popen:
+    return subprocess.Popen([FEDHUBERT, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "FEDHUBERT_PROGRESS": "0"})
+
+
+def wait_for(process: subprocess.Popen, out: Path, ready: Callable[[Path], bool], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready(out):
+        assert process.poll() is None, f"the run ended before the kill: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.1)
+
+
+def run_processes(out: Path) -> list[int]:
+    """Every live process of the run: its Flower processes (SuperLink, simulation, Ray's workers, some of them
+    re-parented to init) carry FLWR_HOME=<out>/flwr in their environment."""
+    return reaper.run_processes(out / "flwr")
+
+
+def kill_everything(process: subprocess.Popen, out: Path) -> None:
+    """SIGKILL the stage's command and everything it started at once: nothing gets to clean up or finish a
+    write, as when the node dies."""
+    pids = [process.pid, *run_processes(out)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=60)
+    reaper.end_processes(run_processes(out))  # whatever a dying process was still starting
+    assert not run_processes(out)
+
+
+def same_weights(a: Path, b: Path) -> None:
+    x, y = load_checkpoint(a)["state_dict"], load_checkpoint(b)["state_dict"]
+    assert x.keys() == y.keys()
+    different = [k for k in x if not torch.equal(x[k], y[k])]
+    assert not different, f"resumed run differs from the uninterrupted one in {different[:5]}"
+
+
+def test_pretraining_killed_mid_round_resumes_to_the_same_weights(four_rounds, small_partition, small_kmeans,
+                                                                  tmp_path, intact, stalled, monkeypatch):
+    intact(small_partition, small_kmeans)
+    out = tmp_path / "killed"
+    process = start("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                    *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6", stalled(3))
+    wait_for(process, out, sent("train", 3))
+    kill_everything(process, out)
+    intact(out / "checkpoints")  # what the killed run saved is not touched by the resume
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["best.pt", "round_00001.pt",
+                                                                          "round_00002.pt"]
+    monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
+    assert run_cli("pretrain", "--resume", out) == 0
+    same_weights(four_rounds / "checkpoints" / "final.pt", out / "checkpoints" / "final.pt")
+    assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 2
+
+
+def test_distillation_killed_mid_round_resumes_to_the_same_weights(distilled, tiny_teacher, small_partition,
+                                                                   tmp_path, intact, stalled, monkeypatch):
+    intact(small_partition, tiny_teacher)
+    out = tmp_path / "killed"
+    process = start("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
+                    "--rounds", "2", *DISTILL_FAST, stalled(2))
+    wait_for(process, out, sent("train.distill", 2))
+    kill_everything(process, out)
+    assert not (out / "checkpoints" / "round_00002.pt").exists()
+    monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
+    assert run_cli("distill", "--resume", out) == 0
+    same_weights(distilled / "checkpoints" / "final.pt", out / "checkpoints" / "final.pt")
+
+
+def test_federated_kmeans_killed_mid_round_resumes_to_the_same_codebook(small_kmeans, small_partition,
+                                                                         kmeans_features, tmp_path, intact):
+    intact(small_partition)
+    out = tmp_path / "killed"
+    process = start("kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST,
+                    f"feature_dir={kmeans_features}")
+    wait_for(process, out, sent("query.kmeans_stats", 3))
+    kill_everything(process, out)
+    saved = sorted(p.name for p in (out / "checkpoints").glob("round_*.pt"))
+    assert saved and not (out / "codebook.npy").exists(), saved
+    assert run_cli("kmeans", "--resume", out) == 0
+    assert np.array_equal(np.load(small_kmeans / "codebook.npy"), np.load(out / "codebook.npy"))
+    for client in ("client_0", "client_1", "client_2"):
+        for split in ("train", "valid"):
+            assert (small_kmeans / client / f"{split}.km").read_text() == (out / client / f"{split}.km").read_text()
+    record = json.loads((out / "kmeans.json").read_text())
+    assert record["history"] == json.loads((small_kmeans / "kmeans.json").read_text())["history"]
+
+
+def test_killing_only_the_stage_command_takes_its_flower_processes_down(small_partition, small_kmeans, tmp_path,
+                                                                       stalled, monkeypatch):
+    """`kill -9` of the command on a login node: the SuperLink it started gets SIGTERM from the kernel (parent-death
+    signal) and ends the simulation and the ServerApp, so no server goes on writing into the run folder unseen."""
+    out = tmp_path / "orphans"
+    process = start("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                    *PRETRAIN_FAST, "--rounds", "3", stalled(2))
+    wait_for(process, out, sent("train", 2))
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while run_processes(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not run_processes(out), run_processes(out)
+    assert not (out / "checkpoints" / "round_00002.pt").exists()
+    monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
+    assert run_cli("pretrain", "--resume", out) == 0
+    assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 1
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "distill"])
+def test_sigterm_ends_after_the_round_with_a_checkpoint_and_resume_matches(
+        stage, four_rounds, distilled, tiny_teacher, small_partition, small_kmeans, tmp_path):
+    """What Slurm sends before a time limit: the run ends after its round, checkpointed, and continues exactly."""
+    out = tmp_path / "stopped"
+    if stage == "pretrain":
+        reference, rounds = four_rounds, 4
+        process = start("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                        *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6")
+    else:
+        reference, rounds = distilled, 2
+        process = start("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
+                        "--rounds", "2", *DISTILL_FAST)
+    wait_for(process, out, sent(f"train{'.distill' if stage == 'distill' else ''}", 1))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr
+    assert f"Continue with: fedhubert {stage} --resume {out}" in stderr and "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    stopped = record["summary"]["stopped_after_round"]
+    assert record["status"] == "stopped" and 1 <= stopped < rounds
+    assert load_checkpoint(out / "checkpoints" / f"round_{stopped:05d}.pt")["state"]["round"] == stopped
+    assert not (out / "checkpoints" / "final.pt").exists() and not (out / "STOP").exists()
+    assert not run_processes(out), "the stopped run left processes behind"
+    assert run_cli(stage, "--out", out, "--config", out / "config.yaml") == 2, "no restart over a stopped run"
+    assert run_cli(stage, "--resume", out) == 0
+    same_weights(reference / "checkpoints" / "final.pt", out / "checkpoints" / "final.pt")

@@ -1,0 +1,146 @@
+"""The batch scripts in slurm/ on a real one-node Slurm cluster (tests/slurm_cluster.py): a tiny pipeline
+submitted with slurm/submit.sh (partition, the k-means features array and k-means job, pretraining, distillation,
+evaluation), the multi-node job with TLS and authenticated SuperNodes, and a time-limit stop that a second
+submission continues. Skipped, with the reason, where Slurm cannot run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from common import DISTILL_FAST, EVAL_SHORT, KMEANS_FAST, PRETRAIN_FAST
+from slurm_cluster import SlurmCluster
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT = REPO / "slurm" / "submit.sh"
+_WHY_NOT = SlurmCluster.unavailable()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm-cluster"))
+    slurm.start()
+    yield slurm
+    slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("slurm-jobs")
+
+
+def environment(work: Path, **extra: str) -> dict:
+    return {"FEDHUBERT_LOGS": str(work / "logs"), "FEDHUBERT_GPUS": "0", "FEDHUBERT_CPUS": "2",
+            "FEDHUBERT_MEM": "4G", "FEDHUBERT_TIME": "00:20:00", "FEDHUBERT_SBATCH_ARGS": "--wait",
+            "FEDHUBERT_PROGRESS": "0", **extra}
+
+
+def job_output(work: Path) -> str:
+    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+                     for p in sorted((work / "logs").glob("*.out")))
+
+
+def submit(cluster: SlurmCluster, work: Path, *args, **extra: str) -> str:
+    """slurm/submit.sh with --wait: the job id once the job has ended successfully."""
+    result = cluster.run("bash", SUBMIT, *args, env=environment(work, **extra))
+    assert result.returncode == 0, f"{result.stderr}\n{job_output(work)}"
+    return result.stdout.strip().splitlines()[-1]
+
+
+def status(folder: Path) -> str:
+    return json.loads((folder / "run.json").read_text())["status"]
+
+
+@pytest.fixture(scope="module")
+def partition(cluster, work, small_librispeech) -> Path:
+    out = work / "partition"
+    submit(cluster, work, "partition", small_librispeech, out, "--clients", "2", "use_cache=false")
+    return out
+
+
+@pytest.fixture(scope="module")
+def kmeans(cluster, work, partition) -> Path:
+    out = work / "kmeans"
+    submit(cluster, work, "kmeans", partition, out, *KMEANS_FAST)
+    return out
+
+
+def test_partition_and_kmeans_jobs_with_a_features_array(partition, kmeans, work):
+    assert status(partition) == "completed" and json.loads((partition / "partition.json").read_text())[
+        "num_clients"] == 2
+    features = Path(str(kmeans) + ".features")
+    for client in (0, 1):  # one array task per client wrote its own feature cache ...
+        assert status(features / f"client_{client}") == "completed"
+        assert (features / f"client_{client}" / "train.feats.npy").is_file()
+    summary = json.loads((kmeans / "run.json").read_text())["summary"]
+    assert summary["features"]["computed"] == 0 and summary["features"]["reused"] == 4, "... which k-means reused"
+    assert status(kmeans) == "completed" and (kmeans / "client_1" / "train.km").is_file()
+    assert "fedhubert job" in job_output(work)
+
+
+def test_pretrain_distill_and_evaluate_jobs(cluster, work, partition, kmeans, tiny_speech_commands):
+    pretrain = work / "pretrain"
+    submit(cluster, work, "pretrain", partition, kmeans, pretrain, *PRETRAIN_FAST, "--rounds", "2")
+    assert status(pretrain) == "completed" and (pretrain / "checkpoints" / "final.pt").is_file()
+    distill = work / "distill"
+    submit(cluster, work, "distill", pretrain / "checkpoints" / "final.pt", partition, distill, *DISTILL_FAST,
+           "--rounds", "1")
+    assert status(distill) == "completed"
+    evaluation = work / "eval" / "student"
+    submit(cluster, work, "evaluate", tiny_speech_commands, distill / "checkpoints" / "final.pt", evaluation,
+           *EVAL_SHORT)
+    result = json.loads((evaluation / "result.json").read_text())
+    assert result["upstream"] == "distiller_local" and 0 <= result["test_acc"] <= 1
+
+
+def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work, partition, kmeans):
+    certs = work / "certs"
+    subprocess.run(["bash", REPO / "scripts" / "make_certificates.sh", certs, "--nodes", "2",
+                    socket.gethostname()], check=True, capture_output=True)
+    out = work / "multinode"
+    flower = work / "flower"
+    job = submit(cluster, work, "multinode", "pretrain", partition, out, "--kmeans", kmeans, *PRETRAIN_FAST,
+                 "--rounds", "2", FEDHUBERT_NODES="1", FEDHUBERT_TASKS="2", FEDHUBERT_CPUS="1",
+                 FEDHUBERT_TLS_DIR=str(certs), FEDHUBERT_FLOWER_DIR=str(flower))
+    assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients"] for r in rows if r["kind"] == "train"] == [2, 2]
+    logs = flower / f"flower-{job}"
+    for task in (0, 1):  # each SuperNode ran as its own srun task and served its rounds
+        assert "Receiving: train message" in (logs / f"supernode-{task}.log").read_text()
+    assert "SuperNodes and SuperLink stopped" in (work / "logs" / f"fedhubert-multinode-{job}.out").read_text()
+    leftover = cluster.run("pgrep", "-f", str(logs)).stdout.split()
+    assert leftover == [], "no SuperLink, SuperNode or ClientApp process outlives the job"
+
+
+def test_a_time_limit_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
+    out = work / "long"
+    job = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40",
+                 FEDHUBERT_SBATCH_ARGS="")  # no --wait: returns once submitted
+    deadline = time.monotonic() + 300
+    while not any(json.loads(line).get("kind") == "train" for line in
+                  ((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else [])):
+        assert time.monotonic() < deadline and cluster.queue(job), job_output(work)
+        time.sleep(0.5)
+    # What Slurm does before a time limit with --signal=B:TERM@...: SIGTERM to the batch shell only.
+    assert cluster.run("scancel", "--batch", "--signal=TERM", job).returncode == 0
+    while cluster.queue(job):
+        assert time.monotonic() < deadline, job_output(work)
+        time.sleep(0.5)
+    output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()
+    assert "batch job: SIGTERM, passing it to fedhubert" in output
+    assert status(out) == "stopped", output
+    stopped = json.loads((out / "run.json").read_text())["summary"]["stopped_after_round"]
+    assert 1 <= stopped < 40 and (out / "checkpoints" / f"round_{stopped:05d}.pt").is_file()
+    assert not (out / "checkpoints" / "final.pt").exists()
+    again = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40")
+    assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
+    assert "continuing the run in" in (work / "logs" / f"fedhubert-pretrain-{again}.out").read_text()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
