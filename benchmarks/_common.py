@@ -35,6 +35,7 @@ def write_results(name: str, figures: list[dict], notes: str = "") -> Path:
     record = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "figures": figures,
               "notes": notes}
     path.write_text(json.dumps(record, indent=2) + "\n")
+    write_results_md()
     print(f"\n{name}: results in {path}")
     print(f"| {'figure':<40} | {'ours':>12} | {'unit':<8} | {'target':<12} | met |")
     print(f"|{'-' * 42}|{'-' * 14}|{'-' * 10}|{'-' * 14}|-----|")
@@ -42,3 +43,31 @@ def write_results(name: str, figures: list[dict], notes: str = "") -> Path:
         met = {True: "yes", False: "NO", None: ""}[f.get("met")]
         print(f"| {f['figure']:<40} | {f['ours']:>12} | {f['unit']:<8} | {str(f.get('target', '')):<12} | {met:<3} |")
     return path
+
+
+def _machine_line(machine: dict) -> str:
+    return f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB"
+
+
+def write_results_md() -> Path:
+    """benchmarks/RESULTS.md: every figure of every results file in one table, with the machine it came from."""
+    rows = ["# Benchmark results", "",
+            "Made by `make bench` from `benchmarks/results/*.json` (do not edit). Ratios are measured side by side in "
+            "one run; absolute figures hold for the machine named.", "",
+            "| benchmark | figure | ours | unit | reference | target | met | machine | date |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for path in sorted(RESULTS.glob("*.json")):
+        record = json.loads(path.read_text())
+        machine = _machine_line(record["machine"])
+        for f in record["figures"]:
+            met = {True: "yes", False: "**no**", None: ""}[f.get("met")]
+            rows.append(f"| {record['benchmark']} | {f['figure']} | {f['ours']} | {f['unit']} | "
+                        f"{f.get('reference', '')} | {f.get('target', '')} | {met} | {machine} | {record['date']} |")
+        if record.get("notes"):
+            notes.append(f"- **{record['benchmark']}**: {record['notes']}")
+    if notes:
+        rows += ["", "## Notes", "", *notes]
+    out = RESULTS.parent / "RESULTS.md"
+    out.write_text("\n".join(rows) + "\n")
+    return out

@@ -4,9 +4,9 @@ A run gets its own FLWR_HOME under the stage's output folder (`flwr/`), with a `
 SuperLink connection, and a minimal app folder whose pyproject declares fedhubert's ServerApp and ClientApp (the
 code itself is the installed package). For a simulation, a SuperLink in simulation mode is started on a free
 loopback port and stopped afterwards, whatever happens: even if the stage is killed, the SuperLink gets SIGTERM
-from the kernel and a watchdog (`fl.reaper`) ends the simulation it started. `flwr run --stream` follows the run; since it exits 0
-even when the ServerApp fails, the run's final status is then read with `flwr ls` and anything but
-`finished:completed` is an error that points at the logs.
+from the kernel and a watchdog (`fl.reaper`) ends the simulation it started. `flwr run --stream` follows the
+run; since it exits 0 even when the ServerApp fails, the run's final status is then read with `flwr ls` and
+anything but `finished:completed` is an error that points at the logs.
 """
 
 from __future__ import annotations

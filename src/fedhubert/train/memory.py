@@ -69,14 +69,15 @@ def batch_cap(train: TrainConfig, model: ModelConfig, num_classes: int):
 
 @contextmanager
 def measure_saved_bytes() -> Iterator[dict]:
-    """Counts the bytes of every distinct tensor storage (parameters aside) that autograd keeps for the backward
-    pass of what runs inside the block. Inside checkpointed segments nothing is kept (checkpointing's own hooks
-    take precedence), which is the point of checkpointing."""
+    """Counts the bytes of every distinct tensor storage (parameters and their views aside) that autograd keeps for
+    the backward pass of what runs inside the block. Inside checkpointed segments nothing is kept (checkpointing's
+    own hooks take precedence), which is the point of checkpointing."""
     seen: set[tuple[int, int]] = set()
     result = {"bytes": 0, "tensors": 0}
 
     def pack(tensor: torch.Tensor):
-        if tensor.is_leaf and tensor.requires_grad:  # a parameter: kept anyway, not an activation
+        base = tensor._base if tensor._base is not None else tensor
+        if base.is_leaf and base.requires_grad:  # a parameter or a view of one (a transposed weight): not an activation
             return tensor
         storage = tensor.untyped_storage()
         key = (storage.data_ptr(), storage.nbytes())
