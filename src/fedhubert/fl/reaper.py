@@ -81,6 +81,8 @@ class Reaper:
 
 def main() -> None:
     home = Path(sys.argv[1])
+    if not Path("/proc/self/stat").is_file():  # not Linux: nothing to find
+        return
     began = _start_ticks(str(os.getpid()))
     sys.stdin.buffer.read()  # returns at end of file: the stage has closed its end or is gone
     ended = _now_ticks()
