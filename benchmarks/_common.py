@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -28,12 +29,21 @@ def machine() -> dict:
             "python": env["python"], "packages": env["packages"], "git_commit": env["git_commit"]}
 
 
-def write_results(name: str, figures: list[dict], notes: str = "") -> Path:
-    """figures: [{figure, ours, unit, reference?, target?, met?}]; writes results/<name>.json and prints a table."""
+def run_cli(*args: object) -> None:
+    """Run a fedhubert command (making a benchmark's inputs); a failure ends the benchmark."""
+    from fedhubert.cli import main
+
+    if main([str(a) for a in args]):
+        sys.exit(1)
+
+
+def write_results(name: str, figures: list[dict], notes: str = "", extra: dict | None = None) -> Path:
+    """figures: [{figure, ours, unit, reference?, target?, met?}]; writes results/<name>.json (with `extra`'s
+    keys) and prints a table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     record = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "figures": figures,
-              "notes": notes}
+              "notes": notes, **(extra or {})}
     path.write_text(json.dumps(record, indent=2) + "\n")
     write_results_md()
     print(f"\n{name}: results in {path}")

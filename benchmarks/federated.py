@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
-from _common import write_results
+from _common import run_cli, write_results
 
-from fedhubert.cli import main as fedhubert
 from fedhubert.parallel import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "federated"
@@ -32,18 +30,13 @@ TRAIN = ["train.device=cpu", "train.data.min_seconds=2", "train.data.max_seconds
          "train.optim.warmup_steps=10", "train.optim.total_steps=10000"]
 
 
-def run(*args: str) -> None:
-    if fedhubert([str(a) for a in args]):
-        sys.exit(1)
-
-
 def inputs() -> tuple[Path, Path]:
     corpus, partition, kmeans = ROOT / "corpus", ROOT / "partition", ROOT / "kmeans"
     if not (kmeans / "kmeans.json").is_file():
         shutil.rmtree(ROOT, ignore_errors=True)
-        run("synth", "librispeech", "--out", corpus, "--speakers", "10", "--minutes", "1.5")
-        run("partition", "--corpus", corpus, "--out", partition, "--clients", "2")
-        run("kmeans", "--partition", partition, "--out", kmeans, "minibatch.n_init=3", "sample_fraction=1")
+        run_cli("synth", "librispeech", "--out", corpus, "--speakers", "10", "--minutes", "1.5")
+        run_cli("partition", "--corpus", corpus, "--out", partition, "--clients", "2")
+        run_cli("kmeans", "--partition", partition, "--out", kmeans, "minibatch.n_init=3", "sample_fraction=1")
     return partition, kmeans
 
 
@@ -79,13 +72,13 @@ def main() -> None:
               f"federation.cpus_per_client={available_cpus()}"]
     out = ROOT / "run-float32"
     started = time.perf_counter()
-    run("pretrain", "--out", out, "--rounds", args.rounds, "--local-steps", args.local_steps,
+    run_cli("pretrain", "--out", out, "--rounds", args.rounds, "--local-steps", args.local_steps,
         f"evaluate_every={args.rounds}", *common)
     wall = time.perf_counter() - started
     loop = json.loads((out / "pretrain.json").read_text())["seconds"]
     local = sum(r["train_time_s"] for r in rows(out, "client"))
     out16 = ROOT / "run-bfloat16"
-    run("pretrain", "--out", out16, "--rounds", 1, "--local-steps", 2, "transfer=bfloat16", *common)
+    run_cli("pretrain", "--out", out16, "--rounds", 1, "--local-steps", 2, "transfer=bfloat16", *common)
     size = model_bytes(args.preset, num_classes)
     b32, b16 = bytes_per_client_round(out), bytes_per_client_round(out16)
     figures = [

@@ -18,16 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from _common import write_results
+from _common import run_cli, write_results
 
-from fedhubert.cli import main as fedhubert
 from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, scan_librispeech
 from fedhubert.labels.config import FeaturesConfig, MiniBatchConfig
 from fedhubert.labels.features import featurise, load_features
@@ -46,8 +44,7 @@ def corpus() -> Path:
     record = json.loads(marker.read_text()) if marker.is_file() else {}
     if record.get("status") != "completed":
         shutil.rmtree(CORPUS, ignore_errors=True)
-        if fedhubert(["synth", "librispeech", "--out", str(CORPUS), "--speakers", "80", "--minutes", "3"]):
-            sys.exit(1)
+        run_cli("synth", "librispeech", "--out", CORPUS, "--speakers", "80", "--minutes", "3")
     return CORPUS
 
 

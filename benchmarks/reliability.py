@@ -39,10 +39,7 @@ def main(argv: list[str]) -> int:
     ]
     notes = "; ".join(f"{d['drill']}: {d['outcome']}{' (' + d['reason'] + ')' if d.get('reason') else ''}"
                       for d in summary["drills"] if d["outcome"] != "passed")
-    path = write_results("reliability", figures, notes or "every drill passed")
-    record = json.loads(path.read_text())
-    record.update(summary)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    write_results("reliability", figures, notes or "every drill passed", extra=summary)
     return 0 if summary["failed"] == 0 and not summary["data_lost"] and pytest.returncode == 0 else 1
 
 

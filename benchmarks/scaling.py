@@ -11,16 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import RESULTS, write_results
+from _common import RESULTS, run_cli, write_results
 from train_step import batches, saved_bytes
 
-from fedhubert.cli import main as fedhubert
 from fedhubert.config import load_config
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, feature_frames
@@ -59,26 +57,21 @@ def power_law(x: list[float], y: list[float]) -> tuple[float, float]:
     return float(np.exp(log_a)), float(b)
 
 
-def run(*args: object) -> None:
-    if fedhubert([str(a) for a in args]):
-        sys.exit(1)
-
-
 def round_seconds(clients: list[int], rounds: int) -> dict[int, float]:
     """Median round time of tiny-preset pretraining with n clients (the server loop's own timing per round)."""
     corpus = ROOT / "corpus"
     if not (corpus / "SPEAKERS.TXT").is_file():
         shutil.rmtree(ROOT, ignore_errors=True)
-        run("synth", "librispeech", "--out", corpus, "--speakers", max(clients) * 2, "--minutes", "0.2",
+        run_cli("synth", "librispeech", "--out", corpus, "--speakers", max(clients) * 2, "--minutes", "0.2",
             "chapters=1", "max_seconds=6")
     times = {}
     for n in clients:
         partition, kmeans, out = ROOT / f"partition-{n}", ROOT / f"kmeans-{n}", ROOT / f"pretrain-{n}"
         if not (kmeans / "kmeans.json").is_file():
-            run("partition", "--corpus", corpus, "--out", partition, "--clients", n, "--force")
-            run("kmeans", "--partition", partition, "--out", kmeans, "--clusters", "16", "--mode", "per-client",
+            run_cli("partition", "--corpus", corpus, "--out", partition, "--clients", n, "--force")
+            run_cli("kmeans", "--partition", partition, "--out", kmeans, "--clusters", "16", "--mode", "per-client",
                 "sample_fraction=1", "minibatch.n_init=1", "reference=false", "--force")
-        run("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, "--force", "--preset", "tiny",
+        run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, "--force", "--preset", "tiny",
             "--rounds", rounds, "--local-steps", "2", "train.device=cpu", "train.data.min_seconds=1",
             "train.data.max_seconds=3", "train.data.batch_seconds=6", "evaluate_every=1000")
         rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]

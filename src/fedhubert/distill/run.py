@@ -8,20 +8,17 @@ checkpoint into what S3PRL's `distiller_local` upstream loads.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
 from fedhubert.distill.config import DistillConfig
-from fedhubert.distill.server import SUMMARY_FILE, read_inputs
+from fedhubert.distill.server import read_inputs
 from fedhubert.distill.student import load_teacher, prediction_layers
-from fedhubert.errors import StageStopped
-from fedhubert.fl.federation import run_flower_app, stopped_message
-from fedhubert.fl.rounds import STOP_FILE
+from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
-from fedhubert.runlog import CONFIG_FILE, StageRun
+from fedhubert.runlog import StageRun
 from fedhubert.train.memory import estimate_activation_bytes
 
 log = logging.getLogger(__name__)
@@ -56,20 +53,13 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     resources = None
     if cfg.federation.superlink is None:
         resources = simulation_resources(cfg.federation, num_clients, client_gpu_bytes(cfg, teacher, teacher_cfg))
-    run_id = run_flower_app(
-        {"task": "distill", "config": str(out / CONFIG_FILE), "out": str(out), "resume": run.resume,
-         "threads": resources.cpus_per_client if resources else 0},
-        out, num_clients, cfg.federation, resources, stop_file=out / STOP_FILE)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    summary["flower_run_id"] = run_id
+    summary = run_training_task("distill", out, num_clients, cfg.federation, resources, resume=run.resume)
     plot_rounds(read_rows(out / "metrics.jsonl"), out / "distill.png",
                 f"federated distillation ({cfg.strategy.name}, {num_clients} clients)",
                 acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None)
-    if summary["stopped_after_round"] is not None:
-        run.summary.update(summary)
-        raise StageStopped(stopped_message("distill", summary, out))
+    run.summary.update(summary)
+    check_stopped("distill", summary, out)
     log.info("distillation done: %d rounds, a student with %.1f%% of the teacher's parameters; final checkpoint %s",
              summary["rounds"], 100 * summary["student_parameters"] / summary["teacher_parameters"],
              summary["final_checkpoint"])
-    run.summary.update(summary)
     return summary

@@ -19,15 +19,14 @@ from fedhubert.distill.student import (
     LABEL_HEAD_KEYS, Distillation, build_student, distiller_config, init_from_teacher, load_teacher, prediction_layers,
 )
 from fedhubert.errors import ConfigError
-from fedhubert.fl.local import latest_head
-from fedhubert.fl.rounds import FederatedRun, RoundTask
+from fedhubert.fl.local import client_heads
+from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.manifest import file_sha256
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
 from fedhubert.train.loop import evaluate, resolve_device
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "distill.json"
 
 
 def read_inputs(cfg: DistillConfig) -> tuple[dict, dict | None]:
@@ -101,22 +100,20 @@ def serve_distill(grid: Grid, config_path: Path, out: Path, *, resume: bool, thr
              teacher_params, num_clients, cfg.strategy.name)
     evaluation = Distillation(teacher, teacher_cfg, layers, dataclasses.replace(cfg.loss, kmeans_weight=0.0))
 
-    def client_heads(round_: int) -> dict:
+    def heads(round_: int) -> dict:
         if not local_head:
             return {"label_head": "shared" if num_classes else "none"}
-        heads = {str(c): str(h.relative_to(out)) for c in range(num_clients)
-                 if (h := latest_head(out / "clients" / f"client_{c}", round_)) is not None}
-        return {"label_head": "local", "client_heads": heads}
+        return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
 
     task = RoundTask(
         name="distill", message_type="train.distill", checkpoint_kind="distiller", model_config=description,
         num_classes=num_classes, state=state, shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
         evaluate=dev_evaluator(cfg, evaluation, LabelRate(100, teacher_cfg), student), best_key="loss",
-        higher_is_better=False, checkpoint_extra=lambda round_: {"pred_layers": layers, **client_heads(round_)},
+        higher_is_better=False, checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()
     summary.update({"teacher_parameters": teacher_params, "student_parameters": student_params,
                     "pred_layers": layers, "clients": num_clients})
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(summary_path(out, "distill"), json.dumps(summary, indent=2) + "\n")
     return summary

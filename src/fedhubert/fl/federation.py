@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
-from fedhubert.errors import FedhubertError
+from fedhubert.errors import FedhubertError, StageStopped
 from fedhubert.fl.config import FederationConfig
 from fedhubert.fl.deploy import (
     CONNECTION, Daemon, DeploymentError, end_with_parent, flower_bin, flower_env, free_port, start_superlink,
@@ -31,6 +31,8 @@ from fedhubert.fl.deploy import (
 )
 from fedhubert.fl.reaper import Reaper
 from fedhubert.fl.resources import SimulationResources, simulation_resources
+from fedhubert.fl.rounds import STOP_FILE, summary_path
+from fedhubert.runlog import CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +109,25 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
     return status, details
 
 
-def stopped_message(stage: str, summary: dict, out: Path) -> str:
-    return (f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at request; its "
-            f"state is checkpointed. Continue with: fedhubert {stage} --resume {out}")
+def run_training_task(task: str, out: Path, num_clients: int, federation: FederationConfig,
+                      resources: SimulationResources | None, *, resume: bool) -> dict:
+    """Run a round-based training task (pretrain, distill) of the ServerApp on the stage's saved config and return
+    the summary it wrote, with the Flower run id. SIGTERM ends it after a round (see `run_flower_app`)."""
+    out = Path(out)
+    run_id = run_flower_app(
+        {"task": task, "config": str(out / CONFIG_FILE), "out": str(out), "resume": resume,
+         "threads": resources.cpus_per_client if resources else 0},
+        out, num_clients, federation, resources, stop_file=out / STOP_FILE)
+    summary = json.loads(summary_path(out, task).read_text())
+    summary["flower_run_id"] = run_id
+    return summary
+
+
+def check_stopped(stage: str, summary: dict, out: Path) -> None:
+    """StageStopped when the run ended early at request, saying how to continue it."""
+    if summary["stopped_after_round"] is not None:
+        raise StageStopped(f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at "
+                           f"request; its state is checkpointed. Continue with: fedhubert {stage} --resume {out}")
 
 
 def run_flower_app(

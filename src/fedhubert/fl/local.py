@@ -116,6 +116,12 @@ def latest_head(work: Path, up_to_round: int) -> Path | None:
     return head_file(work, rounds[-1]) if rounds else None
 
 
+def client_heads(out: Path, num_clients: int, up_to_round: int) -> dict[str, str]:
+    """Each client's newest local head up to `up_to_round`, as a path relative to `out` (for a checkpoint)."""
+    return {str(c): str(h.relative_to(out)) for c in range(num_clients)
+            if (h := latest_head(out / "clients" / f"client_{c}", up_to_round)) is not None}
+
+
 def save_head(work: Path, round_: int, state: dict[str, torch.Tensor], keys: Iterable[str], keep_every: int) -> None:
     buffer = io.BytesIO()
     torch.save({k: state[k].detach().cpu() for k in keys}, buffer)

@@ -26,17 +26,19 @@ def run_processes(flwr_home: Path, started: tuple[int, int] | None = None) -> li
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             environ = (entry / "environ").read_bytes()
-            begun = _start_ticks(entry.name)
-        except (OSError, IndexError, ValueError):  # gone, a zombie, or not ours
+            state, begun = _state_and_start(int(entry.name))
+        except (OSError, IndexError, ValueError):  # gone, or not ours
             continue
-        if marker in b"\0" + environ and int(entry.name) != os.getpid() and _alive(int(entry.name)) and \
+        if marker in b"\0" + environ and int(entry.name) != os.getpid() and state not in "ZX" and \
                 (started is None or started[0] <= begun <= started[1]):
             found.append(int(entry.name))
     return found
 
 
-def _start_ticks(pid: str) -> int:
-    return int((Path("/proc") / pid / "stat").read_text().rsplit(") ", 1)[1].split()[19])
+def _state_and_start(pid: int) -> tuple[str, int]:
+    """A process's state letter and start time (clock ticks since boot), from /proc/<pid>/stat."""
+    fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(") ", 1)[1].split()
+    return fields[0], int(fields[19])
 
 
 def _now_ticks() -> int:
@@ -58,8 +60,8 @@ def end_processes(pids: list[int], grace_s: float = 10.0) -> None:
 
 def _alive(pid: int) -> bool:
     try:
-        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(") ", 1)[1][0] not in "ZX"
-    except (OSError, IndexError):
+        return _state_and_start(pid)[0] not in "ZX"
+    except (OSError, IndexError, ValueError):
         return False
 
 
@@ -83,7 +85,7 @@ def main() -> None:
     home = Path(sys.argv[1])
     if not Path("/proc/self/stat").is_file():  # not Linux: nothing to find
         return
-    began = _start_ticks(str(os.getpid()))
+    began = _state_and_start(os.getpid())[1]
     sys.stdin.buffer.read()  # returns at end of file: the stage has closed its end or is gone
     ended = _now_ticks()
     for _ in range(3):  # processes may still be starting others while the first are ended

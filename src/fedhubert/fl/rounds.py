@@ -77,6 +77,11 @@ def stop_requested(out: Path) -> str | None:
         return None
 
 
+def summary_path(out: Path, task: str) -> Path:
+    """Where the ServerApp of a training task writes its summary, which the stage's command reads back."""
+    return Path(out) / f"{task}.json"
+
+
 def round_checkpoint(out: Path, round_: int) -> Path:
     return Path(out) / CHECKPOINTS / f"round_{round_:05d}.pt"
 

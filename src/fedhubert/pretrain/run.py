@@ -7,20 +7,17 @@ Writes `checkpoints/` (round_<r>.pt, best.pt by server-side masked accuracy, fin
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from fedhubert.errors import StageStopped
-from fedhubert.fl.federation import run_flower_app, stopped_message
-from fedhubert.fl.rounds import STOP_FILE
+from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.model.config import ModelConfig
 from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.pretrain.config import PretrainConfig
-from fedhubert.pretrain.server import SUMMARY_FILE, read_inputs
-from fedhubert.runlog import CONFIG_FILE, StageRun
+from fedhubert.pretrain.server import read_inputs
+from fedhubert.runlog import StageRun
 from fedhubert.train.config import TrainConfig
 from fedhubert.train.memory import estimate_activation_bytes
 
@@ -51,20 +48,13 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     if cfg.federation.superlink is None:
         resources = simulation_resources(cfg.federation, num_clients,
                                          client_gpu_bytes(cfg.model, cfg.train, int(kmeans["num_clusters"])))
-    run_id = run_flower_app(
-        {"task": "pretrain", "config": str(out / CONFIG_FILE), "out": str(out), "resume": run.resume,
-         "threads": resources.cpus_per_client if resources else 0},
-        out, num_clients, cfg.federation, resources, stop_file=out / STOP_FILE)
-    summary = json.loads((out / SUMMARY_FILE).read_text())
-    summary["flower_run_id"] = run_id
+    summary = run_training_task("pretrain", out, num_clients, cfg.federation, resources, resume=run.resume)
     plot_rounds(read_rows(out / "metrics.jsonl"), out / "pretrain.png",
                 f"federated pretraining ({cfg.strategy.name}, {num_clients} clients)")
-    if summary["stopped_after_round"] is not None:
-        run.summary.update(summary)
-        raise StageStopped(stopped_message("pretrain", summary, out))
+    run.summary.update(summary)
+    check_stopped("pretrain", summary, out)
     best = summary.get("best")
     log.info("pretraining done: %d rounds%s; final checkpoint %s", summary["rounds"],
              f", best server masked accuracy {best['acc_masked']:.3f} (round {best['round']})" if best else "",
              summary["final_checkpoint"])
-    run.summary.update(summary)
     return summary

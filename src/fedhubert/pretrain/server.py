@@ -18,16 +18,15 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
-from fedhubert.fl.rounds import FederatedRun, RoundTask
+from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
-from fedhubert.fl.local import latest_head
+from fedhubert.fl.local import client_heads
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
 from fedhubert.train.loop import MaskedPrediction, evaluate, resolve_device
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "pretrain.json"
 
 
 def read_inputs(cfg: PretrainConfig) -> tuple[dict, dict]:
@@ -81,25 +80,20 @@ def serve_pretrain(grid: Grid, config_path: Path, out: Path, *, resume: bool, th
              cfg.model.preset, num_classes, "per-client" if local_head else "shared", num_clients,
              cfg.strategy.name, cfg.num_rounds, cfg.local_steps)
 
-    def client_heads(round_: int) -> dict:
+    def heads(round_: int) -> dict:
         if not local_head:
             return {"label_head": "shared"}
-        heads = {}
-        for client in range(num_clients):
-            head = latest_head(out / "clients" / f"client_{client}", round_)
-            if head is not None:
-                heads[str(client)] = str(head.relative_to(out))
-        return {"label_head": "local", "client_heads": heads}
+        return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
 
     task = RoundTask(
         name="pretrain", message_type="train", checkpoint_kind="hubert", model_config=cfg.model,
         num_classes=num_classes, state=state, shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
         evaluate=dev_evaluator(cfg, kmeans, rate), best_key="acc_masked", higher_is_better=True,
-        checkpoint_extra=lambda round_: {"label_rate": rate.rate, **client_heads(round_)},
+        checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()
     summary.update({"label_head": "local" if local_head else "shared", "num_classes": num_classes,
                     "label_rate": rate.rate, "clients": num_clients})
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(summary_path(out, "pretrain"), json.dumps(summary, indent=2) + "\n")
     return summary
