@@ -28,8 +28,27 @@ run_stage() {
   return "$code"
 }
 
-# resumable OUT: true when OUT holds a run that did not complete (stopped at a time limit, failed, or killed);
-# the stage then continues it with --resume instead of starting again.
+# run_status OUT: the status of the last run in OUT as its run.json records it (running, stopped, failed,
+# completed), or nothing when there is none. A top-level key of run.json is indented by exactly two spaces.
+run_status() {
+  [ -f "$1/run.json" ] || return 0
+  sed -n 's/^  "status": "\([a-z]*\)",\{0,1\}$/\1/p' "$1/run.json"
+}
+
+# has_round_checkpoint OUT: true when OUT holds a round checkpoint (checkpoints/round_<n>.pt) to continue from.
+has_round_checkpoint() {
+  compgen -G "$1/checkpoints/round_*.pt" >/dev/null
+}
+
+# resumable OUT: true when a new submission should continue the run in OUT with --resume (and its own config)
+# rather than start afresh with the submission's arguments: the run did not complete and left a round checkpoint.
+# That is a run stopped before its time limit (exit 75, status "stopped"), and one killed outright ("running")
+# or failed after checkpointing ("failed": too few clients, a full disk; a killed k-means job). A run that failed
+# before its first checkpoint (a pre-flight error such as a wrong path or config key) is not: the new submission
+# starts afresh with its arguments, and fedhubert replaces that failed run's partial outputs.
 resumable() {
-  [ -f "$1/run.json" ] && grep -Eq '"status": "(stopped|failed|running)"' "$1/run.json"
+  case "$(run_status "$1")" in
+    stopped | running | failed) has_round_checkpoint "$1" ;;
+    *) return 1 ;;
+  esac
 }

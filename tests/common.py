@@ -13,10 +13,10 @@ TINY_SPEECH_COMMANDS = ["--speakers", "10", "--test-speakers", "3", "--seed", "5
                         "auxiliary_words=[bed,cat,marvin,wow]"]
 
 PRETRAIN_FAST = ["--preset", "tiny", "--local-steps", "3", "train.device=cpu", "train.optim.lr=0.002",
-                 "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
+                 "train.data.min_seconds=1",
                  "train.data.max_seconds=3", "train.data.batch_seconds=12"]
 DISTILL_FAST = ["--local-steps", "3", "student.layers=1", "train.device=cpu", "train.optim.lr=2e-3",
-                "train.optim.warmup_steps=2", "train.optim.total_steps=500", "train.data.min_seconds=1",
+                "train.data.min_seconds=1",
                 "train.data.max_seconds=3", "train.data.batch_seconds=12"]
 
 # A few S3PRL steps of batch 8: enough for a dev-best checkpoint and its test score, in well under a minute.

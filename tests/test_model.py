@@ -55,7 +55,10 @@ def test_loss_targets_index_zero_not_the_cluster_id():
     out = hubert_loss(logit_m, logit_u, torch.tensor(0.5), LossConfig())
     expected = (-(torch.log_softmax(logit_m, dim=1)[:, 0]).sum() + 10 * 0.5 * 2) / 2
     torch.testing.assert_close(out.loss, expected)
-    assert out.sums == {"masked": 2, "correct_m": 1, "unmasked": 1, "correct_u": 1}
+    assert {k: out.sums[k] for k in ("masked", "correct_m", "unmasked", "correct_u")} == \
+        {"masked": 2, "correct_m": 1, "unmasked": 1, "correct_u": 1}
+    assert out.sums["predicted"].tolist() == [1, 1, 0], "frame 1 is cluster 1, right; frame 2 is cluster 2, taken for 0"
+    assert out.sums["ce_m"] == pytest.approx(float(-(torch.log_softmax(logit_m, dim=1)[:, 0]).sum()))
     weighted = hubert_loss(logit_m, logit_u, torch.tensor(0.0), LossConfig(unmasked_weight=1.0, feature_penalty=0))
     assert weighted.loss > hubert_loss(logit_m, logit_u, torch.tensor(0.0), LossConfig(feature_penalty=0)).loss
 

@@ -1,7 +1,8 @@
 """The batch scripts in slurm/ on a real one-node Slurm cluster (tests/slurm_cluster.py): a tiny pipeline
 submitted with slurm/submit.sh (partition, the k-means features array and k-means job, pretraining, distillation,
-evaluation), the multi-node job with TLS and authenticated SuperNodes, and a time-limit stop that a second
-submission continues. Skipped, with the reason, where Slurm cannot run."""
+evaluation), the multi-node job with TLS and authenticated SuperNodes, a time-limit stop that a second
+submission continues, and a pre-flight failure that a second submission replaces instead. Skipped, with the
+reason, where Slurm cannot run."""
 
 from __future__ import annotations
 
@@ -51,6 +52,12 @@ def submit(cluster: SlurmCluster, work: Path, *args, **extra: str) -> str:
     result = cluster.run("bash", SUBMIT, *args, env=environment(work, **extra))
     assert result.returncode == 0, f"{result.stderr}\n{job_output(work)}"
     return result.stdout.strip().splitlines()[-1]
+
+
+def submit_failing(cluster: SlurmCluster, work: Path, *args) -> None:
+    """slurm/submit.sh with --wait for a job that must fail."""
+    result = cluster.run("bash", SUBMIT, *args, env=environment(work))
+    assert result.returncode != 0, f"the job should have failed\n{job_output(work)}"
 
 
 def status(folder: Path) -> str:
@@ -144,3 +151,17 @@ def test_a_time_limit_stop_is_checkpointed_and_a_second_submission_finishes(clus
     assert "continuing the run in" in (work / "logs" / f"fedhubert-pretrain-{again}.out").read_text()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
+
+
+def test_a_submission_after_a_pre_flight_failure_starts_afresh_with_its_arguments(cluster, work, partition, kmeans):
+    out = work / "preflight"
+    # the partition where the k-means folder belongs: the stage fails before any round
+    submit_failing(cluster, work, "pretrain", partition, partition, out, *PRETRAIN_FAST, "--rounds", "1")
+    assert status(out) == "failed" and not (out / "checkpoints").exists()
+    job = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "1")
+    output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()
+    assert "continuing the run in" not in output, output
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed" and not record["resumed"]
+    assert Path(record["config"]["kmeans"]) == kmeans, "the new arguments, not the failed run's config"
+    assert (out / "checkpoints" / "final.pt").is_file()

@@ -185,10 +185,14 @@ def _training(report: Report, stages: list[StageFolder]) -> None:
             plot_training(read_rows(s.path / "metrics.jsonl"), report.figures / name)
             valid = (f"; valid loss {_num(summary['valid_first']['loss'])} -> {_num(summary['valid_last']['loss'])}, "
                      f"masked accuracy {_pct(summary['valid_last']['acc_masked'])}") if summary.get("valid_last") else ""
+            if summary.get("valid_last", {}).get("gain_nats") is not None:
+                valid += (f", gain over the label-frequency baseline {_gain(summary['valid_first']['gain_nats'])} -> "
+                          f"{_gain(summary['valid_last']['gain_nats'])}")
             report.add(f"## Centralized training (`{report.rel(s.path)}`)",
                        f"{summary['parameters']:,} parameters, K={summary['num_classes']}, {summary['steps']} updates "
                        f"on {summary['device']}: train loss {_num(summary['train']['loss'])}, masked accuracy "
-                       f"{_pct(summary['train']['acc_masked'])}{valid}. Checkpoint `{report.rel(summary['checkpoint'], s.record.get('cwd'))}`.")
+                       f"{_pct(summary['train']['acc_masked'])}{valid}. Checkpoint `{report.rel(summary['checkpoint'], s.record.get('cwd'))}`.",
+                       *_verdict(summary.get("learning")))
             report.figure(name, "centralized training curves")
         elif s.stage in ("pretrain", "distill") and s.completed:
             _federated(report, s)
@@ -223,12 +227,35 @@ def _federated(report: Report, s: StageFolder) -> None:
                     if "acc_masked" in last else "")
         lines.append(f"Server evaluation on held-out speakers: loss {_num(first.get('loss'))} (round {first['round']}) "
                      f"-> {_num(last.get('loss'))} (round {last['round']}){accuracy}.")
+        if "gain_nats" in last:
+            lines.append(f"Masked cross-entropy against the label-frequency baseline on the same frames: gain "
+                         f"{_gain(first['gain_nats'])} (round {first['round']}) -> {_gain(last['gain_nats'])} (round "
+                         f"{last['round']}); {last.get('predicted_clusters')} distinct clusters predicted.")
+    lines.extend(_verdict(summary.get("learning")))
+    steps = [r for r in train if "step_cosine" in r]
+    if steps:
+        lines.append(f"Server step against the clients' mean change (round {steps[-1]['round']}): ratio "
+                     f"{steps[-1]['step_ratio']:.2f}, cosine {steps[-1]['step_cosine']:.2f}.")
     failed = sum(r.get("failed", 0) for r in train)
     if failed:
         lines.append(f"Client failures over the run: {failed} (see metrics.jsonl).")
     report.add(f"## {'Federated distillation' if distill else 'Federated pretraining'} (`{report.rel(s.path)}`)",
                *lines)
     report.figure(name, f"{s.stage} per-round loss and accuracy")
+
+
+def _gain(nats: float) -> str:
+    return f"{nats:+.3f} nats"
+
+
+def _verdict(learning: dict | None) -> list[str]:
+    """What the report says plainly about whether the model learned (see fedhubert.train.learning)."""
+    if not learning:
+        return []
+    if learning["learned"]:
+        return [f"**Learned**: on {learning['held_out']} the model beats the label-frequency baseline by "
+                f"{_gain(learning['gain_nats_last'])} (best {_gain(learning['gain_nats_best'])})."]
+    return [f"**Did not learn**: the model {problem}." for problem in learning["problems"]]
 
 
 def _evaluations(report: Report, stages: list[StageFolder]) -> None:

@@ -165,6 +165,7 @@ class StageRun:
         self.out_dir = out_dir
         self.config = config
         self.resume = resume
+        self.force = False  # --force was given (with resume: start over when there is nothing to resume from)
         self.summary: dict[str, Any] = {}
         self.record: dict[str, Any] = {
             "stage": stage,
@@ -194,6 +195,7 @@ def stage_run(
         prepare_output_dir(out_dir, stage=stage, force=force, owned=owned)
     setup_logging(out_dir / LOG_DIR / f"{stage}.log")
     run = StageRun(stage, out_dir, config, resume, command)
+    run.force = force
     save_config(config, out_dir / CONFIG_FILE)
     run.write()
     log.info("%s: writing to %s (fedhubert %s)", stage, out_dir, __version__)

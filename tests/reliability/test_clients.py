@@ -92,3 +92,18 @@ def test_distillation_rejects_a_nan_student_update(tiny_teacher, small_partition
     [failure] = rows(out, "failure")
     assert failure["client"] == 0 and "NaN or infinite" in failure["reason"]
     assert finite(out / "checkpoints" / "final.pt")
+
+
+def test_a_run_stopped_in_round_one_resumes(small_partition, small_kmeans, tmp_path, plan, monkeypatch):
+    """Round 1 fails below the minimum: round_00000.pt holds the initial model and a server optimizer without
+    moments yet; --resume, with the client fixed, continues from it."""
+    plan({2: {1: "nan"}})
+    out = tmp_path / "stopped-in-round-one"
+    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
+                   *PRETRAIN_FAST, "--rounds", "2", "strategy.name=fedadam", "strategy.min_clients=3",
+                   f"federation.app={HOSTILE_APP}") == 2
+    assert load_checkpoint(out / "checkpoints" / "round_00000.pt")["state"]["round"] == 0
+    monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
+    assert run_cli("pretrain", "--resume", out) == 0
+    final = load_checkpoint(out / "checkpoints" / "final.pt")
+    assert final["state"]["round"] == 2 and "m_t" in final["state"]["strategy"] and finite(out / "checkpoints" / "final.pt")

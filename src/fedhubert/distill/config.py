@@ -53,7 +53,8 @@ class DistillConfig:
     local_steps: int = param(50, "optimizer updates per client per round", ge=1)
     seed: int = param(0, "seed of the student, client sampling, crops, masks and dropout", ge=0)
     transfer: Literal["float32", "bfloat16"] = param(
-        "float32", "precision of the student's weights on the wire (bfloat16 halves the bytes)")
+        "float32", "precision on the wire: the student's float32 weights, or bfloat16 weights out and bfloat16 "
+        "changes back (half the bytes; the server keeps float32)")
     evaluate_every: int = param(1, "server-side distillation loss on the held-out set every this many rounds", ge=1)
     eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
@@ -61,7 +62,7 @@ class DistillConfig:
     student: StudentConfig = param(StudentConfig(), "DistilHuBERT student")
     loss: DistillLossConfig = param(DistillLossConfig(), "distillation loss")
     train: TrainConfig = param(
-        TrainConfig(optim=OptimConfig(lr=2e-4, warmup_steps=14000, total_steps=200000)),
+        TrainConfig(optim=OptimConfig(lr=2e-4, warmup_fraction=0.07)),
         "each client's local trainer (DistilHuBERT: lr 2e-4, 7% warm-up of 200k updates)")
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation of the student")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")

@@ -27,14 +27,16 @@ log = logging.getLogger(__name__)
 def client_gpu_bytes(cfg: DistillConfig, teacher, teacher_cfg) -> int:
     """One client's GPU memory by estimate: the teacher's weights (inference only), the student's weights,
     gradients and AdamW moments, the student's activations for a batch of the longest crops (bounded by a
-    full HuBERT of the student's depth), and a CUDA context allowance."""
+    full HuBERT of the student's depth; twice its transformer with the k-means term, whose masked pass runs the
+    encoder again), and a CUDA context allowance."""
     from fedhubert.distill.student import build_student, distiller_config
 
     layers = prediction_layers(cfg.student, teacher_cfg)
     student = build_student(distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight), cfg.loss)
     crop = int(cfg.train.data.max_seconds * 16000)
     batch = max(1, int(cfg.train.data.batch_seconds * 16000) // crop)
-    shape = dataclasses.replace(teacher_cfg, layers=cfg.student.layers)
+    encoder_passes = 2 if cfg.loss.kmeans_weight > 0 else 1
+    shape = dataclasses.replace(teacher_cfg, layers=cfg.student.layers * encoder_passes)
     activations = estimate_activation_bytes(shape, batch, crop, num_classes=0, precision=cfg.train.precision,
                                             checkpoint_layers=cfg.train.checkpoint_layers,
                                             checkpoint_cnn=cfg.train.checkpoint_cnn)
@@ -53,7 +55,7 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     resources = None
     if cfg.federation.superlink is None:
         resources = simulation_resources(cfg.federation, num_clients, client_gpu_bytes(cfg, teacher, teacher_cfg))
-    summary = run_training_task("distill", out, num_clients, cfg.federation, resources, resume=run.resume)
+    summary = run_training_task("distill", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force)
     plot_rounds(read_rows(out / "metrics.jsonl"), out / "distill.png",
                 f"federated distillation ({cfg.strategy.name}, {num_clients} clients)",
                 acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None)

@@ -19,7 +19,7 @@ from fedhubert.distill.student import (
     LABEL_HEAD_KEYS, Distillation, build_student, distiller_config, init_from_teacher, load_teacher, prediction_layers,
 )
 from fedhubert.errors import ConfigError
-from fedhubert.fl.local import client_heads
+from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.manifest import file_sha256
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
@@ -110,7 +110,8 @@ def serve_distill(grid: Grid, config_path: Path, out: Path, *, resume: bool, thr
         num_classes=num_classes, state=state, shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
         evaluate=dev_evaluator(cfg, evaluation, LabelRate(100, teacher_cfg), student), best_key="loss",
-        higher_is_better=False, checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
+        higher_is_better=False, local_steps=planned_local_steps(cfg, num_clients),
+        checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()
     summary.update({"teacher_parameters": teacher_params, "student_parameters": student_params,

@@ -8,7 +8,10 @@ layers. Loss per head (the paper): L1 + lambda * mean(-log sigmoid(cos)), summed
 
 Optionally the student also predicts the client's k-means labels on masked frames (`loss.kmeans_weight`): a mask
 embedding replaces masked frames of its input and a label head (projection + label embeddings, cosine logits as
-HuBERT's) is trained with cross-entropy; the head is not part of the S3PRL export.
+HuBERT's) is trained with cross-entropy; the head is not part of the S3PRL export. The layer regression still
+sees the whole input: the teacher's targets come from the unmasked audio, so the student's encoder runs twice per
+step (once unmasked for the regression, once masked for the label term; the CNN runs once), which costs about
+one more transformer forward and backward per step while the k-means term is on.
 """
 
 from __future__ import annotations
@@ -122,28 +125,44 @@ class Student(nn.Module):
             self.label_proj = nn.Linear(width, label_dim)
             self.label_embeddings = nn.Parameter(torch.empty(num_classes, label_dim).uniform_())
 
-    def encode(self, wave: Tensor, mask: Tensor | None = None) -> tuple[Tensor, list[Tensor], Tensor]:
-        """S3PRL's forward (expand-last heads, no padding), with masked frames replaced when `mask` is given:
-        (predictions (B, heads, T, D), the encoder layers' outputs, the projected features)."""
+    def features(self, wave: Tensor) -> tuple[Tensor, Tensor]:
+        """The CNN's features, projected to the encoder's width (B, T, D), and S3PRL's frame padding mask."""
         d = self.distiller
-        pad_mask = torch.ones_like(wave)
-        feat, pad_mask = d.forward_feature(wave, pad_mask)
-        feat_final = d.post_extract_proj(feat) if d.post_extract_proj is not None else feat
-        if mask is not None:
-            feat_final = torch.where(mask.unsqueeze(-1), self.mask_emb.to(feat_final.dtype), feat_final)
-        hidden, layer_hiddens = d.encoder(feat_final, ~pad_mask.bool(), get_hidden=True)
+        feat, pad_mask = d.forward_feature(wave, torch.ones_like(wave))
+        return (d.post_extract_proj(feat) if d.post_extract_proj is not None else feat), pad_mask
+
+    def transform(self, feat: Tensor, pad_mask: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """S3PRL's encoder and expand-last heads on projected features: (predictions (B, heads, T, D), the encoder
+        layers' outputs)."""
+        d = self.distiller
+        hidden, layer_hiddens = d.encoder(feat, ~pad_mask.bool(), get_hidden=True)
         b, t, _ = hidden.shape
         pred = d.output_layer(hidden).reshape(b, t, d.n_tasks, -1).permute(0, 2, 1, 3)
-        return pred, layer_hiddens, feat_final
+        return pred, layer_hiddens
+
+    def masked(self, feat: Tensor, mask: Tensor) -> Tensor:
+        """`feat` with the frames of `mask` (B, T) replaced by the mask embedding."""
+        return torch.where(mask.unsqueeze(-1), self.mask_emb.to(feat.dtype), feat)
+
+    def encode(self, wave: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+        """S3PRL's forward (expand-last heads, no padding): (predictions (B, heads, T, D), the encoder layers'
+        outputs, the projected features)."""
+        feat, pad_mask = self.features(wave)
+        pred, layer_hiddens = self.transform(feat, pad_mask)
+        return pred, layer_hiddens, feat
 
     def forward(self, wave: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(predictions, logits of the masked frames, logits of the others); logits only with labels."""
+        """(predictions, logits of the masked frames, logits of the others); logits only with labels. The
+        predictions always come from the unmasked input (they regress the teacher's layers of that input); with
+        labels the encoder runs a second time, on the masked input, for the logits."""
+        feat, pad_mask = self.features(wave)
+        pred, _ = self.transform(feat, pad_mask)
         if labels is None or not self.num_classes:
-            return self.encode(wave)[0], None, None
+            return pred, None, None
         # one label per frame: the student's CNN is the teacher's, so the crop's labels fit its frames
         mask = _compute_mask_indices(tuple(labels.shape), None, self.mask_prob, self.mask_length, "static", 0.0,
                                      min_masks=2).to(wave.device)
-        pred, layer_hiddens, _ = self.encode(wave, mask)
+        _, layer_hiddens = self.transform(self.masked(feat, mask), pad_mask)
         proj = self.label_proj(layer_hiddens[-1])
         logit_m = cosine_logits(proj[mask], labels[mask], self.label_embeddings, _LOGIT_TEMPERATURE)
         logit_u = cosine_logits(proj[~mask], labels[~mask], self.label_embeddings, _LOGIT_TEMPERATURE)
@@ -186,7 +205,9 @@ def init_from_teacher(student: Student, teacher_state: dict[str, Tensor]) -> lis
 
 @dataclass
 class Distillation:
-    """The distillation objective for the local trainer: teacher targets computed on the spot, frozen."""
+    """The distillation objective for the local trainer: teacher targets computed on the spot, frozen. With
+    `loss.kmeans_weight > 0` the student's encoder runs twice per step: unmasked for the regression of the
+    teacher's layers (computed from the same unmasked audio), masked for the k-means label term."""
 
     teacher: HuBERTPretrainModel
     teacher_config: ModelConfig

@@ -124,7 +124,7 @@ def _random_copy(payload: dict, path: Path, seed: int) -> None:
     """A checkpoint of the same architecture with freshly initialised weights."""
     import torch
 
-    from fedhubert.model.checkpoint import model_config_of, save_checkpoint
+    from fedhubert.model.checkpoint import label_rate_of, model_config_of, save_checkpoint
 
     torch.manual_seed(seed)
     if payload["kind"] == "hubert":
@@ -137,7 +137,8 @@ def _random_copy(payload: dict, path: Path, seed: int) -> None:
 
         state = {f"distiller.{k}": v for k, v in Student(payload["model"]["distiller"]).distiller.state_dict().items()}
         model = payload["model"]
-    save_checkpoint(path, kind=payload["kind"], model=model, num_classes=payload["num_classes"], state_dict=state)
+    save_checkpoint(path, kind=payload["kind"], model=model, num_classes=payload["num_classes"], state_dict=state,
+                    label_rate=label_rate_of(payload))
 
 
 def s3prl_config(cfg: SpeechCommandsConfig, dataset: Path) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
-from fedhubert.errors import FedhubertError, StageStopped
+from fedhubert.errors import ConfigError, FedhubertError, StageStopped
 from fedhubert.fl.config import FederationConfig
 from fedhubert.fl.deploy import (
     CONNECTION, Daemon, DeploymentError, end_with_parent, flower_bin, flower_env, free_port, start_superlink,
@@ -31,7 +31,7 @@ from fedhubert.fl.deploy import (
 )
 from fedhubert.fl.reaper import Reaper
 from fedhubert.fl.resources import SimulationResources, simulation_resources
-from fedhubert.fl.rounds import STOP_FILE, summary_path
+from fedhubert.fl.rounds import CHECKPOINT_KINDS, CHECKPOINTS, STOP_FILE, newest_checkpoint, summary_path
 from fedhubert.runlog import CONFIG_FILE
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,17 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
 
 
 def run_training_task(task: str, out: Path, num_clients: int, federation: FederationConfig,
-                      resources: SimulationResources | None, *, resume: bool) -> dict:
+                      resources: SimulationResources | None, *, resume: bool, force: bool = False) -> dict:
     """Run a round-based training task (pretrain, distill) of the ServerApp on the stage's saved config and return
-    the summary it wrote, with the Flower run id. SIGTERM ends it after a round (see `run_flower_app`)."""
+    the summary it wrote, with the Flower run id. SIGTERM ends it after a round (see `run_flower_app`). `resume`
+    with no readable checkpoint is an error, unless `force`: then the run starts over in the same folder."""
     out = Path(out)
+    if resume and newest_checkpoint(out, CHECKPOINT_KINDS[task]) is None:
+        if not force:
+            raise ConfigError(f"--resume {out}: no readable checkpoint in {out / CHECKPOINTS} to continue from. Start "
+                              f"the run again without --resume, or add --force to start over in this folder")
+        log.warning("--resume --force: no readable checkpoint in %s; starting over at round 1", out / CHECKPOINTS)
+        resume = False
     run_id = run_flower_app(
         {"task": task, "config": str(out / CONFIG_FILE), "out": str(out), "resume": resume,
          "threads": resources.cpus_per_client if resources else 0},

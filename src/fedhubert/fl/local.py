@@ -3,7 +3,8 @@ parsed data (cached across rounds in the client process), its local label head, 
 
 A client is its node's partition id. It reads `client_<i>/train.tsv` and `valid.tsv` of the partition, its labels
 from the k-means run, and its overrides from the partition's `client_configs/client_<i>.yaml` (only
-`local_steps` and `train.*`). A label head that stays local lives in its own folder
+`local_steps` and `train.*`). With `transfer=bfloat16` a client replies with its change (trained - received),
+not its weights. A label head that stays local lives in its own folder
 (`clients/client_<i>/head_round_<r>.pt`) and never leaves it. Crops, masks and dropout are seeded by (seed,
 round, client), so a round's result does not depend on which process runs it or on what ran before.
 """
@@ -80,6 +81,16 @@ def with_client_overrides(cfg: T, place: ClientPlace) -> T:
         else:
             merged[key] = value
     return config_from_dict(type(cfg), merged, str(path))
+
+
+def planned_local_steps(cfg: Any, num_clients: int) -> int:
+    """The most updates a client runs per round: the config's `local_steps`, or a client override's when larger
+    (read from the partition's client_configs where this machine has them)."""
+    steps = cfg.local_steps
+    for index in range(num_clients):
+        place = ClientPlace(index, Path(cfg.partition), None, Path("."))
+        steps = max(steps, with_client_overrides(cfg, place).local_steps)
+    return steps
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -163,8 +174,10 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
 
     from fedhubert.fl.records import config_from_record
     from fedhubert.fl.weights import decode, encode
-    from fedhubert.train.data import batch_loader
-    from fedhubert.train.loop import cycle_batches, evaluate, make_optimizer, resolve_device, train
+    from fedhubert.train.data import batch_loader, label_counts
+    from fedhubert.train.loop import (
+        MaskedPrediction, cycle_batches, evaluate, label_log_prior, make_optimizer, resolve_device, train,
+    )
     from fedhubert.train.memory import batch_cap
 
     log = logging.getLogger(__name__)
@@ -180,7 +193,8 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
         place = dataclasses.replace(place, kmeans=None)
     model = task.model
     state = model.state_dict()
-    state.update(decode(message.content["arrays"], cfg.transfer))
+    received = decode(message.content["arrays"], cfg.transfer)
+    state.update(received)
     if task.head_keys:
         head = latest_head(place.work, round_ - 1)
         if head is not None:
@@ -194,6 +208,8 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     np.random.seed(seed % 2**32)
     cap = batch_cap(cfg.train, task.rate.model, task.num_classes)
     train_utts = utterances(place.pair("train"), task.num_classes, task.rate, cfg.train.data)
+    if isinstance(task.objective, MaskedPrediction):  # this client's label-frequency baseline
+        task.objective.log_prior = label_log_prior(label_counts(train_utts, task.num_classes))
     loader = batch_loader(train_utts, task.rate, cfg.train.data, seed, cap)
 
     def progress(step: int, metrics: dict) -> None:
@@ -213,7 +229,10 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if task.head_keys:
         save_head(place.work, round_, new_state, task.head_keys, cfg.checkpoint_every)
-    shared = {k: v for k, v in new_state.items() if k in message.content["arrays"]}
+    if cfg.transfer == "bfloat16":  # the change, not the weights: rounding weights would drown small changes
+        shared = {k: new_state[k].float() - received[k] for k in received}
+    else:
+        shared = {k: v for k, v in new_state.items() if k in received}
     metrics.update({"client": place.index, "num-examples": sum(u.num_samples for u in train_utts) / 16000,
                     "train_time_s": seconds})
     return Message(RecordDict({"arrays": encode(shared, cfg.transfer), "metrics": MetricRecord(metrics)}),

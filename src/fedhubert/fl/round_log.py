@@ -46,15 +46,20 @@ def read_rows(path: Path) -> list[dict]:
 
 def plot_rounds(rows: list[dict], path: Path, title: str, loss_key: str = "train_loss",
                 acc_key: str | None = "train_acc_masked") -> None:
-    fig, axes = plt.subplots(1, 2 if acc_key else 1, figsize=(11 if acc_key else 6, 4), squeeze=False)
+    """Loss per round (clients, their weighted mean, the server's evaluation); with `acc_key` also masked accuracy,
+    and, where evaluations report it, the gain over the label-frequency baseline (held-out, in nats)."""
+    aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    gains = [r for r in evals if "gain_nats" in r]
+    valid_gains = [r for r in aggregated if "valid_gain_nats" in r]
+    panels = 1 + bool(acc_key) + bool(gains or valid_gains)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
     ax_loss = axes[0][0]
     clients = sorted({r["client"] for r in rows if r["kind"] == "client"})
     for client in clients:
         points = [r for r in rows if r["kind"] == "client" and r["client"] == client and loss_key in r]
         ax_loss.plot([r["round"] for r in points], [r[loss_key] for r in points], alpha=0.4, label=f"client {client}")
-    aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
     ax_loss.plot([r["round"] for r in aggregated], [r[loss_key] for r in aggregated], "k-o", label="weighted mean")
-    evals = [r for r in rows if r["kind"] == "eval"]
     if evals and "loss" in evals[0]:
         ax_loss.plot([r["round"] for r in evals], [r["loss"] for r in evals], "r-s", label="server eval")
     ax_loss.set(xlabel="round", ylabel="loss", title=title)
@@ -71,4 +76,17 @@ def plot_rounds(rows: list[dict], path: Path, title: str, loss_key: str = "train
             ax_acc.plot([r["round"] for r in evals], [r["acc_masked"] for r in evals], "r-s", label="server eval")
         ax_acc.set(xlabel="round", ylabel="masked accuracy", title="masked prediction accuracy")
         ax_acc.legend(fontsize="small")
+    if gains or valid_gains:
+        ax_gain = axes[0][-1]
+        if valid_gains:
+            ax_gain.plot([r["round"] for r in valid_gains], [r["valid_gain_nats"] for r in valid_gains], "b-^",
+                         label="clients (valid)")
+        if gains:
+            ax_gain.plot([r["round"] for r in gains], [r["gain_nats"] for r in gains], "r-s", label="server eval")
+        ax_gain.axhline(0.0, color="grey", linestyle="--", linewidth=1, label="frequency baseline")
+        ax_gain.set(xlabel="round", ylabel="nats per masked frame",
+                    title="gain over the label-frequency baseline")
+        ax_gain.legend(fontsize="small")
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
     save_figure(fig, path)

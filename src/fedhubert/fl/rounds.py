@@ -8,11 +8,18 @@ aggregated metrics, evaluate on the server every `evaluate_every` rounds, and ch
 than `strategy.min_clients` stops the run with an error, after making sure the last completed round is
 checkpointed. A `STOP` file in the run folder (written by the stage's command on SIGTERM) ends the run after the
 current round, checkpointed. `resume` continues from the newest readable checkpoint (a corrupt one is skipped with
-a warning).
+a warning; none at all is an error).
+
+The clients get the config with the learning-rate schedule fitted to the run (`fedhubert.train.schedule`). With
+`transfer=bfloat16` the server sends its weights rounded to bfloat16 and the clients reply with their change
+(trained - received) in bfloat16, which the server adds to its float32 weights: rounding the weights instead
+would drown small updates in rounding noise. Every round records the server's step against the clients' mean
+change (norms, their ratio and cosine), so that a server optimizer that does not follow its clients shows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -36,6 +43,8 @@ from fedhubert.fl.strategy import make_strategy
 from fedhubert.fl.weights import WeightsError, check_update, decode, encode
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedhubert.fl.round_log import RoundLog, read_rows
+from fedhubert.train.learning import learning_check, log_verdict
+from fedhubert.train.schedule import describe, fit_schedule, schedule_record, schedule_warnings
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ STOP_FILE = "STOP"
 _ROUND_FILE = re.compile(r"round_(\d+)\.pt")
 # Keys whose change is allowed when a run is resumed (everything else must match the checkpoint's config).
 RESUMABLE_CHANGES = ("num_rounds", "federation")
+# The kind of checkpoint each training task writes (fedhubert.model.checkpoint).
+CHECKPOINT_KINDS = {"pretrain": "hubert", "distill": "distiller"}
 
 
 class RoundError(FedhubertError):
@@ -65,6 +76,7 @@ class RoundTask:
     evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None
     best_key: str | None = None
     higher_is_better: bool = True
+    local_steps: int | None = None  # the most updates any client runs a round (client overrides); None: the config's
     checkpoint_extra: Callable[[int], dict] = field(default=lambda round_: {})
 
 
@@ -114,6 +126,12 @@ class FederatedRun:
         self.min_required = min(cfg.strategy.min_clients, num_clients)
         self.best: dict | None = None
         self.saved_round = -1
+        self.schedule = schedule_record(cfg.train.optim, self.planned_updates(cfg.num_rounds))
+        self.sent_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, optim=fit_schedule(cfg.train.optim, self.planned_updates(cfg.num_rounds))))
+
+    def planned_updates(self, rounds: int) -> int:
+        return rounds * (self.task.local_steps or self.cfg.local_steps)
 
     # ------------------------------------------------------------------------------------------- setup
     def _restore(self) -> tuple[int, int, dict[str, torch.Tensor]]:
@@ -121,7 +139,10 @@ class FederatedRun:
         state = dict(self.task.state)
         if found is None:
             if self.resume:
-                log.warning("no checkpoint to resume from in %s; starting at round 1", self.out / CHECKPOINTS)
+                raise RoundError(f"no readable checkpoint to resume from in {self.out / CHECKPOINTS}")
+            for problem in schedule_warnings(self.cfg.train.optim, self.planned_updates(self.cfg.num_rounds)):
+                log.warning("%s", problem)
+            log.info("%s", describe(self.schedule))
             return 0, 0, state
         path, payload = found
         saved = payload["state"]
@@ -131,6 +152,14 @@ class FederatedRun:
                              f"{', '.join(RESUMABLE_CHANGES)} may change when resuming")
         state.update(payload["state_dict"])
         self.strategy.load_state(saved["strategy"])
+        before = saved.get("schedule")
+        if before and (before["warmup_steps"], before["total_steps"]) != (self.schedule["warmup_steps"],
+                                                                          self.schedule["total_steps"]):
+            log.warning("resuming with num_rounds=%d changes the learning-rate schedule: warm-up %d -> %d updates, "
+                        "decay to 0 at update %d -> %d (the rate of the rounds still to run follows the new one)",
+                        self.cfg.num_rounds, before["warmup_steps"], self.schedule["warmup_steps"],
+                        before["total_steps"], self.schedule["total_steps"])
+        log.info("%s", describe(self.schedule))
         self.best = saved.get("best")
         round_, global_step = int(saved["round"]), int(saved["global_step"])
         rows = [r for r in read_rows(self.records.path) if r["round"] <= round_]
@@ -179,6 +208,8 @@ class FederatedRun:
                     raise WeightsError("reply lacks 'arrays' or 'metrics'")
                 tensors = decode(reply.content["arrays"], self.cfg.transfer)
                 check_update(tensors, reference, self.task.shared_keys)
+                if self.cfg.transfer == "bfloat16":  # a change against what was sent: rebuild the weights
+                    tensors = {k: reference[k] + tensors[k] for k in tensors}
             except WeightsError as err:
                 failed[client] = f"rejected update: {err}"
                 continue
@@ -199,11 +230,12 @@ class FederatedRun:
         state = {**self.task.state, **arrays}
         save_checkpoint(name, kind=self.task.checkpoint_kind, model=self.task.model_config,
                         num_classes=self.task.num_classes, state_dict=state,
+                        label_rate=self.task.round_info["label_rate"],
                         state={"stage": self.task.name, "round": round_, "global_step": global_step,
                                "strategy": {"name": self.cfg.strategy.name, **self.strategy.state()},
                                "rng": {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
                                        "torch": torch.get_rng_state()},
-                               "config": config_to_dict(self.cfg), "best": self.best,
+                               "config": config_to_dict(self.cfg), "best": self.best, "schedule": self.schedule,
                                **self.task.checkpoint_extra(round_)})
 
     def _improves(self, result: dict) -> bool:
@@ -231,7 +263,7 @@ class FederatedRun:
             payload = encode(arrays, self.cfg.transfer)
             outgoing = []
             for client in chosen:
-                message = Message(RecordDict({"arrays": payload, "config": config_to_record(self.cfg),
+                message = Message(RecordDict({"arrays": payload, "config": config_to_record(self.sent_cfg),
                                               "round": self._round_info(round_, global_step)}),
                                   dst_node_id=nodes[client], message_type=self.task.message_type, group_id=str(round_))
                 self.messages.record("to_client", message, round_, client)
@@ -250,21 +282,24 @@ class FederatedRun:
             ordered = [Message(RecordDict({"arrays": encode(t, "float32"), "metrics": m}), dst_node_id=0,
                                message_type="train") for _, (t, m) in sorted(accepted.items())]
             new, aggregated = self.strategy.aggregate(round_, ordered, {k: np.dtype(np.float32) for k in arrays})
-            arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
-            global_step += self.cfg.local_steps
+            new_arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
+            step_stats = server_step(arrays, new_arrays, [(t, float(m["num-examples"])) for t, m in accepted.values()])
+            arrays = new_arrays
+            global_step += max(int(m.get("train_steps", self.cfg.local_steps)) for _, m in accepted.values())
             for client, (_, metrics) in sorted(accepted.items()):
                 self.records.write({"kind": "client", "round": round_, **dict(metrics)})
             row = {"kind": "train", "round": round_, "clients": len(accepted), "failed": len(failed),
                    "global_step": global_step, "seconds": round(time.monotonic() - round_started, 3),
-                   **{k: v for k, v in dict(aggregated).items() if k != "client"}}
+                   **step_stats, **{k: v for k, v in dict(aggregated).items() if k != "client"}}
             self.records.write(row)
-            log.info("round %d/%d: %d clients, %s", round_, self.cfg.num_rounds, len(accepted), _brief(dict(aggregated)))
+            log.info("round %d/%d: %d clients, %s", round_, self.cfg.num_rounds, len(accepted), _brief({**dict(aggregated), **step_stats}))
             if self.task.evaluate is not None and (round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds):
                 result = self.task.evaluate({**self.task.state, **arrays})
                 self.records.write({"kind": "eval", "round": round_, **result})
                 log.info("round %d server evaluation: %s", round_, _brief(result))
                 if self._improves(result):
-                    self.best = {"round": round_, **{k: result[k] for k in (self.task.best_key, "loss") if k in result}}
+                    self.best = {"round": round_, **{k: result[k] for k in (self.task.best_key, "loss", "gain_nats")
+                                                     if k in result}}
                     self._checkpoint(self.out / CHECKPOINTS / "best.pt", round_, global_step, arrays)
             if round_ % self.cfg.checkpoint_every == 0 or round_ == self.cfg.num_rounds:
                 self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
@@ -280,11 +315,34 @@ class FederatedRun:
                 stopped = round_
                 break
         self.records.close()
-        return {"rounds": self.cfg.num_rounds, "resumed_after_round": start, "global_step": global_step,
+        evals = [{"at": r["round"], **r} for r in read_rows(self.records.path) if r["kind"] == "eval"]
+        verdict = learning_check(evals, f"the server's held-out set ({self.cfg.eval_subset})")
+        log_verdict(verdict, self.task.name)
+        return {"rounds": self.cfg.num_rounds, "schedule": self.schedule, "learning": verdict, "resumed_after_round": start, "global_step": global_step,
                 "best": self.best, "seconds": round(time.monotonic() - started, 2), "stopped_after_round": stopped,
                 "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt")}
 
 
+def server_step(sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+                clients: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, float]:
+    """How the server's step (new - sent) compares with the clients' mean change (weighted by their examples, the
+    step FedAvg would take): both norms, their ratio and the cosine between them. FedAvg gives ratio 1, cosine 1;
+    a server optimizer far from that is not following its clients."""
+    total = sum(weight for _, weight in clients) or 1.0
+    step_sq = mean_sq = dot = 0.0
+    for key, before in sent.items():
+        step = (new[key] - before).double()
+        mean = sum((t[key] - before).double() * (weight / total) for t, weight in clients)
+        step_sq += float((step * step).sum())
+        mean_sq += float((mean * mean).sum())
+        dot += float((step * mean).sum())
+    step_norm, mean_norm = math.sqrt(step_sq), math.sqrt(mean_sq)
+    return {"server_step_norm": step_norm, "client_change_norm": mean_norm,
+            "step_ratio": step_norm / mean_norm if mean_norm > 0 else 0.0,
+            "step_cosine": dot / (step_norm * mean_norm) if step_norm > 0 and mean_norm > 0 else 0.0}
+
+
 def _brief(metrics: dict) -> str:
-    keys = [k for k in ("train_loss", "train_acc_masked", "valid_acc_masked", "loss", "acc_masked") if k in metrics]
-    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys)
+    keys = [k for k in ("train_loss", "valid_gain_nats", "loss", "ce_masked", "gain_nats", "predicted_clusters",
+                        "acc_masked", "step_ratio", "step_cosine") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys)

@@ -42,7 +42,8 @@ class _Resumable:
                 "v_t": {k: torch.from_numpy(np.array(v)) for k, v in self.v_t.items()}}
 
     def load_state(self, state: dict) -> None:
-        if isinstance(self, FedOpt) and state:
+        """Restore the moments; a state saved before the first aggregation (round 0) has none to restore."""
+        if isinstance(self, FedOpt) and "m_t" in state:
             self.m_t = {k: v.numpy() for k, v in state["m_t"].items()}
             self.v_t = {k: v.numpy() for k, v in state["v_t"].items()}
 

@@ -1,4 +1,5 @@
-"""Model weights on the wire: float32 (never float64), or bfloat16 to halve the bytes.
+"""Model weights on the wire: float32 (never float64), or bfloat16 to halve the bytes (with bfloat16 the clients
+send their change rather than their weights: see `fedhubert.fl.rounds`).
 
 NumPy has no bfloat16, so bfloat16 weights travel as uint16 arrays of their bit patterns; both ends know the
 encoding from the run's config (`transfer`). Whatever the transfer, the server keeps and aggregates float32.

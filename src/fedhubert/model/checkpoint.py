@@ -2,7 +2,9 @@
 
 A checkpoint is `torch.save` of primitives and tensors only (torch >= 2.6 loads with weights_only):
 `{"format", "kind", "model": ModelConfig as a dict, "num_classes", "label_rate", "state_dict", "state": {...}}`,
-where `state` holds whatever the writer needs to resume (optimizer, global step, RNG states, round, ...).
+where `label_rate` is the rate (Hz) of the k-means labels the model was trained on (100: MFCC labels, iteration 1;
+50: labels of a HuBERT layer, iteration 2) and `state` holds whatever the writer needs to resume (optimizer,
+global step, RNG states, round, ...).
 """
 
 from __future__ import annotations
@@ -31,13 +33,14 @@ def sidecar(path: Path) -> Path:
 
 
 def save_checkpoint(path: Path, *, kind: str, model: ModelConfig | dict, num_classes: int, state_dict: dict,
-                    state: dict[str, Any] | None = None) -> str:
+                    state: dict[str, Any] | None = None, label_rate: int = LABEL_RATE) -> str:
     """Write atomically (then its .sha256 sidecar); returns the SHA-256 of the file. `model` describes the
-    architecture: a ModelConfig for a HuBERT, a plain dict for other kinds (the distiller's config)."""
+    architecture: a ModelConfig for a HuBERT, a plain dict for other kinds (the distiller's config);
+    `label_rate` is the rate of the labels it was trained on (default: 100 Hz, MFCC labels)."""
     payload = {
         "format": FORMAT, "kind": kind, "model": model if isinstance(model, dict) else config_to_dict(model),
         "num_classes": int(num_classes),
-        "label_rate": LABEL_RATE, "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "label_rate": int(label_rate), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "state": state or {},
     }
     buffer = io.BytesIO()
@@ -74,6 +77,13 @@ def load_checkpoint(path: Path, kind: str | None = None, verify: bool = True) ->
     if kind is not None and payload.get("kind") != kind:
         raise CheckpointError(f"{path} holds a '{payload.get('kind')}' model, not the '{kind}' one needed here")
     return payload
+
+
+def label_rate_of(payload: dict) -> int:
+    """The rate (Hz) of the labels a checkpoint's model was trained on. Checkpoints written before the rate was
+    recorded per run hold a constant 100 at the top level; federated pretraining also kept the true rate in
+    `state['label_rate']`, which therefore wins. Neither: 100 (MFCC labels)."""
+    return int(payload.get("state", {}).get("label_rate", payload.get("label_rate", LABEL_RATE)))
 
 
 def model_config_of(payload: dict) -> ModelConfig:

@@ -1,10 +1,12 @@
 """Export to the file S3PRL's `hubert_local` upstream loads (s3prl/upstream/hubert/convert.py).
 
 `torch.save({"task_cfg", "model_cfg", "model_weight", "dictionaries_symbols"})`: fairseq HubertConfig and
-HubertPretrainingConfig fields as plain dicts, fairseq parameter names, and one fairseq dictionary of 4 special
-symbols + K cluster ids. Parameter names are mapped with torchaudio's own fairseq -> torchaudio key map, run over
-the names of the model S3PRL itself builds from the exported configs; before the file is written, S3PRL's model
-loads the weights strictly, so a file that S3PRL cannot load is never written.
+HubertPretrainingConfig fields as plain dicts (`label_rate` is the checkpoint's: 100 Hz MFCC labels or 50 Hz
+HuBERT-layer labels), fairseq parameter names, and one fairseq dictionary of 4 special symbols + K cluster ids.
+Parameter names are mapped with torchaudio's own fairseq -> torchaudio key map, run over the names of the model
+S3PRL itself builds from the exported configs; before the file is written, S3PRL's model loads the weights
+strictly, so a file that S3PRL cannot load is never written. The special symbols' label embeddings are zeros
+(they are never targets): fairseq's masked-prediction logits are ours with 4 more columns, each 0.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import Any
 import torch
 from torchaudio.models.wav2vec2.utils.import_fairseq import _map_key
 
-from fedhubert.model.config import LABEL_RATE, ModelConfig
+from fedhubert.model.config import ModelConfig
 
 SPECIAL_SYMBOLS = ["<s>", "<pad>", "</s>", "<unk>"]  # a fairseq Dictionary's first four entries
 
 
-def fairseq_model_cfg(cfg: ModelConfig) -> dict[str, Any]:
+def fairseq_model_cfg(cfg: ModelConfig, label_rate: int) -> dict[str, Any]:
     return {
-        "label_rate": float(LABEL_RATE),
+        "label_rate": float(label_rate),
         "extractor_mode": "default" if cfg.extractor_mode == "group_norm" else "layer_norm",
         "encoder_layers": cfg.layers,
         "encoder_embed_dim": cfg.embed_dim,
@@ -67,8 +69,8 @@ def fairseq_model_cfg(cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-def fairseq_task_cfg(cfg: ModelConfig) -> dict[str, Any]:
-    return {"label_rate": float(LABEL_RATE), "sample_rate": 16000, "normalize": cfg.normalize_waveform,
+def fairseq_task_cfg(cfg: ModelConfig, label_rate: int) -> dict[str, Any]:
+    return {"label_rate": float(label_rate), "sample_rate": 16000, "normalize": cfg.normalize_waveform,
             "enable_padding": False, "random_crop": True, "pad_audio": False}
 
 
@@ -98,9 +100,11 @@ def s3prl_model(task_cfg: dict, model_cfg: dict, symbols: list[list[str]]):
                            merge_with_parent(HubertPretrainingConfig, task_cfg), symbols)
 
 
-def to_s3prl_hubert(cfg: ModelConfig, num_classes: int, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The `hubert_local` checkpoint content for our model's weights (checked by loading them into S3PRL's model)."""
-    task_cfg, model_cfg = fairseq_task_cfg(cfg), fairseq_model_cfg(cfg)
+def to_s3prl_hubert(cfg: ModelConfig, num_classes: int, state_dict: dict[str, torch.Tensor], *,
+                    label_rate: int) -> dict[str, Any]:
+    """The `hubert_local` checkpoint content for our model's weights, trained on labels at `label_rate` Hz
+    (checked by loading them into S3PRL's model)."""
+    task_cfg, model_cfg = fairseq_task_cfg(cfg, label_rate), fairseq_model_cfg(cfg, label_rate)
     symbols = [SPECIAL_SYMBOLS + [str(k) for k in range(num_classes)]]
     reference = s3prl_model(task_cfg, model_cfg, symbols)
     weights = {}
@@ -146,7 +150,7 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, *, force: bool = Fa
     from fedhubert.atomic import atomic_write_bytes, atomic_write_text
     from fedhubert.errors import OutputExistsError
     from fedhubert.manifest import file_sha256
-    from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_config_of
+    from fedhubert.model.checkpoint import CheckpointError, label_rate_of, load_checkpoint, model_config_of
 
     out = Path(out)
     if out.exists() and not force:
@@ -155,14 +159,16 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, *, force: bool = Fa
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     payload = load_checkpoint(checkpoint, kind=FORMATS[fmt])
     if fmt == "s3prl-hubert":
-        content = to_s3prl_hubert(model_config_of(payload), payload["num_classes"], payload["state_dict"])
+        content = to_s3prl_hubert(model_config_of(payload), payload["num_classes"], payload["state_dict"],
+                                  label_rate=label_rate_of(payload))
     else:
         content = to_s3prl_distiller(payload)
     atomic_write_bytes(out, serialise(content))
     upstream = "hubert_local" if fmt == "s3prl-hubert" else "distiller_local"
     record = {
         "format": fmt, "file": out.name, "sha256": file_sha256(out), "source_checkpoint": str(Path(checkpoint).resolve()),
-        "source_sha256": file_sha256(checkpoint), "num_classes": payload["num_classes"], "model": payload["model"],
+        "source_sha256": file_sha256(checkpoint), "num_classes": payload["num_classes"],
+        "label_rate": label_rate_of(payload), "model": payload["model"],
         "fedhubert_version": __version__,
         "load_with": f"python -m s3prl.run_downstream -u {upstream} -k {out.resolve()} ...",
     }

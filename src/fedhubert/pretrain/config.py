@@ -25,7 +25,8 @@ class PretrainConfig:
     local_steps: int = param(50, "optimizer updates per client per round", ge=1)
     seed: int = param(0, "seed of the initial model, client sampling, crops, masks and dropout", ge=0)
     transfer: Literal["float32", "bfloat16"] = param(
-        "float32", "precision of the weights on the wire (bfloat16 halves the bytes; the server keeps float32)")
+        "float32", "precision on the wire: float32 weights, or bfloat16 weights out and bfloat16 changes back (half "
+        "the bytes; the server keeps float32)")
     evaluate_every: int = param(1, "server-side evaluation on the held-out set every this many rounds", ge=1)
     eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)

@@ -1,6 +1,7 @@
 """`fedhubert pretrain`: federated HuBERT pretraining as a Flower run, in a local simulation or on a SuperLink.
 
-Writes `checkpoints/` (round_<r>.pt, best.pt by server-side masked accuracy, final.pt; each with a .sha256),
+Writes `checkpoints/` (round_<r>.pt, best.pt by the lowest server-side masked cross-entropy, final.pt; each with a
+.sha256),
 `metrics.jsonl`, `tensorboard/`, `messages.jsonl` (what crossed the wire, per message), `pretrain.json` and
 `pretrain.png`; with per-client codebooks each client's head in `clients/client_<i>/`.
 """
@@ -48,13 +49,13 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     if cfg.federation.superlink is None:
         resources = simulation_resources(cfg.federation, num_clients,
                                          client_gpu_bytes(cfg.model, cfg.train, int(kmeans["num_clusters"])))
-    summary = run_training_task("pretrain", out, num_clients, cfg.federation, resources, resume=run.resume)
+    summary = run_training_task("pretrain", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force)
     plot_rounds(read_rows(out / "metrics.jsonl"), out / "pretrain.png",
                 f"federated pretraining ({cfg.strategy.name}, {num_clients} clients)")
     run.summary.update(summary)
     check_stopped("pretrain", summary, out)
     best = summary.get("best")
     log.info("pretraining done: %d rounds%s; final checkpoint %s", summary["rounds"],
-             f", best server masked accuracy {best['acc_masked']:.3f} (round {best['round']})" if best else "",
+             f", best server masked cross-entropy {best['ce_masked']:.3f} (round {best['round']})" if best else "",
              summary["final_checkpoint"])
     return summary

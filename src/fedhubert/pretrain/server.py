@@ -1,5 +1,8 @@
 """The server side of federated pretraining: the initial model, what is shared, and server-side evaluation.
 
+Server-side evaluation reports the masked cross-entropy beside the label-frequency baseline's on the same frames;
+`best.pt` is the round of the lowest held-out masked cross-entropy.
+
 With a federated (shared) codebook every parameter is aggregated and the server evaluates the global model on
 the held-out set (`eval_subset`) labelled with that codebook. With per-client codebooks the label-prediction head
 (label embeddings, final projection) stays on the clients: it is not sent, not aggregated, and the server has no
@@ -20,10 +23,10 @@ from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
-from fedhubert.fl.local import client_heads
+from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import MaskedPrediction, evaluate, resolve_device
+from fedhubert.train.loop import MaskedPrediction, evaluate, label_log_prior, resolve_device
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
@@ -58,7 +61,9 @@ def dev_evaluator(cfg: PretrainConfig, kmeans: dict, rate: LabelRate):
     loader = batch_loader(utts, rate, cfg.train.data, cfg.seed, batch_cap(cfg.train, cfg.model, kmeans["num_clusters"]))
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, kmeans["num_clusters"]).to(device)
-    objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform)
+    # The frequency baseline: the clients' label distribution, from the cluster counts that federated k-means
+    # gathered (statistics that already left the clients).
+    objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform, label_log_prior(kmeans["cluster_usage"]))
 
     def run(state: dict[str, torch.Tensor]) -> dict:
         model.load_state_dict(state)
@@ -89,7 +94,8 @@ def serve_pretrain(grid: Grid, config_path: Path, out: Path, *, resume: bool, th
         name="pretrain", message_type="train", checkpoint_kind="hubert", model_config=cfg.model,
         num_classes=num_classes, state=state, shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
-        evaluate=dev_evaluator(cfg, kmeans, rate), best_key="acc_masked", higher_is_better=True,
+        evaluate=dev_evaluator(cfg, kmeans, rate), best_key="ce_masked", higher_is_better=False,
+        local_steps=planned_local_steps(cfg, num_clients),
         checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()

@@ -24,14 +24,17 @@ class OptimConfig:
     betas: list[float] = param([0.9, 0.98], "AdamW betas", ge=0, lt=1)
     eps: float = param(1e-6, "AdamW epsilon", gt=0)
     weight_decay: float = param(0.01, "AdamW weight decay", ge=0)
-    warmup_steps: int = param(32000, "linear warm-up updates (counted by the global step)", ge=0)
-    total_steps: int = param(250000, "the learning rate decays linearly to 0 at this global step", ge=1)
+    warmup_steps: Optional[int] = param(
+        None, "linear warm-up updates, counted by the global step (null: warmup_fraction of total_steps)", ge=0)
+    total_steps: Optional[int] = param(
+        None, "the learning rate decays linearly to 0 at this global step (null: the run's planned updates)", ge=1)
+    warmup_fraction: float = param(0.1, "warm-up share of total_steps when warmup_steps is null", ge=0, lt=1)
     clip_norm: float = param(10.0, "gradient-norm clipping (0: off)", ge=0)
 
     def validate(self) -> None:
         if len(self.betas) != 2:
             raise ConfigError(f"key 'optim.betas' must be [beta1, beta2], got {self.betas}")
-        if self.warmup_steps >= self.total_steps:
+        if self.warmup_steps is not None and self.total_steps is not None and self.warmup_steps >= self.total_steps:
             raise ConfigError(f"key 'optim.warmup_steps' ({self.warmup_steps}) must be below 'optim.total_steps' "
                               f"({self.total_steps})")
 

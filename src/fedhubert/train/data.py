@@ -206,3 +206,12 @@ def batch_loader(utterances: Sequence[Utterance], rate: LabelRate, data: DataCon
         CroppedAudio(utterances, rate), batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
     )
+
+
+def label_counts(utterances: Sequence[Utterance], num_classes: int) -> np.ndarray:
+    """How often each cluster occurs in the utterances' labels (the label-frequency baseline's distribution)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for utt in utterances:
+        if utt.labels is not None:
+            counts += np.bincount(np.asarray(utt.labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    return counts

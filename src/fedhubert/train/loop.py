@@ -4,7 +4,10 @@ The objective of a batch is pluggable (`Objective`): HuBERT's masked prediction 
 DistilHuBERT's layer regression in `fedhubert.distill`. Masked prediction (the recipe): cross-entropy of the masked
 frames' logits against index 0, where torchaudio puts the positive (the frame's own k-means label); the label ids
 themselves are never the targets. Plus unmasked frames (weight 0 by default) and the CNN feature penalty, all
-normalised by the number of masked frames. AdamW, linear warm-up then linear decay by a global step that the
+normalised by the number of masked frames. Its metrics cannot be satisfied by counting label frequencies: beside
+accuracy they report the masked cross-entropy, the cross-entropy of the label-frequency baseline (always predicting
+the training label distribution) on the same frames, the gain over it in nats, and how many distinct clusters the
+model predicts. AdamW, linear warm-up then linear decay by a global step that the
 caller keeps across rounds, gradient accumulation, clipping, and bf16 or fp16 autocast over fp32 weights. A call
 in which no batch is trained raises, rather than report a model that did not change as trained.
 """
@@ -18,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torchaudio.models.wav2vec2.model import HuBERTPretrainModel
@@ -44,7 +48,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def learning_rate(step: int, optim: OptimConfig) -> float:
-    """Linear warm-up to `lr` over `warmup_steps`, then linear decay to 0 at `total_steps`."""
+    """Linear warm-up to `lr` over `warmup_steps`, then linear decay to 0 at `total_steps` (both resolved: see
+    `fedhubert.train.schedule`)."""
+    if optim.warmup_steps is None or optim.total_steps is None:
+        raise TrainingError("the learning-rate schedule is not resolved: call fedhubert.train.schedule.fit_schedule "
+                            "with the run's planned updates first")
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     remaining = (optim.total_steps - step) / max(1, optim.total_steps - optim.warmup_steps)
@@ -59,7 +67,7 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Ad
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # this batch's loss, normalised, ready for backward
-    sums: dict[str, float]  # additive statistics (frames, correct predictions, ...) for the metrics
+    sums: dict  # additive statistics (frames, correct predictions, histograms as arrays, ...) for the metrics
 
 
 class Objective(Protocol):
@@ -70,21 +78,59 @@ class Objective(Protocol):
     def metrics(self, sums: dict[str, float]) -> dict[str, float]: ...
 
 
+def label_scores(logit_m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each frame's label id and its K class scores, recovered from torchaudio's logit layout [positive, all K
+    classes with the positive's own class at -inf]: the label is the -inf column, whose score is the positive's."""
+    negatives = logit_m[:, 1:].float()
+    own = torch.isneginf(negatives)
+    return own.float().argmax(dim=1), torch.where(own, logit_m[:, :1].float(), negatives)
+
+
+def label_log_prior(counts: np.ndarray) -> torch.Tensor:
+    """Log-probabilities of the label-frequency baseline: the training label distribution, add-one smoothed so that
+    a cluster unseen in training costs log(N + K) rather than infinity."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
+
+
 def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: torch.Tensor,
-                weights: LossConfig) -> StepOutput:
-    """Masked prediction loss; the positive is at index 0 of every row of logits."""
+                weights: LossConfig, log_prior: torch.Tensor | None = None) -> StepOutput:
+    """Masked prediction loss; the positive is at index 0 of every row of logits. Its statistics include the
+    masked cross-entropy, the baseline's (with `log_prior`) and the histogram of predicted clusters."""
     masked = logit_m.shape[0]
     target_m = torch.zeros(masked, dtype=torch.long, device=logit_m.device)
     target_u = torch.zeros(logit_u.shape[0], dtype=torch.long, device=logit_u.device)
-    total = weights.masked_weight * F.cross_entropy(logit_m.float(), target_m, reduction="sum")
+    ce_m = F.cross_entropy(logit_m.float(), target_m, reduction="sum")
+    total = weights.masked_weight * ce_m
     if weights.unmasked_weight > 0 and len(target_u):
         total = total + weights.unmasked_weight * F.cross_entropy(logit_u.float(), target_u, reduction="sum")
     total = total + weights.feature_penalty * feature_penalty.float() * masked
+    sums: dict = {"masked": masked, "unmasked": logit_u.shape[0], "ce_m": float(ce_m.detach())}
     with torch.no_grad():
-        correct_m = int((logit_m.argmax(dim=-1) == 0).sum()) if masked else 0
-        correct_u = int((logit_u.argmax(dim=-1) == 0).sum()) if len(target_u) else 0
-    return StepOutput(total / max(masked, 1), {"masked": masked, "correct_m": correct_m,
-                                               "unmasked": logit_u.shape[0], "correct_u": correct_u})
+        sums["correct_m"] = int((logit_m.argmax(dim=-1) == 0).sum()) if masked else 0
+        sums["correct_u"] = int((logit_u.argmax(dim=-1) == 0).sum()) if len(target_u) else 0
+        if masked:
+            labels, scores = label_scores(logit_m)
+            sums["predicted"] = np.bincount(scores.argmax(dim=1).cpu().numpy(), minlength=scores.shape[1])
+            if log_prior is not None:
+                sums["prior_ce_m"] = float(-log_prior.to(labels.device)[labels].sum())
+    return StepOutput(total / max(masked, 1), sums)
+
+
+def prediction_metrics(sums: dict) -> dict[str, float]:
+    """Masked cross-entropy, the frequency baseline's and the gain over it (nats), distinct predicted clusters and
+    the entropy of the predictions (nats): what tells a model that learned from one that counts frequencies."""
+    masked = max(sums.get("masked", 0), 1)
+    out = {"ce_masked": sums.get("ce_m", 0.0) / masked}
+    if "prior_ce_m" in sums:
+        out["baseline_ce_masked"] = sums["prior_ce_m"] / masked
+        out["gain_nats"] = out["baseline_ce_masked"] - out["ce_masked"]
+    predicted = np.asarray(sums.get("predicted", []), dtype=np.float64)
+    if predicted.sum() > 0:
+        share = predicted[predicted > 0] / predicted.sum()
+        out["predicted_clusters"] = int((predicted > 0).sum())
+        out["prediction_entropy"] = float(-(share * np.log(share)).sum())
+    return out
 
 
 def autocast(device: torch.device, precision: str):
@@ -98,6 +144,7 @@ class MaskedPrediction:
 
     weights: LossConfig
     normalize: bool = False  # zero-mean unit-variance waveforms (HuBERT Large)
+    log_prior: torch.Tensor | None = None  # the label-frequency baseline (`label_log_prior` of training labels)
 
     def step(self, model: HuBERTPretrainModel, batch: Batch, device: torch.device, precision: str) -> StepOutput:
         waveforms = batch.waveforms.to(device, non_blocking=True)
@@ -106,11 +153,12 @@ class MaskedPrediction:
             waveforms = normalize_waveforms(waveforms, None)
         with autocast(device, precision):
             logit_m, logit_u, penalty = model(waveforms, labels)
-        return hubert_loss(logit_m, logit_u, penalty, self.weights)
+        return hubert_loss(logit_m, logit_u, penalty, self.weights, self.log_prior)
 
-    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+    def metrics(self, sums: dict) -> dict[str, float]:
         return {"acc_masked": sums.get("correct_m", 0) / max(sums.get("masked", 0), 1),
-                "acc_unmasked": sums.get("correct_u", 0) / max(sums.get("unmasked", 0), 1)}
+                "acc_unmasked": sums.get("correct_u", 0) / max(sums.get("unmasked", 0), 1),
+                **prediction_metrics(sums)}
 
 
 @dataclass
@@ -121,7 +169,7 @@ class Meter:
     batches: int = 0
     seconds: float = 0.0
     skipped: int = 0
-    sums: dict[str, float] = field(default_factory=dict)
+    sums: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
     def add(self, out: StepOutput, seconds: float) -> None:
@@ -186,6 +234,9 @@ def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig, *,
         scaler = torch.amp.GradScaler(device.type)
     meter, window = Meter(), Meter()
     done = 0
+    if learning_rate(global_step, cfg.optim) == 0.0:
+        log.warning("the learning rate is 0 from global step %d on (optim.total_steps=%d): these %d updates change "
+                    "nothing", global_step, cfg.optim.total_steps, steps)
     for _ in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(global_step, cfg.optim)

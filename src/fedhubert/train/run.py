@@ -5,6 +5,7 @@ runs compare with. Writes `checkpoints/` (step_<n>.pt, final.pt; loadable by `fe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -18,8 +19,12 @@ from fedhubert.model.hubert import build_hubert, enable_checkpointing
 from fedhubert.plots import plt, save_figure
 from fedhubert.runlog import StageRun
 from fedhubert.train.config import TrainConfig, TrainLocalConfig
-from fedhubert.train.data import DataError, LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import MaskedPrediction, cycle_batches, evaluate, make_optimizer, resolve_device, train
+from fedhubert.train.data import DataError, LabelRate, batch_loader, label_counts, load_utterances
+from fedhubert.train.learning import learning_check, log_verdict
+from fedhubert.train.loop import (
+    MaskedPrediction, cycle_batches, evaluate, label_log_prior, make_optimizer, resolve_device, train,
+)
+from fedhubert.train.schedule import describe, schedule_record, schedule_warnings
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
@@ -94,6 +99,12 @@ def plot_training(rows: list[dict], path: Path) -> None:
 
 def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
     num_classes = num_classes_for(cfg.train_labels, cfg.num_classes)
+    schedule = schedule_record(cfg.train.optim, cfg.steps)
+    for problem in schedule_warnings(cfg.train.optim, cfg.steps):
+        log.warning("%s", problem)
+    log.info("%s", describe(schedule))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optim=dataclasses.replace(
+        cfg.train.optim, warmup_steps=schedule["warmup_steps"], total_steps=schedule["total_steps"])))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, num_classes)
@@ -108,7 +119,8 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
              cfg.model.preset, params / 1e6, num_classes, device, len(train_utts),
              sum(u.num_samples for u in train_utts) / 16000 / 3600, len(train_loader))
     optimizer = make_optimizer(model, cfg.train.optim)
-    objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform)
+    objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform,
+                                 label_log_prior(label_counts(train_utts, num_classes)))
     metrics_path = out / "metrics.jsonl"
     rows: list[dict] = []
 
@@ -124,7 +136,7 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
 
     def checkpoint(name: str, step: int) -> None:
         save_checkpoint(out / "checkpoints" / name, kind="hubert", model=cfg.model, num_classes=num_classes,
-                        state_dict=model.state_dict(),
+                        state_dict=model.state_dict(), label_rate=rate.rate,
                         state={"global_step": step, "stage": "train-local", "config": config_to_dict(cfg)})
 
     first = evaluate(model, valid_loader, cfg.train, objective=objective, device=device) if valid_loader else None
@@ -140,17 +152,23 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
         if valid_loader and (step % cfg.eval_every == 0 or step == cfg.steps):
             valid = evaluate(model, valid_loader, cfg.train, objective=objective, device=device)
             record({"kind": "valid", "step": step, **valid})
-            log.info("update %d: validation loss %.3f, masked acc %.3f", step, valid["loss"], valid["acc_masked"])
+            log.info("update %d: validation masked cross-entropy %.3f, gain over the label-frequency baseline "
+                     "%+.3f nats, %d clusters predicted, masked acc %.3f", step, valid["ce_masked"],
+                     valid["gain_nats"], valid["predicted_clusters"], valid["acc_masked"])
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             checkpoint(f"step_{step}.pt", step)
     checkpoint("final.pt", step)
     plot_training(rows, out / "training.png")
     valid_rows = [r for r in rows if r["kind"] == "valid"]
     summary = {"parameters": params, "num_classes": num_classes, "steps": step, "device": str(device),
+               "schedule": schedule,
                "train": {k: last.get(k) for k in ("loss", "acc_masked", "audio_seconds_per_second", "peak_memory_mb")},
                "checkpoint": str(out / "checkpoints" / "final.pt")}
     if valid_rows:
-        summary["valid_first"] = {k: valid_rows[0][k] for k in ("loss", "acc_masked")}
-        summary["valid_last"] = {k: valid_rows[-1][k] for k in ("loss", "acc_masked")}
+        keys = ("loss", "ce_masked", "baseline_ce_masked", "gain_nats", "predicted_clusters", "acc_masked")
+        summary["valid_first"] = {k: valid_rows[0][k] for k in keys}
+        summary["valid_last"] = {k: valid_rows[-1][k] for k in keys}
+        summary["learning"] = learning_check([{"at": r["step"], **r} for r in valid_rows], "the validation set")
+        log_verdict(summary["learning"], "train-local")
     run.summary.update(summary)
     return summary
