@@ -75,6 +75,80 @@ def test_unreadable_audio_stops_and_names_the_row(small_partition, tmp_path):
         featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(), workers=1)
 
 
+def moved_rows(small_partition: Path, folder: Path, count: int = 3) -> tuple[Path, Path]:
+    """Copies of client 0's manifests in which its last `count` train rows moved to valid: a speaker in both."""
+    train = (small_partition / "client_0" / "train.tsv").read_text().splitlines()
+    valid = (small_partition / "client_0" / "valid.tsv").read_text().splitlines()
+    folder.mkdir(parents=True)
+    (folder / "train.tsv").write_text("\n".join(train[:-count]) + "\n")
+    (folder / "valid.tsv").write_text("\n".join(valid + train[-count:]) + "\n")
+    return folder / "train.tsv", folder / "valid.tsv"
+
+
+def speaker_rows(manifest_path: Path, feats: FeatureSet) -> dict[int, np.ndarray]:
+    rows: dict[int, list[np.ndarray]] = {}
+    for i, entry in enumerate(read_manifest(manifest_path).entries):
+        rows.setdefault(int(Path(entry.path).name.split("-")[0]), []).append(np.asarray(feats.utterance(i)))
+    return {speaker: np.concatenate(parts) for speaker, parts in rows.items()}
+
+
+def test_speaker_normalisation_pools_each_speaker_over_a_clients_manifests(small_partition, tmp_path):
+    manifests = moved_rows(small_partition, tmp_path / "client_0")
+    jobs = [(m, tmp_path / "feats" / m.stem) for m in manifests]
+    raw_jobs = [(m, tmp_path / "raw" / m.stem) for m in manifests]
+    speaker, none = FeaturesConfig(normalize="speaker", dtype="float32"), FeaturesConfig(dtype="float32")
+    assert featurise(jobs, speaker, workers=2)["computed"] == 2
+    featurise(raw_jobs, none, workers=1)
+    normalised = [speaker_rows(m, load_features(p, m, speaker)) for m, p in jobs]
+    raw = [speaker_rows(m, load_features(p, m, none)) for m, p in raw_jobs]
+    shared = set(raw[0]) & set(raw[1])
+    assert shared, "the moved rows put a speaker in both manifests"
+    for spk in set(raw[0]) | set(raw[1]):
+        frames = np.concatenate([r[spk] for r in raw if spk in r]).astype(np.float64)
+        mean, std = frames.mean(axis=0), frames.std(axis=0)
+        for split in range(2):
+            if spk in raw[split]:
+                np.testing.assert_allclose(normalised[split][spk], (raw[split][spk] - mean) / std, rtol=1e-3,
+                                           atol=1e-3)
+        pooled = np.concatenate([n[spk] for n in normalised if spk in n])
+        np.testing.assert_allclose(pooled.mean(axis=0), 0, atol=1e-4)
+        np.testing.assert_allclose(pooled.std(axis=0), 1, atol=1e-3)
+    for spk in shared:
+        assert np.abs(normalised[1][spk].mean(axis=0)).max() > 0.05, "valid alone is not its own normalisation unit"
+
+
+def test_a_cache_made_with_other_normalisation_or_pooled_manifests_is_not_reused(small_partition, tmp_path):
+    train, valid = moved_rows(small_partition, tmp_path / "client_0")
+    jobs = [(train, tmp_path / "feats" / "train"), (valid, tmp_path / "feats" / "valid")]
+    speaker, utterance = FeaturesConfig(normalize="speaker"), FeaturesConfig(normalize="utterance")
+    assert featurise(jobs, speaker, workers=2)["computed"] == 2
+    assert (featurise(jobs, speaker, workers=2)["reused"]) == 2
+    assert featurise(jobs, utterance, workers=2)["computed"] == 2
+    with pytest.raises(FeatureError, match="no current features"):
+        load_features(tmp_path / "feats" / "train", train, speaker)
+    assert featurise(jobs, speaker, workers=2)["computed"] == 2
+    load_features(tmp_path / "feats" / "train", train, speaker)
+    valid.write_text("\n".join(valid.read_text().splitlines()[:-1]) + "\n")
+    with pytest.raises(FeatureError, match="no current features"):
+        load_features(tmp_path / "feats" / "train", train, speaker), "valid's frames were in train's statistics"
+    again = featurise(jobs, speaker, workers=2)
+    assert (again["computed"], again["reused"]) == (2, 0), "the pool is recomputed as a whole"
+
+
+def test_speaker_normalisation_needs_librispeech_file_names(small_partition, tmp_path):
+    def rename(copy, rows):
+        old = copy / rows[1][0]
+        old.rename(old.with_name("take-two.flac"))
+        rows[1][0] = str(Path(rows[1][0]).with_name("take-two.flac"))
+
+    manifest = damaged_manifest(small_partition, tmp_path, rename)
+    with pytest.raises(FeatureError, match=r"normalize=speaker: .*train.tsv:3: .*take-two.flac' is not named "
+                                           r"<speaker>-<chapter>-<utterance>.flac.*normalize=utterance"):
+        featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(normalize="speaker"), workers=1)
+    assert featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(normalize="utterance"),
+                     workers=1)["computed"] == 1
+
+
 def test_manifest_escaping_its_root_is_refused(tmp_path):
     path = tmp_path / "evil.tsv"
     path.write_text("/data\n../../etc/passwd\t16000\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,52 @@ def test_labels_align_with_manifests_and_match_a_centralized_codebook(federated,
     assert run["status"] == "completed" and run["summary"]["mode"] == "federated"
 
 
+def frames_by_cluster_and_speaker(pairs: list[tuple[Path, Path]]) -> Counter:
+    counts: Counter = Counter()
+    for labels, manifest in pairs:
+        entries = read_manifest(manifest).entries
+        for line, entry in zip(labels.read_text().splitlines(), entries, strict=True):
+            speaker = Path(entry.path).name.split("-")[0]
+            counts.update((int(label), speaker) for label in line.split())
+    return counts
+
+
+def test_label_quality_is_recorded_per_split_and_agrees_with_the_label_files(federated, small_partition):
+    record = json.loads((federated / "kmeans.json").read_text())
+    quality = record["label_quality"]
+    assert quality["reason"] is None
+    assert set(quality["splits"]) == {"train", "valid"} | {f"global/{s}" for s in record["global"]}
+    pairs = {split: [(federated / f"client_{i}" / f"{split}.km", small_partition / f"client_{i}" / f"{split}.tsv")
+                     for i in range(3)] for split in ("train", "valid")}
+    pairs |= {f"global/{s}": [(federated / "global" / f"{s}.km", small_partition / "global" / f"{s}.tsv")]
+              for s in record["global"]}
+    train_clusters = {label for label, _ in frames_by_cluster_and_speaker(pairs["train"])}
+    for name, files in pairs.items():
+        counts, got = frames_by_cluster_and_speaker(files), quality["splits"][name]
+        frames = sum(counts.values())
+        per_cluster: Counter = Counter()
+        per_speaker: Counter = Counter()
+        for (label, speaker), n in counts.items():
+            per_cluster[label] += n
+            per_speaker[speaker] += n
+        entropy = -sum(n / frames * math.log(n / frames) for n in per_cluster.values())
+        mutual = sum(n / frames * math.log(n * frames / (per_cluster[label] * per_speaker[speaker]))
+                     for (label, speaker), n in counts.items())
+        dominated = sum(max(n for (c, _), n in counts.items() if c == label) > total / 2
+                        for label, total in per_cluster.items())
+        assert got["frames"] == frames and got["clusters_used"] == len(per_cluster)
+        assert got["entropy_nats"] == pytest.approx(entropy) and got["speaker_dominated_clusters"] == dominated
+        assert got["speaker_mi_nats"] == pytest.approx(mutual) and 0 < mutual <= entropy
+        assert got["speaker_mi_share"] == pytest.approx(mutual / entropy)
+        assert got["speakers"] == len(per_speaker)
+        if name == "train":
+            assert got["unseen_in_train_share"] is None
+            assert frames == sum(c["frames"]["train"] for c in record["clients"])
+        else:
+            unseen = sum(n for label, n in per_cluster.items() if label not in train_clusters) / frames
+            assert got["unseen_in_train_share"] == pytest.approx(unseen)
+
+
 def test_only_cluster_statistics_cross_the_wire(federated):
     messages = [json.loads(line) for line in (federated / "messages.jsonl").read_text().splitlines()]
     frames = [sum(c["frames"].values()) for c in json.loads((federated / "kmeans.json").read_text())["clients"]]
@@ -91,6 +139,11 @@ def test_per_client_codebooks_stay_with_their_clients(small_partition, features,
     assert len(distances) == 3 and all(d > 0 for d in distances)
     messages = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
     assert all(set(m["arrays"]) <= {"stats.usage"} for m in messages if m["direction"] == "from_client")
+    quality = record["label_quality"]["splits"]
+    assert set(quality) == {f"client_{i}/{split}" for i in range(3) for split in ("train", "valid")}, "per codebook"
+    for i in range(3):
+        assert quality[f"client_{i}/train"]["frames"] == record["clients"][i]["frames"]["train"]
+        assert quality[f"client_{i}/valid"]["unseen_in_train_share"] is not None
 
 
 def test_too_few_frames_for_k_stops_before_any_flower_run(small_partition, features, tmp_path, capsys):

@@ -32,11 +32,15 @@ def test_equals_reference_on_noise_and_silence_edges():
         np.testing.assert_allclose(KaldiMfcc()(wav), reference_features(wav), rtol=1e-4, atol=1e-3)
 
 
-def test_cmvn_normalises_each_dimension():
+def test_utterance_normalisation_normalises_each_dimension_and_the_others_keep_raw_mfcc():
     from fedhubert.labels.config import FeaturesConfig
     from fedhubert.labels.features import extract, extractor_for
 
     wav = np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.2
-    feats = extract(extractor_for(FeaturesConfig(cmvn=True)), wav)
+    feats = extract(extractor_for(FeaturesConfig(normalize="utterance")), wav)
     np.testing.assert_allclose(feats.mean(axis=0), 0, atol=1e-4)
     np.testing.assert_allclose(feats.std(axis=0), 1, atol=1e-3)
+    for later in ("none", "speaker"):  # speaker: normalised once all of the speaker's frames are known
+        raw = extract(extractor_for(FeaturesConfig(normalize=later)), wav)
+        np.testing.assert_allclose(raw, KaldiMfcc()(wav), rtol=1e-6)
+        assert np.abs(raw.mean(axis=0)).max() > 1

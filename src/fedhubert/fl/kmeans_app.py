@@ -77,8 +77,9 @@ def _client_setup(message: Message, context: Context) -> tuple[KMeansConfig, Cli
 
 
 def _features(cfg: KMeansConfig, paths: ClientPaths, split: str) -> FeatureSet:
-    """This client's features, computed here if the stage did not compute them already (deployment)."""
-    featurise([(paths.manifest(split), paths.feature_prefix(split))], cfg.features, workers=1)
+    """This client's features, computed here if the stage did not compute them already (deployment). Both splits
+    at once: under features.normalize=speaker a speaker's statistics pool over them."""
+    featurise([(paths.manifest(s), paths.feature_prefix(s)) for s in SPLITS], cfg.features, workers=1)
     return load_features(paths.feature_prefix(split), paths.manifest(split), cfg.features)
 
 

@@ -35,7 +35,10 @@ class FeaturesConfig:
         "checkpoint at 50 Hz (iteration 2)")
     checkpoint: Optional[Path] = param(None, "hubert: the pretrained fedhubert checkpoint (.pt)")
     layer: int = param(6, "hubert: the transformer layer (1 = the first) whose output is clustered", ge=1)
-    cmvn: bool = param(False, "per-utterance mean and variance normalisation of every dimension")
+    normalize: Literal["none", "utterance", "speaker"] = param(
+        "none", "mean and variance normalisation of every dimension. none: raw features (the recipe); utterance: "
+        "over each utterance; speaker: over all frames of the utterance's speaker on its client (a client's train "
+        "and valid together; a held-out set over its own speakers), speaker read from the LibriSpeech file name")
     dtype: Literal["float16", "float32"] = param("float16", "storage type of the feature cache")
 
     def validate(self) -> None:

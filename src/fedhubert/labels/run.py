@@ -3,7 +3,8 @@
 Outputs under --out: `client_<i>/{train,valid}.km` (one line of 100 Hz cluster ids per manifest row), the
 codebook (`codebook.npy`, or `client_<i>/codebook.npy` per client), with a shared codebook also the server's
 held-out sets `global/<subset>.km` (for server-side evaluation), `kmeans.json`, `messages.jsonl` (what crossed
-the wire), `kmeans.png`, and the feature cache `features/` (reused by later runs).
+the wire), `kmeans.png`, and the feature cache `features/` (reused by later runs). In simulation kmeans.json also
+gets `label_quality` (how much the labels encode the speaker), read back from the label files written.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from fedhubert.labels.features import extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
     KMeansError, assign, fit_minibatch, label_lines, sample_frames, sample_size, write_label_file,
 )
+from fedhubert.labels.quality import add_counts, read_speaker_counts, speaker_warning, split_quality, unavailable
+from fedhubert.labels.speakers import SpeakerError
 from fedhubert.manifest import read_manifest
 from fedhubert.plots import plt, save_figure
 from fedhubert.runlog import CONFIG_FILE, StageRun
@@ -80,6 +83,52 @@ def _label_heldout(cfg: KMeansConfig, partition: dict, out: Path, codebook: np.n
     return done
 
 
+def _quality_sets(cfg: KMeansConfig, out: Path, clients: list[ClientPaths],
+                  heldout: list[str]) -> list[tuple[str, list[tuple[Path, Path]], str | None]]:
+    """(name, its (labels, manifest) files, the name of the training split it is compared with, or None for a
+    training split) of every labelled split; training splits come first. Per-client codebooks: per client."""
+    if cfg.mode == "per-client":
+        return [(f"client_{p.index}/{split}", [(p.labels(split), p.manifest(split))],
+                 None if split == "train" else f"client_{p.index}/train") for p in clients for split in SPLITS]
+    sets = [(split, [(p.labels(split), p.manifest(split)) for p in clients], None if split == "train" else "train")
+            for split in SPLITS]
+    return sets + [(f"global/{subset}", [(out / "global" / f"{subset}.km",
+                                          Path(cfg.partition) / "global" / f"{subset}.tsv")], "train")
+                   for subset in heldout]
+
+
+def _label_quality(cfg: KMeansConfig, out: Path, clients: list[ClientPaths], heldout: list[str],
+                   simulation: bool) -> dict:
+    """kmeans.json's label_quality: per split, how much its labels encode the speaker (see labels/quality.py)."""
+    sets = _quality_sets(cfg, out, clients, heldout)
+    names = [name for name, _, _ in sets]
+    if not simulation:
+        return unavailable(names, "federation.superlink is set: the clients' label files are on the clients' "
+                                  "machines, not on the one that writes kmeans.json")
+    splits: dict[str, dict] = {}
+    usage: dict[str, np.ndarray] = {}
+    try:
+        for name, files, train in sets:
+            counts: dict[int, np.ndarray] = {}
+            for labels, manifest in files:
+                add_counts(counts, read_speaker_counts(labels, manifest, cfg.num_clusters))
+            splits[name] = split_quality(counts, cfg.num_clusters, None if train is None else usage[train])
+            usage[name] = sum(counts.values(), np.zeros(cfg.num_clusters, dtype=np.int64))
+    except SpeakerError as err:
+        log.warning("no label quality in %s: %s", KMEANS_FILE, err)
+        return unavailable(names, str(err))
+    for name, _, train in sets:
+        metrics = splits[name]
+        if train is None and metrics["entropy_nats"] is not None:
+            log.info("label quality of %s: H(label) %.3f nats, I(label; speaker) %.3f nats (%.1f%% of it), %d of %d "
+                     "clusters dominated by one speaker", name, metrics["entropy_nats"], metrics["speaker_mi_nats"],
+                     100 * metrics["speaker_mi_share"], metrics["speaker_dominated_clusters"], metrics["clusters_used"])
+            warning = speaker_warning(name, metrics)
+            if warning:
+                log.warning(warning)
+    return {"splits": splits, "reason": None}
+
+
 def plot_kmeans(record: dict, path: Path) -> None:
     fig, (ax_rounds, ax_usage) = plt.subplots(1, 2, figsize=(11, 4))
     if record["history"]:
@@ -120,6 +169,7 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
     record["flower_run_id"] = run_id
     if cfg.mode == "federated":
         record["global"] = _label_heldout(cfg, partition, out, np.load(out / CODEBOOK_FILE))
+    record["label_quality"] = _label_quality(cfg, out, clients, list(record.get("global", {})), simulation)
     if cfg.reference and simulation:
         record["reference"] = _reference(cfg, clients)
         ref = record["reference"]
