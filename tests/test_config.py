@@ -177,7 +177,8 @@ REQUIRED = {"partition": ["corpus=/data/LibriSpeech"], "kmeans": ["partition=/da
             "train-local": ["train_manifests=[/d/a.tsv]", "train_labels=[/d/a.km]"],
             "pretrain": ["partition=/d/p", "kmeans=/d/k"], "distill": ["teacher=/d/t.pt", "partition=/d/p"],
             "evaluate-speech-commands": ["dataset=/d/sc", "baseline=fbank"],
-            "features": ["partition=/d/p", "client=0"]}  # keys without a default, given as a user would
+            "features": ["partition=/d/p", "client=0"],
+            "probe": ["dataset=/d/sc", "checkpoints=[/d/a.pt]"]}  # keys without a default, given as a user would
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))

@@ -67,7 +67,7 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
                                 help=f"{flag_help} (= {key}=true)")
         else:
             parser.add_argument(flag, dest=f"flag_{key}", type=str if kind is list else kind, metavar=key.upper(),
-                                help=f"{flag_help} (= {key})")
+                                action="append" if kind is list else "store", help=f"{flag_help} (= {key})")
     parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults, as in configs/)")
     parser.add_argument("--force", action="store_true", help="replace this stage's earlier outputs in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -76,13 +76,13 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
 
 
 def _sugar(flags: tuple, args: argparse.Namespace) -> list[str]:
-    """The KEY=VALUE overrides that flags stand for (a flag of kind `list` gives a one-item list; of kind `bool`,
-    a switch that sets the key to true)."""
+    """The KEY=VALUE overrides that flags stand for (a flag of kind `list` gives the list of its values, one per
+    time it is given; of kind `bool`, a switch that sets the key to true)."""
     out = []
     for _, key, kind, _ in flags:
         value = getattr(args, f"flag_{key}")
         if value is not None:
-            out.append(f"{key}=[{json.dumps(value)}]" if kind is list else f"{key}={value}")
+            out.append(f"{key}={json.dumps(value)}" if kind is list else f"{key}={value}")
     return out
 
 
@@ -119,6 +119,7 @@ def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import speech_commands_synth as sc
     from fedhubert.distill import config as distill_config
     from fedhubert.eval import config as eval_config
+    from fedhubert.eval import probe_config
     from fedhubert.labels import config as kmeans_config
     from fedhubert.pretrain import config as pretrain_config
     from fedhubert.train import config as train_config
@@ -256,6 +257,19 @@ def _stages() -> dict[str, Stage]:
                 ("--device", "device", str, "cpu, cuda or auto"),
             ),
         ),
+        "probe": Stage(
+            name="probe",
+            config_cls=probe_config.ProbeConfig,
+            owned=probe_config.OUTPUTS,
+            entry="fedhubert.eval.probe:run_probe",
+            flags=(
+                ("--dataset", "dataset", str, "folder holding speech_commands_v0.01/"),
+                ("--checkpoint", "checkpoints", list, "a HuBERT or distilled-student checkpoint; repeat for more"),
+                ("--random-init", "random_init", bool, "also each checkpoint's architecture, randomly initialised"),
+                ("--layer", "layer", int, "probe this hidden state only (0: CNN output; default: all, concatenated)"),
+                ("--threads", "threads", int, "CPU threads of the forward passes"),
+            ),
+        ),
     }
 
 
@@ -308,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         tasks, "speech-commands", "keyword spotting (Speech Commands v0.01) with S3PRL's own run_downstream: "
         "train, then score the dev-best checkpoint on the test set", stage["speech-commands-eval"],
         "evaluation folder to create (S3PRL's experiment, result.json; the row is added to ../results.jsonl)",
+    )
+    _add_stage(
+        stages, "probe", "linear probe of frozen features: logistic regression on time-pooled hidden states of "
+        "keyword clips, scored by speaker-disjoint cross-validation", stage["probe"],
+        "probe folder to create (probe.json, probe.md)",
     )
     report = stages.add_parser("report", help="write RUN_DIR/report.md and its plots from a run's files",
                                description="Rebuild the Markdown report (and PNG plots) of a run folder from the "

@@ -83,17 +83,23 @@ def data_loaders(cfg: TrainConfig, rate: LabelRate, train_pairs, valid_pairs, nu
 
 
 def plot_training(rows: list[dict], path: Path) -> None:
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    """Loss and masked accuracy per update, and the validation gain over the label-frequency baseline."""
+    fig, (ax_loss, ax_acc, ax_gain) = plt.subplots(1, 3, figsize=(16, 4))
     for kind, style in (("train", "-"), ("valid", "o-")):
         points = [r for r in rows if r["kind"] == kind]
         if points:
             ax_loss.plot([r["step"] for r in points], [r["loss"] for r in points], style, label=kind)
             ax_acc.plot([r["step"] for r in points], [r["acc_masked"] for r in points], style, label=kind)
+    gains = [r for r in rows if r["kind"] == "valid" and "gain_nats" in r]
+    ax_gain.plot([r["step"] for r in gains], [r["gain_nats"] for r in gains], "o-", color="tab:orange", label="valid")
+    ax_gain.axhline(0.0, color="grey", linestyle="--", linewidth=1, label="frequency baseline")
     ax_loss.set(xlabel="update", ylabel="loss", title="masked prediction loss")
     ax_acc.set(xlabel="update", ylabel="accuracy", title="masked prediction accuracy")
+    ax_gain.set(xlabel="update", ylabel="nats per masked frame", title="gain over the label-frequency baseline")
     if rows:
         ax_loss.legend()
         ax_acc.legend()
+        ax_gain.legend()
     save_figure(fig, path)
 
 
