@@ -37,7 +37,8 @@ def step_seconds(preset: str, seconds: float, repeats: int) -> tuple[float, int]
     torch.manual_seed(0)
     model = build_hubert(cfg, K)
     memory = saved_bytes(model, data[0])
-    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.warmup_steps=1", "optim.total_steps=100000"])
+    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.lr=5e-4", "optim.warmup_steps=1",
+                                           "optim.total_steps=100000"])
     optimizer = make_optimizer(model, tcfg.optim)
     objective = MaskedPrediction(LossConfig())
     train(model, iter(data[:1]), tcfg, objective=objective, steps=1, global_step=0, optimizer=optimizer,

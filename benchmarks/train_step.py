@@ -98,7 +98,8 @@ def main() -> None:
     variants = {"reference (torchaudio, plain loop)": (reference, None), "ours": (copy.deepcopy(base), (False, False)),
                 "ours, checkpointed layers": (copy.deepcopy(base), (True, False)),
                 "ours, checkpointed layers + CNN": (copy.deepcopy(base), (True, True))}
-    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.warmup_steps=1", "optim.total_steps=100000"])
+    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.lr=5e-4", "optim.warmup_steps=1",
+                                           "optim.total_steps=100000"])
     objective = MaskedPrediction(LossConfig())
     rates, memory = {}, {}
     for name, (model, ckpt) in variants.items():

@@ -97,10 +97,11 @@ def tiny_speech_commands(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def four_rounds(small_partition: Path, small_kmeans: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Federated pretraining of the tiny preset: 4 rounds on Flower, 2 of the 3 clients sampled per round."""
+    """Federated pretraining of the tiny preset: 4 rounds on Flower, 2 of the 3 clients sampled per round, with
+    FedAdam (not the default) so that its moments are checkpointed and resumed."""
     out = tmp_path_factory.mktemp("pretrain") / "four"
     assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                   *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6") == 0
+                   *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6", "strategy.name=fedadam") == 0
     return out
 
 

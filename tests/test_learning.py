@@ -39,18 +39,19 @@ def rows(out: Path, kind: str) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- the schedule
 def test_an_unset_schedule_is_fitted_to_the_planned_updates():
-    fitted = fit_schedule(OptimConfig(lr=1e-3), 200)
+    fitted = fit_schedule(OptimConfig(lr=1e-3), 200, default_lr=5.0)
     assert (fitted.warmup_steps, fitted.total_steps) == (20, 200)
     assert learning_rate(19, fitted) == pytest.approx(1e-3) and learning_rate(199, fitted) > 0
     assert learning_rate(200, fitted) == 0
     assert schedule_warnings(OptimConfig(), 200) == []
-    record = schedule_record(OptimConfig(warmup_fraction=0.05), 1000)
+    record = schedule_record(OptimConfig(warmup_fraction=0.05), 1000, default_lr=2e-3)
     assert record["warmup_steps"] == 50 and record["total_from"] == "planned updates"
+    assert record["lr"] == 2e-3 and record["lr_from"] == "model preset"
 
 
 def test_explicit_values_are_honoured_and_a_schedule_that_does_not_fit_is_named():
-    recipe = OptimConfig(warmup_steps=32000, total_steps=250000)
-    assert fit_schedule(recipe, 500) == recipe
+    recipe = OptimConfig(lr=5e-4, warmup_steps=32000, total_steps=250000)
+    assert fit_schedule(recipe, 500, default_lr=1.0) == recipe
     [problem] = schedule_warnings(recipe, 500)
     assert "never reaches its peak" in problem and "1.6% of optim.lr" in problem
     [problem] = schedule_warnings(OptimConfig(warmup_steps=10, total_steps=300), 500)
@@ -59,7 +60,9 @@ def test_explicit_values_are_honoured_and_a_schedule_that_does_not_fit_is_named(
 
 def test_an_unresolved_schedule_is_an_error_not_a_silent_rate():
     with pytest.raises(TrainingError, match="not resolved"):
-        learning_rate(0, OptimConfig())
+        learning_rate(0, OptimConfig(lr=1e-3))
+    with pytest.raises(TrainingError, match="not resolved"):
+        learning_rate(0, OptimConfig(warmup_steps=1, total_steps=10))
 
 
 def test_the_planned_local_steps_include_a_larger_client_override(tmp_path):
@@ -134,10 +137,11 @@ def test_a_briefly_trained_tiny_model_beats_the_frequency_baseline_on_held_out_f
     assert run_cli("train-local", "--out", out, "--preset", "tiny", "--steps", "80", f"num_classes={SMALL_K}",
                    f"train_manifests={manifests}", f"train_labels={labels}", f"valid_manifests={valid}",
                    f"valid_labels={valid_labels}", "eval_every=40", "checkpoint_every=80", "train.device=cpu",
-                   "train.optim.lr=2e-3", "train.data.min_seconds=1", "train.data.max_seconds=3",
+                   "train.data.min_seconds=1", "train.data.max_seconds=3",
                    "train.data.batch_seconds=12") == 0
     summary = json.loads((out / "run.json").read_text())["summary"]
     assert summary["schedule"]["total_steps"] == 80 and summary["schedule"]["warmup_steps"] == 8
+    assert summary["schedule"]["lr"] == 5e-3 and summary["schedule"]["lr_from"] == "model preset"
     assert summary["valid_last"]["gain_nats"] > 0, summary["valid_last"]
     assert summary["valid_last"]["predicted_clusters"] > 2
     assert summary["learning"]["learned"], summary["learning"]

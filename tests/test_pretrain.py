@@ -67,8 +67,11 @@ def test_weights_travel_as_float32_and_weigh_the_model(four_rounds):
 
 
 def test_a_resumed_run_ends_with_the_same_weights(four_rounds, small_partition, small_kmeans, tmp_path):
+    """A schedule fitted to 2 rounds would decay to 0 by round 2, so the first run pins the one a 4-round run fits
+    (12 updates, 1 of warm-up): extending a run with a fitted schedule refits it, which the log says."""
     out = tmp_path / "two-then-four"
-    assert pretrain(small_partition, small_kmeans, out, "--rounds", "2", "strategy.fraction=0.6") == 0
+    assert pretrain(small_partition, small_kmeans, out, "--rounds", "2", "strategy.fraction=0.6",
+                    "strategy.name=fedadam", "train.optim.total_steps=12", "train.optim.warmup_steps=1") == 0
     assert run_cli("pretrain", "--resume", out, "num_rounds=4") == 0
     a = load_checkpoint(four_rounds / "checkpoints" / "final.pt")["state_dict"]
     b = load_checkpoint(out / "checkpoints" / "final.pt")["state_dict"]

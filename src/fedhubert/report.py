@@ -258,6 +258,26 @@ def _verdict(learning: dict | None) -> list[str]:
     return [f"**Did not learn**: the model {problem}." for problem in learning["problems"]]
 
 
+def _probes(report: Report, stages: list[StageFolder]) -> None:
+    """Linear-probe results (`fedhubert probe`), with each trained model's gain over its random init."""
+    for s in stages:
+        result = s.json("probe.json") if s.stage == "probe" and s.completed else None
+        if not result:
+            continue
+        data = result["data"]
+        random = {m["architecture"]: m for m in result["models"] if m["random_init"]}
+        lines = [f"{data['clips']} keyword clips of {data['words']} words by {data['speakers']} speakers; logistic "
+                 f"regression on mean-pooled frozen layers, {result['folds']}-fold speaker-disjoint cross-validation "
+                 f"(mean +- sd over folds; chance {_pct(data['chance'])}).", "",
+                 "| model | accuracy | vs random init of its architecture |", "|---|---|---|"]
+        for m in result["models"]:
+            base = random.get(m["architecture"])
+            versus = (f"{100 * (m['accuracy_mean'] - base['accuracy_mean']):+.1f} points"
+                      if base is not None and not m["random_init"] else "")
+            lines.append(f"| {m['name']} | {100 * m['accuracy_mean']:.1f} +- {100 * m['accuracy_sd']:.1f}% | {versus} |")
+        report.add(f"## Linear probe of frozen features (`{report.rel(s.path)}`)", *lines)
+
+
 def _evaluations(report: Report, stages: list[StageFolder]) -> None:
     from fedhubert.eval.results import result_markdown
 
@@ -306,7 +326,7 @@ def write_report(run_dir: Path) -> Path:
                           f"folder a pipeline wrote into, e.g. the demo's data/demo")
     report = Report(run_dir)
     report.figures.mkdir(exist_ok=True)
-    for section in (_overview, _data, _kmeans, _training, _evaluations, _provenance):
+    for section in (_overview, _data, _kmeans, _training, _probes, _evaluations, _provenance):
         section(report, stages)
     path = report.run_dir / "report.md"
     atomic_write_text(path, "\n".join(report.lines).rstrip() + "\n")

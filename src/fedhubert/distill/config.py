@@ -44,6 +44,11 @@ class DistillLossConfig:
     label_dim: int = param(256, "with kmeans_weight > 0: projection size of the label embeddings", ge=2)
 
 
+# DistilHuBERT trains its student with 2e-4, 0.4 of HuBERT Base's 5e-4: an unset student learning rate is this share
+# of the teacher preset's (fedhubert.model.config.PRESET_LR).
+DISTILL_LR_SHARE = 0.4
+
+
 @dataclass
 class DistillConfig:
     teacher: Optional[Path] = param(None, "the pretrained HuBERT checkpoint (fedhubert pretrain/train-local) (required)")
@@ -62,8 +67,9 @@ class DistillConfig:
     student: StudentConfig = param(StudentConfig(), "DistilHuBERT student")
     loss: DistillLossConfig = param(DistillLossConfig(), "distillation loss")
     train: TrainConfig = param(
-        TrainConfig(optim=OptimConfig(lr=2e-4, warmup_fraction=0.07)),
-        "each client's local trainer (DistilHuBERT: lr 2e-4, 7% warm-up of 200k updates)")
+        TrainConfig(optim=OptimConfig(warmup_fraction=0.07)),
+        "each client's local trainer (DistilHuBERT: 7% warm-up; an unset lr is DISTILL_LR_SHARE of the teacher "
+        "preset's, which gives its 2e-4 for a Base teacher)")
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation of the student")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
 

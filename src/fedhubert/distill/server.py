@@ -14,7 +14,7 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
-from fedhubert.distill.config import DistillConfig
+from fedhubert.distill.config import DISTILL_LR_SHARE, DistillConfig
 from fedhubert.distill.student import (
     LABEL_HEAD_KEYS, Distillation, build_student, distiller_config, init_from_teacher, load_teacher, prediction_layers,
 )
@@ -22,6 +22,7 @@ from fedhubert.errors import ConfigError
 from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.manifest import file_sha256
+from fedhubert.model.config import PRESET_LR
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
 from fedhubert.train.loop import evaluate, resolve_device
 from fedhubert.train.memory import batch_cap
@@ -111,6 +112,7 @@ def serve_distill(grid: Grid, config_path: Path, out: Path, *, resume: bool, thr
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
         evaluate=dev_evaluator(cfg, evaluation, LabelRate(100, teacher_cfg), student), best_key="loss",
         higher_is_better=False, local_steps=planned_local_steps(cfg, num_clients),
+        default_lr=DISTILL_LR_SHARE * PRESET_LR[teacher_cfg.preset],
         checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()

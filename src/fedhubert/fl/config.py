@@ -32,7 +32,8 @@ class FederationConfig:
 
 @dataclass
 class StrategyConfig:
-    name: Literal["fedadam", "fedavg", "fedyogi"] = param("fedadam", "Flower strategy aggregating the clients")
+    name: Literal["fedavg", "fedadam", "fedyogi"] = param(
+        "fedavg", "Flower strategy aggregating the clients (FedAvg: measured best for short runs; see README)")
     eta: float = param(
         1e-3, "server learning rate of FedAdam/FedYogi: each round moves a weight by at most about eta (Flower's "
         "default 0.1 wrecks a transformer)", gt=0)

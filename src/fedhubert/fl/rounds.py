@@ -77,6 +77,7 @@ class RoundTask:
     best_key: str | None = None
     higher_is_better: bool = True
     local_steps: int | None = None  # the most updates any client runs a round (client overrides); None: the config's
+    default_lr: float = 5e-4  # the client learning rate where train.optim.lr is null (the model preset's)
     checkpoint_extra: Callable[[int], dict] = field(default=lambda round_: {})
 
 
@@ -126,9 +127,10 @@ class FederatedRun:
         self.min_required = min(cfg.strategy.min_clients, num_clients)
         self.best: dict | None = None
         self.saved_round = -1
-        self.schedule = schedule_record(cfg.train.optim, self.planned_updates(cfg.num_rounds))
+        planned = self.planned_updates(cfg.num_rounds)
+        self.schedule = schedule_record(cfg.train.optim, planned, task.default_lr)
         self.sent_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, optim=fit_schedule(cfg.train.optim, self.planned_updates(cfg.num_rounds))))
+            cfg.train, optim=fit_schedule(cfg.train.optim, planned, task.default_lr)))
 
     def planned_updates(self, rounds: int) -> int:
         return rounds * (self.task.local_steps or self.cfg.local_steps)

@@ -42,6 +42,11 @@ PRESETS: dict[str, dict] = {
 }
 _BASE = PRESETS["base"]
 
+# The peak learning rate each preset trains well with, used where `train.optim.lr` is null: base and large are the
+# fairseq recipe's (hubert_base_librispeech 5e-4, hubert_large_ll60k 1.5e-3); tiny is measured here
+# (benchmarks/learning.py); small is not measured (between tiny's and base's).
+PRESET_LR: dict[str, float] = {"tiny": 5e-3, "small": 1e-3, "base": 5e-4, "large": 1.5e-3}
+
 
 @dataclass
 class ModelConfig:

@@ -22,6 +22,7 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
+from fedhubert.model.config import PRESET_LR
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
 from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.pretrain.config import PretrainConfig
@@ -95,7 +96,7 @@ def serve_pretrain(grid: Grid, config_path: Path, out: Path, *, resume: bool, th
         num_classes=num_classes, state=state, shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
         evaluate=dev_evaluator(cfg, kmeans, rate), best_key="ce_masked", higher_is_better=False,
-        local_steps=planned_local_steps(cfg, num_clients),
+        local_steps=planned_local_steps(cfg, num_clients), default_lr=PRESET_LR[cfg.model.preset],
         checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()

@@ -20,7 +20,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = param(5e-4, "peak learning rate of AdamW", gt=0)
+    lr: Optional[float] = param(
+        None, "peak learning rate of AdamW (null: the model preset's, e.g. base 5e-4 as the recipe, tiny 5e-3)", gt=0)
     betas: list[float] = param([0.9, 0.98], "AdamW betas", ge=0, lt=1)
     eps: float = param(1e-6, "AdamW epsilon", gt=0)
     weight_decay: float = param(0.01, "AdamW weight decay", ge=0)

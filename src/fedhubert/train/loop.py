@@ -50,7 +50,7 @@ def resolve_device(name: str) -> torch.device:
 def learning_rate(step: int, optim: OptimConfig) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then linear decay to 0 at `total_steps` (both resolved: see
     `fedhubert.train.schedule`)."""
-    if optim.warmup_steps is None or optim.total_steps is None:
+    if optim.lr is None or optim.warmup_steps is None or optim.total_steps is None:
         raise TrainingError("the learning-rate schedule is not resolved: call fedhubert.train.schedule.fit_schedule "
                             "with the run's planned updates first")
     if step < optim.warmup_steps:
@@ -60,7 +60,8 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    """AdamW; its learning rate is set before every update by `train` (`learning_rate`)."""
+    return torch.optim.AdamW(model.parameters(), lr=optim.lr or 0.0, betas=tuple(optim.betas), eps=optim.eps,
                              weight_decay=optim.weight_decay)
 
 

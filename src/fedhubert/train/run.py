@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedhubert.config import config_to_dict
+from fedhubert.model.config import PRESET_LR
 from fedhubert.model.checkpoint import save_checkpoint
 from fedhubert.model.hubert import build_hubert, enable_checkpointing
 from fedhubert.plots import plt, save_figure
@@ -105,12 +106,12 @@ def plot_training(rows: list[dict], path: Path) -> None:
 
 def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
     num_classes = num_classes_for(cfg.train_labels, cfg.num_classes)
-    schedule = schedule_record(cfg.train.optim, cfg.steps)
+    schedule = schedule_record(cfg.train.optim, cfg.steps, PRESET_LR[cfg.model.preset])
     for problem in schedule_warnings(cfg.train.optim, cfg.steps):
         log.warning("%s", problem)
     log.info("%s", describe(schedule))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optim=dataclasses.replace(
-        cfg.train.optim, warmup_steps=schedule["warmup_steps"], total_steps=schedule["total_steps"])))
+        cfg.train.optim, lr=schedule["lr"], warmup_steps=schedule["warmup_steps"], total_steps=schedule["total_steps"])))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, num_classes)
