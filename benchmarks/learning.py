@@ -30,6 +30,8 @@ from fedhubert.plots import plt, save_figure
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "learning"
 PROBE_TARGET_POINTS = 10.0
 GAIN_TARGET_NATS = 0.3
+SPEAKERS, MINUTES = 15, 3.2  # the synthetic pretraining corpus (about 11 training speakers, 35 minutes)
+PRESET = "tiny"
 
 
 def inputs(normalize: str) -> tuple[Path, Path, Path]:
@@ -38,7 +40,7 @@ def inputs(normalize: str) -> tuple[Path, Path, Path]:
     kmeans = ROOT / f"kmeans-{normalize}"
     if not (partition / "partition.json").is_file():
         shutil.rmtree(ROOT, ignore_errors=True)
-        run_cli("synth", "librispeech", "--out", corpus, "--speakers", 15, "--minutes", 3.2)
+        run_cli("synth", "librispeech", "--out", corpus, "--speakers", SPEAKERS, "--minutes", MINUTES)
         run_cli("partition", "--corpus", corpus, "--out", partition, "--clients", 4)
     if not (keywords / "run.json").is_file():
         run_cli("synth", "speech-commands", "--out", keywords, "--seed", 7, "--force")
@@ -54,7 +56,7 @@ def rows(out: Path, kind: str) -> list[dict]:
 def pretrain(name: str, overrides: list[str], partition: Path, kmeans: Path, rounds: int, local_steps: int) -> dict:
     out = ROOT / "runs" / name
     started = time.perf_counter()
-    run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, "--preset", "tiny", "--rounds",
+    run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, "--preset", PRESET, "--rounds",
             rounds, "--local-steps", local_steps, "--force", *overrides)
     evals = rows(out, "eval")
     steps = rows(out, "train")
@@ -109,8 +111,9 @@ def main() -> None:
     for run in runs:
         run["probe"] = trained[Path(run["checkpoint"]).resolve()]
     chance = result["data"]["chance"]
-    figures = [{"figure": "probe accuracy, random init (tiny)", "ours": f"{100 * random_init['accuracy_mean']:.1f} "
-                f"+- {100 * random_init['accuracy_sd']:.1f}", "unit": "%", "reference": f"chance {100 * chance:.1f}"}]
+    figures = [{"figure": f"probe accuracy, random init ({PRESET})",
+                "ours": f"{100 * random_init['accuracy_mean']:.1f} +- {100 * random_init['accuracy_sd']:.1f}",
+                "unit": "%", "reference": f"chance {100 * chance:.1f}"}]
     for run in runs:
         gain_points = 100 * (run["probe"]["accuracy_mean"] - random_init["accuracy_mean"])
         figures += [
@@ -123,8 +126,8 @@ def main() -> None:
         ]
     plot(runs, random_init, RESULTS / "learning.png")
     write_results("learning", figures, notes=(
-        f"tiny preset, {args.rounds} rounds x {args.local_steps} local steps, 4 clients, k-means features.normalize="
-        f"{args.normalize}; probe: {result['data']['clips']} keyword clips, mean +- sd over 5 speaker-"
+        f"{PRESET} preset, {args.rounds} rounds x {args.local_steps} local steps, 4 clients, k-means "
+        f"features.normalize={args.normalize}; probe: {result['data']['clips']} keyword clips, mean +- sd over 5 speaker-"
         f"disjoint folds; one pretraining seed per run"),
         extra={"runs": runs, "random_init": random_init, "normalize": args.normalize})
 

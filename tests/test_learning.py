@@ -224,7 +224,8 @@ def test_resume_with_nothing_readable_is_an_error_unless_forced(small_partition,
     out = tmp_path / "nothing-saved"
     out.mkdir()
     save_config(absolute_paths(load_config(PretrainConfig, None, [
-        f"partition={small_partition}", f"kmeans={small_kmeans}", "num_rounds=1", *[a for a in PRETRAIN_FAST if "=" in a],
+        f"partition={small_partition}", f"kmeans={small_kmeans}", "num_rounds=1",
+        *[a for a in PRETRAIN_FAST if "=" in a],
         "model.preset=tiny", "local_steps=2"])), out / "config.yaml")
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "round_00001.pt").write_bytes(b"not a checkpoint")

@@ -27,8 +27,8 @@ def learning_check(evaluations: list[dict], where: str) -> dict | None:
     last = trained[-1]
     problems = []
     if best["gain_nats"] <= MIN_GAIN_NATS:
-        problems.append(f"never beat the label-frequency baseline on {where} (best gain {best['gain_nats']:+.3f} nats): "
-                        f"it has learned at most how often each cluster occurs")
+        problems.append(f"never beat the label-frequency baseline on {where} (best gain "
+                        f"{best['gain_nats']:+.3f} nats): it has learned at most how often each cluster occurs")
     if last.get("predicted_clusters", MIN_CLUSTERS + 1) <= MIN_CLUSTERS:
         problems.append(f"predicts only {last['predicted_clusters']} distinct cluster(s) on {where}")
     return {

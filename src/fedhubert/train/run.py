@@ -111,7 +111,8 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
         log.warning("%s", problem)
     log.info("%s", describe(schedule))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optim=dataclasses.replace(
-        cfg.train.optim, lr=schedule["lr"], warmup_steps=schedule["warmup_steps"], total_steps=schedule["total_steps"])))
+        cfg.train.optim, lr=schedule["lr"], warmup_steps=schedule["warmup_steps"],
+        total_steps=schedule["total_steps"])))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, num_classes)

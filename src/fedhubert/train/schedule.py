@@ -5,8 +5,8 @@ schedule peaks at a percent of `lr` and the model barely moves; copied into a lo
 the end. So unless `optim.total_steps` is given, it is the run's planned updates (train-local: `steps`;
 federated: rounds x local steps), and unless `optim.warmup_steps` is given, the warm-up is
 `optim.warmup_fraction` of it. Explicit values are honoured, with a warning when they do not fit the run. An unset
-`optim.lr` is the model preset's (`fedhubert.model.config.PRESET_LR`, passed as `default_lr`): a 0.1 M-parameter model wants a larger
-step than HuBERT Base's 5e-4.
+`optim.lr` is the model preset's (`fedhubert.model.config.PRESET_LR`, passed as `default_lr`): a 0.1 M-parameter
+model wants a larger step than HuBERT Base's 5e-4.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def schedule_warnings(optim: OptimConfig, planned_updates: int) -> list[str]:
 
 
 def describe(record: dict) -> str:
-    return (f"learning rate {record['lr']:g} ({record['lr_from']}): linear warm-up over {record['warmup_steps']} updates "
+    return (f"learning rate {record['lr']:g} ({record['lr_from']}): linear warm-up over {record['warmup_steps']} "
+            f"updates "
             f"({record['warmup_from']}), linear decay to 0 at update {record['total_steps']} ({record['total_from']}); "
             f"the run plans {record['planned_updates']} updates")
