@@ -127,13 +127,10 @@ class FederatedRun:
         self.min_required = min(cfg.strategy.min_clients, num_clients)
         self.best: dict | None = None
         self.saved_round = -1
-        planned = self.planned_updates(cfg.num_rounds)
-        self.schedule = schedule_record(cfg.train.optim, planned, task.default_lr)
+        self.planned = cfg.num_rounds * (task.local_steps or cfg.local_steps)
+        self.schedule = schedule_record(cfg.train.optim, self.planned, task.default_lr)
         self.sent_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, optim=fit_schedule(cfg.train.optim, planned, task.default_lr)))
-
-    def planned_updates(self, rounds: int) -> int:
-        return rounds * (self.task.local_steps or self.cfg.local_steps)
+            cfg.train, optim=fit_schedule(cfg.train.optim, self.planned, task.default_lr)))
 
     # ------------------------------------------------------------------------------------------- setup
     def _restore(self) -> tuple[int, int, dict[str, torch.Tensor]]:
@@ -142,7 +139,7 @@ class FederatedRun:
         if found is None:
             if self.resume:
                 raise RoundError(f"no readable checkpoint to resume from in {self.out / CHECKPOINTS}")
-            for problem in schedule_warnings(self.cfg.train.optim, self.planned_updates(self.cfg.num_rounds)):
+            for problem in schedule_warnings(self.cfg.train.optim, self.planned):
                 log.warning("%s", problem)
             log.info("%s", describe(self.schedule))
             return 0, 0, state
@@ -294,7 +291,8 @@ class FederatedRun:
                    "global_step": global_step, "seconds": round(time.monotonic() - round_started, 3),
                    **step_stats, **{k: v for k, v in dict(aggregated).items() if k != "client"}}
             self.records.write(row)
-            log.info("round %d/%d: %d clients, %s", round_, self.cfg.num_rounds, len(accepted), _brief({**dict(aggregated), **step_stats}))
+            log.info("round %d/%d: %d clients, %s", round_, self.cfg.num_rounds, len(accepted),
+                     _brief({**dict(aggregated), **step_stats}))
             if self.task.evaluate is not None and (round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds):
                 result = self.task.evaluate({**self.task.state, **arrays})
                 self.records.write({"kind": "eval", "round": round_, **result})
@@ -320,7 +318,8 @@ class FederatedRun:
         evals = [{"at": r["round"], **r} for r in read_rows(self.records.path) if r["kind"] == "eval"]
         verdict = learning_check(evals, f"the server's held-out set ({self.cfg.eval_subset})")
         log_verdict(verdict, self.task.name)
-        return {"rounds": self.cfg.num_rounds, "schedule": self.schedule, "learning": verdict, "resumed_after_round": start, "global_step": global_step,
+        return {"rounds": self.cfg.num_rounds, "schedule": self.schedule, "learning": verdict,
+                "resumed_after_round": start, "global_step": global_step,
                 "best": self.best, "seconds": round(time.monotonic() - started, 2), "stopped_after_round": stopped,
                 "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt")}
 

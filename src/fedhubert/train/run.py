@@ -25,7 +25,7 @@ from fedhubert.train.learning import learning_check, log_verdict
 from fedhubert.train.loop import (
     MaskedPrediction, cycle_batches, evaluate, label_log_prior, make_optimizer, resolve_device, train,
 )
-from fedhubert.train.schedule import describe, schedule_record, schedule_warnings
+from fedhubert.train.schedule import describe, fit_schedule, schedule_record, schedule_warnings
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
@@ -110,9 +110,8 @@ def run_train_local(cfg: TrainLocalConfig, out: Path, run: StageRun) -> dict:
     for problem in schedule_warnings(cfg.train.optim, cfg.steps):
         log.warning("%s", problem)
     log.info("%s", describe(schedule))
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optim=dataclasses.replace(
-        cfg.train.optim, lr=schedule["lr"], warmup_steps=schedule["warmup_steps"],
-        total_steps=schedule["total_steps"])))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, optim=fit_schedule(cfg.train.optim, cfg.steps, PRESET_LR[cfg.model.preset])))
     seed_everything(cfg.seed)
     device = resolve_device(cfg.train.device)
     model = build_hubert(cfg.model, num_classes)

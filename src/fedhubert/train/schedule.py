@@ -38,7 +38,7 @@ def schedule_record(optim: OptimConfig, planned_updates: int, default_lr: float)
 
 def schedule_warnings(optim: OptimConfig, planned_updates: int) -> list[str]:
     """Why the schedule does not fit a run of `planned_updates` updates (empty when it does)."""
-    fitted = fit_schedule(optim, planned_updates, optim.lr or 1.0)
+    fitted = fit_schedule(optim, planned_updates, default_lr=0.0)  # the rate itself does not matter here
     problems = []
     if fitted.total_steps < planned_updates:
         problems.append(
