@@ -1,135 +1,386 @@
-"""Does federated pretraining learn with its defaults? Frozen features of the pretrained teacher against the same
-architecture at random init, and the server's held-out gain over the label-frequency baseline.
+"""Does federated pretraining learn, and how close does it come to centralized pretraining at equal compute?
 
-The measurement of issue 15's "done when": a default federated run with only the preset and the run length chosen
-for a CPU (`--preset tiny --rounds 20 --local-steps 10`, 4 clients, about 35 minutes of synthetic speech from 11
-training speakers), then `fedhubert probe` (logistic regression on mean-pooled frozen layers, speaker-disjoint
-5-fold cross-validation) on about 1,000 synthetic keyword clips of 40 other speakers. Variants change one thing
-each against the defaults (`--variant NAME:KEY=VALUE,KEY=VALUE`), e.g. the server optimizer; each is its own run
-of the same length, so all see the same compute.
+Makes its own data: a synthetic LibriSpeech-layout corpus (30 speakers of both sexes, about 24 of them and 1 hour in
+the training subsets) and a synthetic Speech Commands set of other speakers. Then, with the same model (the tiny
+preset), the same k-means recipe (K=100 MFCC labels, federated codebook) and the same compute for every trained
+model (updates x batch seconds: `--rounds` x `--local-steps` x 4 clients updates of `--batch-seconds`):
 
-Targets: every default run's probe score at least 10 points above random init, and its server-side held-out gain
-over the frequency baseline above 0.3 nats by the last round. The corpora and labels are made once under
-build/bench/learning/ (delete it to remake them); the runs are made again each time.
+- random init; centralized (`train-local` on the pooled clients of the IID partition);
+- federated IID (balanced partition of 4 clients) with FedAvg, and with FedAdam (the other server optimizer);
+- federated non-IID: Dirichlet on sex with alpha 0.1 (4 clients), and one speaker per client (4 sampled a round);
+- per-client codebooks with local label heads (IID partition);
+- the distilled student of the federated IID teacher (same updates and batch).
 
-    python benchmarks/learning.py [--rounds 20] [--local-steps 10] [--variant fedadam:strategy.name=fedadam ...]
+Measures: held-out masked cross-entropy and its gain over the label-frequency baseline on dev-clean (labelled by the
+shared codebook; per-client codebooks have no shared labels, so their clients' own validation gain is reported); a
+linear probe of frozen features (`fedhubert probe`: mean-pooled layers, logistic regression, speaker-disjoint 5-fold
+cross-validation, mean +- sd over folds; gaps between two models are paired over the same folds); S3PRL's
+speech_commands downstream (`--s3prl-steps`, 3000) for random init, centralized, federated IID and the student, with
+Wilson 95% intervals on test accuracy; and curves of the held-out gain and the probe against updates.
+
+Targets (issue 16): the federated teacher at least 15 probe points above random init and above it on S3PRL beyond
+the intervals; federated IID within 3 probe points of centralized; the student within 5 points of its teacher; the
+non-IID and codebook gaps reported with their error bars. The data are made once under build/bench/learning/
+(again when their flags change); the runs are made again each time.
+
+    python benchmarks/learning.py [--rounds 15] [--local-steps 10] [--batch-seconds 32] [--s3prl-steps 3000]
+
+A larger version on a GPU machine: `--preset small --rounds 50 --local-steps 50 --batch-seconds 87.5 --speakers 120
+--minutes 10` (training picks the GPU with train.device=auto; S3PRL with `--s3prl-device cuda`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from _common import RESULTS, run_cli, write_results
 
+from fedhubert.eval.confidence import wilson_interval
 from fedhubert.plots import plt, save_figure
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "learning"
-PROBE_TARGET_POINTS = 10.0
-GAIN_TARGET_NATS = 0.3
-SPEAKERS, MINUTES = 15, 3.2  # the synthetic pretraining corpus (about 11 training speakers, 35 minutes)
-PRESET = "tiny"
+CLIENTS = 4
+PROBE_TARGET_POINTS = 15.0  # federated teacher over random init
+CENTRAL_TARGET_POINTS = 3.0  # federated IID may trail centralized by this much
+STUDENT_TARGET_POINTS = 5.0  # student may trail its teacher by this much
 
 
-def inputs(normalize: str) -> tuple[Path, Path, Path]:
-    """The pretraining corpus, its 4-client partition, k-means labels (K=100) and the keyword clips."""
-    corpus, partition, keywords = ROOT / "LibriSpeech", ROOT / "partition", ROOT / "speech_commands"
-    kmeans = ROOT / f"kmeans-{normalize}"
-    if not (partition / "partition.json").is_file():
+@dataclass
+class Run:
+    name: str
+    stage: str  # train-local | pretrain | distill
+    partition: str  # iid | dirichlet | natural
+    codebook: str = "federated"  # federated | per-client
+    overrides: list[str] = field(default_factory=list)
+    s3prl: bool = False
+
+    @property
+    def slug(self) -> str:
+        return self.name.split(":")[0]
+
+
+RUNS = [
+    Run("centralized", "train-local", "iid", s3prl=True),
+    Run("fedavg-iid: federated IID, FedAvg", "pretrain", "iid", s3prl=True),
+    Run("fedadam-iid: federated IID, FedAdam", "pretrain", "iid", overrides=["strategy.name=fedadam"]),
+    Run("dirichlet-sex: non-IID, Dirichlet(0.1) on sex", "pretrain", "dirichlet"),
+    Run("one-speaker: non-IID, one speaker per client", "pretrain", "natural"),
+    Run("per-client-codebooks: IID, per-client codebooks", "pretrain", "iid", codebook="per-client"),
+    Run("student: distilled from fedavg-iid", "distill", "iid", s3prl=True),
+]
+PARTITIONS = {"iid": [], "dirichlet": ["scheme=dirichlet", "dirichlet.alpha=0.1", "dirichlet.attribute=sex"],
+              "natural": ["scheme=natural", "num_clients=null", "natural.speakers_per_client=1"]}
+
+
+def rows(path: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args, **kwargs):
+        started = time.perf_counter()
+        result = fn(*args, **kwargs)
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - started, 1)
+        print(f"[learning] {name}: {self.seconds[name]:.0f} s", flush=True)
+        return result
+
+
+def make_data(args: argparse.Namespace) -> dict:
+    """The corpus, its three partitions, their labels and the keyword set (made once; made again when the data flags
+    change)."""
+    corpus, keywords, stamp = ROOT / "LibriSpeech", ROOT / "speech_commands", ROOT / "data.json"
+    wanted = {key: getattr(args, key) for key in ("speakers", "minutes", "keyword_speakers", "keyword_test_speakers")}
+    if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
         shutil.rmtree(ROOT, ignore_errors=True)
-        run_cli("synth", "librispeech", "--out", corpus, "--speakers", SPEAKERS, "--minutes", MINUTES)
-        run_cli("partition", "--corpus", corpus, "--out", partition, "--clients", 4)
+        ROOT.mkdir(parents=True)
+        stamp.write_text(json.dumps(wanted) + "\n")
+    if not (corpus / "SPEAKERS.TXT").is_file():
+        run_cli("synth", "librispeech", "--out", corpus, "--speakers", args.speakers, "--minutes", args.minutes)
     if not (keywords / "run.json").is_file():
-        run_cli("synth", "speech-commands", "--out", keywords, "--seed", 7, "--force")
-    if not (kmeans / "kmeans.json").is_file():
-        run_cli("kmeans", "--partition", partition, "--out", kmeans, "--force", f"features.normalize={normalize}")
-    return partition, kmeans, keywords
+        run_cli("synth", "speech-commands", "--out", keywords, "--speakers", args.keyword_speakers,
+                "--test-speakers", args.keyword_test_speakers, "--seed", 7, "--force")
+    partitions = {}
+    for name, overrides in PARTITIONS.items():
+        folder = ROOT / f"partition-{name}"
+        if not (folder / "partition.json").is_file():
+            run_cli("partition", "--corpus", corpus, "--out", folder, "--clients", CLIENTS, "--force", *overrides)
+        partitions[name] = folder
+    labels = {}
+    for part, mode in [("iid", "federated"), ("dirichlet", "federated"), ("natural", "federated"),
+                       ("iid", "per-client")]:
+        folder = ROOT / f"kmeans-{part}-{mode}"
+        if not (folder / "kmeans.json").is_file():
+            run_cli("kmeans", "--partition", partitions[part], "--out", folder, "--force", f"mode={mode}",
+                    "reference=false")
+        labels[part, mode] = folder
+    return {"corpus": corpus, "keywords": keywords, "partitions": partitions, "labels": labels}
 
 
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+def describe_data(data: dict) -> dict:
+    iid = json.loads((data["partitions"]["iid"] / "partition.json").read_text())
+    sexes = {}
+    for line in (data["corpus"] / "SPEAKERS.TXT").read_text().splitlines():
+        if not line.startswith(";"):
+            fields = [f.strip() for f in line.split("|")]
+            if fields[2].startswith("train"):
+                sexes[fields[1]] = sexes.get(fields[1], 0) + 1
+    clients = {name: json.loads((folder / "partition.json").read_text())["num_clients"]
+               for name, folder in data["partitions"].items()}
+    keyword_run = json.loads((data["keywords"] / "run.json").read_text())
+    return {"train_hours": round(sum(c["hours"]["train"] + c["hours"].get("valid", 0.0) for c in iid["clients"]), 3),
+            "train_speakers": sum(len(c["speakers"]) for c in iid["clients"]), "train_speakers_by_sex": sexes,
+            "clients": clients, "keywords": keyword_run.get("summary", {})}
 
 
-def pretrain(name: str, overrides: list[str], partition: Path, kmeans: Path, rounds: int, local_steps: int) -> dict:
-    out = ROOT / "runs" / name
-    started = time.perf_counter()
-    run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, "--preset", PRESET, "--rounds",
-            rounds, "--local-steps", local_steps, "--force", *overrides)
-    evals = rows(out, "eval")
-    steps = rows(out, "train")
-    return {"name": name, "overrides": overrides, "out": str(out), "seconds": round(time.perf_counter() - started, 1),
-            "checkpoint": str(out / "checkpoints" / "final.pt"),
-            "gain_by_round": [[r["round"], r["gain_nats"]] for r in evals],
-            "gain_last": evals[-1]["gain_nats"], "predicted_clusters_last": evals[-1]["predicted_clusters"],
-            "step_ratio_mean": sum(r["step_ratio"] for r in steps) / len(steps),
-            "step_cosine_mean": sum(r["step_cosine"] for r in steps) / len(steps),
-            "learning": json.loads((out / "run.json").read_text())["summary"].get("learning")}
+def planned(args: argparse.Namespace) -> int:
+    return args.rounds * args.local_steps * CLIENTS
 
 
-def probe(runs: list[dict], keywords: Path) -> dict:
+def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) -> dict:
+    out = ROOT / "runs" / run.slug
+    partition = data["partitions"][run.partition]
+    kmeans = data["labels"][run.partition, run.codebook]
+    batch = f"train.data.batch_seconds={args.batch_seconds}"
+    if run.stage == "train-local":
+        clients = sorted(c for c in partition.glob("client_*") if (c / "train.tsv").is_file())
+        manifests = json.dumps([str(c / "train.tsv") for c in clients])
+        labels = json.dumps([str(kmeans / c.name / "train.km") for c in clients])
+        every = args.local_steps * CLIENTS  # one round's compute
+        run_cli("train-local", "--out", out, "--preset", args.preset, "--steps", planned(args), "--force",
+                f"train_manifests={manifests}", f"train_labels={labels}",
+                "--valid-manifest", partition / "global" / "dev-clean.tsv",
+                "--valid-labels", kmeans / "global" / "dev-clean.km",
+                f"eval_every={every}", f"checkpoint_every={every * args.probe_every}", f"train.log_every={every}",
+                batch, *run.overrides)
+        evals = [(r["step"], r) for r in rows(out / "metrics.jsonl", "valid")]
+        curve_checkpoints = {int(p.stem.split("_")[1]): p for p in (out / "checkpoints").glob("step_*.pt")}
+        curve_checkpoints[planned(args)] = out / "checkpoints" / "final.pt"
+    else:
+        num_clients = json.loads((partition / "partition.json").read_text())["num_clients"]
+        fraction = [f"strategy.fraction={(CLIENTS - 0.5) / num_clients:.6f}"] if num_clients > CLIENTS else []
+        common = ["--partition", partition, "--out", out, "--rounds", args.rounds, "--local-steps",
+                  args.local_steps, "--force", batch, "train.log_every=1000", *fraction, *run.overrides]
+        if run.stage == "pretrain":
+            run_cli("pretrain", "--kmeans", kmeans, "--preset", args.preset, *common)
+        else:
+            run_cli("distill", "--teacher", teacher, *common)
+        per_round = args.local_steps * CLIENTS
+        evals = [(r["round"] * per_round, r) for r in rows(out / "metrics.jsonl", "eval")]
+        curve_checkpoints = {r * per_round: out / "checkpoints" / f"round_{r:05d}.pt"
+                             for r in range(args.probe_every, args.rounds + 1, args.probe_every)}
+    clients_rows = rows(out / "metrics.jsonl", "client") if run.stage != "train-local" else []
+    record = {"name": run.name, "stage": run.stage, "partition": run.partition, "codebook": run.codebook,
+              "overrides": run.overrides, "out": str(out), "checkpoint": str(out / "checkpoints" / "final.pt"),
+              "updates": planned(args), "batch_seconds": args.batch_seconds,
+              "curve_checkpoints": {str(k): str(v) for k, v in sorted(curve_checkpoints.items())}}
+    if run.stage != "distill":
+        gains = [(u, r["gain_nats"]) for u, r in evals if "gain_nats" in r]
+        if gains:
+            record["gain_by_update"] = gains
+            record["gain_last"] = gains[-1][1]
+            record["predicted_clusters_last"] = evals[-1][1]["predicted_clusters"]
+            record["gain_on"] = "dev-clean, shared codebook"
+        else:
+            last = max(r["round"] for r in clients_rows)
+            final = [r["valid_gain_nats"] for r in clients_rows if r["round"] == last and "valid_gain_nats" in r]
+            record["gain_last"] = float(np.mean(final))
+            record["gain_on"] = "the clients' own validation sets, own codebooks (mean over clients)"
+    if clients_rows:
+        by_round: dict[int, int] = {}
+        for r in clients_rows:
+            by_round[r["round"]] = by_round.get(r["round"], 0) + 1
+        record["clients_per_round"] = sorted(set(by_round.values()))
+    run_json = json.loads((out / "run.json").read_text())
+    record["learning"] = run_json.get("summary", {}).get("learning")
+    return record
+
+
+def probe(checkpoints: list[str], keywords: Path) -> dict:
+    """One `fedhubert probe` over every checkpoint (and random init of each architecture); models by checkpoint."""
     out = ROOT / "probe"
-    flags = [a for run in runs for a in ("--checkpoint", run["checkpoint"])]
-    run_cli("probe", "--dataset", keywords, *flags, "--random-init", "--out", out, "--force")
-    return json.loads((out / "probe.json").read_text())
+    run_cli("probe", "--dataset", keywords, *[a for c in checkpoints for a in ("--checkpoint", c)], "--random-init",
+            "--out", out, "--force")
+    result = json.loads((out / "probe.json").read_text())
+    return result
 
 
-def plot(runs: list[dict], random_init: dict, path: Path) -> None:
-    fig, (ax_probe, ax_gain) = plt.subplots(1, 2, figsize=(12, 4))
-    names = ["random init", *[r["name"] for r in runs]]
-    means = [100 * random_init["accuracy_mean"], *[100 * r["probe"]["accuracy_mean"] for r in runs]]
-    sds = [100 * random_init["accuracy_sd"], *[100 * r["probe"]["accuracy_sd"] for r in runs]]
-    ax_probe.bar(names, means, yerr=sds, capsize=4, color=["grey", *["tab:blue"] * len(runs)])
-    ax_probe.set(ylabel="accuracy (%)", title="linear probe of frozen features (5-fold, speaker-disjoint)")
-    ax_probe.tick_params(axis="x", rotation=20)
-    for run in runs:
-        ax_gain.plot(*zip(*run["gain_by_round"]), "-o", label=run["name"], markersize=3)
+def s3prl(jobs: list[tuple[str, list[str]]], keywords: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """S3PRL speech_commands for each (name, checkpoint flags), `--s3prl-jobs` at a time, each in its own process."""
+    threads = max(1, (os.cpu_count() or 1) // args.s3prl_jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+    def one(job: tuple[str, list[str]]) -> tuple[str, dict]:
+        name, flags = job
+        out = ROOT / "s3prl" / name
+        command = [sys.executable, "-m", "fedhubert", "evaluate", "speech-commands", "--dataset", str(keywords),
+                   "--steps", str(args.s3prl_steps), "--eval-step", str(args.s3prl_steps // 6), "--device",
+                   args.s3prl_device, "--name", name, "--out", str(out), "--force", *flags]
+        log = ROOT / "s3prl" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as handle:
+            if subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode:
+                raise SystemExit(f"S3PRL evaluation {name} failed: see {log}")
+        result = json.loads((out / "result.json").read_text())
+        clips = result["data"]["test_clips"]
+        correct = round(result["test_acc"] * clips)
+        result["test_ci95"] = list(wilson_interval(correct, clips))
+        return name, result
+
+    with ThreadPoolExecutor(args.s3prl_jobs) as pool:
+        return dict(pool.map(one, jobs))
+
+
+def fold_gap(a: dict, b: dict) -> tuple[float, float]:
+    """Mean and sd over folds of a - b in points (the same speaker-disjoint folds for both models)."""
+    diff = 100 * (np.asarray(a["fold_accuracies"]) - np.asarray(b["fold_accuracies"]))
+    return float(diff.mean()), float(diff.std(ddof=1))
+
+
+def pm(mean: float, sd: float) -> str:
+    return f"{mean:.1f} +- {sd:.1f}"
+
+
+def plot(records: list[dict], random_init: dict, s3prl_results: dict, path: Path) -> None:
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    ax_probe, ax_s3prl, ax_gain, ax_curve = axes.ravel()
+    names = ["random init", *[r["name"].split(":")[0] for r in records]]
+    models = [random_init, *[r["probe"] for r in records]]
+    ax_probe.bar(names, [100 * m["accuracy_mean"] for m in models], yerr=[100 * m["accuracy_sd"] for m in models],
+                 capsize=4, color=["grey", *["tab:blue"] * len(records)])
+    ax_probe.set(ylabel="accuracy (%)", title="linear probe of frozen features (mean +- sd over 5 folds)")
+    ax_probe.tick_params(axis="x", rotation=30)
+    if s3prl_results:
+        labels = list(s3prl_results)
+        acc = [100 * s3prl_results[n]["test_acc"] for n in labels]
+        lo = [a - 100 * s3prl_results[n]["test_ci95"][0] for a, n in zip(acc, labels)]
+        hi = [100 * s3prl_results[n]["test_ci95"][1] - a for a, n in zip(acc, labels)]
+        ax_s3prl.bar(labels, acc, yerr=[lo, hi], capsize=4, color="tab:orange")
+        ax_s3prl.tick_params(axis="x", rotation=30)
+    ax_s3prl.set(ylabel="test accuracy (%)", title="S3PRL speech_commands (Wilson 95% interval)")
+    for r in records:
+        if "gain_by_update" in r:
+            ax_gain.plot(*zip(*r["gain_by_update"]), "-o", markersize=3, label=r["name"].split(":")[0])
     ax_gain.axhline(0.0, color="grey", linestyle="--", linewidth=1, label="frequency baseline")
-    ax_gain.axhline(GAIN_TARGET_NATS, color="green", linestyle=":", linewidth=1, label="target")
-    ax_gain.set(xlabel="round", ylabel="nats per masked frame", title="server held-out gain over the baseline")
+    ax_gain.set(xlabel="updates (all clients)", ylabel="nats per masked frame",
+                title="held-out gain over the label-frequency baseline (dev-clean)")
     ax_gain.legend(fontsize="small")
+    for r in records:
+        if r.get("probe_curve"):
+            updates, means, sds = zip(*r["probe_curve"])
+            ax_curve.errorbar(updates, means, yerr=sds, fmt="-o", capsize=3, label=r["name"].split(":")[0])
+    ax_curve.axhline(100 * random_init["accuracy_mean"], color="grey", linestyle="--", linewidth=1,
+                     label="random init")
+    ax_curve.set(xlabel="updates (all clients)", ylabel="probe accuracy (%)", title="probe against compute")
+    ax_curve.legend(fontsize="small")
     save_figure(fig, path)
+
+
+def figures_of(records: dict[str, dict], random_init: dict, s3prl_results: dict, wall_s: float) -> list[dict]:
+    teacher, central, student = records["fedavg-iid"], records["centralized"], records["student"]
+    figures = [{"figure": "probe accuracy, random init", "ours": pm(100 * random_init["accuracy_mean"],
+                                                                   100 * random_init["accuracy_sd"]), "unit": "%"}]
+    for slug, r in records.items():
+        figures.append({"figure": f"probe accuracy, {slug}",
+                        "ours": pm(100 * r["probe"]["accuracy_mean"], 100 * r["probe"]["accuracy_sd"]), "unit": "%"})
+        if "gain_last" in r:
+            figures.append({"figure": f"held-out gain over frequency baseline, {slug}", "ours": round(r["gain_last"], 3),
+                            "unit": "nats", "reference": "own codebooks" if r["codebook"] == "per-client" else ""})
+    gap, sd = fold_gap(teacher["probe"], random_init)
+    figures.append({"figure": "federated teacher - random init (probe)", "ours": pm(gap, sd), "unit": "points",
+                    "target": f">= {PROBE_TARGET_POINTS:g}", "met": gap >= PROBE_TARGET_POINTS})
+    gap, sd = fold_gap(teacher["probe"], central["probe"])
+    figures.append({"figure": "federated IID - centralized (probe)", "ours": pm(gap, sd), "unit": "points",
+                    "target": f">= -{CENTRAL_TARGET_POINTS:g}", "met": gap >= -CENTRAL_TARGET_POINTS})
+    for slug in ("fedadam-iid", "dirichlet-sex", "one-speaker", "per-client-codebooks"):
+        gap, sd = fold_gap(records[slug]["probe"], teacher["probe"])
+        figures.append({"figure": f"{slug} - federated IID FedAvg (probe)", "ours": pm(gap, sd), "unit": "points",
+                        "reference": "reported with its error bar"})
+    gap, sd = fold_gap(student["probe"], teacher["probe"])
+    figures.append({"figure": "student - its teacher (probe)", "ours": pm(gap, sd), "unit": "points",
+                    "target": f">= -{STUDENT_TARGET_POINTS:g}", "met": gap >= -STUDENT_TARGET_POINTS})
+    for name, res in s3prl_results.items():
+        lo, hi = res["test_ci95"]
+        figures.append({"figure": f"S3PRL test accuracy, {name}", "ours": f"{100 * res['test_acc']:.1f} "
+                        f"[{100 * lo:.1f}, {100 * hi:.1f}]", "unit": "%",
+                        "reference": f"{res['data']['test_clips']} test clips, {res['steps']} steps"})
+    if {"random-init", "fedavg-iid"} <= set(s3prl_results):
+        above = s3prl_results["fedavg-iid"]["test_ci95"][0] > s3prl_results["random-init"]["test_ci95"][1]
+        figures.append({"figure": "S3PRL: federated teacher above random init beyond the intervals",
+                        "ours": "yes" if above else "no", "unit": "", "target": "yes", "met": above})
+    figures.append({"figure": "whole benchmark, wall time", "ours": round(wall_s / 60, 1), "unit": "min",
+                    "target": "<= 45", "met": wall_s <= 45 * 60})
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--normalize", default="none", help="features.normalize of the k-means labels")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="a run that changes these keys against the defaults (repeatable)")
+    parser.add_argument("--batch-seconds", type=float, default=32.0, help="audio per batch, every run")
+    parser.add_argument("--probe-every", type=int, default=3, help="probe the curves every this many rounds")
+    parser.add_argument("--speakers", type=int, default=30, help="synthetic LibriSpeech speakers (80%% training)")
+    parser.add_argument("--minutes", type=float, default=2.75, help="minutes of speech per speaker")
+    parser.add_argument("--keyword-speakers", type=int, default=48)
+    parser.add_argument("--keyword-test-speakers", type=int, default=40)
+    parser.add_argument("--s3prl-steps", type=int, default=3000, help="0 skips S3PRL")
+    parser.add_argument("--s3prl-jobs", type=int, default=2, help="S3PRL evaluations run side by side")
+    parser.add_argument("--s3prl-device", default="cpu")
     args = parser.parse_args()
-    partition, kmeans, keywords = inputs(args.normalize)
-    variants = [("defaults", [])] + [(v.split(":", 1)[0], [o for o in v.split(":", 1)[1].split(",") if o])
-                                     for v in args.variant]
-    runs = [pretrain(name, overrides, partition, kmeans, args.rounds, args.local_steps) for name, overrides in variants]
-    result = probe(runs, keywords)
-    random_init = next(m for m in result["models"] if m["random_init"])
-    trained = {Path(m["checkpoint"]).resolve(): m for m in result["models"] if not m["random_init"]}
-    for run in runs:
-        run["probe"] = trained[Path(run["checkpoint"]).resolve()]
-    chance = result["data"]["chance"]
-    figures = [{"figure": f"probe accuracy, random init ({PRESET})",
-                "ours": f"{100 * random_init['accuracy_mean']:.1f} +- {100 * random_init['accuracy_sd']:.1f}",
-                "unit": "%", "reference": f"chance {100 * chance:.1f}"}]
-    for run in runs:
-        gain_points = 100 * (run["probe"]["accuracy_mean"] - random_init["accuracy_mean"])
-        figures += [
-            {"figure": f"probe accuracy, {run['name']}", "ours": f"{100 * run['probe']['accuracy_mean']:.1f} +- "
-             f"{100 * run['probe']['accuracy_sd']:.1f}", "unit": "%",
-             "target": f">= random init + {PROBE_TARGET_POINTS:g}", "met": gain_points >= PROBE_TARGET_POINTS},
-            {"figure": f"held-out gain over frequency baseline, {run['name']}, last round",
-             "ours": round(run["gain_last"], 3), "unit": "nats", "target": f"> {GAIN_TARGET_NATS}",
-             "met": run["gain_last"] > GAIN_TARGET_NATS},
-        ]
-    plot(runs, random_init, RESULTS / "learning.png")
+    started = time.perf_counter()
+    timer = Timer()
+    data = timer("data", make_data, args)
+    records: dict[str, dict] = {}
+    for run in RUNS:
+        teacher = Path(records["fedavg-iid"]["checkpoint"]) if run.stage == "distill" else None
+        records[run.slug] = timer(run.slug, train, run, data, args, teacher)
+    curve_runs = ("centralized", "fedavg-iid")
+    checkpoints = [r["checkpoint"] for r in records.values()]
+    checkpoints += [c for slug in curve_runs for c in records[slug]["curve_checkpoints"].values()
+                    if c not in checkpoints]
+    result = timer("probe", probe, checkpoints, data["keywords"])
+    by_checkpoint = {Path(m["checkpoint"]).resolve(): m for m in result["models"] if not m["random_init"]}
+    random_init = next(m for m in result["models"] if m["random_init"] and m["kind"] == "hubert")
+    for r in records.values():
+        r["probe"] = by_checkpoint[Path(r["checkpoint"]).resolve()]
+    for slug in curve_runs:
+        records[slug]["probe_curve"] = [
+            (int(u), 100 * by_checkpoint[Path(c).resolve()]["accuracy_mean"],
+             100 * by_checkpoint[Path(c).resolve()]["accuracy_sd"])
+            for u, c in records[slug]["curve_checkpoints"].items()]
+    s3prl_results = {}
+    if args.s3prl_steps:
+        jobs = [("random-init", ["--checkpoint", records["fedavg-iid"]["checkpoint"], "--random-init"])]
+        jobs += [(slug, ["--checkpoint", records[slug]["checkpoint"]]) for slug in records
+                 if next(r for r in RUNS if r.slug == slug).s3prl]
+        s3prl_results = timer("s3prl", s3prl, jobs, data["keywords"], args)
+    wall_s = time.perf_counter() - started
+    plot(list(records.values()), random_init, s3prl_results, RESULTS / "learning.png")
+    figures = figures_of(records, random_init, s3prl_results, wall_s)
+    described = describe_data(data)
     write_results("learning", figures, notes=(
-        f"{PRESET} preset, {args.rounds} rounds x {args.local_steps} local steps, 4 clients, k-means "
-        f"features.normalize={args.normalize}; probe: {result['data']['clips']} keyword clips, mean +- sd over 5 speaker-"
-        f"disjoint folds; one pretraining seed per run"),
-        extra={"runs": runs, "random_init": random_init, "normalize": args.normalize})
+        f"{args.preset} preset; every trained model {planned(args)} updates of {args.batch_seconds:g} s batches "
+        f"(federated: {args.rounds} rounds x {args.local_steps} local steps x {CLIENTS} clients); "
+        f"{described['train_hours']} h of training speech from {described['train_speakers']} speakers; probe: "
+        f"{result['data']['clips']} keyword clips of {result['data']['speakers']} other speakers, mean +- sd over 5 "
+        f"speaker-disjoint folds, gaps paired over folds; S3PRL {args.s3prl_steps} steps, Wilson 95% intervals; one "
+        "pretraining seed per run"),
+        extra={"data": described, "runs": records, "random_init": random_init, "s3prl": s3prl_results,
+               "seconds": {**timer.seconds, "total": round(wall_s, 1)},
+               "settings": {k: v for k, v in vars(args).items()}})
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ import yaml
 from common import EVAL_SHORT as SHORT, run_cli
 from fedhubert.corpus.speech_commands_synth import TEST_DIR, TRAIN_DIR
 from fedhubert.eval.config import SpeechCommandsConfig
+from fedhubert.eval.confidence import accuracy_interval, wilson_interval
+from fedhubert.eval.results import result_markdown
 from fedhubert.eval.speech_commands import prepare_upstream
-
 
 
 def sha256(path: Path) -> str:
@@ -49,6 +50,14 @@ def test_s3prl_trains_and_tests_our_exported_upstream(evaluations, tiny_teacher,
     truth = (out / "s3prl" / "test_truth.txt").read_text().splitlines()
     assert len(truth) == result["data"]["test_clips"], "S3PRL scored every clip of the separate test set"
     assert 0.0 <= result["test_acc"] <= 1.0 and (out / "s3prl" / "dev-best.ckpt").is_file()
+    # 95% intervals over the clips scored; S3PRL's dev set is its dev clips plus the background-noise files.
+    correct = round(result["test_acc"] * len(truth))
+    assert correct == pytest.approx(result["test_acc"] * len(truth), abs=1e-6)
+    assert result["test_ci95"] == pytest.approx(wilson_interval(correct, len(truth)), abs=1e-4)
+    dev = len((out / "s3prl" / "dev_truth.txt").read_text().splitlines())
+    assert dev == result["data"]["dev_clips"] + result["data"]["noise_files"]
+    assert result["dev_ci95"] == pytest.approx(accuracy_interval(result["dev_best"]["acc"], dev), abs=1e-4)
+    assert "| test acc | test 95% CI | clips dev / test |" in (out / "result.md").read_text()
 
 
 @pytest.mark.slow
@@ -59,6 +68,28 @@ def test_evaluations_share_one_results_table(evaluations):
     for row in rows:
         assert f"| {row['name']} | {row['upstream']} | `{row['checkpoint_sha256'][:12]}` | 4 |" in table
         assert f"{100 * row['test_acc']:.2f}%" in table
+
+
+def test_wilson_intervals_match_hand_computed_values():
+    """Wilson: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n), z = 1.96.
+    50/100: z^2/n = 0.0384, centre 0.5, half-width 1.96 * 0.05095 / 1.0384 = 0.0962 -> (0.404, 0.596).
+    0/10: z^2/n = 0.384, centre 0.192 / 1.384 = 0.1388, half-width the same -> (0, 0.278)."""
+    assert wilson_interval(50, 100) == pytest.approx((0.404, 0.596), abs=5e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.278), abs=5e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.722, 1.0), abs=5e-4)
+    assert accuracy_interval(0.4999, 100) == wilson_interval(50, 100), "the count is rounded back from the accuracy"
+    for bad in ((1, 0), (-1, 10), (11, 10)):
+        with pytest.raises(ValueError):
+            wilson_interval(*bad)
+
+
+def test_results_written_before_intervals_still_render():
+    old = {"name": "old", "upstream": "fbank", "steps": 4, "dev_best": {"step": 2, "acc": 0.5}, "test_acc": 0.5,
+           "data": {"root": "/d", "dev_clips": 100, "test_clips": 100}}
+    bare = {"name": "bare", "upstream": "fbank", "steps": 4, "dev_best": {"step": 2, "acc": 0.5}, "test_acc": 0.5}
+    table = result_markdown([old, bare])
+    assert "| old | fbank | - | 4 | 50.00% (2) | 40.4-59.6% | 50.00% | 40.4-59.6% | 100 / 100 |" in table
+    assert "| bare | fbank | - | 4 | 50.00% (2) | - | 50.00% | - | - / - |" in table
 
 
 def test_random_init_keeps_the_architecture_and_replaces_the_weights(tiny_teacher, tiny_speech_commands, tmp_path):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from common import run_cli
-
-pytestmark = pytest.mark.slow
+from fedhubert.report import _random_init_of
+from fedhubert.train.learning import learning_check
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def run_dir(small_librispeech, small_partition, small_kmeans, tiny_teacher, four
     return run
 
 
+@pytest.mark.slow
 def test_the_report_covers_every_stage_with_its_numbers_and_plots(run_dir, four_rounds, evaluations, capsys):
     assert run_cli("report", run_dir) == 0
     assert f"report: {run_dir / 'report.md'}" in capsys.readouterr().out
@@ -54,6 +55,7 @@ def test_the_report_covers_every_stage_with_its_numbers_and_plots(run_dir, four_
     assert "fedhubert evaluate speech-commands --dataset" in report, "each stage's command is recorded"
 
 
+@pytest.mark.slow
 def test_the_report_is_rebuilt_the_same_from_the_same_files(run_dir):
     assert run_cli("report", run_dir) == 0
     first = (run_dir / "report.md").read_text().split("\n", 3)[3]
@@ -67,3 +69,123 @@ def test_a_folder_without_stage_runs_is_refused(tmp_path, capsys):
     assert "holds no stage folders (run.json files up to three levels down)" in capsys.readouterr().err
     assert run_cli("report", tmp_path / "missing") == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ interpretation, from hand-made stage files
+def write_stage(folder: Path, stage: str, summary: dict | None = None, config: dict | None = None,
+                **files: dict | list[dict]) -> None:
+    """A stage folder as the report reads it: run.json, and JSON files (a list is written as JSON lines)."""
+    folder.mkdir(parents=True)
+    record = {"stage": stage, "status": "completed", "summary": summary or {}, "config": config or {},
+              "command": ["fedhubert", stage], "started": "2025-01-01T00:00:00"}
+    (folder / "run.json").write_text(json.dumps(record))
+    for name, content in files.items():
+        text = "".join(json.dumps(r) + "\n" for r in content) if isinstance(content, list) else json.dumps(content)
+        (folder / name.replace("_json", ".json").replace("_jsonl", ".jsonl")).write_text(text)
+
+
+def probe_model(name: str, architecture: str, mean: float, sd: float, random_init: bool = False) -> dict:
+    return {"name": name, "architecture": architecture, "random_init": random_init, "accuracy_mean": mean,
+            "accuracy_sd": sd}
+
+
+def s3prl_result(name: str, sha: str | None, test_acc: float, *, kind: str = "hubert", random_init: bool = False,
+                 **extra) -> dict:
+    return {"name": name, "upstream": "hubert_local" if sha else "fbank", "kind": kind if sha else "baseline",
+            "checkpoint_sha256": sha, "random_init": random_init, "steps": 2000,
+            "dev_best": {"step": 1000, "acc": test_acc}, "test_acc": test_acc,
+            "data": {"root": "/data/sc", "train_clips": 800, "dev_clips": 94, "test_clips": 120}, **extra}
+
+
+def eval_rows(gain: float, clusters: int, acc: float, baseline: float, kind: str, at: str) -> list[dict]:
+    return [{"kind": kind, at: i, "loss": 3.0 - i, "ce_masked": 3.0 - i, "gain_nats": gain * i,
+             "predicted_clusters": clusters, "acc_masked": acc * i / 2, "baseline_acc_masked": baseline}
+            for i in (0, 2)]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory) -> str:
+    """The report of a run whose stage files were written by hand: probes and S3PRL evaluations of pretrained
+    models against random init (one pair within the error bars, one clearly apart), a pretraining run that
+    collapsed onto one cluster, and a centralized run that learned."""
+    run = tmp_path_factory.mktemp("interpreted")
+    write_stage(run / "probe", "probe", probe_json={
+        "folds": 5, "data": {"clips": 600, "words": 10, "speakers": 30, "chance": 0.1},
+        "models": [probe_model("hubert-close", "hubert tiny", 0.42, 0.05),
+                   probe_model("random-close", "hubert tiny", 0.40, 0.04, random_init=True),
+                   probe_model("hubert-apart", "hubert small", 0.62, 0.03),
+                   probe_model("random-apart", "hubert small", 0.40, 0.04, random_init=True)]})
+    write_stage(run / "eval" / "close", "evaluate-speech-commands",
+                result_json=s3prl_result("teacher-close", "a" * 64, 0.50, test_ci95=[0.4119, 0.5881]))
+    write_stage(run / "eval" / "close-random", "evaluate-speech-commands",
+                result_json=s3prl_result("random-close", "a" * 64, 0.45, random_init=True))
+    write_stage(run / "eval" / "apart", "evaluate-speech-commands",
+                result_json=s3prl_result("teacher-apart", "b" * 64, 0.80))
+    write_stage(run / "eval" / "apart-random", "evaluate-speech-commands",
+                result_json=s3prl_result("random-apart", "b" * 64, 0.40, random_init=True))
+    write_stage(run / "eval" / "fbank", "evaluate-speech-commands", result_json=s3prl_result("fbank", None, 0.30))
+    collapsed = eval_rows(-0.1, 1, 0.2, 0.21, "eval", "round")
+    write_stage(run / "pretrain", "pretrain", config={"strategy": {"name": "fedavg"}, "local_steps": 3},
+                summary={"rounds": 2, "final_checkpoint": "/runs/pretrain/final.pt", "seconds": 12.0,
+                         "learning": learning_check([{"at": r["round"], **r} for r in collapsed],
+                                                    "the held-out speakers")},
+                metrics_jsonl=[{"kind": "train", "round": 2, "clients": 2, "train_loss": 4.0}, *collapsed])
+    learned = eval_rows(0.4, 17, 0.5, 0.12, "valid", "step")
+    summary = {"parameters": 1000, "num_classes": 20, "steps": 2, "device": "cpu", "checkpoint": "/c/final.pt",
+               "train": {"loss": 2.0, "acc_masked": 0.4}, "valid_first": learned[0], "valid_last": learned[-1],
+               "learning": learning_check([{"at": r["step"], **r} for r in learned], "the validation set")}
+    write_stage(run / "central", "train-local", summary=summary,
+                metrics_jsonl=[{"kind": "train", "step": 2, "loss": 2.0, "acc_masked": 0.4}, *learned])
+    assert run_cli("report", run) == 0
+    return (run / "report.md").read_text()
+
+
+def warnings_in(report: str) -> str:
+    return "\n".join(line for line in report.splitlines() if line.startswith("**Not better than random init**"))
+
+
+def test_a_probe_within_the_error_bars_of_random_init_is_flagged_and_a_clear_gain_is_not(interpreted):
+    probe = interpreted.split("## Linear probe")[1].split("\n## ")[0]
+    assert ("**Not better than random init**: hubert-close (42.0 +- 5.0%) is within the error bars of random init "
+            "of its architecture (random-close: 40.0 +- 4.0%)") in probe
+    assert "| hubert-apart | 62.0 +- 3.0% | +22.0 points |" in probe
+    assert "hubert-apart" not in warnings_in(interpreted)
+
+
+def test_s3prl_intervals_are_shown_and_overlapping_pairs_are_flagged(interpreted):
+    section = interpreted.split("## Speech Commands")[1].split("\n## ")[0]
+    # 60 of 120 test clips: Wilson 95% interval (41.2%, 58.8%) by hand (p = 0.5, z^2/n = 0.032, half-width 0.088).
+    assert "| teacher-close | hubert_local | `aaaaaaaaaaaa` | 2000 | 50.00% (1000) |" in section
+    assert "| 50.00% | 41.2-58.8% | 94 / 120 |" in section
+    # Results without recorded intervals get them from accuracy and clip counts: 96 of 120 -> (72.0%, 86.2%).
+    assert "| 80.00% | 72.0-86.2% |" in section
+    assert "95% CI: Wilson score interval" in section
+    assert ("**Not better than random init**: teacher-close (test 50.0%, 95% CI 41.2-58.8%) is within the error "
+            "bars of random init of its architecture (random-close: test 45.0%, 95% CI 36.4-53.9%)") in section
+    flagged = warnings_in(interpreted)
+    assert "teacher-apart" not in flagged and "fbank" not in flagged
+    assert len(flagged.splitlines()) == 2, "one probe and one S3PRL pair"
+    assert "(report/speech_commands.png)" in section
+
+
+def test_masked_accuracies_stand_beside_the_most_frequent_cluster_and_collapse_is_named(interpreted):
+    pretrain = interpreted.split("## Federated pretraining")[1].split("\n## ")[0]
+    assert "masked accuracy 0.0% -> 20.0% (always predicting the most frequent cluster: 21.0%)" in pretrain
+    assert "**Did not learn**: the model predicts only 1 distinct cluster(s) on the held-out speakers." in pretrain
+    assert "Gain per round (nats): 0: -0.000, 2: -0.200." in pretrain
+    central = interpreted.split("## Centralized training")[1].split("\n## ")[0]
+    assert "masked accuracy 50.0% (always predicting the most frequent cluster: 12.0%)" in central
+    assert "**Learned**" in central and "Did not learn" not in central
+
+
+def test_a_random_init_is_paired_by_checkpoint_else_by_a_unique_kind():
+    teacher = s3prl_result("teacher", "a" * 64, 0.5)
+    same, other = (s3prl_result(n, sha, 0.4, random_init=True) for n, sha in (("same", "a" * 64), ("other", "c" * 64)))
+    student = s3prl_result("student", "d" * 64, 0.5, kind="distiller")
+    student_random = s3prl_result("student-random", "e" * 64, 0.4, kind="distiller", random_init=True)
+    results = [teacher, same, other, student, student_random]
+    assert _random_init_of(teacher, results) is same
+    assert _random_init_of(student, results) is student_random
+    assert _random_init_of(teacher, [teacher, other, student]) is other
+    assert _random_init_of(teacher, [teacher, other, same | {"checkpoint_sha256": "f" * 64}]) is None, "ambiguous"
+    assert _random_init_of(same, results) is None and _random_init_of(s3prl_result("fbank", None, 0.3), results) is None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 from common import TINY_SPEECH_COMMANDS, run_cli
 from fedhubert.corpus.speech_commands_synth import KEYWORDS, split_of
@@ -90,3 +91,12 @@ def test_same_seed_gives_identical_files(tiny_speech_commands, tmp_path):
     assert tree_digest(again) == tree_digest(tiny_speech_commands)
     voices = json.loads((again / "voices.json").read_text())
     assert sum(v["test_set"] for v in voices.values()) == 3
+
+
+def test_repetitions_flag_sets_both_ends_of_keyword_repetitions(tmp_path, capsys):
+    out = tmp_path / "sc"
+    assert run_cli("synth", "speech-commands", "--out", out, "--repetitions", "4", "--print-config") == 0
+    assert yaml.safe_load(capsys.readouterr().out)["keyword_repetitions"] == [4, 4]
+    assert not out.exists(), "--print-config synthesizes nothing"
+    assert run_cli("synth", "speech-commands", "--out", out, "--repetitions", "6", "--print-config") == 2
+    assert "key 'keyword_repetitions[0]' must be <= 5, got 6" in capsys.readouterr().err

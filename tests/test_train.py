@@ -17,11 +17,14 @@ from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import ManifestEntry, read_manifest, write_manifest
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_config_of
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import build_hubert, feature_frames
+from fedhubert.model.hubert import build_hubert, cosine_logits, feature_frames
 from fedhubert.train.config import DataConfig, TrainConfig
 from fedhubert.train.data import Crop, CropBatches, CroppedAudio, DataError, LabelRate, batch_loader, load_utterances
 from fedhubert.train.config import LossConfig
-from fedhubert.train.loop import MaskedPrediction, TrainingError, cycle_batches, make_optimizer, train
+from fedhubert.train.loop import (
+    MaskedPrediction, TrainingError, cycle_batches, hubert_loss, label_log_prior, make_optimizer, prediction_metrics,
+    train,
+)
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
 MFCC_RATE = LabelRate(100, TINY)
@@ -91,6 +94,21 @@ def test_empty_manifest_is_refused(tmp_path):
     (tmp_path / "empty.km").write_text("")
     with pytest.raises(DataError, match="no utterance of at least"):
         load_utterances([(tmp_path / "empty.tsv", tmp_path / "empty.km")], 10, FAST.data, MFCC_RATE)
+
+
+def test_the_baseline_accuracy_is_always_predicting_the_most_frequent_training_cluster():
+    """Masked frames labelled [2, 2, 2, 0]; the training labels favour cluster 2 (counts [1, 0, 5]), so always
+    predicting 2 is right on 3 of the 4 frames: 0.75, whatever the model predicts."""
+    torch.manual_seed(0)
+    labels = torch.tensor([2, 2, 2, 0])
+    logits = cosine_logits(torch.randn(4, 8), labels, torch.randn(3, 8), 0.1)
+    prior = label_log_prior(np.array([1, 0, 5]))
+    out = hubert_loss(logits, logits[:0], torch.zeros(()), LossConfig(feature_penalty=0), prior)
+    assert out.sums["prior_correct_m"] == 3
+    metrics = MaskedPrediction(LossConfig(), log_prior=prior).metrics(out.sums)
+    assert metrics["baseline_acc_masked"] == 0.75
+    without = hubert_loss(logits, logits[:0], torch.zeros(()), LossConfig(feature_penalty=0))
+    assert "baseline_acc_masked" not in prediction_metrics(without.sums), "no prior, no baseline"
 
 
 def test_a_call_that_trains_no_batch_raises():

@@ -114,6 +114,11 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
     return 0
 
 
+def repetitions(text: str) -> list[int]:
+    """`--repetitions N` of synth speech-commands: keyword_repetitions [N, N] (named for argparse's messages)."""
+    return [int(text)] * 2
+
+
 def _stages() -> dict[str, Stage]:
     from fedhubert.corpus import librispeech_synth as ls
     from fedhubert.corpus import speech_commands_synth as sc
@@ -146,6 +151,8 @@ def _stages() -> dict[str, Stage]:
             flags=(
                 ("--speakers", "speakers", int, "speakers in speech_commands_v0.01"),
                 ("--test-speakers", "test_speakers", int, "speakers in the separate test set"),
+                ("--repetitions", "keyword_repetitions", repetitions, "each training speaker says each keyword N "
+                 "times: sets keyword_repetitions to [N, N] (the test set stays one clip per class per speaker)"),
                 ("--seed", "seed", int, "random seed"),
                 ("--workers", "workers", int, "worker processes, 0 = one per core"),
             ),

@@ -3,6 +3,10 @@
 A run folder holds stage folders (each with its run.json), at any depth up to three below RUN_DIR: the demo's
 LibriSpeech/, partition/, kmeans/, pretrain/, distill/, eval/<name>/. The report reads only those files, so it can
 be regenerated at any time; it writes `RUN_DIR/report.md` and its figures into `RUN_DIR/report/`.
+
+It interprets as well as lists: masked accuracies stand beside the accuracy of always predicting the most frequent
+cluster, Speech Commands accuracies carry their 95% intervals, and a pretrained model that does not beat the random
+initialisation of its architecture (beyond the error bars) is said to in bold, as is a model that did not learn.
 """
 
 from __future__ import annotations
@@ -182,9 +186,12 @@ def _training(report: Report, stages: list[StageFolder]) -> None:
 
             summary = s.record["summary"]
             name = f"train_local_{s.path.name}.png"
-            plot_training(read_rows(s.path / "metrics.jsonl"), report.figures / name)
+            rows = read_rows(s.path / "metrics.jsonl")
+            plot_training(rows, report.figures / name)
+            last_valid = next((r for r in reversed(rows) if r["kind"] == "valid"), {})
             valid = (f"; valid loss {_num(summary['valid_first']['loss'])} -> {_num(summary['valid_last']['loss'])}, "
-                     f"masked accuracy {_pct(summary['valid_last']['acc_masked'])}") if summary.get("valid_last") else ""
+                     f"masked accuracy {_pct(summary['valid_last']['acc_masked'])}{_baseline(last_valid)}"
+                     if summary.get("valid_last") else "")
             if summary.get("valid_last", {}).get("gain_nats") is not None:
                 valid += (f", gain over the label-frequency baseline {_gain(summary['valid_first']['gain_nats'])} -> "
                           f"{_gain(summary['valid_last']['gain_nats'])}")
@@ -224,13 +231,15 @@ def _federated(report: Report, s: StageFolder) -> None:
     if evals:
         first, last = evals[0], evals[-1]
         accuracy = (f", masked accuracy {_pct(first.get('acc_masked'))} -> {_pct(last.get('acc_masked'))}"
-                    if "acc_masked" in last else "")
+                    f"{_baseline(last)}" if "acc_masked" in last else "")
         lines.append(f"Server evaluation on held-out speakers: loss {_num(first.get('loss'))} (round {first['round']}) "
                      f"-> {_num(last.get('loss'))} (round {last['round']}){accuracy}.")
         if "gain_nats" in last:
             lines.append(f"Masked cross-entropy against the label-frequency baseline on the same frames: gain "
                          f"{_gain(first['gain_nats'])} (round {first['round']}) -> {_gain(last['gain_nats'])} (round "
                          f"{last['round']}); {last.get('predicted_clusters')} distinct clusters predicted.")
+            lines.append("Gain per round (nats): " + ", ".join(
+                f"{r['round']}: {r['gain_nats']:+.3f}" for r in evals if "gain_nats" in r) + ".")
     lines.extend(_verdict(summary.get("learning")))
     steps = [r for r in train if "step_cosine" in r]
     if steps:
@@ -241,11 +250,25 @@ def _federated(report: Report, s: StageFolder) -> None:
         lines.append(f"Client failures over the run: {failed} (see metrics.jsonl).")
     report.add(f"## {'Federated distillation' if distill else 'Federated pretraining'} (`{report.rel(s.path)}`)",
                *lines)
-    report.figure(name, f"{s.stage} per-round loss and accuracy")
+    report.figure(name, f"{s.stage} per round: loss" + ("" if acc_key is None else
+                                                         ", masked accuracy and gain over the frequency baseline"))
 
 
 def _gain(nats: float) -> str:
     return f"{nats:+.3f} nats"
+
+
+def _baseline(row: dict) -> str:
+    """The masked accuracy of always predicting the most frequent training cluster on the frames of an evaluation
+    `row`, to put beside the model's (nothing for rows written before it was recorded)."""
+    base = row.get("baseline_acc_masked")
+    return "" if base is None else f" (always predicting the most frequent cluster: {_pct(base)})"
+
+
+def _not_better(name: str, score: str, base_name: str, base_score: str, below: bool) -> str:
+    relation = "below" if below else "within the error bars of"
+    return (f"**Not better than random init**: {name} ({score}) is {relation} random init of its architecture "
+            f"({base_name}: {base_score}), so its pretraining shows no benefit here.")
 
 
 def _verdict(learning: dict | None) -> list[str]:
@@ -270,12 +293,28 @@ def _probes(report: Report, stages: list[StageFolder]) -> None:
                  f"regression on mean-pooled frozen layers, {result['folds']}-fold speaker-disjoint cross-validation "
                  f"(mean +- sd over folds; chance {_pct(data['chance'])}).", "",
                  "| model | accuracy | vs random init of its architecture |", "|---|---|---|"]
+        warnings = []
         for m in result["models"]:
-            base = random.get(m["architecture"])
-            versus = (f"{100 * (m['accuracy_mean'] - base['accuracy_mean']):+.1f} points"
-                      if base is not None and not m["random_init"] else "")
-            lines.append(f"| {m['name']} | {100 * m['accuracy_mean']:.1f} +- {100 * m['accuracy_sd']:.1f}% | {versus} |")
+            base = None if m["random_init"] else random.get(m["architecture"])
+            versus = f"{100 * (m['accuracy_mean'] - base['accuracy_mean']):+.1f} points" if base else ""
+            lines.append(f"| {m['name']} | {_probe_score(m)} | {versus} |")
+            warnings += _probe_versus_random(m, base) if base else []
         report.add(f"## Linear probe of frozen features (`{report.rel(s.path)}`)", *lines)
+        if warnings:
+            report.add(*warnings)
+
+
+def _probe_score(model: dict) -> str:
+    return f"{100 * model['accuracy_mean']:.1f} +- {100 * model['accuracy_sd']:.1f}%"
+
+
+def _probe_versus_random(model: dict, base: dict) -> list[str]:
+    """A warning unless the probe of `model` beats its random init by more than the sum of their fold sds."""
+    bars = model["accuracy_sd"] + base["accuracy_sd"]
+    gain = model["accuracy_mean"] - base["accuracy_mean"]
+    if gain > bars:
+        return []
+    return [_not_better(model["name"], _probe_score(model), base["name"], _probe_score(base), gain < -bars)]
 
 
 def _evaluations(report: Report, stages: list[StageFolder]) -> None:
@@ -285,17 +324,9 @@ def _evaluations(report: Report, stages: list[StageFolder]) -> None:
                for r in [s.json("result.json")] if r]
     if not results:
         return
-    from fedhubert.plots import plt, save_figure
-
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 3), 4))
-    x = range(len(results))
-    ax.bar([i - 0.2 for i in x], [100 * r["dev_best"]["acc"] for r in results], 0.4, label="dev (best)")
-    ax.bar([i + 0.2 for i in x], [100 * r["test_acc"] for r in results], 0.4, label="test")
-    ax.axhline(100 / 12, color="grey", linestyle="--", linewidth=1, label="chance (12 classes)")
-    ax.set_xticks(list(x), [r["name"] for r in results], rotation=15, ha="right", fontsize="small")
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title="Speech Commands (SUPERB KS) accuracy")
-    ax.legend(fontsize="small")
-    save_figure(fig, report.figures / "speech_commands.png")
+    _plot_evaluations(results, report.figures / "speech_commands.png")
+    warnings = [line for r in results for base in [_random_init_of(r, results)] if base
+                for line in _s3prl_versus_random(r, base)]
     steps = sorted({r["steps"] for r in results})
     roots = sorted({r["data"]["root"] for r in results})
     data = f"the same data for every row (`{roots[0]}`)" if len(roots) == 1 else \
@@ -304,7 +335,57 @@ def _evaluations(report: Report, stages: list[StageFolder]) -> None:
                f"S3PRL's speech_commands downstream on each upstream, {', '.join(map(str, steps))} training steps; "
                f"the dev-best checkpoint is scored on the separate test set; {data}.", "",
                result_markdown(results).rstrip())
-    report.figure("speech_commands.png", "dev and test accuracy per upstream")
+    if warnings:
+        report.add(*warnings)
+    report.figure("speech_commands.png", "dev and test accuracy per upstream, with 95% intervals")
+
+
+def _plot_evaluations(results: list[dict], path: Path) -> None:
+    """Dev-best and test accuracy per evaluation, with their 95% intervals as error bars."""
+    from fedhubert.eval.results import intervals
+    from fedhubert.plots import plt, save_figure
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 3), 4))
+    x = range(len(results))
+    ci = [intervals(r) for r in results]
+    bars = (("dev (best)", [r["dev_best"]["acc"] for r in results], [c["dev_ci95"] for c in ci]),
+            ("test", [r["test_acc"] for r in results], [c["test_ci95"] for c in ci]))
+    for offset, (label, values, bounds) in zip((-0.2, 0.2), bars):
+        errors = [[max(0.0, 100 * (v - b[0])) if b else 0.0 for v, b in zip(values, bounds)],
+                  [max(0.0, 100 * (b[1] - v)) if b else 0.0 for v, b in zip(values, bounds)]]
+        ax.bar([i + offset for i in x], [100 * v for v in values], 0.4, yerr=errors, capsize=3, label=label)
+    ax.axhline(100 / 12, color="grey", linestyle="--", linewidth=1, label="chance (12 classes)")
+    ax.set_xticks(list(x), [r["name"] for r in results], rotation=15, ha="right", fontsize="small")
+    ax.set(ylabel="accuracy (%) with 95% interval", ylim=(0, 100), title="Speech Commands (SUPERB KS) accuracy")
+    ax.legend(fontsize="small")
+    save_figure(fig, path)
+
+
+def _random_init_of(result: dict, results: list[dict]) -> dict | None:
+    """The random-init evaluation to hold a pretrained checkpoint's evaluation against: of the same checkpoint's
+    architecture (same `checkpoint_sha256`), else the only random-init evaluation of its kind; None for baselines,
+    random inits themselves, or when there is none."""
+    if result.get("random_init") or not result.get("checkpoint_sha256"):
+        return None
+    randoms = [r for r in results if r.get("random_init")]
+    same = [r for r in randoms if r.get("checkpoint_sha256") == result["checkpoint_sha256"]]
+    kind = [r for r in randoms if result.get("kind") and r.get("kind") == result["kind"]]
+    return same[0] if same else kind[0] if len(kind) == 1 else None
+
+
+def _s3prl_versus_random(result: dict, base: dict) -> list[str]:
+    """A warning unless the test interval of `result` lies wholly above that of its random init."""
+    from fedhubert.eval.results import interval_text, intervals
+
+    test, base_test = intervals(result)["test_ci95"], intervals(base)["test_ci95"]
+    if test is None or base_test is None or test[0] > base_test[1]:
+        return []
+
+    def score(r: dict, interval: list[float]) -> str:
+        return f"test {_pct(r['test_acc'])}, 95% CI {interval_text(interval)}"
+
+    return [_not_better(result["name"], score(result, test), base["name"], score(base, base_test),
+                        test[1] < base_test[0])]
 
 
 def _provenance(report: Report, stages: list[StageFolder]) -> None:

@@ -54,7 +54,9 @@ class SpeechCommandsSynthConfig:
     )
     test_speakers: int = param(10, "other speakers, each recorded once per class in the separate test set", ge=1)
     seed: int = param(0, "random seed; the same seed gives byte-identical files", ge=0)
-    keyword_repetitions: list[int] = param([1, 2], "[low, high] times each speaker says each keyword", ge=1, le=5)
+    keyword_repetitions: list[int] = param(
+        [1, 2], "[low, high] times each speaker says each keyword (--repetitions N gives [N, N])", ge=1, le=5
+    )
     auxiliary_words: list[str] = param(list(AUXILIARY_WORDS), "non-keywords, the _unknown_ class")
     auxiliary_fraction: float = param(0.5, "chance that a speaker says a given auxiliary word (once)", gt=0, le=1)
     snr_db: list[float] = param([10.0, 40.0], "[low, high] signal-to-noise ratio of the speakers' recordings")

@@ -3,8 +3,9 @@
 Before S3PRL starts, the dataset layout and the checkpoint's kind are checked (clear errors, not a traceback from
 inside S3PRL). The upstream is exported into the output folder (`upstream.pt`: hubert_local or distiller_local),
 S3PRL trains the downstream model (`s3prl/`, its log in `s3prl/log.log`), and its dev-best checkpoint is evaluated
-on the separate test set. Accuracies are read from S3PRL's own log. Results: `result.json`, `result.md`, and a row
-appended to the run-level table (`results.jsonl` and `results.md`).
+on the separate test set. Accuracies are read from S3PRL's own log; each gets its 95% Wilson interval over the
+clips it was measured on (`dev_ci95`, `test_ci95`). Results: `result.json`, `result.md`, and a row appended to the
+run-level table (`results.jsonl` and `results.md`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from fedhubert.audio import AudioError, audio_info
 from fedhubert.corpus.speech_commands_synth import KEYWORDS, NOISE_DIR, TEST_DIR, TRAIN_DIR, split_of
 from fedhubert.errors import FedhubertError
 from fedhubert.eval.config import SpeechCommandsConfig
-from fedhubert.eval.results import append_result, result_markdown
+from fedhubert.eval.results import append_result, interval_text, intervals, result_markdown
 from fedhubert.manifest import file_sha256
 from fedhubert.runlog import StageRun, progress
 
@@ -41,7 +42,8 @@ class EvaluationError(FedhubertError):
 
 
 def check_dataset(root: Path) -> dict:
-    """The Speech Commands v0.01 layout S3PRL's speech_commands reads; a clear error for whatever is missing."""
+    """The Speech Commands v0.01 layout S3PRL's speech_commands reads (a clear error for whatever is missing), and
+    its clip counts: S3PRL's training and dev split, the background-noise files it adds to both, the test set."""
     train, test = Path(root) / TRAIN_DIR, Path(root) / TEST_DIR
     layout = (f"expected {root}/{TRAIN_DIR}/<word>/*.wav (with {NOISE_DIR}/) and {root}/{TEST_DIR}/<class>/*.wav "
               f"(see setup.md, or make one with 'fedhubert synth speech-commands')")
@@ -51,7 +53,8 @@ def check_dataset(root: Path) -> dict:
     missing = [w for w in KEYWORDS if not any((train / w).glob("*.wav"))]
     if missing:
         raise EvaluationError(f"{train} has no clips of {missing}: {layout}")
-    if not any((train / NOISE_DIR).glob("*.wav")):
+    noise_files = sum(1 for _ in (train / NOISE_DIR).glob("*.wav"))
+    if not noise_files:
         raise EvaluationError(f"{train / NOISE_DIR} holds no .wav: S3PRL's _silence_ class comes from it")
     missing = [c for c in TEST_CLASSES if not any((test / c).glob("*.wav"))]
     if missing:
@@ -62,7 +65,7 @@ def check_dataset(root: Path) -> dict:
     if not splits["validation"] or not splits["training"]:
         raise EvaluationError(f"S3PRL's hash split of {train} leaves {splits['training']} training and "
                               f"{splits['validation']} dev clips; both must be non-empty (more speakers are needed)")
-    return {"train_clips": splits["training"], "dev_clips": splits["validation"],
+    return {"train_clips": splits["training"], "dev_clips": splits["validation"], "noise_files": noise_files,
             "test_clips": sum(1 for _ in test.glob("*/*.wav"))}
 
 
@@ -247,11 +250,15 @@ def run_speech_commands(cfg: SpeechCommandsConfig, out: Path, run: StageRun) -> 
         "dev_best": best, "test_acc": tests[-1][1], "data": {"root": str(dataset), **counts}, "device": device,
         "s3prl_log": str(expdir / "log.log"), "out": str(out),
     }
+    result.update(intervals(result))
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "result.md", result_markdown([result]))
     table = Path(cfg.table) if cfg.table else out.parent / "results.jsonl"
     append_result(table, result)
-    log.info("%s: dev accuracy %.2f%% (step %d), test accuracy %.2f%%; table %s", upstream["name"],
-             100 * best["acc"], best["step"], 100 * result["test_acc"], table.with_suffix(".md"))
-    run.summary.update({k: result[k] for k in ("name", "upstream", "dev_best", "test_acc", "steps")})
+    log.info("%s: dev accuracy %.2f%% (step %d; 95%% CI %s), test accuracy %.2f%% (95%% CI %s, %d clips); table %s",
+             upstream["name"], 100 * best["acc"], best["step"], interval_text(result["dev_ci95"]),
+             100 * result["test_acc"], interval_text(result["test_ci95"]), counts["test_clips"],
+             table.with_suffix(".md"))
+    run.summary.update({k: result[k] for k in ("name", "upstream", "dev_best", "dev_ci95", "test_acc", "test_ci95",
+                                               "steps")})
     return result

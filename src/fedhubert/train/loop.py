@@ -6,10 +6,11 @@ frames' logits against index 0, where torchaudio puts the positive (the frame's 
 themselves are never the targets. Plus unmasked frames (weight 0 by default) and the CNN feature penalty, all
 normalised by the number of masked frames. Its metrics cannot be satisfied by counting label frequencies: beside
 accuracy they report the masked cross-entropy, the cross-entropy of the label-frequency baseline (always predicting
-the training label distribution) on the same frames, the gain over it in nats, and how many distinct clusters the
-model predicts. AdamW, linear warm-up then linear decay by a global step that the
-caller keeps across rounds, gradient accumulation, clipping, and bf16 or fp16 autocast over fp32 weights. A call
-in which no batch is trained raises, rather than report a model that did not change as trained.
+the training label distribution) on the same frames, the gain over it in nats, the accuracy of always predicting
+the most frequent training cluster on those frames, and how many distinct clusters the model predicts. AdamW,
+linear warm-up then linear decay by a global step that the caller keeps across rounds, gradient accumulation,
+clipping, and bf16 or fp16 autocast over fp32 weights. A call in which no batch is trained raises, rather than
+report a model that did not change as trained.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def label_log_prior(counts: np.ndarray) -> torch.Tensor:
 def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: torch.Tensor,
                 weights: LossConfig, log_prior: torch.Tensor | None = None) -> StepOutput:
     """Masked prediction loss; the positive is at index 0 of every row of logits. Its statistics include the
-    masked cross-entropy, the baseline's (with `log_prior`) and the histogram of predicted clusters."""
+    masked cross-entropy, the baseline's cross-entropy and correct predictions (with `log_prior`) and the histogram
+    of predicted clusters."""
     masked = logit_m.shape[0]
     target_m = torch.zeros(masked, dtype=torch.long, device=logit_m.device)
     target_u = torch.zeros(logit_u.shape[0], dtype=torch.long, device=logit_u.device)
@@ -114,18 +116,22 @@ def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: t
             labels, scores = label_scores(logit_m)
             sums["predicted"] = np.bincount(scores.argmax(dim=1).cpu().numpy(), minlength=scores.shape[1])
             if log_prior is not None:
-                sums["prior_ce_m"] = float(-log_prior.to(labels.device)[labels].sum())
+                prior = log_prior.to(labels.device)
+                sums["prior_ce_m"] = float(-prior[labels].sum())
+                sums["prior_correct_m"] = int((labels == prior.argmax()).sum())
     return StepOutput(total / max(masked, 1), sums)
 
 
 def prediction_metrics(sums: dict) -> dict[str, float]:
-    """Masked cross-entropy, the frequency baseline's and the gain over it (nats), distinct predicted clusters and
-    the entropy of the predictions (nats): what tells a model that learned from one that counts frequencies."""
+    """Masked cross-entropy, the frequency baseline's and the gain over it (nats), the baseline's masked accuracy
+    (always the most frequent training cluster), distinct predicted clusters and the entropy of the predictions
+    (nats): what tells a model that learned from one that counts frequencies."""
     masked = max(sums.get("masked", 0), 1)
     out = {"ce_masked": sums.get("ce_m", 0.0) / masked}
     if "prior_ce_m" in sums:
         out["baseline_ce_masked"] = sums["prior_ce_m"] / masked
         out["gain_nats"] = out["baseline_ce_masked"] - out["ce_masked"]
+        out["baseline_acc_masked"] = sums["prior_correct_m"] / masked
     predicted = np.asarray(sums.get("predicted", []), dtype=np.float64)
     if predicted.sum() > 0:
         share = predicted[predicted > 0] / predicted.sum()
