@@ -27,9 +27,9 @@ import soundfile as sf
 from _common import run_cli, write_results
 
 from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, scan_librispeech
-from fedhubert.labels.config import FeaturesConfig, MiniBatchConfig
 from fedhubert.labels.features import featurise, load_features
 from fedhubert.labels.mfcc import reference_features
+from fedhubert.labels.settings import FeaturesConfig, MiniBatchConfig
 from fedhubert.manifest import ManifestEntry, write_manifest
 from fedhubert.parallel import available_cpus
 

@@ -21,7 +21,8 @@ from train_step import batches, saved_bytes
 
 from fedhubert.config import load_config
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import build_hubert, feature_frames
+from fedhubert.model.frames import feature_frames
+from fedhubert.model.hubert import build_hubert
 from fedhubert.plots import save_figure
 from fedhubert.train.config import LossConfig, TrainConfig
 from fedhubert.train.loop import MaskedPrediction, make_optimizer, train

@@ -31,7 +31,8 @@ from torchaudio.models.wav2vec2.components import LogitGenerator
 
 from fedhubert.config import load_config
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import build_hubert, enable_checkpointing, feature_frames
+from fedhubert.model.frames import feature_frames
+from fedhubert.model.hubert import build_hubert, enable_checkpointing
 from fedhubert.train.config import LossConfig, TrainConfig
 from fedhubert.train.data import Batch
 from fedhubert.train.loop import MaskedPrediction, make_optimizer, train
@@ -150,8 +151,9 @@ def student_vs_teacher(data: list[Batch], repeats: int) -> list[dict]:
     of the parameters, at least 3x faster). The student keeps the teacher's CNN, so the CNN's share of the
     teacher's time bounds the gain; it is reported beside the ratio."""
     from fedhubert.distill.config import DistillLossConfig, StudentConfig
-    from fedhubert.distill.student import build_student, distiller_config, init_from_teacher, prediction_layers
+    from fedhubert.distill.models import build_student, distiller_config, prediction_layers
     from fedhubert.model.hubert import hidden_states
+    from fedhubert.model.student import init_from_teacher
 
     cfg = load_config(ModelConfig)  # base
     teacher = build_hubert(cfg, K).eval()

@@ -42,9 +42,9 @@ def small_labels(small_partition: Path, tmp_path_factory: pytest.TempPathFactory
     laid out as 'fedhubert kmeans' lays them out: <dir>/client_<i>/{train,valid}.km. Made without Flower."""
     import numpy as np
 
-    from fedhubert.labels.config import FeaturesConfig, MiniBatchConfig
     from fedhubert.labels.features import featurise, load_features
     from fedhubert.labels.kmeans import fit_minibatch, label_lines, write_label_file
+    from fedhubert.labels.settings import FeaturesConfig, MiniBatchConfig
     from fedhubert.manifest import read_manifest
 
     out = tmp_path_factory.mktemp("stages") / "labels"

@@ -13,14 +13,13 @@ import torch
 from common import DISTILL_FAST as FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
-from fedhubert.distill.student import (
-    Student, build_student, distiller_config, init_from_teacher, load_teacher, prediction_layers,
-)
+from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.errors import ConfigError
 from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, hidden_states
+from fedhubert.model.student import Student, init_from_teacher
 
 
 

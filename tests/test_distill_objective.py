@@ -11,9 +11,12 @@ from torchaudio.models.wav2vec2.components import _compute_mask_indices
 
 from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
-from fedhubert.distill.student import Distillation, build_student, distiller_config, init_from_teacher
+from fedhubert.distill.models import build_student, distiller_config
+from fedhubert.distill.objective import Distillation
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import build_hubert, cosine_logits, feature_frames, hidden_states
+from fedhubert.model.frames import feature_frames
+from fedhubert.model.hubert import build_hubert, cosine_logits, hidden_states
+from fedhubert.model.student import init_from_teacher
 from fedhubert.train.data import Batch
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])

@@ -14,7 +14,8 @@ from fedhubert.config import load_config
 from fedhubert.model.checkpoint import FORMAT, label_rate_of, load_checkpoint, save_checkpoint
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.export import SPECIAL_SYMBOLS, export_checkpoint
-from fedhubert.model.hubert import build_hubert, feature_frames
+from fedhubert.model.frames import feature_frames
+from fedhubert.model.hubert import build_hubert
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
 K = 12

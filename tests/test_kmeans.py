@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fedhubert.labels.config import FeaturesConfig, MiniBatchConfig
 from fedhubert.labels.features import FeatureError, FeatureSet, featurise, load_features
 from fedhubert.labels.kmeans import (
     KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
     write_label_file,
 )
-from fedhubert.labels.mfcc import KaldiMfcc, num_frames
+from fedhubert.labels.mfcc import KaldiMfcc
+from fedhubert.labels.settings import FeaturesConfig, MiniBatchConfig
 from fedhubert.manifest import ManifestError, read_manifest
+from fedhubert.model.frames import mfcc_frames as num_frames
 
 
 def test_features_follow_the_manifest_row_by_row_and_are_reused(small_partition, tmp_path):

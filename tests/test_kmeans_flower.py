@@ -12,8 +12,8 @@ import pytest
 
 from common import KMEANS_FAST as FAST
 from common import run_cli
-from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import read_manifest
+from fedhubert.model.frames import mfcc_frames as num_frames
 
 pytestmark = pytest.mark.slow
 

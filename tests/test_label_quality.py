@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedhubert.fl.kmeans_app import ClientPaths
 from fedhubert.labels.config import KMeansConfig
+from fedhubert.labels.federated import ClientPaths
 from fedhubert.labels.quality import (
     METRICS, add_counts, read_speaker_counts, speaker_counts, speaker_warning, split_quality,
 )

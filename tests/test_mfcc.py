@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, num_frames, reference_features
+from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, reference_features
+from fedhubert.model.frames import mfcc_frames as num_frames
 
 
 @pytest.mark.parametrize("samples, frames", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16000, 98),
@@ -33,7 +34,7 @@ def test_equals_reference_on_noise_and_silence_edges():
 
 
 def test_utterance_normalisation_normalises_each_dimension_and_the_others_keep_raw_mfcc():
-    from fedhubert.labels.config import FeaturesConfig
+    from fedhubert.labels.settings import FeaturesConfig
     from fedhubert.labels.features import extract, extractor_for
 
     wav = np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.2

@@ -11,7 +11,8 @@ from torchaudio.models.wav2vec2.components import LogitGenerator
 
 from fedhubert.config import load_config
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import LabelLogits, build_hubert, enable_checkpointing, feature_frames
+from fedhubert.model.frames import feature_frames
+from fedhubert.model.hubert import LabelLogits, build_hubert, enable_checkpointing
 from fedhubert.train.config import LossConfig, OptimConfig
 from fedhubert.train.loop import hubert_loss, learning_rate
 from fedhubert.train.memory import estimate_activation_bytes, measure_saved_bytes

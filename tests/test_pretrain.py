@@ -15,7 +15,8 @@ from common import KMEANS_FAST, PRETRAIN_FAST as FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert, feature_frames
+from fedhubert.model.frames import feature_frames
+from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
 from fedhubert.manifest import read_manifest
 
 pytestmark = pytest.mark.slow

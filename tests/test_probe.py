@@ -15,11 +15,12 @@ from common import run_cli
 from fedhubert.audio import audio_info
 from fedhubert.corpus.speech_commands_synth import NOISE_DIR, TRAIN_DIR
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
-from fedhubert.distill.student import build_student, distiller_config, init_from_teacher, load_teacher
+from fedhubert.distill.models import build_student, distiller_config, load_teacher
 from fedhubert.eval.frozen_features import frozen_model, length_batches, pooled_features, read_payload
 from fedhubert.eval.keyword_clips import ProbeError, list_clips
 from fedhubert.eval.probe import fold_accuracies, speaker_folds
 from fedhubert.model.checkpoint import save_checkpoint
+from fedhubert.model.student import init_from_teacher
 
 MODEL_FIELDS = {"name", "kind", "architecture", "checkpoint", "checkpoint_sha256", "random_init", "layer",
                 "feature_dim", "accuracy_mean", "accuracy_sd", "fold_accuracies", "converged", "clips", "speakers",

@@ -13,11 +13,11 @@ import torch
 
 from common import SMALL_K, run_cli
 from fedhubert.config import load_config
-from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import ManifestEntry, read_manifest, write_manifest
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_config_of
 from fedhubert.model.config import ModelConfig
-from fedhubert.model.hubert import build_hubert, cosine_logits, feature_frames
+from fedhubert.model.frames import feature_frames, mfcc_frames as num_frames
+from fedhubert.model.hubert import build_hubert, cosine_logits
 from fedhubert.train.config import DataConfig, TrainConfig
 from fedhubert.train.data import Crop, CropBatches, CroppedAudio, DataError, LabelRate, batch_loader, load_utterances
 from fedhubert.train.config import LossConfig

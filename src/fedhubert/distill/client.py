@@ -12,10 +12,10 @@ import torch
 from flwr.app import Context, Message
 
 from fedhubert.distill.config import DistillConfig
-from fedhubert.distill.student import (
-    LABEL_HEAD_KEYS, Distillation, build_student, distiller_config, init_from_teacher, load_teacher, prediction_layers,
-)
+from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
+from fedhubert.distill.objective import Distillation
 from fedhubert.fl.local import LocalTask, local_round
+from fedhubert.model.student import LABEL_HEAD_KEYS, init_from_teacher
 from fedhubert.train.data import LabelRate
 from fedhubert.train.loop import resolve_device
 

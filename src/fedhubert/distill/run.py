@@ -12,8 +12,8 @@ import logging
 from pathlib import Path
 
 from fedhubert.distill.config import DistillConfig
+from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.distill.server import read_inputs
-from fedhubert.distill.student import load_teacher, prediction_layers
 from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.fl.resources import simulation_resources
@@ -29,8 +29,6 @@ def client_gpu_bytes(cfg: DistillConfig, teacher, teacher_cfg) -> int:
     gradients and AdamW moments, the student's activations for a batch of the longest crops (bounded by a
     full HuBERT of the student's depth; twice its transformer with the k-means term, whose masked pass runs the
     encoder again), and a CUDA context allowance."""
-    from fedhubert.distill.student import build_student, distiller_config
-
     layers = prediction_layers(cfg.student, teacher_cfg)
     student = build_student(distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight), cfg.loss)
     crop = int(cfg.train.data.max_seconds * 16000)

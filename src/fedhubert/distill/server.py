@@ -15,14 +15,15 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
 from fedhubert.distill.config import DISTILL_LR_SHARE, DistillConfig
-from fedhubert.distill.student import (
-    LABEL_HEAD_KEYS, Distillation, build_student, distiller_config, init_from_teacher, load_teacher, prediction_layers,
-)
+from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
+from fedhubert.distill.objective import Distillation
 from fedhubert.errors import ConfigError
 from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
+from fedhubert.fl.tasks import ServerRun
 from fedhubert.manifest import file_sha256
 from fedhubert.model.config import PRESET_LR
+from fedhubert.model.student import LABEL_HEAD_KEYS, init_from_teacher
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
 from fedhubert.train.loop import evaluate, resolve_device
 from fedhubert.train.memory import batch_cap
@@ -76,8 +77,8 @@ def dev_evaluator(cfg: DistillConfig, objective: Distillation, rate: LabelRate, 
     return run
 
 
-def serve_distill(grid: Grid, config_path: Path, out: Path, *, resume: bool, threads: int) -> dict:
-    cfg = load_config(DistillConfig, config_path)
+def serve_distill(grid: Grid, run: ServerRun) -> dict:
+    cfg, out = load_config(DistillConfig, run.config), run.out
     partition, kmeans = read_inputs(cfg)
     num_clients = int(partition["num_clients"])
     teacher, teacher_cfg, _ = load_teacher(cfg.teacher)
@@ -115,7 +116,7 @@ def serve_distill(grid: Grid, config_path: Path, out: Path, *, resume: bool, thr
         default_lr=DISTILL_LR_SHARE * PRESET_LR[teacher_cfg.preset],
         checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
     )
-    summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()
+    summary = FederatedRun(grid, cfg, out, task, num_clients, resume=run.resume, threads=run.threads).run()
     summary.update({"teacher_parameters": teacher_params, "student_parameters": student_params,
                     "pred_layers": layers, "clients": num_clients})
     atomic_write_text(summary_path(out, "distill"), json.dumps(summary, indent=2) + "\n")

@@ -105,7 +105,7 @@ def frozen_model(path: Path, payload: dict, *, random_init: bool, name: str) -> 
 
         layers, width, conv = cfg.layers, cfg.embed_dim, [tuple(c) for c in cfg.conv_layers]
     else:
-        from fedhubert.distill.student import Student
+        from fedhubert.model.student import Student
 
         config = payload["model"]["distiller"]
         module = Student(config)

@@ -136,7 +136,7 @@ def _random_copy(payload: dict, path: Path, seed: int) -> None:
         state = build_hubert(model_config_of(payload), payload["num_classes"]).state_dict()
         model = model_config_of(payload)
     else:
-        from fedhubert.distill.student import Student
+        from fedhubert.model.student import Student
 
         state = {f"distiller.{k}": v for k, v in Student(payload["model"]["distiller"]).distiller.state_dict().items()}
         model = payload["model"]

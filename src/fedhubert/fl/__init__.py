@@ -1,1 +1,2 @@
-"""Flower: the federation runner, the ServerApp and ClientApp, and the federated tasks they carry."""
+"""Flower: the federation runner and daemons, the round loop and a client's round, weights, strategies and records,
+and the ServerApp and ClientApp built from the tasks the stages declare. Nothing here imports a stage."""

@@ -66,8 +66,8 @@ dependencies = []
 publisher = "fedhubert"
 
 [tool.flwr.app.components]
-serverapp = "fedhubert.fl.server_app:app"
-clientapp = "fedhubert.fl.client_app:app"
+serverapp = "fedhubert.app:serverapp"
+clientapp = "fedhubert.app:clientapp"
 
 [tool.flwr.app.config]
 {config}

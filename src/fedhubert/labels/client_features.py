@@ -9,9 +9,9 @@ from pathlib import Path
 
 from fedhubert.corpus.librispeech import CorpusError
 from fedhubert.errors import ConfigError
-from fedhubert.fl.kmeans_app import SPLITS
 from fedhubert.labels.config import ClientFeaturesConfig
 from fedhubert.labels.features import featurise
+from fedhubert.labels.federated import SPLITS
 from fedhubert.runlog import StageRun
 
 log = logging.getLogger(__name__)

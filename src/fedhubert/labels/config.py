@@ -9,41 +9,11 @@ from typing import Literal, Optional
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import FederationConfig
+from fedhubert.labels.settings import FeaturesConfig, MiniBatchConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force (the feature cache is kept).
 OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "global", "client_[0-9]*",
            "checkpoints")
-
-
-@dataclass
-class MiniBatchConfig:
-    """scikit-learn MiniBatchKMeans settings; the defaults are the HuBERT recipe's (fairseq simple_kmeans)."""
-
-    init: str = param("k-means++", "initialisation", choices=["k-means++", "random"])
-    max_iter: int = param(100, "passes over the sample", ge=1)
-    batch_size: int = param(10000, "frames per mini-batch", ge=1)
-    tol: float = param(0.0, "early-stopping tolerance on centroid change (0: off)", ge=0)
-    max_no_improvement: int = param(100, "stop after this many mini-batches without improvement", ge=1)
-    n_init: int = param(20, "initialisations tried; the best is kept", ge=1)
-    reassignment_ratio: float = param(0.0, "reassignment of small clusters (0: off)", ge=0)
-
-
-@dataclass
-class FeaturesConfig:
-    kind: Literal["mfcc", "hubert"] = param(
-        "mfcc", "mfcc: the recipe's 39-dim MFCC at 100 Hz (iteration 1); hubert: a transformer layer of a pretrained "
-        "checkpoint at 50 Hz (iteration 2)")
-    checkpoint: Optional[Path] = param(None, "hubert: the pretrained fedhubert checkpoint (.pt)")
-    layer: int = param(6, "hubert: the transformer layer (1 = the first) whose output is clustered", ge=1)
-    normalize: Literal["none", "utterance", "speaker"] = param(
-        "none", "mean and variance normalisation of every dimension. none: raw features (the recipe); utterance: "
-        "over each utterance; speaker: over all frames of the utterance's speaker on its client (a client's train "
-        "and valid together; a held-out set over its own speakers), speaker read from the LibriSpeech file name")
-    dtype: Literal["float16", "float32"] = param("float16", "storage type of the feature cache")
-
-    def validate(self) -> None:
-        if self.kind == "hubert" and self.checkpoint is None:
-            raise ConfigError("key 'features.checkpoint' is required with features.kind=hubert (--checkpoint CKPT)")
 
 
 @dataclass

@@ -30,10 +30,11 @@ import numpy as np
 from fedhubert.atomic import atomic_write_text
 from fedhubert.audio import SAMPLE_RATE, read_audio
 from fedhubert.errors import FedhubertError
-from fedhubert.labels.config import FeaturesConfig
-from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, MfccConstants, kaldi_constants, num_frames
+from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, MfccConstants, kaldi_constants
+from fedhubert.labels.settings import FeaturesConfig
 from fedhubert.labels.speakers import SpeakerError, manifest_speakers
 from fedhubert.manifest import Manifest, file_sha256, read_manifest
+from fedhubert.model.frames import frame_count, mfcc_frames
 from fedhubert.parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,8 @@ class Extractor:
 
     def frames(self, num_samples: int) -> int:
         if self.kind == "mfcc":
-            return num_frames(num_samples)
-        n = num_samples
-        for _, kernel, stride in self.conv_layers:
-            n = (n - kernel) // stride + 1
-            if n <= 0:
-                return 0
-        return n
+            return mfcc_frames(num_samples)
+        return frame_count(num_samples, [(kernel, stride) for _, kernel, stride in self.conv_layers])
 
     def meta(self) -> dict:
         return {"kind": self.kind, "dims": self.dims, "label_rate": self.label_rate, "normalize": self.normalize,

@@ -15,10 +15,10 @@ import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from fedhubert.errors import FedhubertError
-from fedhubert.labels.config import MiniBatchConfig
 from fedhubert.labels.features import FeatureSet
-from fedhubert.labels.mfcc import num_frames
+from fedhubert.labels.settings import MiniBatchConfig
 from fedhubert.manifest import Manifest, write_aligned_lines
+from fedhubert.model.frames import mfcc_frames
 
 _CHUNK = 65536  # frames per distance computation
 
@@ -150,7 +150,7 @@ def label_lines(features: FeatureSet, centroids: np.ndarray) -> tuple[list[str],
 
 
 def write_label_file(path: Path, lines: list[str], manifest: Manifest,
-                     frames: Callable[[int], int] = num_frames) -> None:
+                     frames: Callable[[int], int] = mfcc_frames) -> None:
     """Write a .km file after checking it against its manifest: one line per row, `frames(num_samples)` ids per
     line (one per 10 ms MFCC frame by default)."""
     for i, (line, entry) in enumerate(zip(lines, manifest.entries)):

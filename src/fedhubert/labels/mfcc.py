@@ -18,22 +18,17 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft as sp_fft
 
+from fedhubert.model.frames import MFCC_HOP, MFCC_WINDOW
+
 SAMPLE_RATE = 16000
-WINDOW = 400  # 25 ms
-HOP = 160  # 10 ms
 FFT = 512
 NUM_CEPS = 13
 NUM_MEL_BINS = 23
 FEATURE_DIM = 3 * NUM_CEPS
-FRAME_RATE = SAMPLE_RATE // HOP  # 100 Hz
+FRAME_RATE = SAMPLE_RATE // MFCC_HOP  # 100 Hz
 _PREEMPHASIS = 0.97
 _LIFTER = 22.0
 _EPSILON = np.float32(np.finfo(np.float32).eps)
-
-
-def num_frames(num_samples: int) -> int:
-    """Frames of a signal of `num_samples` samples (snip_edges): 1 + (L - 400) // 160, and 0 below one window."""
-    return 0 if num_samples < WINDOW else 1 + (num_samples - WINDOW) // HOP
 
 
 @dataclass(frozen=True)
@@ -50,7 +45,7 @@ def kaldi_constants() -> MfccConstants:
     import torchaudio
     from torchaudio.compliance import kaldi
 
-    window = torch.hann_window(WINDOW, periodic=False, dtype=torch.float32).pow(0.85)
+    window = torch.hann_window(MFCC_WINDOW, periodic=False, dtype=torch.float32).pow(0.85)
     banks, _ = kaldi.get_mel_banks(NUM_MEL_BINS, FFT, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
     mel = torch.nn.functional.pad(banks, (0, 1)).T
     dct = torchaudio.functional.create_dct(NUM_MEL_BINS, NUM_MEL_BINS, "ortho")
@@ -92,15 +87,15 @@ class KaldiMfcc:
         """
         c = self.constants
         a = np.float32(_PREEMPHASIS)
-        frames = sliding_window_view(wav, WINDOW)[::HOP]  # (T, 400) view, snip_edges
+        frames = sliding_window_view(wav, MFCC_WINDOW)[::MFCC_HOP]  # (T, 400) view, snip_edges
         emphasised = np.empty_like(wav)
         emphasised[1:] = wav[1:] - a * wav[:-1]
-        emphasised_frames = sliding_window_view(emphasised, WINDOW)[::HOP]
+        emphasised_frames = sliding_window_view(emphasised, MFCC_WINDOW)[::MFCC_HOP]
         out = np.empty((len(frames), NUM_CEPS), dtype=np.float32)
         for start in range(0, len(frames), self.BLOCK):
             stop = min(len(frames), start + self.BLOCK)
             padded = self._padded[: stop - start]
-            z = padded[:, :WINDOW]
+            z = padded[:, :MFCC_WINDOW]
             z[:] = emphasised_frames[start:stop]
             z[:, 0] = frames[start:stop, 0] * (1 - a)
             z -= (frames[start:stop].mean(axis=1, dtype=np.float32) * (1 - a))[:, None]
@@ -112,9 +107,9 @@ class KaldiMfcc:
         return out
 
     def __call__(self, wav: np.ndarray) -> np.ndarray:
-        """(T, 39) float32 features; T = num_frames(len(wav))."""
+        """(T, 39) float32 features; T = mfcc_frames(len(wav))."""
         wav = np.asarray(wav, dtype=np.float32).reshape(-1)
-        if len(wav) < WINDOW:
+        if len(wav) < MFCC_WINDOW:
             return np.zeros((0, FEATURE_DIM), dtype=np.float32)
         ceps = self.mfcc(wav)
         deltas = compute_deltas(ceps)

@@ -19,9 +19,9 @@ from scipy.optimize import linear_sum_assignment
 from fedhubert.atomic import atomic_write_text
 from fedhubert.corpus.librispeech import CorpusError
 from fedhubert.fl.federation import run_flower_app
-from fedhubert.fl.kmeans_app import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import extractor_for, featurise, load_features
+from fedhubert.labels.federated import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths
 from fedhubert.labels.kmeans import (
     KMeansError, assign, fit_minibatch, label_lines, sample_frames, sample_size, write_label_file,
 )

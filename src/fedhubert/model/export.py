@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from torchaudio.models.wav2vec2.utils.import_fairseq import _map_key
 
 from fedhubert.model.config import ModelConfig
+from fedhubert.model.fairseq_keys import torchaudio_key
+from fedhubert.model.student import s3prl_distiller
 
 SPECIAL_SYMBOLS = ["<s>", "<pad>", "</s>", "<unk>"]  # a fairseq Dictionary's first four entries
 
@@ -74,22 +74,6 @@ def fairseq_task_cfg(cfg: ModelConfig, label_rate: int) -> dict[str, Any]:
             "enable_padding": False, "random_crop": True, "pad_audio": False}
 
 
-def _ours(fairseq_key: str) -> str:
-    """Our (torchaudio HuBERTPretrainModel) parameter name for a fairseq HubertModel parameter name."""
-    if fairseq_key == "mask_emb":
-        return "mask_generator.mask_embedding"
-    match = re.fullmatch(r"final_proj\.(weight|bias)", fairseq_key)
-    if match:
-        return f"logit_generator.final_proj.{match[1]}"
-    match = re.fullmatch(r"encoder\.pos_conv\.0\.weight_(g|v)", fairseq_key)
-    if match:  # torchaudio keeps weight norm as a parametrization: original0 = g, original1 = v
-        return f"wav2vec2.encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original{'01'[match[1] == 'v']}"
-    mapped = _map_key(fairseq_key)
-    if mapped is None:
-        raise KeyError(fairseq_key)
-    return f"wav2vec2.{mapped}"
-
-
 def s3prl_model(task_cfg: dict, model_cfg: dict, symbols: list[list[str]]):
     from s3prl.upstream.hubert.hubert_model import HubertConfig, HubertModel, HubertPretrainingConfig
     from s3prl.upstream.utils import merge_with_parent
@@ -113,7 +97,7 @@ def to_s3prl_hubert(cfg: ModelConfig, num_classes: int, state_dict: dict[str, to
             ours = state_dict["logit_generator.label_embeddings"]
             value = torch.cat([torch.zeros(len(SPECIAL_SYMBOLS), ours.shape[1], dtype=ours.dtype), ours])
         else:
-            value = state_dict[_ours(key)]
+            value = state_dict[torchaudio_key(key)]
         if value.shape != template.shape:
             raise ValueError(f"{key}: shape {tuple(value.shape)} for S3PRL's {tuple(template.shape)}")
         weights[key] = value.detach().clone().contiguous()
@@ -133,8 +117,6 @@ FORMATS = {"s3prl-hubert": "hubert", "s3prl-distiller": "distiller"}  # format -
 def to_s3prl_distiller(payload: dict) -> dict[str, Any]:
     """What S3PRL's `distiller_local` loads: {"Config": {"distiller": ...}, "Distiller": state_dict}; our
     masked-prediction head (if any) is left out. Checked by loading into S3PRL's DistillerModel first."""
-    from fedhubert.distill.student import s3prl_distiller
-
     config = payload["model"]["distiller"]
     weights = {k[len("distiller."):]: v.detach().clone().contiguous()
                for k, v in payload["state_dict"].items() if k.startswith("distiller.")}

@@ -121,16 +121,6 @@ def enable_checkpointing(model: HuBERTPretrainModel, layers: bool = True, cnn: b
             recompute_in_backward(block)
 
 
-def feature_frames(num_samples: int, cfg: ModelConfig) -> int:
-    """Transformer frames the CNN makes of `num_samples` samples."""
-    n = num_samples
-    for _, kernel, stride in cfg.conv_layers:
-        n = (n - kernel) // stride + 1
-        if n <= 0:
-            return 0
-    return n
-
-
 def normalize_waveforms(waveforms: Tensor, lengths: Tensor | None) -> Tensor:
     """Zero mean, unit variance per utterance over its valid samples (HuBERT Large's `normalize`)."""
     out = torch.zeros_like(waveforms)

@@ -22,6 +22,7 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
+from fedhubert.fl.tasks import ServerRun
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
 from fedhubert.fl.local import client_heads, planned_local_steps
@@ -73,8 +74,8 @@ def dev_evaluator(cfg: PretrainConfig, kmeans: dict, rate: LabelRate):
     return run
 
 
-def serve_pretrain(grid: Grid, config_path: Path, out: Path, *, resume: bool, threads: int) -> dict:
-    cfg = load_config(PretrainConfig, config_path)
+def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
+    cfg, out = load_config(PretrainConfig, run.config), run.out
     partition, kmeans = read_inputs(cfg)
     num_clients, num_classes = int(partition["num_clients"]), int(kmeans["num_clusters"])
     local_head = kmeans["label_head"] == "local"
@@ -99,7 +100,7 @@ def serve_pretrain(grid: Grid, config_path: Path, out: Path, *, resume: bool, th
         local_steps=planned_local_steps(cfg, num_clients), default_lr=PRESET_LR[cfg.model.preset],
         checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
     )
-    summary = FederatedRun(grid, cfg, out, task, num_clients, resume=resume, threads=threads).run()
+    summary = FederatedRun(grid, cfg, out, task, num_clients, resume=run.resume, threads=run.threads).run()
     summary.update({"label_head": "local" if local_head else "shared", "num_classes": num_classes,
                     "label_rate": rate.rate, "clients": num_clients})
     atomic_write_text(summary_path(out, "pretrain"), json.dumps(summary, indent=2) + "\n")

@@ -23,10 +23,9 @@ from torch.utils.data import Dataset, Sampler
 
 from fedhubert.audio import SAMPLE_RATE, read_audio_segment
 from fedhubert.errors import FedhubertError
-from fedhubert.labels.mfcc import num_frames
 from fedhubert.manifest import read_aligned_lines, read_manifest
 from fedhubert.model.config import FEATURE_STRIDE, ModelConfig
-from fedhubert.model.hubert import feature_frames
+from fedhubert.model.frames import feature_frames, mfcc_frames
 from fedhubert.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,7 @@ class LabelRate:
 
     def frames(self, num_samples: int) -> int:
         """Labels an utterance of `num_samples` samples has."""
-        return num_frames(num_samples) if self.rate == 100 else feature_frames(num_samples, self.model)
+        return mfcc_frames(num_samples) if self.rate == 100 else feature_frames(num_samples, self.model)
 
 
 def read_labelled(manifest_path: Path, labels_path: Path | None, num_classes: int, rate: LabelRate) -> list[Utterance]:

@@ -18,7 +18,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedhubert.fl import client_app as real
+from fedhubert.distill.client import train_round as distill_round
+from fedhubert.fl.local import identify
+from fedhubert.pretrain.client import train_round as pretrain_round
 
 app = ClientApp()
 
@@ -59,6 +61,6 @@ def _hostile(handler):
     return train
 
 
-app.query("identify")(real.identify)
-app.train()(_hostile(real.pretrain))
-app.train("distill")(_hostile(real.distill))
+app.query("identify")(identify)
+app.train()(_hostile(pretrain_round))
+app.train("distill")(_hostile(distill_round))

@@ -1,4 +1,4 @@
-"""k-means as a Flower app: the client handlers and the server's loop.
+"""Federated k-means, the kmeans task of fedhubert's Flower app: the client handlers and the server's loop.
 
 Federated mode: each client fits MiniBatchKMeans on a sample of its frames and shares the centroids that stand
 for at least `lloyd.min_shared_count` frames, with their counts; the server clusters them (weighted) into the
@@ -26,13 +26,14 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
+from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
+from fedhubert.fl.tasks import FederatedTask, ServerRun
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import FeatureSet, extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
     ClusterStats, KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
     sample_frames, write_label_file,
 )
-from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
 from fedhubert.manifest import file_sha256, read_manifest
 from fedhubert.model.checkpoint import save_checkpoint
 
@@ -265,8 +266,8 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
     return centroids.astype(np.float32), history
 
 
-def serve_kmeans(grid: Grid, config_path: Path, out: Path, resume: bool = False) -> None:
-    cfg = load_config(KMeansConfig, config_path)
+def serve_kmeans(grid: Grid, run: ServerRun) -> None:
+    cfg, out = load_config(KMeansConfig, run.config), run.out
     partition = json.loads((Path(cfg.partition) / "partition.json").read_text())
     server = _Server(grid, cfg, out, int(partition["num_clients"]), cfg.federation.timeout_s)
     started = time.monotonic()
@@ -274,7 +275,7 @@ def serve_kmeans(grid: Grid, config_path: Path, out: Path, resume: bool = False)
     if cfg.mode == "per-client":
         replies = server.ask("kmeans_own_codebook")
     else:
-        codebook, history = _lloyd(server, cfg, out, resume)
+        codebook, history = _lloyd(server, cfg, out, run.resume)
         with atomic_path(out / CODEBOOK_FILE) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, codebook)
@@ -321,3 +322,9 @@ def write_record(cfg: KMeansConfig, out: Path, partition: dict, replies: dict[in
     }
     atomic_write_text(out / KMEANS_FILE, json.dumps(record, indent=2) + "\n")
     return record
+
+
+TASK = FederatedTask("kmeans", serve_kmeans, {
+    "query.kmeans_init": client_init, "query.kmeans_stats": client_stats, "query.kmeans_labels": client_labels,
+    "query.kmeans_own_codebook": client_own_codebook,
+})

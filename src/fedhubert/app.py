@@ -1,0 +1,14 @@
+"""fedhubert's Flower app, the composition root of the federated stages: a ServerApp and a ClientApp carrying
+every stage's task. pyproject.toml's [tool.flwr.app.components], and the app folder each run gets
+(`fedhubert.fl.federation`), name `serverapp` and `clientapp` here."""
+
+from __future__ import annotations
+
+from fedhubert.distill.task import TASK as DISTILL
+from fedhubert.fl.tasks import client_app, server_app
+from fedhubert.labels.federated import TASK as KMEANS
+from fedhubert.pretrain.task import TASK as PRETRAIN
+
+TASKS = (KMEANS, PRETRAIN, DISTILL)
+serverapp = server_app(TASKS)
+clientapp = client_app(TASKS)
