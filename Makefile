@@ -1,6 +1,6 @@
 # fedhubert: two commands on a fresh machine.
 #   make demo   set up (once) and run the pipeline on the built-in synthetic corpora
-#   make test   set up (once) and run the test suite
+#   make test   set up (once), lint (ruff check, ruff format --check) and run the test suite
 # Other targets: setup, bench, lock, clean. Variables: PYTHON (a Python 3.11), VENV, DEMO_DIR, PYTEST_ARGS,
 # SKIP_SYSTEM_DEPS=1 (do not check or install system packages; see setup.md for HPC clusters), WITH_SLURM=1 (make
 # test also installs slurm-wlm and munge, so the Slurm tests run instead of being skipped; CI sets it).
@@ -41,6 +41,8 @@ demo: setup
 	DEMO_DIR=$(DEMO_DIR) FEDHUBERT=$(BIN)/fedhubert bash scripts/demo.sh
 
 test: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	@if [ "$(WITH_SLURM)" = "1" ] && [ "$(SKIP_SYSTEM_DEPS)" != "1" ]; then WITH_SLURM=1 bash scripts/install_system_deps.sh; fi
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -59,5 +61,5 @@ lock:
 	rm -rf build/lock-venv
 
 clean:
-	rm -rf build .pytest_cache src/*.egg-info
+	rm -rf build .pytest_cache .ruff_cache src/*.egg-info
 	find . -name __pycache__ -type d -prune -not -path './$(VENV)/*' -exec rm -rf {} +

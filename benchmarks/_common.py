@@ -25,8 +25,15 @@ def machine() -> dict:
     except OSError:
         pass
     memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory_gib, "platform": platform.platform(),
-            "python": env["python"], "packages": env["packages"], "git_commit": env["git_commit"]}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "python": env["python"],
+        "packages": env["packages"],
+        "git_commit": env["git_commit"],
+    }
 
 
 def run_cli(*args: object) -> None:
@@ -42,8 +49,14 @@ def write_results(name: str, figures: list[dict], notes: str = "", extra: dict |
     keys) and prints a table."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    record = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(), "figures": figures,
-              "notes": notes, **(extra or {})}
+    record = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "figures": figures,
+        "notes": notes,
+        **(extra or {}),
+    }
     path.write_text(json.dumps(record, indent=2) + "\n")
     write_results_md()
     print(f"\n{name}: results in {path}")
@@ -61,19 +74,25 @@ def _machine_line(machine: dict) -> str:
 
 def write_results_md() -> Path:
     """benchmarks/RESULTS.md: every figure of every results file in one table, with the machine it came from."""
-    rows = ["# Benchmark results", "",
-            "Made by `make bench` from `benchmarks/results/*.json` (do not edit). Ratios are measured side by side in "
-            "one run; absolute figures hold for the machine named.", "",
-            "| benchmark | figure | ours | unit | reference | target | met | machine | date |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "# Benchmark results",
+        "",
+        "Made by `make bench` from `benchmarks/results/*.json` (do not edit). Ratios are measured side by side in "
+        "one run; absolute figures hold for the machine named.",
+        "",
+        "| benchmark | figure | ours | unit | reference | target | met | machine | date |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     notes = []
     for path in sorted(RESULTS.glob("*.json")):
         record = json.loads(path.read_text())
         machine = _machine_line(record["machine"])
         for f in record["figures"]:
             met = {True: "yes", False: "**no**", None: ""}[f.get("met")]
-            rows.append(f"| {record['benchmark']} | {f['figure']} | {f['ours']} | {f['unit']} | "
-                        f"{f.get('reference', '')} | {f.get('target', '')} | {met} | {machine} | {record['date']} |")
+            rows.append(
+                f"| {record['benchmark']} | {f['figure']} | {f['ours']} | {f['unit']} | "
+                f"{f.get('reference', '')} | {f.get('target', '')} | {met} | {machine} | {record['date']} |"
+            )
         if record.get("notes"):
             notes.append(f"- **{record['benchmark']}**: {record['notes']}")
     if notes:

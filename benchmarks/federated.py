@@ -22,12 +22,17 @@ import time
 from pathlib import Path
 
 from _common import run_cli, write_results
-
 from fedhubert.parallel import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "federated"
-TRAIN = ["train.device=cpu", "train.data.min_seconds=2", "train.data.max_seconds=4", "train.data.batch_seconds=16",
-         "train.optim.warmup_steps=10", "train.optim.total_steps=10000"]
+TRAIN = [
+    "train.device=cpu",
+    "train.data.min_seconds=2",
+    "train.data.max_seconds=4",
+    "train.data.batch_seconds=16",
+    "train.optim.warmup_steps=10",
+    "train.optim.total_steps=10000",
+]
 
 
 def inputs() -> tuple[Path, Path]:
@@ -68,12 +73,30 @@ def main() -> None:
     args = parser.parse_args()
     partition, kmeans = inputs()
     num_classes = json.loads((kmeans / "kmeans.json").read_text())["num_clusters"]
-    common = ["--partition", partition, "--kmeans", kmeans, "--preset", args.preset, "--force", *TRAIN,
-              f"federation.cpus_per_client={available_cpus()}"]
+    common = [
+        "--partition",
+        partition,
+        "--kmeans",
+        kmeans,
+        "--preset",
+        args.preset,
+        "--force",
+        *TRAIN,
+        f"federation.cpus_per_client={available_cpus()}",
+    ]
     out = ROOT / "run-float32"
     started = time.perf_counter()
-    run_cli("pretrain", "--out", out, "--rounds", args.rounds, "--local-steps", args.local_steps,
-        f"evaluate_every={args.rounds}", *common)
+    run_cli(
+        "pretrain",
+        "--out",
+        out,
+        "--rounds",
+        args.rounds,
+        "--local-steps",
+        args.local_steps,
+        f"evaluate_every={args.rounds}",
+        *common,
+    )
     wall = time.perf_counter() - started
     loop = json.loads((out / "pretrain.json").read_text())["seconds"]
     local = sum(r["train_time_s"] for r in rows(out, "client"))
@@ -82,23 +105,51 @@ def main() -> None:
     size = model_bytes(args.preset, num_classes)
     b32, b16 = bytes_per_client_round(out), bytes_per_client_round(out16)
     figures = [
-        {"figure": f"{args.rounds} rounds x 2 clients x {args.local_steps} steps: wall time", "ours": round(wall, 1),
-         "unit": "s"},
+        {
+            "figure": f"{args.rounds} rounds x 2 clients x {args.local_steps} steps: wall time",
+            "ours": round(wall, 1),
+            "unit": "s",
+        },
         {"figure": "sum of the clients' local training time", "ours": round(local, 1), "unit": "s"},
-        {"figure": "federated overhead of the rounds (server loop / local - 1)", "ours": round(loop / local - 1, 3),
-         "unit": "ratio", "target": "< 0.15", "met": loop / local - 1 < 0.15},
-        {"figure": "fixed start-up (SuperLink, Ray, ServerApp; wall - loop)", "ours": round(wall - loop, 1),
-         "unit": "s"},
-        {"figure": "overhead end to end, start-up included (wall / local - 1)", "ours": round(wall / local - 1, 3),
-         "unit": "ratio"},
+        {
+            "figure": "federated overhead of the rounds (server loop / local - 1)",
+            "ours": round(loop / local - 1, 3),
+            "unit": "ratio",
+            "target": "< 0.15",
+            "met": loop / local - 1 < 0.15,
+        },
+        {
+            "figure": "fixed start-up (SuperLink, Ray, ServerApp; wall - loop)",
+            "ours": round(wall - loop, 1),
+            "unit": "s",
+        },
+        {
+            "figure": "overhead end to end, start-up included (wall / local - 1)",
+            "ours": round(wall / local - 1, 3),
+            "unit": "ratio",
+        },
         {"figure": "model size (float32)", "ours": round(size / 2**20, 2), "unit": "MiB"},
-        {"figure": "bytes per client per round and direction / model, float32", "ours": round(b32 / size, 4),
-         "unit": "x", "target": "<= 1.0 (+ .npy headers)", "met": b32 / size <= 1.001},
-        {"figure": "bytes per client per round and direction / model, bfloat16", "ours": round(b16 / size, 4),
-         "unit": "x", "target": "<= 0.5 (+ .npy headers)", "met": b16 / size <= 0.501},
+        {
+            "figure": "bytes per client per round and direction / model, float32",
+            "ours": round(b32 / size, 4),
+            "unit": "x",
+            "target": "<= 1.0 (+ .npy headers)",
+            "met": b32 / size <= 1.001,
+        },
+        {
+            "figure": "bytes per client per round and direction / model, bfloat16",
+            "ours": round(b16 / size, 4),
+            "unit": "x",
+            "target": "<= 0.5 (+ .npy headers)",
+            "met": b16 / size <= 0.501,
+        },
     ]
-    write_results("federated", figures, notes=f"{args.preset} preset on CPU, clients one after another with "
-                  f"{available_cpus()} threads each; wall time includes SuperLink and Ray start-up")
+    write_results(
+        "federated",
+        figures,
+        notes=f"{args.preset} preset on CPU, clients one after another with "
+        f"{available_cpus()} threads each; wall time includes SuperLink and Ray start-up",
+    )
 
 
 if __name__ == "__main__":

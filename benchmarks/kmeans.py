@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from _common import run_cli, write_results
 
+from _common import run_cli, write_results
 from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, scan_librispeech
 from fedhubert.labels.features import featurise, load_features
 from fedhubert.labels.mfcc import reference_features
@@ -101,20 +101,36 @@ def main() -> None:
     our_inertia = float(assign(ref_feats, our_codebook)[1].mean())
     ref_rate, our_rate = hours / (ref_seconds / 60), hours / (our_seconds / 60)
     figures = [
-        {"figure": f"featurisation, reference ({hours:.2f} h, 1 process)", "ours": round(ref_rate, 2),
-         "unit": "h/min"},
-        {"figure": f"featurisation, ours ({available_cpus()} workers, float16 cache)", "ours": round(our_rate, 2),
-         "unit": "h/min"},
-        {"figure": "featurisation speed, ours / reference", "ours": round(our_rate / ref_rate, 2), "unit": "x",
-         "target": ">= 2", "met": our_rate / ref_rate >= 2},
+        {"figure": f"featurisation, reference ({hours:.2f} h, 1 process)", "ours": round(ref_rate, 2), "unit": "h/min"},
+        {
+            "figure": f"featurisation, ours ({available_cpus()} workers, float16 cache)",
+            "ours": round(our_rate, 2),
+            "unit": "h/min",
+        },
+        {
+            "figure": "featurisation speed, ours / reference",
+            "ours": round(our_rate / ref_rate, 2),
+            "unit": "x",
+            "target": ">= 2",
+            "met": our_rate / ref_rate >= 2,
+        },
         {"figure": "MiniBatchKMeans fit (K=100, recipe), reference", "ours": round(ref_fit, 2), "unit": "s"},
         {"figure": "MiniBatchKMeans fit (K=100, recipe), ours", "ours": round(our_fit, 2), "unit": "s"},
-        {"figure": "inertia on the same frames, ours / reference - 1", "ours": round(our_inertia / ref_inertia - 1, 5),
-         "unit": "ratio", "target": "|x| <= 0.01", "met": abs(our_inertia / ref_inertia - 1) <= 0.01},
+        {
+            "figure": "inertia on the same frames, ours / reference - 1",
+            "ours": round(our_inertia / ref_inertia - 1, 5),
+            "unit": "ratio",
+            "target": "|x| <= 0.01",
+            "met": abs(our_inertia / ref_inertia - 1) <= 0.01,
+        },
     ]
-    write_results("kmeans", figures, notes=f"best of {args.repeats} runs each, worker start-up included; "
-                  f"{len(chosen)} utterances; inertia per frame: reference {ref_inertia:.3f}, "
-                  f"ours {our_inertia:.3f}")
+    write_results(
+        "kmeans",
+        figures,
+        notes=f"best of {args.repeats} runs each, worker start-up included; "
+        f"{len(chosen)} utterances; inertia per frame: reference {ref_inertia:.3f}, "
+        f"ours {our_inertia:.3f}",
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from _common import RESULTS, run_cli, write_results
 
+from _common import RESULTS, run_cli, write_results
 from fedhubert.eval.confidence import wilson_interval
 from fedhubert.plots import plt, save_figure
 
@@ -78,8 +78,11 @@ RUNS = [
     Run("per-client-codebooks: IID, per-client codebooks", "pretrain", "iid", codebook="per-client"),
     Run("student: distilled from fedavg-iid", "distill", "iid", s3prl=True),
 ]
-PARTITIONS = {"iid": [], "dirichlet": ["scheme=dirichlet", "dirichlet.alpha=0.1", "dirichlet.attribute=sex"],
-              "natural": ["scheme=natural", "num_clients=null", "natural.speakers_per_client=1"]}
+PARTITIONS = {
+    "iid": [],
+    "dirichlet": ["scheme=dirichlet", "dirichlet.alpha=0.1", "dirichlet.attribute=sex"],
+    "natural": ["scheme=natural", "num_clients=null", "natural.speakers_per_client=1"],
+}
 
 
 def rows(path: Path, kind: str) -> list[dict]:
@@ -110,8 +113,19 @@ def make_data(args: argparse.Namespace) -> dict:
     if not (corpus / "SPEAKERS.TXT").is_file():
         run_cli("synth", "librispeech", "--out", corpus, "--speakers", args.speakers, "--minutes", args.minutes)
     if not (keywords / "run.json").is_file():
-        run_cli("synth", "speech-commands", "--out", keywords, "--speakers", args.keyword_speakers,
-                "--test-speakers", args.keyword_test_speakers, "--seed", 7, "--force")
+        run_cli(
+            "synth",
+            "speech-commands",
+            "--out",
+            keywords,
+            "--speakers",
+            args.keyword_speakers,
+            "--test-speakers",
+            args.keyword_test_speakers,
+            "--seed",
+            7,
+            "--force",
+        )
     partitions = {}
     for name, overrides in PARTITIONS.items():
         folder = ROOT / f"partition-{name}"
@@ -119,12 +133,17 @@ def make_data(args: argparse.Namespace) -> dict:
             run_cli("partition", "--corpus", corpus, "--out", folder, "--clients", CLIENTS, "--force", *overrides)
         partitions[name] = folder
     labels = {}
-    for part, mode in [("iid", "federated"), ("dirichlet", "federated"), ("natural", "federated"),
-                       ("iid", "per-client")]:
+    for part, mode in [
+        ("iid", "federated"),
+        ("dirichlet", "federated"),
+        ("natural", "federated"),
+        ("iid", "per-client"),
+    ]:
         folder = ROOT / f"kmeans-{part}-{mode}"
         if not (folder / "kmeans.json").is_file():
-            run_cli("kmeans", "--partition", partitions[part], "--out", folder, "--force", f"mode={mode}",
-                    "reference=false")
+            run_cli(
+                "kmeans", "--partition", partitions[part], "--out", folder, "--force", f"mode={mode}", "reference=false"
+            )
         labels[part, mode] = folder
     return {"corpus": corpus, "keywords": keywords, "partitions": partitions, "labels": labels}
 
@@ -137,12 +156,18 @@ def describe_data(data: dict) -> dict:
             fields = [f.strip() for f in line.split("|")]
             if fields[2].startswith("train"):
                 sexes[fields[1]] = sexes.get(fields[1], 0) + 1
-    clients = {name: json.loads((folder / "partition.json").read_text())["num_clients"]
-               for name, folder in data["partitions"].items()}
+    clients = {
+        name: json.loads((folder / "partition.json").read_text())["num_clients"]
+        for name, folder in data["partitions"].items()
+    }
     keyword_run = json.loads((data["keywords"] / "run.json").read_text())
-    return {"train_hours": round(sum(c["hours"]["train"] + c["hours"].get("valid", 0.0) for c in iid["clients"]), 3),
-            "train_speakers": sum(len(c["speakers"]) for c in iid["clients"]), "train_speakers_by_sex": sexes,
-            "clients": clients, "keywords": keyword_run.get("summary", {})}
+    return {
+        "train_hours": round(sum(c["hours"]["train"] + c["hours"].get("valid", 0.0) for c in iid["clients"]), 3),
+        "train_speakers": sum(len(c["speakers"]) for c in iid["clients"]),
+        "train_speakers_by_sex": sexes,
+        "clients": clients,
+        "keywords": keyword_run.get("summary", {}),
+    }
 
 
 def planned(args: argparse.Namespace) -> int:
@@ -159,33 +184,71 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
         manifests = json.dumps([str(c / "train.tsv") for c in clients])
         labels = json.dumps([str(kmeans / c.name / "train.km") for c in clients])
         every = args.local_steps * CLIENTS  # one round's compute
-        run_cli("train-local", "--out", out, "--preset", args.preset, "--steps", planned(args), "--force",
-                f"train_manifests={manifests}", f"train_labels={labels}",
-                "--valid-manifest", partition / "global" / "dev-clean.tsv",
-                "--valid-labels", kmeans / "global" / "dev-clean.km",
-                f"eval_every={every}", f"checkpoint_every={every * args.probe_every}", f"train.log_every={every}",
-                batch, *run.overrides)
+        run_cli(
+            "train-local",
+            "--out",
+            out,
+            "--preset",
+            args.preset,
+            "--steps",
+            planned(args),
+            "--force",
+            f"train_manifests={manifests}",
+            f"train_labels={labels}",
+            "--valid-manifest",
+            partition / "global" / "dev-clean.tsv",
+            "--valid-labels",
+            kmeans / "global" / "dev-clean.km",
+            f"eval_every={every}",
+            f"checkpoint_every={every * args.probe_every}",
+            f"train.log_every={every}",
+            batch,
+            *run.overrides,
+        )
         evals = [(r["step"], r) for r in rows(out / "metrics.jsonl", "valid")]
         curve_checkpoints = {int(p.stem.split("_")[1]): p for p in (out / "checkpoints").glob("step_*.pt")}
         curve_checkpoints[planned(args)] = out / "checkpoints" / "final.pt"
     else:
         num_clients = json.loads((partition / "partition.json").read_text())["num_clients"]
         fraction = [f"strategy.fraction={(CLIENTS - 0.5) / num_clients:.6f}"] if num_clients > CLIENTS else []
-        common = ["--partition", partition, "--out", out, "--rounds", args.rounds, "--local-steps",
-                  args.local_steps, "--force", batch, "train.log_every=1000", *fraction, *run.overrides]
+        common = [
+            "--partition",
+            partition,
+            "--out",
+            out,
+            "--rounds",
+            args.rounds,
+            "--local-steps",
+            args.local_steps,
+            "--force",
+            batch,
+            "train.log_every=1000",
+            *fraction,
+            *run.overrides,
+        ]
         if run.stage == "pretrain":
             run_cli("pretrain", "--kmeans", kmeans, "--preset", args.preset, *common)
         else:
             run_cli("distill", "--teacher", teacher, *common)
         per_round = args.local_steps * CLIENTS
         evals = [(r["round"] * per_round, r) for r in rows(out / "metrics.jsonl", "eval")]
-        curve_checkpoints = {r * per_round: out / "checkpoints" / f"round_{r:05d}.pt"
-                             for r in range(args.probe_every, args.rounds + 1, args.probe_every)}
+        curve_checkpoints = {
+            r * per_round: out / "checkpoints" / f"round_{r:05d}.pt"
+            for r in range(args.probe_every, args.rounds + 1, args.probe_every)
+        }
     clients_rows = rows(out / "metrics.jsonl", "client") if run.stage != "train-local" else []
-    record = {"name": run.name, "stage": run.stage, "partition": run.partition, "codebook": run.codebook,
-              "overrides": run.overrides, "out": str(out), "checkpoint": str(out / "checkpoints" / "final.pt"),
-              "updates": planned(args), "batch_seconds": args.batch_seconds,
-              "curve_checkpoints": {str(k): str(v) for k, v in sorted(curve_checkpoints.items())}}
+    record = {
+        "name": run.name,
+        "stage": run.stage,
+        "partition": run.partition,
+        "codebook": run.codebook,
+        "overrides": run.overrides,
+        "out": str(out),
+        "checkpoint": str(out / "checkpoints" / "final.pt"),
+        "updates": planned(args),
+        "batch_seconds": args.batch_seconds,
+        "curve_checkpoints": {str(k): str(v) for k, v in sorted(curve_checkpoints.items())},
+    }
     if run.stage != "distill":
         gains = [(u, r["gain_nats"]) for u, r in evals if "gain_nats" in r]
         if gains:
@@ -211,8 +274,16 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
 def probe(checkpoints: list[str], keywords: Path) -> dict:
     """One `fedhubert probe` over every checkpoint (and random init of each architecture); models by checkpoint."""
     out = ROOT / "probe"
-    run_cli("probe", "--dataset", keywords, *[a for c in checkpoints for a in ("--checkpoint", c)], "--random-init",
-            "--out", out, "--force")
+    run_cli(
+        "probe",
+        "--dataset",
+        keywords,
+        *[a for c in checkpoints for a in ("--checkpoint", c)],
+        "--random-init",
+        "--out",
+        out,
+        "--force",
+    )
     result = json.loads((out / "probe.json").read_text())
     return result
 
@@ -225,9 +296,27 @@ def s3prl(jobs: list[tuple[str, list[str]]], keywords: Path, args: argparse.Name
     def one(job: tuple[str, list[str]]) -> tuple[str, dict]:
         name, flags = job
         out = ROOT / "s3prl" / name
-        command = [sys.executable, "-m", "fedhubert", "evaluate", "speech-commands", "--dataset", str(keywords),
-                   "--steps", str(args.s3prl_steps), "--eval-step", str(args.s3prl_steps // 6), "--device",
-                   args.s3prl_device, "--name", name, "--out", str(out), "--force", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "fedhubert",
+            "evaluate",
+            "speech-commands",
+            "--dataset",
+            str(keywords),
+            "--steps",
+            str(args.s3prl_steps),
+            "--eval-step",
+            str(args.s3prl_steps // 6),
+            "--device",
+            args.s3prl_device,
+            "--name",
+            name,
+            "--out",
+            str(out),
+            "--force",
+            *flags,
+        ]
         log = ROOT / "s3prl" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as handle:
@@ -258,31 +347,38 @@ def plot(records: list[dict], random_init: dict, s3prl_results: dict, path: Path
     ax_probe, ax_s3prl, ax_gain, ax_curve = axes.ravel()
     names = ["random init", *[r["name"].split(":")[0] for r in records]]
     models = [random_init, *[r["probe"] for r in records]]
-    ax_probe.bar(names, [100 * m["accuracy_mean"] for m in models], yerr=[100 * m["accuracy_sd"] for m in models],
-                 capsize=4, color=["grey", *["tab:blue"] * len(records)])
+    ax_probe.bar(
+        names,
+        [100 * m["accuracy_mean"] for m in models],
+        yerr=[100 * m["accuracy_sd"] for m in models],
+        capsize=4,
+        color=["grey", *["tab:blue"] * len(records)],
+    )
     ax_probe.set(ylabel="accuracy (%)", title="linear probe of frozen features (mean +- sd over 5 folds)")
     ax_probe.tick_params(axis="x", rotation=30)
     if s3prl_results:
         labels = list(s3prl_results)
         acc = [100 * s3prl_results[n]["test_acc"] for n in labels]
-        lo = [a - 100 * s3prl_results[n]["test_ci95"][0] for a, n in zip(acc, labels)]
-        hi = [100 * s3prl_results[n]["test_ci95"][1] - a for a, n in zip(acc, labels)]
+        lo = [a - 100 * s3prl_results[n]["test_ci95"][0] for a, n in zip(acc, labels, strict=True)]
+        hi = [100 * s3prl_results[n]["test_ci95"][1] - a for a, n in zip(acc, labels, strict=True)]
         ax_s3prl.bar(labels, acc, yerr=[lo, hi], capsize=4, color="tab:orange")
         ax_s3prl.tick_params(axis="x", rotation=30)
     ax_s3prl.set(ylabel="test accuracy (%)", title="S3PRL speech_commands (Wilson 95% interval)")
     for r in records:
         if "gain_by_update" in r:
-            ax_gain.plot(*zip(*r["gain_by_update"]), "-o", markersize=3, label=r["name"].split(":")[0])
+            ax_gain.plot(*zip(*r["gain_by_update"], strict=True), "-o", markersize=3, label=r["name"].split(":")[0])
     ax_gain.axhline(0.0, color="grey", linestyle="--", linewidth=1, label="frequency baseline")
-    ax_gain.set(xlabel="updates (all clients)", ylabel="nats per masked frame",
-                title="held-out gain over the label-frequency baseline (dev-clean)")
+    ax_gain.set(
+        xlabel="updates (all clients)",
+        ylabel="nats per masked frame",
+        title="held-out gain over the label-frequency baseline (dev-clean)",
+    )
     ax_gain.legend(fontsize="small")
     for r in records:
         if r.get("probe_curve"):
-            updates, means, sds = zip(*r["probe_curve"])
+            updates, means, sds = zip(*r["probe_curve"], strict=True)
             ax_curve.errorbar(updates, means, yerr=sds, fmt="-o", capsize=3, label=r["name"].split(":")[0])
-    ax_curve.axhline(100 * random_init["accuracy_mean"], color="grey", linestyle="--", linewidth=1,
-                     label="random init")
+    ax_curve.axhline(100 * random_init["accuracy_mean"], color="grey", linestyle="--", linewidth=1, label="random init")
     ax_curve.set(xlabel="updates (all clients)", ylabel="probe accuracy (%)", title="probe against compute")
     ax_curve.legend(fontsize="small")
     save_figure(fig, path)
@@ -290,38 +386,100 @@ def plot(records: list[dict], random_init: dict, s3prl_results: dict, path: Path
 
 def figures_of(records: dict[str, dict], random_init: dict, s3prl_results: dict, wall_s: float) -> list[dict]:
     teacher, central, student = records["fedavg-iid"], records["centralized"], records["student"]
-    figures = [{"figure": "probe accuracy, random init", "ours": pm(100 * random_init["accuracy_mean"],
-                                                                   100 * random_init["accuracy_sd"]), "unit": "%"}]
+    figures = [
+        {
+            "figure": "probe accuracy, random init",
+            "ours": pm(100 * random_init["accuracy_mean"], 100 * random_init["accuracy_sd"]),
+            "unit": "%",
+        }
+    ]
     for slug, r in records.items():
-        figures.append({"figure": f"probe accuracy, {slug}",
-                        "ours": pm(100 * r["probe"]["accuracy_mean"], 100 * r["probe"]["accuracy_sd"]), "unit": "%"})
+        figures.append(
+            {
+                "figure": f"probe accuracy, {slug}",
+                "ours": pm(100 * r["probe"]["accuracy_mean"], 100 * r["probe"]["accuracy_sd"]),
+                "unit": "%",
+            }
+        )
         if "gain_last" in r:
-            figures.append({"figure": f"held-out gain over frequency baseline, {slug}", "ours": round(r["gain_last"], 3),
-                            "unit": "nats", "reference": "own codebooks" if r["codebook"] == "per-client" else ""})
+            figures.append(
+                {
+                    "figure": f"held-out gain over frequency baseline, {slug}",
+                    "ours": round(r["gain_last"], 3),
+                    "unit": "nats",
+                    "reference": "own codebooks" if r["codebook"] == "per-client" else "",
+                }
+            )
     gap, sd = fold_gap(teacher["probe"], random_init)
-    figures.append({"figure": "federated teacher - random init (probe)", "ours": pm(gap, sd), "unit": "points",
-                    "target": f">= {PROBE_TARGET_POINTS:g}", "met": gap >= PROBE_TARGET_POINTS})
+    figures.append(
+        {
+            "figure": "federated teacher - random init (probe)",
+            "ours": pm(gap, sd),
+            "unit": "points",
+            "target": f">= {PROBE_TARGET_POINTS:g}",
+            "met": gap >= PROBE_TARGET_POINTS,
+        }
+    )
     gap, sd = fold_gap(teacher["probe"], central["probe"])
-    figures.append({"figure": "federated IID - centralized (probe)", "ours": pm(gap, sd), "unit": "points",
-                    "target": f">= -{CENTRAL_TARGET_POINTS:g}", "met": gap >= -CENTRAL_TARGET_POINTS})
+    figures.append(
+        {
+            "figure": "federated IID - centralized (probe)",
+            "ours": pm(gap, sd),
+            "unit": "points",
+            "target": f">= -{CENTRAL_TARGET_POINTS:g}",
+            "met": gap >= -CENTRAL_TARGET_POINTS,
+        }
+    )
     for slug in ("fedadam-iid", "dirichlet-sex", "one-speaker", "per-client-codebooks"):
         gap, sd = fold_gap(records[slug]["probe"], teacher["probe"])
-        figures.append({"figure": f"{slug} - federated IID FedAvg (probe)", "ours": pm(gap, sd), "unit": "points",
-                        "reference": "reported with its error bar"})
+        figures.append(
+            {
+                "figure": f"{slug} - federated IID FedAvg (probe)",
+                "ours": pm(gap, sd),
+                "unit": "points",
+                "reference": "reported with its error bar",
+            }
+        )
     gap, sd = fold_gap(student["probe"], teacher["probe"])
-    figures.append({"figure": "student - its teacher (probe)", "ours": pm(gap, sd), "unit": "points",
-                    "target": f">= -{STUDENT_TARGET_POINTS:g}", "met": gap >= -STUDENT_TARGET_POINTS})
+    figures.append(
+        {
+            "figure": "student - its teacher (probe)",
+            "ours": pm(gap, sd),
+            "unit": "points",
+            "target": f">= -{STUDENT_TARGET_POINTS:g}",
+            "met": gap >= -STUDENT_TARGET_POINTS,
+        }
+    )
     for name, res in s3prl_results.items():
         lo, hi = res["test_ci95"]
-        figures.append({"figure": f"S3PRL test accuracy, {name}", "ours": f"{100 * res['test_acc']:.1f} "
-                        f"[{100 * lo:.1f}, {100 * hi:.1f}]", "unit": "%",
-                        "reference": f"{res['data']['test_clips']} test clips, {res['steps']} steps"})
+        figures.append(
+            {
+                "figure": f"S3PRL test accuracy, {name}",
+                "ours": f"{100 * res['test_acc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]",
+                "unit": "%",
+                "reference": f"{res['data']['test_clips']} test clips, {res['steps']} steps",
+            }
+        )
     if {"random-init", "fedavg-iid"} <= set(s3prl_results):
         above = s3prl_results["fedavg-iid"]["test_ci95"][0] > s3prl_results["random-init"]["test_ci95"][1]
-        figures.append({"figure": "S3PRL: federated teacher above random init beyond the intervals",
-                        "ours": "yes" if above else "no", "unit": "", "target": "yes", "met": above})
-    figures.append({"figure": "whole benchmark, wall time", "ours": round(wall_s / 60, 1), "unit": "min",
-                    "target": "<= 45", "met": wall_s <= 45 * 60})
+        figures.append(
+            {
+                "figure": "S3PRL: federated teacher above random init beyond the intervals",
+                "ours": "yes" if above else "no",
+                "unit": "",
+                "target": "yes",
+                "met": above,
+            }
+        )
+    figures.append(
+        {
+            "figure": "whole benchmark, wall time",
+            "ours": round(wall_s / 60, 1),
+            "unit": "min",
+            "target": "<= 45",
+            "met": wall_s <= 45 * 60,
+        }
+    )
     return figures
 
 
@@ -349,8 +507,9 @@ def main() -> None:
         records[run.slug] = timer(run.slug, train, run, data, args, teacher)
     curve_runs = ("centralized", "fedavg-iid")
     checkpoints = [r["checkpoint"] for r in records.values()]
-    checkpoints += [c for slug in curve_runs for c in records[slug]["curve_checkpoints"].values()
-                    if c not in checkpoints]
+    checkpoints += [
+        c for slug in curve_runs for c in records[slug]["curve_checkpoints"].values() if c not in checkpoints
+    ]
     result = timer("probe", probe, checkpoints, data["keywords"])
     by_checkpoint = {Path(m["checkpoint"]).resolve(): m for m in result["models"] if not m["random_init"]}
     random_init = next(m for m in result["models"] if m["random_init"] and m["kind"] == "hubert")
@@ -358,29 +517,46 @@ def main() -> None:
         r["probe"] = by_checkpoint[Path(r["checkpoint"]).resolve()]
     for slug in curve_runs:
         records[slug]["probe_curve"] = [
-            (int(u), 100 * by_checkpoint[Path(c).resolve()]["accuracy_mean"],
-             100 * by_checkpoint[Path(c).resolve()]["accuracy_sd"])
-            for u, c in records[slug]["curve_checkpoints"].items()]
+            (
+                int(u),
+                100 * by_checkpoint[Path(c).resolve()]["accuracy_mean"],
+                100 * by_checkpoint[Path(c).resolve()]["accuracy_sd"],
+            )
+            for u, c in records[slug]["curve_checkpoints"].items()
+        ]
     s3prl_results = {}
     if args.s3prl_steps:
         jobs = [("random-init", ["--checkpoint", records["fedavg-iid"]["checkpoint"], "--random-init"])]
-        jobs += [(slug, ["--checkpoint", records[slug]["checkpoint"]]) for slug in records
-                 if next(r for r in RUNS if r.slug == slug).s3prl]
+        jobs += [
+            (slug, ["--checkpoint", records[slug]["checkpoint"]])
+            for slug in records
+            if next(r for r in RUNS if r.slug == slug).s3prl
+        ]
         s3prl_results = timer("s3prl", s3prl, jobs, data["keywords"], args)
     wall_s = time.perf_counter() - started
     plot(list(records.values()), random_init, s3prl_results, RESULTS / "learning.png")
     figures = figures_of(records, random_init, s3prl_results, wall_s)
     described = describe_data(data)
-    write_results("learning", figures, notes=(
-        f"{args.preset} preset; every trained model {planned(args)} updates of {args.batch_seconds:g} s batches "
-        f"(federated: {args.rounds} rounds x {args.local_steps} local steps x {CLIENTS} clients); "
-        f"{described['train_hours']} h of training speech from {described['train_speakers']} speakers; probe: "
-        f"{result['data']['clips']} keyword clips of {result['data']['speakers']} other speakers, mean +- sd over 5 "
-        f"speaker-disjoint folds, gaps paired over folds; S3PRL {args.s3prl_steps} steps, Wilson 95% intervals; one "
-        "pretraining seed per run"),
-        extra={"data": described, "runs": records, "random_init": random_init, "s3prl": s3prl_results,
-               "seconds": {**timer.seconds, "total": round(wall_s, 1)},
-               "settings": {k: v for k, v in vars(args).items()}})
+    write_results(
+        "learning",
+        figures,
+        notes=(
+            f"{args.preset} preset; every trained model {planned(args)} updates of {args.batch_seconds:g} s batches "
+            f"(federated: {args.rounds} rounds x {args.local_steps} local steps x {CLIENTS} clients); "
+            f"{described['train_hours']} h of training speech from {described['train_speakers']} speakers; probe: "
+            f"{result['data']['clips']} keyword clips of {result['data']['speakers']} other speakers, mean +- sd "
+            f"over 5 speaker-disjoint folds, gaps paired over folds; S3PRL {args.s3prl_steps} steps, Wilson 95% "
+            "intervals; one pretraining seed per run"
+        ),
+        extra={
+            "data": described,
+            "runs": records,
+            "random_init": random_init,
+            "s3prl": s3prl_results,
+            "seconds": {**timer.seconds, "total": round(wall_s, 1)},
+            "settings": {k: v for k, v in vars(args).items()},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from _common import write_results
-
 from fedhubert.cli import main as fedhubert
 from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, scan_librispeech
 from fedhubert.parallel import available_cpus
@@ -32,8 +31,21 @@ def corpus(speakers: int) -> Path:
     record = json.loads(marker.read_text()) if marker.is_file() else {}
     if record.get("status") != "completed" or record["config"]["speakers"] != speakers:
         shutil.rmtree(CORPUS, ignore_errors=True)
-        code = fedhubert(["synth", "librispeech", "--out", str(CORPUS), "--speakers", str(speakers), "--minutes",
-                          "0.25", "min_seconds=1", "max_seconds=2", "chapters=2"])
+        code = fedhubert(
+            [
+                "synth",
+                "librispeech",
+                "--out",
+                str(CORPUS),
+                "--speakers",
+                str(speakers),
+                "--minutes",
+                "0.25",
+                "min_seconds=1",
+                "max_seconds=2",
+                "chapters=2",
+            ]
+        )
         if code:
             sys.exit(code)
     return CORPUS
@@ -68,14 +80,28 @@ def main() -> None:
     files = rows["cached (unchanged corpus)"][0]
     cold = rows[f"cold, {cores} workers"][1]
     figures = [
-        {"figure": f"scan {label} ({files} files)", "ours": round(rate), "unit": "files/s",
-         **({"target": ">= 2000", "met": rate >= 2000} if label == f"cold, {cores} workers" else {})}
+        {
+            "figure": f"scan {label} ({files} files)",
+            "ours": round(rate),
+            "unit": "files/s",
+            **({"target": ">= 2000", "met": rate >= 2000} if label == f"cold, {cores} workers" else {}),
+        }
         for label, (files, rate) in rows.items()
     ]
-    figures.append({"figure": "LibriSpeech 960 h (281,241 files), cold", "ours": round(281241 / cold / 60, 2),
-                    "unit": "minutes", "target": "< 3", "met": 281241 / cold / 60 < 3})
-    write_results("partition", figures, notes="best of %d runs; OS page cache warm; header cache cold or warm as "
-                  "labelled" % args.repeats)
+    figures.append(
+        {
+            "figure": "LibriSpeech 960 h (281,241 files), cold",
+            "ours": round(281241 / cold / 60, 2),
+            "unit": "minutes",
+            "target": "< 3",
+            "met": 281241 / cold / 60 < 3,
+        }
+    )
+    write_results(
+        "partition",
+        figures,
+        notes=f"best of {args.repeats} runs; OS page cache warm; header cache cold or warm as labelled",
+    )
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import RESULTS, run_cli, write_results
-from train_step import batches, saved_bytes
 
+from _common import RESULTS, run_cli, write_results
 from fedhubert.config import load_config
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.frames import feature_frames
@@ -26,6 +25,7 @@ from fedhubert.model.hubert import build_hubert
 from fedhubert.plots import save_figure
 from fedhubert.train.config import LossConfig, TrainConfig
 from fedhubert.train.loop import MaskedPrediction, make_optimizer, train
+from train_step import batches, saved_bytes
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "scaling"
 K = 100
@@ -38,17 +38,34 @@ def step_seconds(preset: str, seconds: float, repeats: int) -> tuple[float, int]
     torch.manual_seed(0)
     model = build_hubert(cfg, K)
     memory = saved_bytes(model, data[0])
-    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.lr=5e-4", "optim.warmup_steps=1",
-                                           "optim.total_steps=100000"])
+    tcfg = load_config(
+        TrainConfig, None, ["device=cpu", "optim.lr=5e-4", "optim.warmup_steps=1", "optim.total_steps=100000"]
+    )
     optimizer = make_optimizer(model, tcfg.optim)
     objective = MaskedPrediction(LossConfig())
-    train(model, iter(data[:1]), tcfg, objective=objective, steps=1, global_step=0, optimizer=optimizer,
-          device=torch.device("cpu"))
+    train(
+        model,
+        iter(data[:1]),
+        tcfg,
+        objective=objective,
+        steps=1,
+        global_step=0,
+        optimizer=optimizer,
+        device=torch.device("cpu"),
+    )
     best = float("inf")
     for i, batch in enumerate(data[1:], start=1):
         start = time.perf_counter()
-        train(model, iter([batch]), tcfg, objective=objective, steps=1, global_step=i, optimizer=optimizer,
-              device=torch.device("cpu"))
+        train(
+            model,
+            iter([batch]),
+            tcfg,
+            objective=objective,
+            steps=1,
+            global_step=i,
+            optimizer=optimizer,
+            device=torch.device("cpu"),
+        )
         best = min(best, time.perf_counter() - start)
     return best, memory
 
@@ -64,25 +81,67 @@ def round_seconds(clients: list[int], rounds: int) -> dict[int, float]:
     corpus = ROOT / "corpus"
     if not (corpus / "SPEAKERS.TXT").is_file():
         shutil.rmtree(ROOT, ignore_errors=True)
-        run_cli("synth", "librispeech", "--out", corpus, "--speakers", max(clients) * 2, "--minutes", "0.2",
-            "chapters=1", "max_seconds=6")
+        run_cli(
+            "synth",
+            "librispeech",
+            "--out",
+            corpus,
+            "--speakers",
+            max(clients) * 2,
+            "--minutes",
+            "0.2",
+            "chapters=1",
+            "max_seconds=6",
+        )
     times = {}
     for n in clients:
         partition, kmeans, out = ROOT / f"partition-{n}", ROOT / f"kmeans-{n}", ROOT / f"pretrain-{n}"
         if not (kmeans / "kmeans.json").is_file():
             run_cli("partition", "--corpus", corpus, "--out", partition, "--clients", n, "--force")
-            run_cli("kmeans", "--partition", partition, "--out", kmeans, "--clusters", "16", "--mode", "per-client",
-                "sample_fraction=1", "minibatch.n_init=1", "reference=false", "--force")
-        run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, "--force", "--preset", "tiny",
-            "--rounds", rounds, "--local-steps", "2", "train.device=cpu", "train.data.min_seconds=1",
-            "train.data.max_seconds=3", "train.data.batch_seconds=6", "evaluate_every=1000")
+            run_cli(
+                "kmeans",
+                "--partition",
+                partition,
+                "--out",
+                kmeans,
+                "--clusters",
+                "16",
+                "--mode",
+                "per-client",
+                "sample_fraction=1",
+                "minibatch.n_init=1",
+                "reference=false",
+                "--force",
+            )
+        run_cli(
+            "pretrain",
+            "--partition",
+            partition,
+            "--kmeans",
+            kmeans,
+            "--out",
+            out,
+            "--force",
+            "--preset",
+            "tiny",
+            "--rounds",
+            rounds,
+            "--local-steps",
+            "2",
+            "train.device=cpu",
+            "train.data.min_seconds=1",
+            "train.data.max_seconds=3",
+            "train.data.batch_seconds=6",
+            "evaluate_every=1000",
+        )
         rows = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
         times[n] = float(np.median([r["seconds"] for r in rows]))
     return times
 
 
-def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list, object]],
-         log: bool) -> None:
+def plot(
+    path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list, object]], log: bool
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,7 +149,7 @@ def plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tup
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (x, y, fit) in series.items():
-        line, = ax.plot(x, y, "o", label=name)
+        (line,) = ax.plot(x, y, "o", label=name)
         grid = np.linspace(min(x), max(x), 50)
         ax.plot(grid, fit(grid), "-", color=line.get_color(), alpha=0.6)
     if log:
@@ -117,33 +176,70 @@ def main() -> None:
             seconds.append(t)
             memory.append(m / 2**20)
             figures.append({"figure": f"{preset}, {length:g} s crop: training step", "ours": round(t, 3), "unit": "s"})
-            figures.append({"figure": f"{preset}, {length:g} s crop: saved activations", "ours": round(m / 2**20, 1),
-                            "unit": "MiB"})
+            figures.append(
+                {
+                    "figure": f"{preset}, {length:g} s crop: saved activations",
+                    "ours": round(m / 2**20, 1),
+                    "unit": "MiB",
+                }
+            )
         (ta, tb), (ma, mb) = power_law(args.seconds, seconds), power_law(args.seconds, memory)
         figures.append({"figure": f"{preset}: step time ~ length^b, b", "ours": round(tb, 2), "unit": "exponent"})
         figures.append({"figure": f"{preset}: activations ~ length^b, b", "ours": round(mb, 2), "unit": "exponent"})
-        step_series[f"{preset} (b={tb:.2f})"] = (args.seconds, seconds, lambda x, a=ta, b=tb: a * x ** b)
-        memory_series[f"{preset} (b={mb:.2f})"] = (args.seconds, memory, lambda x, a=ma, b=mb: a * x ** b)
-    plot(RESULTS / "scaling_step_time.png", "training step (batch of one crop, CPU)", "crop length (s)",
-         "seconds per update", step_series, log=True)
-    plot(RESULTS / "scaling_activations.png", "saved activations of one update", "crop length (s)", "MiB",
-         memory_series, log=True)
+        step_series[f"{preset} (b={tb:.2f})"] = (args.seconds, seconds, lambda x, a=ta, b=tb: a * x**b)
+        memory_series[f"{preset} (b={mb:.2f})"] = (args.seconds, memory, lambda x, a=ma, b=mb: a * x**b)
+    plot(
+        RESULTS / "scaling_step_time.png",
+        "training step (batch of one crop, CPU)",
+        "crop length (s)",
+        "seconds per update",
+        step_series,
+        log=True,
+    )
+    plot(
+        RESULTS / "scaling_activations.png",
+        "saved activations of one update",
+        "crop length (s)",
+        "MiB",
+        memory_series,
+        log=True,
+    )
     rounds = round_seconds(args.clients, args.rounds)
     n, t = list(rounds), list(rounds.values())
     slope, intercept = np.polyfit(n, t, 1)
     for clients, seconds in rounds.items():
-        figures.append({"figure": f"federated round, {clients} clients (tiny, 2 steps each)", "ours": round(seconds, 2),
-                        "unit": "s"})
-    figures.append({"figure": "federated round time per added client (linear fit)", "ours": round(float(slope), 3),
-                    "unit": "s/client"})
-    figures.append({"figure": "federated round time, fixed part (linear fit)", "ours": round(float(intercept), 3),
-                    "unit": "s"})
-    plot(RESULTS / "scaling_rounds.png", "federated round time (simulation, CPU)", "clients", "seconds per round",
-         {f"tiny, 2 local steps ({slope:.2f} s/client + {intercept:.2f} s)": (n, t, lambda x: intercept + slope * x)},
-         log=False)
-    write_results("scaling", figures, notes=f"CPU ({torch.get_num_threads()} threads), fp32, batch of one crop, best of "
-                  f"{args.repeats} updates; rounds: median of {args.rounds} rounds, clients trained one after another "
-                  f"on the machine's cores; plots: benchmarks/results/scaling_*.png")
+        figures.append(
+            {
+                "figure": f"federated round, {clients} clients (tiny, 2 steps each)",
+                "ours": round(seconds, 2),
+                "unit": "s",
+            }
+        )
+    figures.append(
+        {
+            "figure": "federated round time per added client (linear fit)",
+            "ours": round(float(slope), 3),
+            "unit": "s/client",
+        }
+    )
+    figures.append(
+        {"figure": "federated round time, fixed part (linear fit)", "ours": round(float(intercept), 3), "unit": "s"}
+    )
+    plot(
+        RESULTS / "scaling_rounds.png",
+        "federated round time (simulation, CPU)",
+        "clients",
+        "seconds per round",
+        {f"tiny, 2 local steps ({slope:.2f} s/client + {intercept:.2f} s)": (n, t, lambda x: intercept + slope * x)},
+        log=False,
+    )
+    write_results(
+        "scaling",
+        figures,
+        notes=f"CPU ({torch.get_num_threads()} threads), fp32, batch of one crop, best of "
+        f"{args.repeats} updates; rounds: median of {args.rounds} rounds, clients trained one after another "
+        f"on the machine's cores; plots: benchmarks/results/scaling_*.png",
+    )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from _common import write_results
 from torchaudio.models.wav2vec2.components import LogitGenerator
 
+from _common import write_results
 from fedhubert.config import load_config
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.frames import feature_frames
@@ -96,11 +96,15 @@ def main() -> None:
     base = build_hubert(cfg, K)
     reference = copy.deepcopy(base)
     reference.logit_generator.__class__ = LogitGenerator  # back to torchaudio's own
-    variants = {"reference (torchaudio, plain loop)": (reference, None), "ours": (copy.deepcopy(base), (False, False)),
-                "ours, checkpointed layers": (copy.deepcopy(base), (True, False)),
-                "ours, checkpointed layers + CNN": (copy.deepcopy(base), (True, True))}
-    tcfg = load_config(TrainConfig, None, ["device=cpu", "optim.lr=5e-4", "optim.warmup_steps=1",
-                                           "optim.total_steps=100000"])
+    variants = {
+        "reference (torchaudio, plain loop)": (reference, None),
+        "ours": (copy.deepcopy(base), (False, False)),
+        "ours, checkpointed layers": (copy.deepcopy(base), (True, False)),
+        "ours, checkpointed layers + CNN": (copy.deepcopy(base), (True, True)),
+    }
+    tcfg = load_config(
+        TrainConfig, None, ["device=cpu", "optim.lr=5e-4", "optim.warmup_steps=1", "optim.total_steps=100000"]
+    )
     objective = MaskedPrediction(LossConfig())
     rates, memory = {}, {}
     for name, (model, ckpt) in variants.items():
@@ -117,11 +121,27 @@ def main() -> None:
                 for batch in data[1:]:
                     reference_step(model, optimizer, batch, objective.weights)
             else:
-                train(model, iter(data[:1]), tcfg, objective=objective, steps=1, global_step=0, optimizer=optimizer,
-                      device=torch.device("cpu"))
+                train(
+                    model,
+                    iter(data[:1]),
+                    tcfg,
+                    objective=objective,
+                    steps=1,
+                    global_step=0,
+                    optimizer=optimizer,
+                    device=torch.device("cpu"),
+                )
                 start = time.perf_counter()
-                train(model, iter(data[1:]), tcfg, objective=objective, steps=args.steps, global_step=1,
-                      optimizer=optimizer, device=torch.device("cpu"))
+                train(
+                    model,
+                    iter(data[1:]),
+                    tcfg,
+                    objective=objective,
+                    steps=args.steps,
+                    global_step=1,
+                    optimizer=optimizer,
+                    device=torch.device("cpu"),
+                )
             best = max(best, audio / (time.perf_counter() - start))
         rates[name] = best
     ref = "reference (torchaudio, plain loop)"
@@ -134,16 +154,41 @@ def main() -> None:
         figures.append({"figure": f"{name}: saved activations", "ours": round(memory[name] / 2**20, 1), "unit": "MiB"})
     for name in ("ours, checkpointed layers", "ours, checkpointed layers + CNN"):
         ratio_mem, ratio_speed = memory[name] / memory[ref], rates[name] / rates[ref]
-        figures.append({"figure": f"{name}: activations / ref", "ours": round(ratio_mem, 3), "unit": "x",
-                        "target": "<= 0.40", "met": ratio_mem <= 0.40})
-        figures.append({"figure": f"{name}: throughput / ref", "ours": round(ratio_speed, 3), "unit": "x",
-                        "target": ">= 0.75", "met": ratio_speed >= 0.75})
-    figures.append({"figure": "ours (no checkpointing): throughput / ref", "ours": round(rates["ours"] / rates[ref], 3),
-                    "unit": "x", "target": ">= 0.97", "met": rates["ours"] >= 0.97 * rates[ref]})
+        figures.append(
+            {
+                "figure": f"{name}: activations / ref",
+                "ours": round(ratio_mem, 3),
+                "unit": "x",
+                "target": "<= 0.40",
+                "met": ratio_mem <= 0.40,
+            }
+        )
+        figures.append(
+            {
+                "figure": f"{name}: throughput / ref",
+                "ours": round(ratio_speed, 3),
+                "unit": "x",
+                "target": ">= 0.75",
+                "met": ratio_speed >= 0.75,
+            }
+        )
+    figures.append(
+        {
+            "figure": "ours (no checkpointing): throughput / ref",
+            "ours": round(rates["ours"] / rates[ref], 3),
+            "unit": "x",
+            "target": ">= 0.97",
+            "met": rates["ours"] >= 0.97 * rates[ref],
+        }
+    )
     figures += student_vs_teacher(data, args.repeats)
-    write_results("train_step", figures, notes=f"{args.preset} preset, {args.batch} x {args.seconds} s crops, fp32 on "
-                  f"CPU ({torch.get_num_threads()} threads), best of {args.repeats} x {args.steps} updates; inference: "
-                  f"HuBERT Base teacher and its default DistilHuBERT student on the same batches")
+    write_results(
+        "train_step",
+        figures,
+        notes=f"{args.preset} preset, {args.batch} x {args.seconds} s crops, fp32 on "
+        f"CPU ({torch.get_num_threads()} threads), best of {args.repeats} x {args.steps} updates; inference: "
+        f"HuBERT Base teacher and its default DistilHuBERT student on the same batches",
+    )
 
 
 def student_vs_teacher(data: list[Batch], repeats: int) -> list[dict]:
@@ -157,14 +202,19 @@ def student_vs_teacher(data: list[Batch], repeats: int) -> list[dict]:
 
     cfg = load_config(ModelConfig)  # base
     teacher = build_hubert(cfg, K).eval()
-    student = build_student(distiller_config(StudentConfig(), cfg, prediction_layers(StudentConfig(), cfg), 1.0),
-                            DistillLossConfig()).eval()
+    student = build_student(
+        distiller_config(StudentConfig(), cfg, prediction_layers(StudentConfig(), cfg), 1.0), DistillLossConfig()
+    ).eval()
     init_from_teacher(student, teacher.state_dict())
-    params = {"teacher": sum(p.numel() for p in teacher.parameters()),
-              "student": sum(p.numel() for p in student.parameters())}
-    runs = {"teacher": lambda wave: hidden_states(teacher, wave, None, False),
-            "student": lambda wave: student.hidden_states(wave),
-            "cnn": lambda wave: teacher.wav2vec2.feature_extractor(wave, None)}
+    params = {
+        "teacher": sum(p.numel() for p in teacher.parameters()),
+        "student": sum(p.numel() for p in student.parameters()),
+    }
+    runs = {
+        "teacher": lambda wave: hidden_states(teacher, wave, None, False),
+        "student": lambda wave: student.hidden_states(wave),
+        "cnn": lambda wave: teacher.wav2vec2.feature_extractor(wave, None),
+    }
     seconds = {}
     with torch.no_grad():
         for name, forward in runs.items():
@@ -180,14 +230,30 @@ def student_vs_teacher(data: list[Batch], repeats: int) -> list[dict]:
     return [
         {"figure": "HuBERT Base teacher: parameters", "ours": round(params["teacher"] / 1e6, 2), "unit": "M"},
         {"figure": "default student: parameters", "ours": round(params["student"] / 1e6, 2), "unit": "M"},
-        {"figure": "student / teacher parameters", "ours": round(share, 3), "unit": "x", "target": "<= 0.30",
-         "met": share <= 0.30},
-        {"figure": "inference speed, student / teacher", "ours": round(speed, 2), "unit": "x", "target": ">= 3",
-         "met": speed >= 3},
-        {"figure": "the CNN's share of the teacher's inference time", "ours": round(seconds["cnn"] / seconds["teacher"], 3),
-         "unit": "x"},
-        {"figure": "the most a student with the teacher's CNN can gain", "ours": round(seconds["teacher"] / seconds["cnn"], 2),
-         "unit": "x"},
+        {
+            "figure": "student / teacher parameters",
+            "ours": round(share, 3),
+            "unit": "x",
+            "target": "<= 0.30",
+            "met": share <= 0.30,
+        },
+        {
+            "figure": "inference speed, student / teacher",
+            "ours": round(speed, 2),
+            "unit": "x",
+            "target": ">= 3",
+            "met": speed >= 3,
+        },
+        {
+            "figure": "the CNN's share of the teacher's inference time",
+            "ours": round(seconds["cnn"] / seconds["teacher"], 3),
+            "unit": "x",
+        },
+        {
+            "figure": "the most a student with the teacher's CNN can gain",
+            "ours": round(seconds["teacher"] / seconds["cnn"], 2),
+            "unit": "x",
+        },
     ]
 
 

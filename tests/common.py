@@ -7,17 +7,49 @@ from pathlib import Path
 from fedhubert.cli import main
 
 TINY_LIBRISPEECH = ["--speakers", "7", "--minutes", "0.25", "--seed", "11", "chapters=2", "max_seconds=8"]
-SMALL_LIBRISPEECH = ["--speakers", "16", "--minutes", "0.15", "--seed", "3", "chapters=2", "max_seconds=5",
-                     "subsets.dev-other=1"]
-TINY_SPEECH_COMMANDS = ["--speakers", "10", "--test-speakers", "3", "--seed", "5", "noise_seconds=4",
-                        "auxiliary_words=[bed,cat,marvin,wow]"]
+SMALL_LIBRISPEECH = [
+    "--speakers",
+    "16",
+    "--minutes",
+    "0.15",
+    "--seed",
+    "3",
+    "chapters=2",
+    "max_seconds=5",
+    "subsets.dev-other=1",
+]
+TINY_SPEECH_COMMANDS = [
+    "--speakers",
+    "10",
+    "--test-speakers",
+    "3",
+    "--seed",
+    "5",
+    "noise_seconds=4",
+    "auxiliary_words=[bed,cat,marvin,wow]",
+]
 
-PRETRAIN_FAST = ["--preset", "tiny", "--local-steps", "3", "train.device=cpu", "train.optim.lr=0.002",
-                 "train.data.min_seconds=1",
-                 "train.data.max_seconds=3", "train.data.batch_seconds=12"]
-DISTILL_FAST = ["--local-steps", "3", "student.layers=1", "train.device=cpu", "train.optim.lr=2e-3",
-                "train.data.min_seconds=1",
-                "train.data.max_seconds=3", "train.data.batch_seconds=12"]
+PRETRAIN_FAST = [
+    "--preset",
+    "tiny",
+    "--local-steps",
+    "3",
+    "train.device=cpu",
+    "train.optim.lr=0.002",
+    "train.data.min_seconds=1",
+    "train.data.max_seconds=3",
+    "train.data.batch_seconds=12",
+]
+DISTILL_FAST = [
+    "--local-steps",
+    "3",
+    "student.layers=1",
+    "train.device=cpu",
+    "train.optim.lr=2e-3",
+    "train.data.min_seconds=1",
+    "train.data.max_seconds=3",
+    "train.data.batch_seconds=12",
+]
 
 # A few S3PRL steps of batch 8: enough for a dev-best checkpoint and its test score, in well under a minute.
 EVAL_SHORT = ["--steps", "4", "--eval-step", "2", "log_step=2", "batch_size=8", "num_workers=0", "device=cpu"]

@@ -7,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from common import (DISTILL_FAST, EVAL_SHORT, KMEANS_FAST, PRETRAIN_FAST, SMALL_K, SMALL_LIBRISPEECH,
-                    TINY_LIBRISPEECH, TINY_SPEECH_COMMANDS, run_cli)
+from common import (
+    DISTILL_FAST,
+    EVAL_SHORT,
+    KMEANS_FAST,
+    PRETRAIN_FAST,
+    SMALL_K,
+    SMALL_LIBRISPEECH,
+    TINY_LIBRISPEECH,
+    TINY_SPEECH_COMMANDS,
+    run_cli,
+)
 
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
@@ -48,8 +57,11 @@ def small_labels(small_partition: Path, tmp_path_factory: pytest.TempPathFactory
     from fedhubert.manifest import read_manifest
 
     out = tmp_path_factory.mktemp("stages") / "labels"
-    jobs = [(small_partition / f"client_{i}" / f"{s}.tsv", out / "features" / f"client_{i}" / s)
-            for i in range(3) for s in ("train", "valid")]
+    jobs = [
+        (small_partition / f"client_{i}" / f"{s}.tsv", out / "features" / f"client_{i}" / s)
+        for i in range(3)
+        for s in ("train", "valid")
+    ]
     featurise(jobs, FeaturesConfig(), workers=2)
     feats = {(m, p): load_features(p, m, FeaturesConfig()) for m, p in jobs}
     pooled = np.concatenate([np.asarray(f.feats, dtype=np.float32) for f in feats.values()])
@@ -70,8 +82,10 @@ def kmeans_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def small_kmeans(small_partition: Path, kmeans_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Federated k-means (a real Flower simulation, K=16) of the small partition."""
     out = tmp_path_factory.mktemp("stages") / "kmeans"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST,
-                   f"feature_dir={kmeans_features}") == 0
+    assert (
+        run_cli("kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST, f"feature_dir={kmeans_features}")
+        == 0
+    )
     return out
 
 
@@ -81,10 +95,28 @@ def tiny_teacher(small_partition: Path, small_labels: Path, tmp_path_factory: py
     out = tmp_path_factory.mktemp("stages") / "teacher"
     manifests = [str(small_partition / f"client_{i}" / "train.tsv") for i in range(3)]
     labels = [str(small_labels / f"client_{i}" / "train.km") for i in range(3)]
-    assert run_cli("train-local", "--out", out, "--preset", "tiny", "--steps", "10", f"num_classes={SMALL_K}",
-                   f"train_manifests={manifests}", f"train_labels={labels}", "checkpoint_every=10",
-                   "train.device=cpu", "train.optim.lr=2e-3", "train.optim.warmup_steps=2", "train.data.min_seconds=1",
-                   "train.data.max_seconds=3", "train.data.batch_seconds=12") == 0
+    assert (
+        run_cli(
+            "train-local",
+            "--out",
+            out,
+            "--preset",
+            "tiny",
+            "--steps",
+            "10",
+            f"num_classes={SMALL_K}",
+            f"train_manifests={manifests}",
+            f"train_labels={labels}",
+            "checkpoint_every=10",
+            "train.device=cpu",
+            "train.optim.lr=2e-3",
+            "train.optim.warmup_steps=2",
+            "train.data.min_seconds=1",
+            "train.data.max_seconds=3",
+            "train.data.batch_seconds=12",
+        )
+        == 0
+    )
     return out / "checkpoints" / "final.pt"
 
 
@@ -100,8 +132,23 @@ def four_rounds(small_partition: Path, small_kmeans: Path, tmp_path_factory: pyt
     """Federated pretraining of the tiny preset: 4 rounds on Flower, 2 of the 3 clients sampled per round, with
     FedAdam (not the default) so that its moments are checkpointed and resumed."""
     out = tmp_path_factory.mktemp("pretrain") / "four"
-    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                   *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6", "strategy.name=fedadam") == 0
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "4",
+            "strategy.fraction=0.6",
+            "strategy.name=fedadam",
+        )
+        == 0
+    )
     return out
 
 
@@ -109,17 +156,45 @@ def four_rounds(small_partition: Path, small_kmeans: Path, tmp_path_factory: pyt
 def distilled(tiny_teacher: Path, small_partition: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Federated distillation of a 1-layer student from the tiny teacher: 2 rounds on Flower."""
     out = tmp_path_factory.mktemp("distill") / "run"
-    assert run_cli("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
-                   "--rounds", "2", *DISTILL_FAST) == 0
+    assert (
+        run_cli(
+            "distill",
+            "--teacher",
+            tiny_teacher,
+            "--partition",
+            small_partition,
+            "--out",
+            out,
+            "--rounds",
+            "2",
+            *DISTILL_FAST,
+        )
+        == 0
+    )
     return out
 
 
 @pytest.fixture(scope="session")
-def evaluations(tiny_speech_commands: Path, tiny_teacher: Path, distilled: Path,
-                tmp_path_factory: pytest.TempPathFactory) -> Path:
+def evaluations(
+    tiny_speech_commands: Path, tiny_teacher: Path, distilled: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """S3PRL speech_commands (a few steps) on the tiny teacher (hubert_local) and the student (distiller_local)."""
     root = tmp_path_factory.mktemp("evaluations") / "eval"
     for name, checkpoint in (("teacher", tiny_teacher), ("student", distilled / "checkpoints" / "final.pt")):
-        assert run_cli("evaluate", "speech-commands", "--dataset", tiny_speech_commands, "--checkpoint", checkpoint,
-                       "--out", root / name, "--name", name, *EVAL_SHORT) == 0
+        assert (
+            run_cli(
+                "evaluate",
+                "speech-commands",
+                "--dataset",
+                tiny_speech_commands,
+                "--checkpoint",
+                checkpoint,
+                "--out",
+                root / name,
+                "--name",
+                name,
+                *EVAL_SHORT,
+            )
+            == 0
+        )
     return root

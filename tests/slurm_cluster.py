@@ -36,8 +36,10 @@ class SlurmCluster:
     def unavailable() -> str | None:
         missing = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
         if missing:
-            return (f"Slurm is not installed here (missing {', '.join(missing)}): 'make test WITH_SLURM=1' installs "
-                    f"slurm-wlm and munge with apt")
+            return (
+                f"Slurm is not installed here (missing {', '.join(missing)}): 'make test WITH_SLURM=1' installs "
+                f"slurm-wlm and munge with apt"
+            )
         if os.geteuid() != 0:
             return "a private Slurm cluster needs root here (slurmd runs jobs as their users)"
         return None
@@ -47,8 +49,14 @@ class SlurmCluster:
 
     def _start(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.root / "log" / f"{name}.out", "ab")
-        process = subprocess.Popen([self._binary(name), *args], stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        process = subprocess.Popen(
+            [self._binary(name), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            start_new_session=True,
+        )
         log.close()
         self.processes.append(process)
         return process
@@ -62,40 +70,51 @@ class SlurmCluster:
         key.chmod(0o400)
         munge.chmod(0o700)
         socket_path = munge / "munge.socket"
-        self._start("munged", "--foreground", "--force", f"--socket={socket_path}", f"--key-file={key}",
-                    f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}",
-                    f"--log-file={self.root / 'log' / 'munged.log'}")
+        self._start(
+            "munged",
+            "--foreground",
+            "--force",
+            f"--socket={socket_path}",
+            f"--key-file={key}",
+            f"--pid-file={munge / 'munged.pid'}",
+            f"--seed-file={munge / 'munged.seed'}",
+            f"--log-file={self.root / 'log' / 'munged.log'}",
+        )
         memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
         cpus = os.cpu_count() or 1
-        self.conf.write_text("\n".join([
-            "ClusterName=fedhubert-test",
-            f"SlurmctldHost={self.host}",
-            "SlurmUser=root",
-            "SlurmdUser=root",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={socket_path}",
-            f"StateSaveLocation={self.root / 'spool' / 'ctld'}",
-            f"SlurmdSpoolDir={self.root / 'spool' / 'd'}",
-            f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={self.root / 'run' / 'slurmd.pid'}",
-            f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core_Memory",
-            "ReturnToService=2",
-            "MailProg=/bin/true",
-            "KillWait=10",
-            f"NodeName={self.host} CPUs={cpus} RealMemory={int(memory_mb * 0.8)} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
-            "",
-        ]))
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=fedhubert-test",
+                    f"SlurmctldHost={self.host}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={socket_path}",
+                    f"StateSaveLocation={self.root / 'spool' / 'ctld'}",
+                    f"SlurmdSpoolDir={self.root / 'spool' / 'd'}",
+                    f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={self.root / 'run' / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core_Memory",
+                    "ReturnToService=2",
+                    "MailProg=/bin/true",
+                    "KillWait=10",
+                    f"NodeName={self.host} CPUs={cpus} RealMemory={int(memory_mb * 0.8)} State=UNKNOWN",
+                    "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
         deadline = time.monotonic() + 10
         while not socket_path.exists():
             if time.monotonic() > deadline:
@@ -111,8 +130,10 @@ class SlurmCluster:
                 return
             for process in self.processes:
                 if process.poll() is not None:
-                    raise RuntimeError(f"{process.args[0]} exited ({process.returncode}): "
-                                       f"{self.log('slurmctld.log')}\n{self.log('slurmd.log')}")
+                    raise RuntimeError(
+                        f"{process.args[0]} exited ({process.returncode}): "
+                        f"{self.log('slurmctld.log')}\n{self.log('slurmd.log')}"
+                    )
             time.sleep(0.5)
         raise RuntimeError(f"the node did not become idle: {state.stdout} {state.stderr}\n{self.log('slurmd.log')}")
 
@@ -121,8 +142,9 @@ class SlurmCluster:
         return path.read_text(errors="replace")[-3000:] if path.is_file() else f"({name} missing)"
 
     def run(self, *command: str | Path, env: dict | None = None, timeout: float = 900) -> subprocess.CompletedProcess:
-        return subprocess.run([str(c) for c in command], env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=timeout)
+        return subprocess.run(
+            [str(c) for c in command], env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
 
     def queue(self, job: str) -> str:
         return self.run("squeue", "-h", "-j", job, "-o", "%T").stdout.strip()

@@ -16,7 +16,10 @@ from common import run_cli
 def fedhubert(*args: str | Path, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "fedhubert", *map(str, args)],
-        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
     )
 
 
@@ -45,8 +48,9 @@ def test_flag_out_of_range_is_reported_as_an_override(tmp_path):
 
 
 def test_print_config_shows_the_resolved_config(tmp_path):
-    result = fedhubert("synth", "librispeech", "--out", tmp_path / "x", "--seed", "4", "subsets.dev-other=1",
-                       "--print-config")
+    result = fedhubert(
+        "synth", "librispeech", "--out", tmp_path / "x", "--seed", "4", "subsets.dev-other=1", "--print-config"
+    )
     assert result.returncode == 0
     resolved = yaml.safe_load(result.stdout)
     assert resolved["seed"] == 4 and resolved["subsets"]["dev-other"] == 1.0
@@ -55,8 +59,19 @@ def test_print_config_shows_the_resolved_config(tmp_path):
 
 def test_existing_output_is_refused_without_force_and_only_our_files_are_replaced(tmp_path):
     out = tmp_path / "sc"
-    args = ["synth", "speech-commands", "--out", out, "--speakers", "3", "--test-speakers", "1",
-            "auxiliary_words=[cat]", "noise_seconds=2", "keyword_repetitions=[1,1]"]
+    args = [
+        "synth",
+        "speech-commands",
+        "--out",
+        out,
+        "--speakers",
+        "3",
+        "--test-speakers",
+        "1",
+        "auxiliary_words=[cat]",
+        "noise_seconds=2",
+        "keyword_repetitions=[1,1]",
+    ]
     assert run_cli(*args) == 0
     keep = out / "my_notes.txt"
     keep.write_text("mine")
@@ -68,8 +83,9 @@ def test_existing_output_is_refused_without_force_and_only_our_files_are_replace
 
 
 def test_missing_espeak_names_the_install_command(tmp_path):
-    result = fedhubert("synth", "librispeech", "--out", tmp_path / "c", "--speakers", "5",
-                       env={"PATH": str(tmp_path / "empty-bin")})
+    result = fedhubert(
+        "synth", "librispeech", "--out", tmp_path / "c", "--speakers", "5", env={"PATH": str(tmp_path / "empty-bin")}
+    )
     assert result.returncode == 2
     assert "espeak-ng was not found" in result.stderr and "apt-get install espeak-ng" in result.stderr
     assert "Traceback" not in result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 import yaml
@@ -29,7 +29,7 @@ class Demo:
     name: str = param("run", "a name")
     mode: Literal["per-client", "federated"] = param("federated", "k-means mode")
     device: str = param("cpu", "device", choices=["cpu", "cuda"])
-    out: Optional[Path] = param(None, "where")
+    out: Path | None = param(None, "where")
     amp: bool = param(False, "mixed precision")
     weights: dict[str, float] = param({"a": 1.0, "b": 2.0}, "weights", ge=0)
     optim: Optim = param(Optim(), "optimiser")
@@ -112,7 +112,13 @@ def test_overrides_are_parsed_as_yaml_and_win_over_the_file(tmp_path):
     path = write(tmp_path, "rounds: 5\nname: fromfile\n")
     cfg = load_config(Demo, path, ["rounds=7", "optim.lr=0.5", "optim.betas=[0.8, 0.9]", "amp=true", "out=/x/y"])
     assert (cfg.rounds, cfg.name, cfg.optim.lr, cfg.optim.betas, cfg.amp, cfg.out) == (
-        7, "fromfile", 0.5, [0.8, 0.9], True, Path("/x/y"))
+        7,
+        "fromfile",
+        0.5,
+        [0.8, 0.9],
+        True,
+        Path("/x/y"),
+    )
 
 
 def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
@@ -173,12 +179,16 @@ def test_resolved_config_reloads_to_the_same_config(tmp_path):
     assert yaml.safe_load(dump_config(cfg))["out"] == "/data/run"
 
 
-REQUIRED = {"partition": ["corpus=/data/LibriSpeech"], "kmeans": ["partition=/data/partition"],
-            "train-local": ["train_manifests=[/d/a.tsv]", "train_labels=[/d/a.km]"],
-            "pretrain": ["partition=/d/p", "kmeans=/d/k"], "distill": ["teacher=/d/t.pt", "partition=/d/p"],
-            "evaluate-speech-commands": ["dataset=/d/sc", "baseline=fbank"],
-            "features": ["partition=/d/p", "client=0"],
-            "probe": ["dataset=/d/sc", "checkpoints=[/d/a.pt]"]}  # keys without a default, given as a user would
+REQUIRED = {
+    "partition": ["corpus=/data/LibriSpeech"],
+    "kmeans": ["partition=/data/partition"],
+    "train-local": ["train_manifests=[/d/a.tsv]", "train_labels=[/d/a.km]"],
+    "pretrain": ["partition=/d/p", "kmeans=/d/k"],
+    "distill": ["teacher=/d/t.pt", "partition=/d/p"],
+    "evaluate-speech-commands": ["dataset=/d/sc", "baseline=fbank"],
+    "features": ["partition=/d/p", "client=0"],
+    "probe": ["dataset=/d/sc", "checkpoints=[/d/a.pt]"],
+}  # keys without a default, given as a user would
 
 
 @pytest.mark.parametrize("name", sorted(_stages()))

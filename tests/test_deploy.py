@@ -25,9 +25,14 @@ FEDHUBERT = str(Path(sys.executable).parent / "fedhubert")
 def start(*args: str | Path, log: Path) -> subprocess.Popen:
     """A fedhubert daemon command in its own session, its output in `log`."""
     with open(log, "wb") as sink:
-        return subprocess.Popen([FEDHUBERT, *map(str, args)], stdout=sink, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, "FEDHUBERT_PROGRESS": "0"})
+        return subprocess.Popen(
+            [FEDHUBERT, *map(str, args)],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, "FEDHUBERT_PROGRESS": "0"},
+        )
 
 
 def flower_processes(marker: str) -> list[psutil.Process]:
@@ -46,13 +51,27 @@ class Federation:
     def __init__(self, root: Path):
         self.root = root
         self.certs = root / "certs"
-        subprocess.run(["bash", REPO / "scripts" / "make_certificates.sh", self.certs, "--nodes", "3"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            ["bash", REPO / "scripts" / "make_certificates.sh", self.certs, "--nodes", "3"],
+            check=True,
+            capture_output=True,
+        )
         self.ready = root / "superlink.ready"
-        self.superlink = start("superlink", "--tls", self.certs, "--authorized-keys",
-                               self.certs / "supernodes" / "client_0.pub", self.certs / "supernodes" / "client_1.pub",
-                               "--flwr-home", root / "superlink-home", "--log", root / "flower-superlink.log",
-                               "--ready-file", self.ready, log=root / "superlink.out")
+        self.superlink = start(
+            "superlink",
+            "--tls",
+            self.certs,
+            "--authorized-keys",
+            self.certs / "supernodes" / "client_0.pub",
+            self.certs / "supernodes" / "client_1.pub",
+            "--flwr-home",
+            root / "superlink-home",
+            "--log",
+            root / "flower-superlink.log",
+            "--ready-file",
+            self.ready,
+            log=root / "superlink.out",
+        )
         deadline = time.monotonic() + 60
         while not self.ready.is_file():
             assert self.superlink.poll() is None, (root / "superlink.out").read_text()
@@ -62,14 +81,33 @@ class Federation:
         self.supernodes = [self.supernode(i, f"client_{i}") for i in range(2)]
 
     def supernode(self, index: int, key: str) -> subprocess.Popen:
-        return start("supernode", "--superlink", self.address, "--partition-id", index, "--num-partitions", 2,
-                     "--root-certificates", self.certs / "ca.crt", "--auth-key", self.certs / "supernodes" / key,
-                     "--flwr-home", self.root / f"supernode-{key}-home", "--log", self.root / f"flower-{key}.log",
-                     "--max-wait-time", 60, log=self.root / f"supernode-{key}.out")
+        return start(
+            "supernode",
+            "--superlink",
+            self.address,
+            "--partition-id",
+            index,
+            "--num-partitions",
+            2,
+            "--root-certificates",
+            self.certs / "ca.crt",
+            "--auth-key",
+            self.certs / "supernodes" / key,
+            "--flwr-home",
+            self.root / f"supernode-{key}-home",
+            "--log",
+            self.root / f"flower-{key}.log",
+            "--max-wait-time",
+            60,
+            log=self.root / f"supernode-{key}.out",
+        )
 
     def federation_keys(self) -> list[str]:
-        return [f"federation.superlink={self.address}", f"federation.root_certificates={self.certs / 'ca.crt'}",
-                "federation.timeout_s=600"]
+        return [
+            f"federation.superlink={self.address}",
+            f"federation.root_certificates={self.certs / 'ca.crt'}",
+            "federation.timeout_s=600",
+        ]
 
     def stop(self) -> list[int | None]:
         codes = []
@@ -100,23 +138,63 @@ def two_clients(small_librispeech, tmp_path_factory) -> Path:
     return out
 
 
-def test_kmeans_pretraining_and_distillation_run_through_tls_and_authenticated_supernodes(federation, two_clients,
-                                                                                          tmp_path):
+def test_kmeans_pretraining_and_distillation_run_through_tls_and_authenticated_supernodes(
+    federation, two_clients, tmp_path
+):
     kmeans = tmp_path / "kmeans"
-    assert run_cli("kmeans", "--partition", two_clients, "--out", kmeans, *KMEANS_FAST, "reference=false",
-                   *federation.federation_keys()) == 0
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            two_clients,
+            "--out",
+            kmeans,
+            *KMEANS_FAST,
+            "reference=false",
+            *federation.federation_keys(),
+        )
+        == 0
+    )
     assert sorted(p.name for p in kmeans.glob("client_*/train.km")) == ["train.km", "train.km"]
     run = tmp_path / "pretrain"
-    assert run_cli("pretrain", "--partition", two_clients, "--kmeans", kmeans, "--out", run, *PRETRAIN_FAST,
-                   "--rounds", "2", *federation.federation_keys()) == 0
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            two_clients,
+            "--kmeans",
+            kmeans,
+            "--out",
+            run,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "2",
+            *federation.federation_keys(),
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["clients"]) for r in rows if r["kind"] == "train"] == [(1, 2), (2, 2)]
     assert (run / "checkpoints" / "final.pt").is_file()
     summary = json.loads((run / "run.json").read_text())["summary"]
     assert summary["rounds"] == 2 and summary["flower_run_id"]
     distill = tmp_path / "distill"
-    assert run_cli("distill", "--teacher", run / "checkpoints" / "final.pt", "--partition", two_clients, "--out",
-                   distill, *DISTILL_FAST, "--rounds", "1", *federation.federation_keys()) == 0
+    assert (
+        run_cli(
+            "distill",
+            "--teacher",
+            run / "checkpoints" / "final.pt",
+            "--partition",
+            two_clients,
+            "--out",
+            distill,
+            *DISTILL_FAST,
+            "--rounds",
+            "1",
+            *federation.federation_keys(),
+        )
+        == 0
+    )
     assert (distill / "checkpoints" / "final.pt").is_file()
     # The clients were the SuperNodes: each one's Flower log shows the rounds' messages arriving over TLS.
     for key in ("client_0", "client_1"):
@@ -145,10 +223,24 @@ def test_daemon_commands_name_their_mistakes(tmp_path, capsys):
     assert "partition id 3 is outside 0..1" in capsys.readouterr().err
     assert run_cli("supernode", "--superlink", "127.0.0.1:1", "--num-partitions", "2") == 2
     assert "give --partition-id (or run under srun, which sets SLURM_PROCID)" in capsys.readouterr().err
-    assert run_cli("supernode", "--superlink", "127.0.0.1:1", "--partition-id", "0", "--num-partitions", "2",
-                   "--root-certificates", tmp_path / "ca.crt") == 2
-    assert f"CA certificate {tmp_path / 'ca.crt'} does not exist; make them with scripts/make_certificates.sh" \
+    assert (
+        run_cli(
+            "supernode",
+            "--superlink",
+            "127.0.0.1:1",
+            "--partition-id",
+            "0",
+            "--num-partitions",
+            "2",
+            "--root-certificates",
+            tmp_path / "ca.crt",
+        )
+        == 2
+    )
+    assert (
+        f"CA certificate {tmp_path / 'ca.crt'} does not exist; make them with scripts/make_certificates.sh"
         in capsys.readouterr().err
+    )
     (tmp_path / "node.pub").write_text("ecdsa-sha2-nistp384 AAAA test\n")
     assert run_cli("superlink", "--authorized-keys", tmp_path / "node.pub") == 2
     assert "--authorized-keys needs --tls DIR" in capsys.readouterr().err

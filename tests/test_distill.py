@@ -22,7 +22,6 @@ from fedhubert.model.hubert import build_hubert, hidden_states
 from fedhubert.model.student import Student, init_from_teacher
 
 
-
 def rows(out: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
@@ -34,14 +33,18 @@ def test_the_teacher_is_the_checkpoints_model_and_frozen(tiny_teacher):
     reference.eval()
     wav = torch.randn(2, 24000) * 0.1
     with torch.no_grad():
-        for a, b in zip(hidden_states(teacher, wav, None, False), hidden_states(reference, wav, None, False)):
+        for a, b in zip(
+            hidden_states(teacher, wav, None, False), hidden_states(reference, wav, None, False), strict=True
+        ):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
 def test_a_missing_or_wrong_teacher_stops_with_a_clear_error(small_partition, tmp_path, capsys):
-    assert run_cli("distill", "--teacher", tmp_path / "none.pt", "--partition", small_partition,
-                   "--out", tmp_path / "a") == 2
+    assert (
+        run_cli("distill", "--teacher", tmp_path / "none.pt", "--partition", small_partition, "--out", tmp_path / "a")
+        == 2
+    )
     assert f"checkpoint {tmp_path / 'none.pt'} does not exist" in capsys.readouterr().err
     assert not (tmp_path / "a" / "flwr").exists(), "stopped before any Flower run"
     student_ckpt = tmp_path / "student.pt"
@@ -58,10 +61,14 @@ def test_the_student_starts_from_the_teachers_cnn_and_layers(tiny_teacher):
     student = build_student(distiller_config(StudentConfig(), cfg, [1, 2], 1.0), DistillLossConfig())
     copied = init_from_teacher(student, teacher.state_dict())
     state, teacher_state = student.distiller.state_dict(), teacher.state_dict()
-    assert torch.equal(state["feature_extractor.conv_layers.0.0.weight"],
-                       teacher_state["wav2vec2.feature_extractor.conv_layers.0.conv.weight"])
-    assert torch.equal(state["encoder.layers.1.fc2.weight"],
-                       teacher_state["wav2vec2.encoder.transformer.layers.1.feed_forward.output_dense.weight"])
+    assert torch.equal(
+        state["feature_extractor.conv_layers.0.0.weight"],
+        teacher_state["wav2vec2.feature_extractor.conv_layers.0.conv.weight"],
+    )
+    assert torch.equal(
+        state["encoder.layers.1.fc2.weight"],
+        teacher_state["wav2vec2.encoder.transformer.layers.1.feed_forward.output_dense.weight"],
+    )
     assert not any(k.startswith("output_layer") for k in copied)
 
 
@@ -81,8 +88,9 @@ def test_federated_distillation_lowers_the_loss_and_changes_only_the_student(dis
     assert len(changed) > 0.8 * len(final["state_dict"]), "the student learned"
     for message in map(json.loads, (distilled / "messages.jsonl").read_text().splitlines()):
         if message["type"] == "train.distill":
-            assert all(name.split(".", 1)[1].startswith("distiller.") for name in message["arrays"]), \
+            assert all(name.split(".", 1)[1].startswith("distiller.") for name in message["arrays"]), (
                 "only the student travels"
+            )
             assert {a["dtype"] for a in message["arrays"].values()} == {"float32"}
 
 
@@ -91,8 +99,18 @@ def test_distiller_export_loads_in_s3prl_and_matches_our_student(distilled, smal
     import s3prl.hub as hub
 
     exported = tmp_path / "student_s3prl.pt"
-    assert run_cli("export", "--checkpoint", distilled / "checkpoints" / "final.pt", "--format", "s3prl-distiller",
-                   "--out", exported) == 0
+    assert (
+        run_cli(
+            "export",
+            "--checkpoint",
+            distilled / "checkpoints" / "final.pt",
+            "--format",
+            "s3prl-distiller",
+            "--out",
+            exported,
+        )
+        == 0
+    )
     payload = load_checkpoint(distilled / "checkpoints" / "final.pt")
     ours = Student(payload["model"]["distiller"])
     ours.load_state_dict(payload["state_dict"])
@@ -105,20 +123,56 @@ def test_distiller_export_loads_in_s3prl_and_matches_our_student(distilled, smal
             theirs = upstream([wav])["hidden_states"]
         mine = ours.hidden_states(wav[None])
         assert len(theirs) == len(mine)
-        for a, b in zip(mine, theirs):
+        for a, b in zip(mine, theirs, strict=True):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert run_cli("export", "--checkpoint", distilled / "checkpoints" / "final.pt", "--format", "s3prl-hubert",
-                   "--out", tmp_path / "wrong.pt") == 2, "a student is not a HuBERT"
+    assert (
+        run_cli(
+            "export",
+            "--checkpoint",
+            distilled / "checkpoints" / "final.pt",
+            "--format",
+            "s3prl-hubert",
+            "--out",
+            tmp_path / "wrong.pt",
+        )
+        == 2
+    ), "a student is not a HuBERT"
 
 
 @pytest.mark.slow
 def test_the_kmeans_term_trains_a_label_head_too(tiny_teacher, small_partition, small_kmeans, tmp_path):
     out = tmp_path / "with-kmeans"
-    assert run_cli("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--kmeans", small_kmeans,
-                   "--out", out, "--rounds", "1", *FAST, "loss.kmeans_weight=0.5") == 0
+    assert (
+        run_cli(
+            "distill",
+            "--teacher",
+            tiny_teacher,
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            "--rounds",
+            "1",
+            *FAST,
+            "loss.kmeans_weight=0.5",
+        )
+        == 0
+    )
     [aggregated] = rows(out, "train")
     assert 0 <= aggregated["train_acc_masked"] <= 1
     final = load_checkpoint(out / "checkpoints" / "final.pt")
     assert {"mask_emb", "label_embeddings", "label_proj.weight"} <= set(final["state_dict"])
-    assert run_cli("export", "--checkpoint", out / "checkpoints" / "final.pt", "--format", "s3prl-distiller",
-                   "--out", tmp_path / "s.pt") == 0, "the label head is left out of the export"
+    assert (
+        run_cli(
+            "export",
+            "--checkpoint",
+            out / "checkpoints" / "final.pt",
+            "--format",
+            "s3prl-distiller",
+            "--out",
+            tmp_path / "s.pt",
+        )
+        == 0
+    ), "the label head is left out of the export"

@@ -77,12 +77,14 @@ def test_the_label_term_comes_from_the_masked_input(setup):
         torch.manual_seed(4)
         _, logit_m, _ = student(batch.waveforms, batch.labels)
         torch.manual_seed(4)  # the same draw: the student's unmasked pass draws nothing in eval mode
-        mask = _compute_mask_indices(tuple(batch.labels.shape), None, loss.mask_prob, loss.mask_length, "static", 0.0,
-                                     min_masks=2)
+        mask = _compute_mask_indices(
+            tuple(batch.labels.shape), None, loss.mask_prob, loss.mask_length, "static", 0.0, min_masks=2
+        )
         expected = masked_label_logits(student, batch.waveforms, batch.labels, mask)
         last_layer = student.encode(batch.waveforms)[1][-1]
-        from_unmasked = cosine_logits(student.label_proj(last_layer)[mask], batch.labels[mask],
-                                      student.label_embeddings, 0.1)
+        from_unmasked = cosine_logits(
+            student.label_proj(last_layer)[mask], batch.labels[mask], student.label_embeddings, 0.1
+        )
     assert len(logit_m) == int(mask.sum()) > 0
     torch.testing.assert_close(logit_m, expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(logit_m, from_unmasked, atol=1e-2), "masking changes what the label head sees"

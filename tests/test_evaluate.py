@@ -21,8 +21,8 @@ import yaml
 
 from common import EVAL_SHORT as SHORT, run_cli
 from fedhubert.corpus.speech_commands_synth import TEST_DIR, TRAIN_DIR
-from fedhubert.eval.config import SpeechCommandsConfig
 from fedhubert.eval.confidence import accuracy_interval, wilson_interval
+from fedhubert.eval.config import SpeechCommandsConfig
 from fedhubert.eval.results import result_markdown
 from fedhubert.eval.speech_commands import prepare_upstream
 
@@ -84,8 +84,14 @@ def test_wilson_intervals_match_hand_computed_values():
 
 
 def test_results_written_before_intervals_still_render():
-    old = {"name": "old", "upstream": "fbank", "steps": 4, "dev_best": {"step": 2, "acc": 0.5}, "test_acc": 0.5,
-           "data": {"root": "/d", "dev_clips": 100, "test_clips": 100}}
+    old = {
+        "name": "old",
+        "upstream": "fbank",
+        "steps": 4,
+        "dev_best": {"step": 2, "acc": 0.5},
+        "test_acc": 0.5,
+        "data": {"root": "/d", "dev_clips": 100, "test_clips": 100},
+    }
     bare = {"name": "bare", "upstream": "fbank", "steps": 4, "dev_best": {"step": 2, "acc": 0.5}, "test_acc": 0.5}
     table = result_markdown([old, bare])
     assert "| old | fbank | - | 4 | 50.00% (2) | 40.4-59.6% | 50.00% | 40.4-59.6% | 100 / 100 |" in table
@@ -99,7 +105,9 @@ def test_random_init_keeps_the_architecture_and_replaces_the_weights(tiny_teache
         cfg = SpeechCommandsConfig(dataset=tiny_speech_commands, checkpoint=tiny_teacher, random_init=random_init)
         info = prepare_upstream(cfg, out)
         assert info["upstream"] == "hubert_local" and sorted(p.name for p in out.iterdir()) == [
-            "upstream.pt", "upstream.pt.json"], "the random-init copy is not left behind"
+            "upstream.pt",
+            "upstream.pt.json",
+        ], "the random-init copy is not left behind"
         return torch.load(out / "upstream.pt", weights_only=True)
 
     trained, fresh = upstream(False), upstream(True)
@@ -148,13 +156,16 @@ def _break_empty_clip(root: Path) -> str:
     return f"{clip}: empty (no samples)"
 
 
-@pytest.mark.parametrize("damage", [_break_missing_keyword, _break_no_noise, _break_no_test_set, _break_corrupt_clip,
-                                    _break_empty_clip])
+@pytest.mark.parametrize(
+    "damage", [_break_missing_keyword, _break_no_noise, _break_no_test_set, _break_corrupt_clip, _break_empty_clip]
+)
 def test_a_bad_dataset_stops_before_s3prl_with_the_problem_named(dataset_copy, tmp_path, capsys, damage):
     expected = damage(dataset_copy)
     out = tmp_path / "eval"
-    assert run_cli("evaluate", "speech-commands", "--dataset", dataset_copy, "--baseline", "fbank", "--out", out,
-                   *SHORT) == 2
+    assert (
+        run_cli("evaluate", "speech-commands", "--dataset", dataset_copy, "--baseline", "fbank", "--out", out, *SHORT)
+        == 2
+    )
     assert expected in capsys.readouterr().err
     assert not (out / "s3prl.log").exists() and not (out / "s3prl").exists()
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
@@ -166,30 +177,59 @@ def test_a_checkpoint_of_the_wrong_kind_is_refused(tiny_teacher, tiny_speech_com
     capsys.readouterr()
     args = ["evaluate", "speech-commands", "--dataset", tiny_speech_commands, *SHORT]
     assert run_cli(*args, "--checkpoint", export, "--out", tmp_path / "a") == 2
-    assert f"is an S3PRL export, not a fedhubert checkpoint: pass the checkpoint it was exported from " \
-           f"({tiny_teacher})" in capsys.readouterr().err
+    assert (
+        f"is an S3PRL export, not a fedhubert checkpoint: pass the checkpoint it was exported from "
+        f"({tiny_teacher})" in capsys.readouterr().err
+    )
     assert run_cli(*args, "--checkpoint", tmp_path / "nowhere.pt", "--out", tmp_path / "b") == 2
     assert f"checkpoint {tmp_path / 'nowhere.pt'} does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--baseline", "fbank", "--checkpoint", "x.pt"], "give exactly one of 'checkpoint'"),
-    (["--baseline", "wav2vec2"], "key 'baseline' must be one of 'fbank', 'mfcc', 'spectrogram'"),
-    (["--baseline", "fbank", "--eval-step", "10"], "eval_step (10) is above total_steps (4)"),
-    (["--baseline", "fbank", "--random-init"], "key 'random_init' needs a checkpoint"),
-    (["--baseline", "fbank", "bacth_size=3"], "bacth_size"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--baseline", "fbank", "--checkpoint", "x.pt"], "give exactly one of 'checkpoint'"),
+        (["--baseline", "wav2vec2"], "key 'baseline' must be one of 'fbank', 'mfcc', 'spectrogram'"),
+        (["--baseline", "fbank", "--eval-step", "10"], "eval_step (10) is above total_steps (4)"),
+        (["--baseline", "fbank", "--random-init"], "key 'random_init' needs a checkpoint"),
+        (["--baseline", "fbank", "bacth_size=3"], "bacth_size"),
+    ],
+)
 def test_config_mistakes_are_named(tiny_speech_commands, tmp_path, capsys, overrides, message):
-    assert run_cli("evaluate", "speech-commands", "--dataset", tiny_speech_commands, "--out", tmp_path / "e",
-                   *SHORT, *overrides) == 2
+    assert (
+        run_cli(
+            "evaluate",
+            "speech-commands",
+            "--dataset",
+            tiny_speech_commands,
+            "--out",
+            tmp_path / "e",
+            *SHORT,
+            *overrides,
+        )
+        == 2
+    )
     assert message in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_asking_for_a_missing_gpu_stops_before_s3prl(tiny_speech_commands, tmp_path, capsys):
-    assert run_cli("evaluate", "speech-commands", "--dataset", tiny_speech_commands, "--baseline", "fbank",
-                   "--out", tmp_path / "e", *SHORT, "device=cuda") == 2
+    assert (
+        run_cli(
+            "evaluate",
+            "speech-commands",
+            "--dataset",
+            tiny_speech_commands,
+            "--baseline",
+            "fbank",
+            "--out",
+            tmp_path / "e",
+            *SHORT,
+            "device=cuda",
+        )
+        == 2
+    )
     assert "torch sees no CUDA GPU here; use device=cpu or auto" in capsys.readouterr().err
 
 
@@ -198,9 +238,24 @@ def test_when_s3prl_dies_its_log_is_kept_and_its_last_lines_shown(tiny_speech_co
     """S3PRL killed mid-training (as by an out-of-memory killer): a clear failure, not a missing result."""
     out = tmp_path / "eval"
     env = {**os.environ, "FEDHUBERT_PROGRESS": "0"}
-    command = [str(Path(sys.executable).parent / "fedhubert"), "evaluate", "speech-commands", "--dataset",
-               str(tiny_speech_commands), "--baseline", "fbank", "--out", str(out), "--steps", "100000",
-               "--eval-step", "50000", "batch_size=8", "num_workers=0", "device=cpu"]
+    command = [
+        str(Path(sys.executable).parent / "fedhubert"),
+        "evaluate",
+        "speech-commands",
+        "--dataset",
+        str(tiny_speech_commands),
+        "--baseline",
+        "fbank",
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--eval-step",
+        "50000",
+        "batch_size=8",
+        "num_workers=0",
+        "device=cpu",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -211,8 +266,11 @@ def test_when_s3prl_dies_its_log_is_kept_and_its_last_lines_shown(tiny_speech_co
     else:
         process.kill()
         pytest.fail("S3PRL did not start within 2 minutes")
-    s3prl = [p for p in psutil.Process(process.pid).children(recursive=True)
-             if "s3prl.run_downstream" in " ".join(p.cmdline())]
+    s3prl = [
+        p
+        for p in psutil.Process(process.pid).children(recursive=True)
+        if "s3prl.run_downstream" in " ".join(p.cmdline())
+    ]
     assert len(s3prl) == 1
     s3prl[0].send_signal(signal.SIGKILL)
     _, stderr = process.communicate(timeout=60)

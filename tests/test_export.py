@@ -127,8 +127,8 @@ def test_exported_head_gives_our_masked_prediction_logits(both_models):
         # column 0: the positive; then fairseq's 4 special symbols (zero embeddings: cosine 0), then the K
         # clusters, the positive's own at -inf in both
         torch.testing.assert_close(fairseq[:, :1], mine[:, :1], atol=1e-3, rtol=1e-4)
-        torch.testing.assert_close(fairseq[:, 1 + len(SPECIAL_SYMBOLS):], mine[:, 1:], atol=1e-3, rtol=1e-4)
-        assert torch.equal(fairseq[:, 1:1 + len(SPECIAL_SYMBOLS)], torch.zeros(len(fairseq), len(SPECIAL_SYMBOLS)))
+        torch.testing.assert_close(fairseq[:, 1 + len(SPECIAL_SYMBOLS) :], mine[:, 1:], atol=1e-3, rtol=1e-4)
+        assert torch.equal(fairseq[:, 1 : 1 + len(SPECIAL_SYMBOLS)], torch.zeros(len(fairseq), len(SPECIAL_SYMBOLS)))
     assert ours.logit_generator.temperature == theirs.logit_temp == TINY.logit_temperature
 
 
@@ -153,8 +153,9 @@ def test_exported_mask_embedding_masks_as_ours_does(both_models):
             fairseq = theirs(wave, padding_mask=padding, mask=masked, features_only=True)["x"]
             torch.testing.assert_close(fairseq, our_encoder_output(ours, wave, masked), atol=1e-4, rtol=1e-4)
         unmasked = our_encoder_output(ours, wave, False)
-        assert not torch.allclose(our_encoder_output(ours, wave, True), unmasked, atol=1e-2), \
+        assert not torch.allclose(our_encoder_output(ours, wave, True), unmasked, atol=1e-2), (
             "the mask embedding changes the encoder's output"
+        )
 
 
 def test_train_local_records_the_rate_of_its_labels(tmp_path):
@@ -178,8 +179,23 @@ def test_train_local_records_the_rate_of_its_labels(tmp_path):
     write_manifest(run / "client_0" / "train.tsv", tmp_path, entries)
     (run / "client_0" / "train.km").write_text("\n".join(lines) + "\n")
     out = tmp_path / "train"
-    assert run_cli("train-local", "--out", out, "--preset", "tiny", "--steps", "2", "checkpoint_every=2",
-                   f"train_manifests={[str(run / 'client_0' / 'train.tsv')]}",
-                   f"train_labels={[str(run / 'client_0' / 'train.km')]}", "train.device=cpu",
-                   "train.data.min_seconds=1", "train.data.max_seconds=2", "train.data.batch_seconds=4") == 0
+    assert (
+        run_cli(
+            "train-local",
+            "--out",
+            out,
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "checkpoint_every=2",
+            f"train_manifests={[str(run / 'client_0' / 'train.tsv')]}",
+            f"train_labels={[str(run / 'client_0' / 'train.km')]}",
+            "train.device=cpu",
+            "train.data.min_seconds=1",
+            "train.data.max_seconds=2",
+            "train.data.batch_seconds=4",
+        )
+        == 0
+    )
     assert load_checkpoint(out / "checkpoints" / "final.pt")["label_rate"] == 50

@@ -11,7 +11,12 @@ import soundfile as sf
 
 from fedhubert.labels.features import FeatureError, FeatureSet, featurise, load_features
 from fedhubert.labels.kmeans import (
-    KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
+    KMeansError,
+    cluster_stats,
+    fit_minibatch,
+    initial_codebook,
+    label_lines,
+    lloyd_update,
     write_label_file,
 )
 from fedhubert.labels.mfcc import KaldiMfcc
@@ -109,8 +114,7 @@ def test_speaker_normalisation_pools_each_speaker_over_a_clients_manifests(small
         mean, std = frames.mean(axis=0), frames.std(axis=0)
         for split in range(2):
             if spk in raw[split]:
-                np.testing.assert_allclose(normalised[split][spk], (raw[split][spk] - mean) / std, rtol=1e-3,
-                                           atol=1e-3)
+                np.testing.assert_allclose(normalised[split][spk], (raw[split][spk] - mean) / std, rtol=1e-3, atol=1e-3)
         pooled = np.concatenate([n[spk] for n in normalised if spk in n])
         np.testing.assert_allclose(pooled.mean(axis=0), 0, atol=1e-4)
         np.testing.assert_allclose(pooled.std(axis=0), 1, atol=1e-3)
@@ -143,11 +147,16 @@ def test_speaker_normalisation_needs_librispeech_file_names(small_partition, tmp
         rows[1][0] = str(Path(rows[1][0]).with_name("take-two.flac"))
 
     manifest = damaged_manifest(small_partition, tmp_path, rename)
-    with pytest.raises(FeatureError, match=r"normalize=speaker: .*train.tsv:3: .*take-two.flac' is not named "
-                                           r"<speaker>-<chapter>-<utterance>.flac.*normalize=utterance"):
+    with pytest.raises(
+        FeatureError,
+        match=r"normalize=speaker: .*train.tsv:3: .*take-two.flac' is not named "
+        r"<speaker>-<chapter>-<utterance>.flac.*normalize=utterance",
+    ):
         featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(normalize="speaker"), workers=1)
-    assert featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(normalize="utterance"),
-                     workers=1)["computed"] == 1
+    assert (
+        featurise([(manifest, tmp_path / "f" / "train")], FeaturesConfig(normalize="utterance"), workers=1)["computed"]
+        == 1
+    )
 
 
 def test_manifest_escaping_its_root_is_refused(tmp_path):

@@ -10,8 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common import KMEANS_FAST as FAST
-from common import run_cli
+from common import KMEANS_FAST as FAST, run_cli
 from fedhubert.manifest import read_manifest
 from fedhubert.model.frames import mfcc_frames as num_frames
 
@@ -37,7 +36,7 @@ def test_labels_align_with_manifests_and_match_a_centralized_codebook(federated,
             manifest = read_manifest(small_partition / f"client_{client}" / f"{split}.tsv")
             lines = (federated / f"client_{client}" / f"{split}.km").read_text().splitlines()
             assert len(lines) == len(manifest)
-            for line, entry in zip(lines, manifest.entries):
+            for line, entry in zip(lines, manifest.entries, strict=True):
                 ids = [int(x) for x in line.split()]
                 assert len(ids) == num_frames(entry.num_samples) and all(0 <= i < 16 for i in ids)
     assert record["reference"]["relative_gap"] < 0.03, "federated inertia within 3% of centralized"
@@ -66,10 +65,17 @@ def test_label_quality_is_recorded_per_split_and_agrees_with_the_label_files(fed
     quality = record["label_quality"]
     assert quality["reason"] is None
     assert set(quality["splits"]) == {"train", "valid"} | {f"global/{s}" for s in record["global"]}
-    pairs = {split: [(federated / f"client_{i}" / f"{split}.km", small_partition / f"client_{i}" / f"{split}.tsv")
-                     for i in range(3)] for split in ("train", "valid")}
-    pairs |= {f"global/{s}": [(federated / "global" / f"{s}.km", small_partition / "global" / f"{s}.tsv")]
-              for s in record["global"]}
+    pairs = {
+        split: [
+            (federated / f"client_{i}" / f"{split}.km", small_partition / f"client_{i}" / f"{split}.tsv")
+            for i in range(3)
+        ]
+        for split in ("train", "valid")
+    }
+    pairs |= {
+        f"global/{s}": [(federated / "global" / f"{s}.km", small_partition / "global" / f"{s}.tsv")]
+        for s in record["global"]
+    }
     train_clusters = {label for label, _ in frames_by_cluster_and_speaker(pairs["train"])}
     for name, files in pairs.items():
         counts, got = frames_by_cluster_and_speaker(files), quality["splits"][name]
@@ -80,10 +86,13 @@ def test_label_quality_is_recorded_per_split_and_agrees_with_the_label_files(fed
             per_cluster[label] += n
             per_speaker[speaker] += n
         entropy = -sum(n / frames * math.log(n / frames) for n in per_cluster.values())
-        mutual = sum(n / frames * math.log(n * frames / (per_cluster[label] * per_speaker[speaker]))
-                     for (label, speaker), n in counts.items())
-        dominated = sum(max(n for (c, _), n in counts.items() if c == label) > total / 2
-                        for label, total in per_cluster.items())
+        mutual = sum(
+            n / frames * math.log(n * frames / (per_cluster[label] * per_speaker[speaker]))
+            for (label, speaker), n in counts.items()
+        )
+        dominated = sum(
+            max(n for (c, _), n in counts.items() if c == label) > total / 2 for label, total in per_cluster.items()
+        )
         assert got["frames"] == frames and got["clusters_used"] == len(per_cluster)
         assert got["entropy_nats"] == pytest.approx(entropy) and got["speaker_dominated_clusters"] == dominated
         assert got["speaker_mi_nats"] == pytest.approx(mutual) and 0 < mutual <= entropy
@@ -106,8 +115,9 @@ def test_only_cluster_statistics_cross_the_wire(federated):
     for message in received:
         for name, array in message["arrays"].items():
             assert array["shape"][0] <= 16, f"{name} {array['shape']}: nothing frame-sized leaves a client"
-            assert array["shape"] in ([16, 39], [16]) or (message["type"] == "query.kmeans_init" and
-                                                          array["shape"][1:] in ([39], [])), name
+            assert array["shape"] in ([16, 39], [16]) or (
+                message["type"] == "query.kmeans_init" and array["shape"][1:] in ([39], [])
+            ), name
             assert array["shape"][0] not in frames
         assert message["bytes"] <= 16 * 39 * 8 * 3 + 1024
     sent = [m for m in messages if m["direction"] == "to_client"]
@@ -116,8 +126,19 @@ def test_only_cluster_statistics_cross_the_wire(federated):
 
 def test_same_seed_gives_identical_labels(federated, small_partition, features, tmp_path):
     again = tmp_path / "again"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", again, *FAST, f"feature_dir={features}",
-                   "reference=false") == 0
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            small_partition,
+            "--out",
+            again,
+            *FAST,
+            f"feature_dir={features}",
+            "reference=false",
+        )
+        == 0
+    )
     np.testing.assert_array_equal(np.load(again / "codebook.npy"), np.load(federated / "codebook.npy"))
     for client in range(3):
         for split in ("train", "valid"):
@@ -127,8 +148,20 @@ def test_same_seed_gives_identical_labels(federated, small_partition, features, 
 
 def test_per_client_codebooks_stay_with_their_clients(small_partition, features, tmp_path):
     out = tmp_path / "per-client"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", out, "--mode", "per-client", *FAST,
-                   f"feature_dir={features}") == 0
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            small_partition,
+            "--out",
+            out,
+            "--mode",
+            "per-client",
+            *FAST,
+            f"feature_dir={features}",
+        )
+        == 0
+    )
     record = json.loads((out / "kmeans.json").read_text())
     assert record["mode"] == "per-client" and record["label_head"] == "local" and record["codebook"] is None
     assert not (out / "codebook.npy").exists()
@@ -148,8 +181,20 @@ def test_per_client_codebooks_stay_with_their_clients(small_partition, features,
 
 def test_too_few_frames_for_k_stops_before_any_flower_run(small_partition, features, tmp_path, capsys):
     out = tmp_path / "too-many-clusters"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", out, "--clusters", "100000",
-                   "sample_fraction=1.0", f"feature_dir={features}") == 2
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            small_partition,
+            "--out",
+            out,
+            "--clusters",
+            "100000",
+            "sample_fraction=1.0",
+            f"feature_dir={features}",
+        )
+        == 2
+    )
     assert "fewer than num_clusters=100000" in capsys.readouterr().err
     assert not (out / "flwr").exists()
 
@@ -158,8 +203,20 @@ def test_features_computed_per_client_ahead_are_reused_by_kmeans(small_partition
     """What the Slurm features array does: one `fedhubert features` per client, then kmeans reuses them all."""
     cache = tmp_path / "features"
     for client in range(3):
-        assert run_cli("features", "--partition", small_partition, "--client", client, "--out",
-                       cache / f"client_{client}", "--workers", "1") == 0
+        assert (
+            run_cli(
+                "features",
+                "--partition",
+                small_partition,
+                "--client",
+                client,
+                "--out",
+                cache / f"client_{client}",
+                "--workers",
+                "1",
+            )
+            == 0
+        )
         assert json.loads((cache / f"client_{client}" / "run.json").read_text())["summary"]["computed"] == 2
     out = tmp_path / "kmeans"
     assert run_cli("kmeans", "--partition", small_partition, "--out", out, *FAST, f"feature_dir={cache}") == 0

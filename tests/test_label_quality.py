@@ -12,7 +12,12 @@ import pytest
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.federated import ClientPaths
 from fedhubert.labels.quality import (
-    METRICS, add_counts, read_speaker_counts, speaker_counts, speaker_warning, split_quality,
+    METRICS,
+    add_counts,
+    read_speaker_counts,
+    speaker_counts,
+    speaker_warning,
+    split_quality,
 )
 from fedhubert.labels.run import _label_quality
 from fedhubert.labels.speakers import SpeakerError
@@ -78,8 +83,9 @@ def test_share_of_frames_in_clusters_unseen_in_training():
 
 def test_an_empty_split_has_no_ratios_and_no_warning():
     q = split_quality({}, 4, np.ones(4))
-    assert q["frames"] == 0 and all(q[key] is None for key in METRICS if key not in ("frames", "speakers",
-                                                                                        "clusters_used"))
+    assert q["frames"] == 0 and all(
+        q[key] is None for key in METRICS if key not in ("frames", "speakers", "clusters_used")
+    )
     assert speaker_warning("valid", q) is None
 
 
@@ -91,16 +97,18 @@ def test_counts_add_up_over_files():
 
 def write_split(folder: Path, names: list[str], lines: list[str]) -> tuple[Path, Path]:
     manifest = folder / "train.tsv"
-    manifest.write_text("\n".join(["/corpus"] + [f"train-clean-100/{n.split('-')[0]}/1/{n}\t1200" for n in names])
-                        + "\n")
+    manifest.write_text(
+        "\n".join(["/corpus"] + [f"train-clean-100/{n.split('-')[0]}/1/{n}\t1200" for n in names]) + "\n"
+    )
     labels = folder / "train.km"
     labels.write_text("".join(f"{line}\n" for line in lines))
     return labels, manifest
 
 
 def test_label_files_are_read_with_the_speakers_of_their_manifest_rows(tmp_path):
-    labels, manifest = write_split(tmp_path, ["19-1-0000.flac", "19-1-0001.flac", "250-1-0000.flac"],
-                                   ["0 0 1", "1 2 2", "2 2 2"])
+    labels, manifest = write_split(
+        tmp_path, ["19-1-0000.flac", "19-1-0001.flac", "250-1-0000.flac"], ["0 0 1", "1 2 2", "2 2 2"]
+    )
     counts = read_speaker_counts(labels, manifest, 3)
     assert {s: list(c) for s, c in counts.items()} == {19: [2, 2, 2], 250: [0, 0, 3]}
     labels.write_text("0 0 1\n1 2 2\n")

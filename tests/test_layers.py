@@ -15,15 +15,34 @@ ROOT = "fedhubert"
 # the root package's name, which stands for its __init__ alone: every module must be placed here explicitly.
 LAYERS: dict[str, tuple[str, ...]] = {
     "core": (  # framework-free: no Flower, no stage
-        "fedhubert", "fedhubert.atomic", "fedhubert.errors", "fedhubert.config", "fedhubert.runlog",
-        "fedhubert.parallel", "fedhubert.plots", "fedhubert.audio", "fedhubert.manifest", "fedhubert.corpus",
-        "fedhubert.model", "fedhubert.train", "fedhubert.labels.mfcc", "fedhubert.labels.features",
-        "fedhubert.labels.kmeans", "fedhubert.labels.quality", "fedhubert.labels.speakers",
+        "fedhubert",
+        "fedhubert.atomic",
+        "fedhubert.errors",
+        "fedhubert.config",
+        "fedhubert.runlog",
+        "fedhubert.parallel",
+        "fedhubert.plots",
+        "fedhubert.audio",
+        "fedhubert.manifest",
+        "fedhubert.corpus",
+        "fedhubert.model",
+        "fedhubert.train",
+        "fedhubert.labels.mfcc",
+        "fedhubert.labels.features",
+        "fedhubert.labels.kmeans",
+        "fedhubert.labels.quality",
+        "fedhubert.labels.speakers",
         "fedhubert.labels.settings",
     ),
     "fl": ("fedhubert.fl",),  # the Flower library: round loop, client round, weights, records, federation runner
-    "stages": ("fedhubert.partition", "fedhubert.labels", "fedhubert.pretrain", "fedhubert.distill",
-               "fedhubert.eval", "fedhubert.report"),
+    "stages": (
+        "fedhubert.partition",
+        "fedhubert.labels",
+        "fedhubert.pretrain",
+        "fedhubert.distill",
+        "fedhubert.eval",
+        "fedhubert.report",
+    ),
     "roots": ("fedhubert.cli", "fedhubert.__main__", "fedhubert.app"),  # composition roots
 }
 ORDER = list(LAYERS)
@@ -42,8 +61,12 @@ def module_name(path: Path, src: Path) -> str:
 
 
 def layer_of(module: str) -> str | None:
-    covering = [(len(name), layer) for layer, names in LAYERS.items() for name in names
-                if module == name or (name != ROOT and module.startswith(name + "."))]
+    covering = [
+        (len(name), layer)
+        for layer, names in LAYERS.items()
+        for name in names
+        if module == name or (name != ROOT and module.startswith(name + "."))
+    ]
     return max(covering)[1] if covering else None
 
 
@@ -71,8 +94,9 @@ def imports(src: Path) -> list[Import]:
             else:
                 continue
             where = f"{path.relative_to(src)}:{node.lineno}"
-            found += [Import(importer, target, where) for target in targets
-                      if target == ROOT or target.startswith(ROOT + ".")]
+            found += [
+                Import(importer, target, where) for target in targets if target == ROOT or target.startswith(ROOT + ".")
+            ]
     return found
 
 
@@ -81,9 +105,11 @@ def unplaced(src: Path) -> list[str]:
 
 
 def upward_imports(src: Path) -> list[str]:
-    return sorted(f"{i.where}: {i.importer} ({layer_of(i.importer)}) imports {i.imported} ({layer_of(i.imported)})"
-                  for i in imports(src)
-                  if ORDER.index(layer_of(i.imported)) > ORDER.index(layer_of(i.importer)))
+    return sorted(
+        f"{i.where}: {i.importer} ({layer_of(i.importer)}) imports {i.imported} ({layer_of(i.imported)})"
+        for i in imports(src)
+        if ORDER.index(layer_of(i.imported)) > ORDER.index(layer_of(i.importer))
+    )
 
 
 def package_cycles(src: Path) -> list[str]:

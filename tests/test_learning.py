@@ -14,10 +14,10 @@ import torch
 
 from common import PRETRAIN_FAST, SMALL_K, run_cli
 from fedhubert.config import load_config
+from fedhubert.fl.config import StrategyConfig
 from fedhubert.fl.local import planned_local_steps
 from fedhubert.fl.rounds import server_step
 from fedhubert.fl.strategy import make_strategy
-from fedhubert.fl.config import StrategyConfig
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, cosine_logits
@@ -26,7 +26,13 @@ from fedhubert.train.config import LossConfig, OptimConfig, TrainConfig
 from fedhubert.train.data import LabelRate, batch_loader, label_counts, load_utterances
 from fedhubert.train.learning import learning_check
 from fedhubert.train.loop import (
-    MaskedPrediction, TrainingError, evaluate, hubert_loss, label_log_prior, label_scores, learning_rate,
+    MaskedPrediction,
+    TrainingError,
+    evaluate,
+    hubert_loss,
+    label_log_prior,
+    label_scores,
+    learning_rate,
 )
 from fedhubert.train.schedule import fit_schedule, schedule_record, schedule_warnings
 
@@ -92,8 +98,9 @@ def test_the_baseline_is_the_cross_entropy_of_the_training_label_distribution():
     logits = cosine_logits(torch.randn(5, 8), labels, torch.randn(4, 8), 0.1)
     out = hubert_loss(logits, logits[:0], torch.zeros(()), LossConfig(feature_penalty=0), prior)
     assert out.sums["prior_ce_m"] == pytest.approx(float(-prior[labels].sum()), rel=1e-6)
-    assert out.sums["ce_m"] == pytest.approx(float(torch.nn.functional.cross_entropy(
-        logits, torch.zeros(5, dtype=torch.long), reduction="sum")), rel=1e-6)
+    assert out.sums["ce_m"] == pytest.approx(
+        float(torch.nn.functional.cross_entropy(logits, torch.zeros(5, dtype=torch.long), reduction="sum")), rel=1e-6
+    )
     assert out.sums["predicted"].sum() == 5
 
 
@@ -101,10 +108,18 @@ def test_the_baseline_is_the_cross_entropy_of_the_training_label_distribution():
 def held_out(small_partition, small_labels):
     rate = LabelRate(100, TINY)
     data = load_config(TrainConfig, None, ["data.min_seconds=1", "data.max_seconds=3", "data.batch_seconds=12"]).data
-    train = load_utterances([(small_partition / f"client_{i}" / "train.tsv", small_labels / f"client_{i}" / "train.km")
-                             for i in range(3)], SMALL_K, data, rate)
-    valid = load_utterances([(small_partition / f"client_{i}" / "valid.tsv", small_labels / f"client_{i}" / "valid.km")
-                             for i in range(3)], SMALL_K, data, rate)
+    train = load_utterances(
+        [(small_partition / f"client_{i}" / "train.tsv", small_labels / f"client_{i}" / "train.km") for i in range(3)],
+        SMALL_K,
+        data,
+        rate,
+    )
+    valid = load_utterances(
+        [(small_partition / f"client_{i}" / "valid.tsv", small_labels / f"client_{i}" / "valid.km") for i in range(3)],
+        SMALL_K,
+        data,
+        rate,
+    )
     return label_counts(train, SMALL_K), batch_loader(valid, rate, data, 1, None)
 
 
@@ -128,17 +143,36 @@ def test_a_frequency_only_model_is_flagged(held_out):
 
 
 def test_a_briefly_trained_tiny_model_beats_the_frequency_baseline_on_held_out_frames(
-        small_partition, small_labels, tmp_path):
+    small_partition, small_labels, tmp_path
+):
     out = tmp_path / "central"
     manifests = [str(small_partition / f"client_{i}" / "train.tsv") for i in range(3)]
     labels = [str(small_labels / f"client_{i}" / "train.km") for i in range(3)]
     valid = [str(small_partition / f"client_{i}" / "valid.tsv") for i in range(3)]
     valid_labels = [str(small_labels / f"client_{i}" / "valid.km") for i in range(3)]
-    assert run_cli("train-local", "--out", out, "--preset", "tiny", "--steps", "80", f"num_classes={SMALL_K}",
-                   f"train_manifests={manifests}", f"train_labels={labels}", f"valid_manifests={valid}",
-                   f"valid_labels={valid_labels}", "eval_every=40", "checkpoint_every=80", "train.device=cpu",
-                   "train.data.min_seconds=1", "train.data.max_seconds=3",
-                   "train.data.batch_seconds=12") == 0
+    assert (
+        run_cli(
+            "train-local",
+            "--out",
+            out,
+            "--preset",
+            "tiny",
+            "--steps",
+            "80",
+            f"num_classes={SMALL_K}",
+            f"train_manifests={manifests}",
+            f"train_labels={labels}",
+            f"valid_manifests={valid}",
+            f"valid_labels={valid_labels}",
+            "eval_every=40",
+            "checkpoint_every=80",
+            "train.device=cpu",
+            "train.data.min_seconds=1",
+            "train.data.max_seconds=3",
+            "train.data.batch_seconds=12",
+        )
+        == 0
+    )
     summary = json.loads((out / "run.json").read_text())["summary"]
     assert summary["schedule"]["total_steps"] == 80 and summary["schedule"]["warmup_steps"] == 8
     assert summary["schedule"]["lr"] == 5e-3 and summary["schedule"]["lr_from"] == "model preset"
@@ -180,8 +214,19 @@ def test_bfloat16_sends_changes_that_match_the_float32_round(small_partition, sm
     changes = {}
     for transfer in ("float32", "bfloat16"):
         out = tmp_path / transfer
-        assert pretrain(small_partition, small_kmeans, out, "--rounds", "1", f"transfer={transfer}",
-                        "strategy.name=fedavg", "train.optim.lr=1e-6") == 0
+        assert (
+            pretrain(
+                small_partition,
+                small_kmeans,
+                out,
+                "--rounds",
+                "1",
+                f"transfer={transfer}",
+                "strategy.name=fedavg",
+                "train.optim.lr=1e-6",
+            )
+            == 0
+        )
         final = load_checkpoint(out / "checkpoints" / "final.pt")["state_dict"]
         torch.manual_seed(0)
         initial = build_hubert(TINY, 16).state_dict()
@@ -195,8 +240,9 @@ def test_bfloat16_sends_changes_that_match_the_float32_round(small_partition, sm
 
 
 @pytest.mark.slow
-def test_the_global_step_follows_the_longest_client_and_the_schedule_plans_for_it(small_partition, small_kmeans,
-                                                                                  tmp_path):
+def test_the_global_step_follows_the_longest_client_and_the_schedule_plans_for_it(
+    small_partition, small_kmeans, tmp_path
+):
     """A client_configs override of local_steps: the round advances the global step by the updates actually run,
     and the fitted schedule counts them (not the config's local_steps)."""
     import shutil
@@ -223,10 +269,23 @@ def test_resume_with_nothing_readable_is_an_error_unless_forced(small_partition,
 
     out = tmp_path / "nothing-saved"
     out.mkdir()
-    save_config(absolute_paths(load_config(PretrainConfig, None, [
-        f"partition={small_partition}", f"kmeans={small_kmeans}", "num_rounds=1",
-        *[a for a in PRETRAIN_FAST if "=" in a],
-        "model.preset=tiny", "local_steps=2"])), out / "config.yaml")
+    save_config(
+        absolute_paths(
+            load_config(
+                PretrainConfig,
+                None,
+                [
+                    f"partition={small_partition}",
+                    f"kmeans={small_kmeans}",
+                    "num_rounds=1",
+                    *[a for a in PRETRAIN_FAST if "=" in a],
+                    "model.preset=tiny",
+                    "local_steps=2",
+                ],
+            )
+        ),
+        out / "config.yaml",
+    )
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "round_00001.pt").write_bytes(b"not a checkpoint")
     assert run_cli("pretrain", "--resume", out) == 2

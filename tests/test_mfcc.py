@@ -10,8 +10,9 @@ from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, reference_features
 from fedhubert.model.frames import mfcc_frames as num_frames
 
 
-@pytest.mark.parametrize("samples, frames", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16000, 98),
-                                             (16000 * 15, 1498)])
+@pytest.mark.parametrize(
+    "samples, frames", [(0, 0), (399, 0), (400, 1), (559, 1), (560, 2), (16000, 98), (16000 * 15, 1498)]
+)
 def test_frame_count_is_the_recipe_formula(samples, frames):
     assert num_frames(samples) == frames
     wav = np.random.default_rng(0).standard_normal(samples).astype(np.float32) * 0.1
@@ -34,8 +35,8 @@ def test_equals_reference_on_noise_and_silence_edges():
 
 
 def test_utterance_normalisation_normalises_each_dimension_and_the_others_keep_raw_mfcc():
-    from fedhubert.labels.settings import FeaturesConfig
     from fedhubert.labels.features import extract, extractor_for
+    from fedhubert.labels.settings import FeaturesConfig
 
     wav = np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.2
     feats = extract(extractor_for(FeaturesConfig(normalize="utterance")), wav)

@@ -28,7 +28,9 @@ def test_logits_equal_torchaudio_with_the_positive_first():
     x = torch.randn(3, 50, 64)
     labels = torch.randint(0, 20, (3, 50))
     mask = torch.rand(3, 50) < 0.6
-    for a, b, rows in zip(original(x, labels, mask, ~mask), ours(x, labels, mask, ~mask), (mask.sum(), (~mask).sum())):
+    for a, b, rows in zip(
+        original(x, labels, mask, ~mask), ours(x, labels, mask, ~mask), (mask.sum(), (~mask).sum()), strict=True
+    ):
         assert a.shape == b.shape == (rows, 21)
         finite = torch.isfinite(a)
         assert torch.equal(finite, torch.isfinite(b)), "the positive's own class is -inf among the negatives"
@@ -56,8 +58,12 @@ def test_loss_targets_index_zero_not_the_cluster_id():
     out = hubert_loss(logit_m, logit_u, torch.tensor(0.5), LossConfig())
     expected = (-(torch.log_softmax(logit_m, dim=1)[:, 0]).sum() + 10 * 0.5 * 2) / 2
     torch.testing.assert_close(out.loss, expected)
-    assert {k: out.sums[k] for k in ("masked", "correct_m", "unmasked", "correct_u")} == \
-        {"masked": 2, "correct_m": 1, "unmasked": 1, "correct_u": 1}
+    assert {k: out.sums[k] for k in ("masked", "correct_m", "unmasked", "correct_u")} == {
+        "masked": 2,
+        "correct_m": 1,
+        "unmasked": 1,
+        "correct_u": 1,
+    }
     assert out.sums["predicted"].tolist() == [1, 1, 0], "frame 1 is cluster 1, right; frame 2 is cluster 2, taken for 0"
     assert out.sums["ce_m"] == pytest.approx(float(-(torch.log_softmax(logit_m, dim=1)[:, 0]).sum()))
     weighted = hubert_loss(logit_m, logit_u, torch.tensor(0.0), LossConfig(unmasked_weight=1.0, feature_penalty=0))
@@ -104,10 +110,13 @@ def test_checkpointing_saves_activation_memory_and_the_estimate_tracks_it():
         enable_checkpointing(model, layers, cnn)
         samples = 16000 * 3
         with measure_saved_bytes() as saved:
-            logit_m, logit_u, penalty = model(torch.randn(2, samples), torch.randint(0, 10, (2, feature_frames(samples, TINY))))
+            logit_m, logit_u, penalty = model(
+                torch.randn(2, samples), torch.randint(0, 10, (2, feature_frames(samples, TINY)))
+            )
         hubert_loss(logit_m, logit_u, penalty, LossConfig()).loss.backward()
-        estimate = estimate_activation_bytes(TINY, 2, samples, num_classes=10, checkpoint_layers=layers,
-                                             checkpoint_cnn=cnn)
+        estimate = estimate_activation_bytes(
+            TINY, 2, samples, num_classes=10, checkpoint_layers=layers, checkpoint_cnn=cnn
+        )
         assert 0.6 < estimate / saved["bytes"] < 1.6, (layers, cnn, estimate, saved["bytes"])
         results[(layers, cnn)] = saved["bytes"]
     assert results[(True, True)] < results[(True, False)] < results[(False, False)]

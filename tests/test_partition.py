@@ -43,24 +43,31 @@ def client_rows(out: Path) -> dict[str, list[tuple[str, int, str]]]:
         for split in rows:
             manifest = read_manifest(folder / f"{split}.tsv")
             words = read_aligned_lines(folder / f"{split}.wrd", manifest)
-            rows[split] += [(e.path, e.num_samples, w) for e, w in zip(manifest.entries, words)]
+            rows[split] += [(e.path, e.num_samples, w) for e, w in zip(manifest.entries, words, strict=True)]
     return rows
 
 
-@pytest.mark.parametrize("scheme, extra", [
-    ("balanced", []),
-    ("dirichlet", ["dirichlet.alpha=0.3", "dirichlet.attribute=subset"]),
-    ("quantity", ["quantity.exponent=1.5"]),
-    ("natural", ["num_clients=null", "natural.speakers_per_client=2"]),
-])
-def test_every_accepted_utterance_lands_once_with_its_true_length_and_transcript(small_librispeech, tmp_path, scheme, extra):
+@pytest.mark.parametrize(
+    "scheme, extra",
+    [
+        ("balanced", []),
+        ("dirichlet", ["dirichlet.alpha=0.3", "dirichlet.attribute=subset"]),
+        ("quantity", ["quantity.exponent=1.5"]),
+        ("natural", ["num_clients=null", "natural.speakers_per_client=2"]),
+    ],
+)
+def test_every_accepted_utterance_lands_once_with_its_true_length_and_transcript(
+    small_librispeech, tmp_path, scheme, extra
+):
     out = tmp_path / "part"
     clients = [] if scheme == "natural" else ["--clients", "4"]
     assert partition(small_librispeech, out, "--scheme", scheme, *clients, *extra) == 0
     info = json.loads((out / "partition.json").read_text())
     texts = transcripts(small_librispeech)
     table = speakers_table(small_librispeech)
-    expected = {p.relative_to(small_librispeech).as_posix() for s in TRAIN for p in small_librispeech.glob(f"{s}/*/*/*.flac")}
+    expected = {
+        p.relative_to(small_librispeech).as_posix() for s in TRAIN for p in small_librispeech.glob(f"{s}/*/*/*.flac")
+    }
     rows = client_rows(out)
     paths = [p for split in rows.values() for p, _, _ in split]
     assert sorted(paths) == sorted(expected), "every accepted training utterance exactly once"
@@ -110,8 +117,9 @@ def test_manifest_format_is_fairseq_and_heldout_sets_are_global(small_librispeec
 
 def test_validation_split_by_speaker_or_by_utterance(small_librispeech, tmp_path):
     out = tmp_path / "by-speaker"
-    assert partition(small_librispeech, out, "--clients", "2", "validation.min_speakers=3",
-                     "validation.fraction=0.3") == 0
+    assert (
+        partition(small_librispeech, out, "--clients", "2", "validation.min_speakers=3", "validation.fraction=0.3") == 0
+    )
     for c in json.loads((out / "partition.json").read_text())["clients"]:
         assert c["valid_split"] == "speaker" and c["valid_speakers"]
         valid = {int(e.path.split("/")[1]) for e in read_manifest(out / c["dir"] / "valid.tsv").entries}
@@ -126,12 +134,16 @@ def test_validation_split_by_speaker_or_by_utterance(small_librispeech, tmp_path
 def test_same_seed_same_partition_and_the_corpus_is_untouched(small_librispeech, tmp_path):
     before = corpus_digest(small_librispeech)
     for name in ("a", "b"):
-        assert partition(small_librispeech, tmp_path / name, "--scheme", "dirichlet", "--clients", "4", "--seed", "7") == 0
+        assert (
+            partition(small_librispeech, tmp_path / name, "--scheme", "dirichlet", "--clients", "4", "--seed", "7") == 0
+        )
     assert partition(small_librispeech, tmp_path / "c", "--scheme", "dirichlet", "--clients", "4", "--seed", "8") == 0
     digest = {n: {k: v for k, v in tree_digest(tmp_path / n).items() if not k.endswith(".png")} for n in "abc"}
     assert digest["a"] == {k: v for k, v in digest["b"].items()}
-    assert json.loads((tmp_path / "a" / "partition.json").read_text())["clients"] != \
-        json.loads((tmp_path / "c" / "partition.json").read_text())["clients"]
+    assert (
+        json.loads((tmp_path / "a" / "partition.json").read_text())["clients"]
+        != json.loads((tmp_path / "c" / "partition.json").read_text())["clients"]
+    )
     assert corpus_digest(small_librispeech) == before, "the corpus is read-only"
 
 
@@ -159,8 +171,9 @@ def damaged_corpus(small_librispeech, tmp_path) -> Path:
     stem = f"{spk_dir.name}-{chapter.name}"
     speech = sf.read(next(chapter.glob("*.flac")))[0]
     (chapter / f"{stem}-0900.flac").write_bytes(b"this is not a flac file" * 20)
-    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", chapter / f"{stem}-0901.flac", "trim", "0", "0"],
-                   check=True)  # a valid FLAC without samples (and without a length in its header)
+    subprocess.run(
+        ["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", chapter / f"{stem}-0901.flac", "trim", "0", "0"], check=True
+    )  # a valid FLAC without samples (and without a length in its header)
     write_flac(chapter / f"{stem}-0902.flac", speech[::2], rate=8000)
     write_flac(chapter / f"{stem}-0903.flac", np.stack([speech, speech], axis=1))
     write_flac(chapter / f"{stem}-0904.flac", speech)  # no transcript line
@@ -208,8 +221,12 @@ def test_truncated_audio_is_caught_when_verifying(damaged_corpus, tmp_path):
 def test_wrong_corpus_folders_give_clear_errors(small_librispeech, tmp_path, capsys):
     assert partition(tmp_path, tmp_path / "a", "--clients", "2") == 2
     assert "SPEAKERS.TXT not found" in capsys.readouterr().err
-    assert partition(small_librispeech, tmp_path / "b", "--clients", "2", "train_subsets=[test-other]",
-                     "heldout_subsets=[]") == 2
+    assert (
+        partition(
+            small_librispeech, tmp_path / "b", "--clients", "2", "train_subsets=[test-other]", "heldout_subsets=[]"
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "training subsets ['test-other'] are not in" in err and "train-clean-100" in err
     assert partition(small_librispeech, tmp_path / "c", "--clients", "99") == 2

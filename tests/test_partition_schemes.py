@@ -16,8 +16,9 @@ def population(n: int = 120, seed: int = 0) -> list[SpeakerLoad]:
     rng = np.random.default_rng(seed)
     subsets = ["train-clean-100", "train-clean-360", "train-other-500"]
     return [
-        SpeakerLoad(1000 + i, "F" if rng.random() < 0.5 else "M", subsets[int(rng.integers(3))],
-                    float(rng.uniform(300, 1800)))
+        SpeakerLoad(
+            1000 + i, "F" if rng.random() < 0.5 else "M", subsets[int(rng.integers(3))], float(rng.uniform(300, 1800))
+        )
         for i in range(n)
     ]
 
@@ -74,10 +75,16 @@ def test_dirichlet_skew_grows_as_alpha_shrinks(attribute):
     by_id = {s.speaker_id: s for s in speakers}
 
     def mean_skew(alpha: float) -> float:
-        return float(np.mean([
-            schemes.skew(assign("dirichlet", speakers, 8, seed, alpha=alpha, attribute=attribute), by_id, attribute)
-            for seed in range(6)
-        ]))
+        return float(
+            np.mean(
+                [
+                    schemes.skew(
+                        assign("dirichlet", speakers, 8, seed, alpha=alpha, attribute=attribute), by_id, attribute
+                    )
+                    for seed in range(6)
+                ]
+            )
+        )
 
     low, mid, high = mean_skew(0.05), mean_skew(1.0), mean_skew(100.0)
     assert low > mid > high
@@ -108,14 +115,17 @@ def test_impossible_requests_stop_with_a_clear_error():
         schemes.natural(speakers, 2, 4, np.random.default_rng(0))
 
 
-@pytest.mark.parametrize("override, pattern", [
-    ("dirichlet.alpha=0", r"key 'dirichlet.alpha' must be > 0"),
-    ("dirichlet.alpha=-1", r"key 'dirichlet.alpha' must be > 0"),
-    ("num_clients=0", r"key 'num_clients' must be >= 1"),
-    ("scheme=random", r"key 'scheme' must be one of"),
-    ("train_subsets=[train-clean-999]", r"key 'train_subsets\[0\]' must be one of"),
-    ("heldout_subsets=[train-clean-100]", r"in both 'train_subsets' and 'heldout_subsets'"),
-])
+@pytest.mark.parametrize(
+    "override, pattern",
+    [
+        ("dirichlet.alpha=0", r"key 'dirichlet.alpha' must be > 0"),
+        ("dirichlet.alpha=-1", r"key 'dirichlet.alpha' must be > 0"),
+        ("num_clients=0", r"key 'num_clients' must be >= 1"),
+        ("scheme=random", r"key 'scheme' must be one of"),
+        ("train_subsets=[train-clean-999]", r"key 'train_subsets\[0\]' must be one of"),
+        ("heldout_subsets=[train-clean-100]", r"in both 'train_subsets' and 'heldout_subsets'"),
+    ],
+)
 def test_bad_partition_configs(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(PartitionConfig, None, ["corpus=/data/LibriSpeech", override])

@@ -13,11 +13,11 @@ import torch
 
 from common import KMEANS_FAST, PRETRAIN_FAST as FAST, run_cli
 from fedhubert.config import load_config
+from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.frames import feature_frames
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
-from fedhubert.manifest import read_manifest
 
 pytestmark = pytest.mark.slow
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
@@ -71,8 +71,20 @@ def test_a_resumed_run_ends_with_the_same_weights(four_rounds, small_partition, 
     """A schedule fitted to 2 rounds would decay to 0 by round 2, so the first run pins the one a 4-round run fits
     (12 updates, 1 of warm-up): extending a run with a fitted schedule refits it, which the log says."""
     out = tmp_path / "two-then-four"
-    assert pretrain(small_partition, small_kmeans, out, "--rounds", "2", "strategy.fraction=0.6",
-                    "strategy.name=fedadam", "train.optim.total_steps=12", "train.optim.warmup_steps=1") == 0
+    assert (
+        pretrain(
+            small_partition,
+            small_kmeans,
+            out,
+            "--rounds",
+            "2",
+            "strategy.fraction=0.6",
+            "strategy.name=fedadam",
+            "train.optim.total_steps=12",
+            "train.optim.warmup_steps=1",
+        )
+        == 0
+    )
     assert run_cli("pretrain", "--resume", out, "num_rounds=4") == 0
     a = load_checkpoint(four_rounds / "checkpoints" / "final.pt")["state_dict"]
     b = load_checkpoint(out / "checkpoints" / "final.pt")["state_dict"]
@@ -87,10 +99,24 @@ def test_resume_keeps_the_config(four_rounds, capsys):
 
 
 def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
-        small_partition, kmeans_features, tmp_path):
+    small_partition, kmeans_features, tmp_path
+):
     kmeans = tmp_path / "kmeans-per-client"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", kmeans, "--mode", "per-client", *KMEANS_FAST,
-                   "reference=false", f"feature_dir={kmeans_features}") == 0
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            small_partition,
+            "--out",
+            kmeans,
+            "--mode",
+            "per-client",
+            *KMEANS_FAST,
+            "reference=false",
+            f"feature_dir={kmeans_features}",
+        )
+        == 0
+    )
     out = tmp_path / "pretrain"
     assert pretrain(small_partition, kmeans, out, "--rounds", "2", "transfer=bfloat16") == 0
     size = sum(v.numel() * 4 for k, v in build_hubert(TINY, 16).state_dict().items() if k not in LABEL_HEAD_KEYS)
@@ -99,8 +125,10 @@ def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
         assert not names & set(LABEL_HEAD_KEYS), "the label head is never sent"
         assert {a["dtype"] for a in message["arrays"].values()} == {"uint16"}
         assert size / 2 <= message["bytes"] <= size / 2 + 128 * len(message["arrays"])
-    heads = [torch.load(sorted((out / "clients" / f"client_{i}").glob("head_round_*.pt"))[-1], weights_only=True)
-             for i in range(3)]
+    heads = [
+        torch.load(sorted((out / "clients" / f"client_{i}").glob("head_round_*.pt"))[-1], weights_only=True)
+        for i in range(3)
+    ]
     assert not torch.equal(heads[0]["logit_generator.label_embeddings"], heads[1]["logit_generator.label_embeddings"])
     final = load_checkpoint(out / "checkpoints" / "final.pt")
     assert final["state"]["label_head"] == "local" and set(final["state"]["client_heads"]) == {"0", "1", "2"}
@@ -108,7 +136,8 @@ def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
 
 
 def test_a_failing_client_is_left_out_and_too_few_stop_with_a_checkpoint(
-        small_partition, small_kmeans, tmp_path, capsys):
+    small_partition, small_kmeans, tmp_path, capsys
+):
     kmeans = tmp_path / "kmeans"
     shutil.copytree(small_kmeans, kmeans, ignore=shutil.ignore_patterns("flwr", "features"))
     broken = kmeans / "client_2" / "train.km"
@@ -125,12 +154,31 @@ def test_a_failing_client_is_left_out_and_too_few_stop_with_a_checkpoint(
     assert load_checkpoint(stopped / "checkpoints" / "round_00000.pt")["state"]["round"] == 0
 
 
-def test_iteration_two_relabels_from_a_checkpoint_and_pretrains_again(four_rounds, small_partition, kmeans_features,
-                                                                      tmp_path):
+def test_iteration_two_relabels_from_a_checkpoint_and_pretrains_again(
+    four_rounds, small_partition, kmeans_features, tmp_path
+):
     relabelled = tmp_path / "kmeans-it2"
-    assert run_cli("kmeans", "--partition", small_partition, "--out", relabelled, "--features", "hubert",
-                   "--checkpoint", four_rounds / "checkpoints" / "final.pt", "--layer", "1", "--clusters", "8",
-                   "sample_fraction=1.0", "minibatch.n_init=2", f"feature_dir={kmeans_features}") == 0
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            small_partition,
+            "--out",
+            relabelled,
+            "--features",
+            "hubert",
+            "--checkpoint",
+            four_rounds / "checkpoints" / "final.pt",
+            "--layer",
+            "1",
+            "--clusters",
+            "8",
+            "sample_fraction=1.0",
+            "minibatch.n_init=2",
+            f"feature_dir={kmeans_features}",
+        )
+        == 0
+    )
     record = json.loads((relabelled / "kmeans.json").read_text())
     assert record["label_rate"] == 50 and record["features"]["kind"] == "hubert" and record["features"]["dims"] == 64
     manifest = read_manifest(small_partition / "client_0" / "train.tsv")
@@ -151,10 +199,23 @@ def test_flwr_run_of_the_repository_works_as_flower_users_expect(small_partition
     from fedhubert.pretrain.config import PretrainConfig
 
     repo = Path(__file__).resolve().parents[1]
-    config = absolute_paths(load_config(PretrainConfig, None, [
-        f"partition={small_partition}", f"kmeans={small_kmeans}", "num_rounds=1", "model.preset=tiny",
-        "local_steps=2", "train.device=cpu", "train.data.min_seconds=1", "train.data.max_seconds=3",
-        "train.data.batch_seconds=12"]))
+    config = absolute_paths(
+        load_config(
+            PretrainConfig,
+            None,
+            [
+                f"partition={small_partition}",
+                f"kmeans={small_kmeans}",
+                "num_rounds=1",
+                "model.preset=tiny",
+                "local_steps=2",
+                "train.device=cpu",
+                "train.data.min_seconds=1",
+                "train.data.max_seconds=3",
+                "train.data.batch_seconds=12",
+            ],
+        )
+    )
     out = tmp_path / "flwr-run"
     save_config(config, tmp_path / "pretrain.yaml")
     run_flower_app({"config": str(tmp_path / "pretrain.yaml"), "out": str(out)}, out, 3, FederationConfig(app=repo))

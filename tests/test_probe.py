@@ -22,9 +22,27 @@ from fedhubert.eval.probe import fold_accuracies, speaker_folds
 from fedhubert.model.checkpoint import save_checkpoint
 from fedhubert.model.student import init_from_teacher
 
-MODEL_FIELDS = {"name", "kind", "architecture", "checkpoint", "checkpoint_sha256", "random_init", "layer",
-                "feature_dim", "accuracy_mean", "accuracy_sd", "fold_accuracies", "converged", "clips", "speakers",
-                "words", "chance", "seconds", "features_seconds", "fit_seconds"}
+MODEL_FIELDS = {
+    "name",
+    "kind",
+    "architecture",
+    "checkpoint",
+    "checkpoint_sha256",
+    "random_init",
+    "layer",
+    "feature_dim",
+    "accuracy_mean",
+    "accuracy_sd",
+    "fold_accuracies",
+    "converged",
+    "clips",
+    "speakers",
+    "words",
+    "chance",
+    "seconds",
+    "features_seconds",
+    "fit_seconds",
+}
 
 
 def synthetic(num_speakers: int = 12, words: int = 6, repetitions: int = 3, seed: int = 0):
@@ -41,8 +59,10 @@ def test_a_linearly_encoded_word_is_found_and_pure_noise_is_not():
     encoded = np.eye(6)[labels] @ rng.normal(size=(6, 40)) + 0.5 * rng.normal(size=(len(labels), 40))
     accuracies, converged = fold_accuracies(encoded, labels, folds)
     assert converged and len(accuracies) == 5 and min(accuracies) >= 0.95
-    noise_means = [np.mean(fold_accuracies(np.random.default_rng(s).normal(size=(len(labels), 40)), labels,
-                                           folds)[0]) for s in range(3)]
+    noise_means = [
+        np.mean(fold_accuracies(np.random.default_rng(s).normal(size=(len(labels), 40)), labels, folds)[0])
+        for s in range(3)
+    ]
     assert abs(np.mean(noise_means) - chance) < 0.08, noise_means
 
 
@@ -53,7 +73,9 @@ def test_speaker_specific_codes_score_chance_because_folds_keep_speakers_apart()
 
     labels, speakers, rng = synthetic()
     codes = {(s, w): rng.normal(size=100) for s in sorted(set(speakers)) for w in range(6)}
-    features = np.stack([codes[s, w] for s, w in zip(speakers, labels)]) + 0.1 * rng.normal(size=(len(labels), 100))
+    features = np.stack([codes[s, w] for s, w in zip(speakers, labels, strict=True)]) + 0.1 * rng.normal(
+        size=(len(labels), 100)
+    )
     leaky = list(StratifiedKFold(5, shuffle=True, random_state=0).split(features, labels))
     assert np.mean(fold_accuracies(features, labels, leaky)[0]) > 0.9
     assert np.mean(fold_accuracies(features, labels, speaker_folds(labels, speakers, 5, seed=0))[0]) < 0.4
@@ -76,14 +98,16 @@ def test_clips_words_and_speakers_come_from_the_layout(tiny_speech_commands):
     words = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != NOISE_DIR)
     assert clips.words == words and NOISE_DIR not in clips.words
     assert sorted(clips.paths) == sorted(p for w in words for p in (folder / w).glob("*.wav"))
-    for path, label, speaker in zip(clips.paths, clips.labels, clips.speakers):
+    for path, label, speaker in zip(clips.paths, clips.labels, clips.speakers, strict=True):
         assert path.parent.name == clips.words[label] and path.name.startswith(f"{speaker}_nohash_")
     assert clips.num_speakers == 10
     assert clips.chance == pytest.approx(max(np.bincount(clips.labels)) / len(clips))
     subset = list_clips(tiny_speech_commands, words=["yes", "no"], folds=5, max_speakers=6, seed=1)
     assert subset.words == ["no", "yes"] and subset.num_speakers == 6
-    assert subset.num_speakers == list_clips(tiny_speech_commands, words=["yes", "no"], folds=5, max_speakers=6,
-                                             seed=1).num_speakers
+    assert (
+        subset.num_speakers
+        == list_clips(tiny_speech_commands, words=["yes", "no"], folds=5, max_speakers=6, seed=1).num_speakers
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +120,7 @@ def student_checkpoint(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFact
     init_from_teacher(student, teacher.state_dict())
     path = tmp_path_factory.mktemp("student") / "checkpoints" / "final.pt"
     path.parent.mkdir()
-    save_checkpoint(path, kind="distiller", model={"distiller": config}, num_classes=0,
-                    state_dict=student.state_dict())
+    save_checkpoint(path, kind="distiller", model={"distiller": config}, num_classes=0, state_dict=student.state_dict())
     return path
 
 
@@ -115,7 +138,7 @@ def test_batches_give_each_clip_the_features_it_has_alone(tiny_speech_commands, 
         np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
         width = together.shape[1] // (model.num_layers + 1)
         layer_1 = pooled_features(model, paths, real, layer=1, batch_size=4, device=torch.device("cpu"))
-        np.testing.assert_allclose(layer_1, together[:, width:2 * width], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer_1, together[:, width : 2 * width], rtol=1e-4, atol=1e-5)
         assert not model.module.training and not any(p.requires_grad for p in model.module.parameters())
 
 
@@ -131,18 +154,44 @@ def test_random_init_is_the_same_architecture_with_seeded_fresh_weights(tiny_tea
         assert len(changed) > 0.5 * len(trained)
 
 
-def test_probe_command_scores_trained_and_random_init_models(tiny_speech_commands, tiny_teacher, student_checkpoint,
-                                                              tmp_path, caplog):
+def test_probe_command_scores_trained_and_random_init_models(
+    tiny_speech_commands, tiny_teacher, student_checkpoint, tmp_path, caplog
+):
     out = tmp_path / "probe"
-    assert run_cli("probe", "--dataset", tiny_speech_commands, "--checkpoint", tiny_teacher, "--checkpoint",
-                   student_checkpoint, "--random-init", "--out", out, "--threads", "2") == 0
+    assert (
+        run_cli(
+            "probe",
+            "--dataset",
+            tiny_speech_commands,
+            "--checkpoint",
+            tiny_teacher,
+            "--checkpoint",
+            student_checkpoint,
+            "--random-init",
+            "--out",
+            out,
+            "--threads",
+            "2",
+        )
+        == 0
+    )
     result = json.loads((out / "probe.json").read_text())
     clips = list_clips(tiny_speech_commands, words=[], folds=5)
-    assert result["data"] == {"root": str(clips.root), "clips": len(clips), "words": len(clips.words),
-                              "word_names": clips.words, "speakers": 10, "chance": clips.chance}
+    assert result["data"] == {
+        "root": str(clips.root),
+        "clips": len(clips),
+        "words": len(clips.words),
+        "word_names": clips.words,
+        "speakers": 10,
+        "chance": clips.chance,
+    }
     models = result["models"]
-    assert [(m["kind"], m["random_init"]) for m in models] == [("hubert", False), ("distiller", False),
-                                                               ("hubert", True), ("distiller", True)]
+    assert [(m["kind"], m["random_init"]) for m in models] == [
+        ("hubert", False),
+        ("distiller", False),
+        ("hubert", True),
+        ("distiller", True),
+    ]
     assert [m["checkpoint"] for m in models] == [str(tiny_teacher), str(student_checkpoint)] * 2
     assert len({m["name"] for m in models}) == 4
     for m in models:
@@ -151,7 +200,12 @@ def test_probe_command_scores_trained_and_random_init_models(tiny_speech_command
         assert m["accuracy_mean"] == pytest.approx(np.mean(m["fold_accuracies"]))
         assert m["accuracy_sd"] == pytest.approx(np.std(m["fold_accuracies"], ddof=1))
         assert (m["clips"], m["speakers"], m["words"], m["chance"], m["layer"]) == (
-            len(clips), 10, len(clips.words), clips.chance, "all")
+            len(clips),
+            10,
+            len(clips.words),
+            clips.chance,
+            "all",
+        )
         assert m["seconds"] >= m["features_seconds"] > 0
     assert [m["feature_dim"] for m in models] == [3 * 64, 2 * 64, 3 * 64, 2 * 64]
     table = (out / "probe.md").read_text()
@@ -184,8 +238,21 @@ def test_threads_are_set_for_the_run_and_restored(tiny_speech_commands, tiny_tea
 
     monkeypatch.setattr(features, "pooled_features", spy)
     before = torch.get_num_threads()
-    assert run_cli("probe", "--dataset", tiny_speech_commands, "--checkpoint", tiny_teacher, "--threads", "1",
-                   "--out", tmp_path / "p", 'words=["yes","no"]') == 0
+    assert (
+        run_cli(
+            "probe",
+            "--dataset",
+            tiny_speech_commands,
+            "--checkpoint",
+            tiny_teacher,
+            "--threads",
+            "1",
+            "--out",
+            tmp_path / "p",
+            'words=["yes","no"]',
+        )
+        == 0
+    )
     assert seen == [1] and torch.get_num_threads() == before
 
 
@@ -215,12 +282,15 @@ def test_a_missing_dataset_or_too_few_speakers_stops_with_the_fix(four_speakers,
         list_clips(four_speakers, words=["bird"], folds=2)
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "key 'checkpoints' is empty: pass --checkpoint CKPT"),
-    (["--checkpoint", "a.pt", "--checkpoint", "a.pt"], "lists a checkpoint twice"),
-    (["--checkpoint", "a.pt", "max_speakers=3"], "max_speakers (3) is below folds (5)"),
-    (["--checkpoint", "a.pt", "folds=1"], "key 'folds' must be >= 2"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "key 'checkpoints' is empty: pass --checkpoint CKPT"),
+        (["--checkpoint", "a.pt", "--checkpoint", "a.pt"], "lists a checkpoint twice"),
+        (["--checkpoint", "a.pt", "max_speakers=3"], "max_speakers (3) is below folds (5)"),
+        (["--checkpoint", "a.pt", "folds=1"], "key 'folds' must be >= 2"),
+    ],
+)
 def test_config_mistakes_are_named_before_anything_is_written(tiny_speech_commands, tmp_path, capsys, args, message):
     assert run_cli("probe", "--dataset", tiny_speech_commands, "--out", tmp_path / "p", *args) == 2
     assert message in capsys.readouterr().err
@@ -239,8 +309,19 @@ def test_a_checkpoint_that_is_not_a_model_is_refused(tiny_speech_commands, tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_asking_for_a_missing_gpu_stops_before_any_model_runs(tiny_speech_commands, tiny_teacher, tmp_path, capsys):
-    assert run_cli("probe", "--dataset", tiny_speech_commands, "--checkpoint", tiny_teacher, "--out", tmp_path / "p",
-                   "device=cuda") == 2
+    assert (
+        run_cli(
+            "probe",
+            "--dataset",
+            tiny_speech_commands,
+            "--checkpoint",
+            tiny_teacher,
+            "--out",
+            tmp_path / "p",
+            "device=cuda",
+        )
+        == 2
+    )
     assert "torch sees no CUDA GPU here; use device=cpu or auto" in capsys.readouterr().err
     assert not (tmp_path / "p" / "probe.json").exists()
 

@@ -13,14 +13,28 @@ from fedhubert.train.learning import learning_check
 
 
 @pytest.fixture(scope="module")
-def run_dir(small_librispeech, small_partition, small_kmeans, tiny_teacher, four_rounds, distilled, evaluations,
-            tmp_path_factory) -> Path:
+def run_dir(
+    small_librispeech,
+    small_partition,
+    small_kmeans,
+    tiny_teacher,
+    four_rounds,
+    distilled,
+    evaluations,
+    tmp_path_factory,
+) -> Path:
     """A run folder laid out as the demo lays it out, its stage folders linked from the session's real runs."""
     run = tmp_path_factory.mktemp("report") / "run"
     run.mkdir()
-    for name, folder in (("LibriSpeech", small_librispeech), ("partition", small_partition),
-                         ("kmeans", small_kmeans), ("central", tiny_teacher.parent.parent),
-                         ("pretrain", four_rounds), ("distill", distilled), ("eval", evaluations)):
+    for name, folder in (
+        ("LibriSpeech", small_librispeech),
+        ("partition", small_partition),
+        ("kmeans", small_kmeans),
+        ("central", tiny_teacher.parent.parent),
+        ("pretrain", four_rounds),
+        ("distill", distilled),
+        ("eval", evaluations),
+    ):
         (run / name).symlink_to(folder, target_is_directory=True)
     return run
 
@@ -30,13 +44,30 @@ def test_the_report_covers_every_stage_with_its_numbers_and_plots(run_dir, four_
     assert run_cli("report", run_dir) == 0
     assert f"report: {run_dir / 'report.md'}" in capsys.readouterr().out
     report = (run_dir / "report.md").read_text()
-    stages = [line.split("|")[1].strip() for line in report.split("## Stages")[1].split("\n## ")[0].splitlines()
-              if line.startswith("| ") and not line.startswith("| stage")]
-    assert stages == ["synth-librispeech", "partition", "kmeans", "train-local", "pretrain", "distill",
-                      "evaluate-speech-commands", "evaluate-speech-commands"]
-    for heading in ("## Data", "## Targets (k-means)", "## Centralized training (`central`)",
-                    "## Federated pretraining (`pretrain`)", "## Federated distillation (`distill`)",
-                    "## Speech Commands (SUPERB keyword spotting, S3PRL)", "## Provenance"):
+    stages = [
+        line.split("|")[1].strip()
+        for line in report.split("## Stages")[1].split("\n## ")[0].splitlines()
+        if line.startswith("| ") and not line.startswith("| stage")
+    ]
+    assert stages == [
+        "synth-librispeech",
+        "partition",
+        "kmeans",
+        "train-local",
+        "pretrain",
+        "distill",
+        "evaluate-speech-commands",
+        "evaluate-speech-commands",
+    ]
+    for heading in (
+        "## Data",
+        "## Targets (k-means)",
+        "## Centralized training (`central`)",
+        "## Federated pretraining (`pretrain`)",
+        "## Federated distillation (`distill`)",
+        "## Speech Commands (SUPERB keyword spotting, S3PRL)",
+        "## Provenance",
+    ):
         assert heading in report
     # The federated numbers are the run's own: first and last server evaluation from metrics.jsonl.
     evals = [json.loads(line) for line in (four_rounds / "metrics.jsonl").read_text().splitlines()]
@@ -47,8 +78,14 @@ def test_the_report_covers_every_stage_with_its_numbers_and_plots(run_dir, four_
         assert f"| {name} | {result['upstream']} |" in report
         assert f"{100 * result['test_acc']:.2f}% |" in report
     figures = sorted(p.name for p in (run_dir / "report").glob("*.png"))
-    assert figures == ["clients.png", "distill_distill.png", "kmeans_kmeans.png", "pretrain_pretrain.png",
-                       "speech_commands.png", "train_local_central.png"]
+    assert figures == [
+        "clients.png",
+        "distill_distill.png",
+        "kmeans_kmeans.png",
+        "pretrain_pretrain.png",
+        "speech_commands.png",
+        "train_local_central.png",
+    ]
     for figure in figures:
         assert f"(report/{figure})" in report
         assert (run_dir / "report" / figure).stat().st_size > 5000
@@ -72,12 +109,19 @@ def test_a_folder_without_stage_runs_is_refused(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------ interpretation, from hand-made stage files
-def write_stage(folder: Path, stage: str, summary: dict | None = None, config: dict | None = None,
-                **files: dict | list[dict]) -> None:
+def write_stage(
+    folder: Path, stage: str, summary: dict | None = None, config: dict | None = None, **files: dict | list[dict]
+) -> None:
     """A stage folder as the report reads it: run.json, and JSON files (a list is written as JSON lines)."""
     folder.mkdir(parents=True)
-    record = {"stage": stage, "status": "completed", "summary": summary or {}, "config": config or {},
-              "command": ["fedhubert", stage], "started": "2025-01-01T00:00:00"}
+    record = {
+        "stage": stage,
+        "status": "completed",
+        "summary": summary or {},
+        "config": config or {},
+        "command": ["fedhubert", stage],
+        "started": "2025-01-01T00:00:00",
+    }
     (folder / "run.json").write_text(json.dumps(record))
     for name, content in files.items():
         text = "".join(json.dumps(r) + "\n" for r in content) if isinstance(content, list) else json.dumps(content)
@@ -85,22 +129,46 @@ def write_stage(folder: Path, stage: str, summary: dict | None = None, config: d
 
 
 def probe_model(name: str, architecture: str, mean: float, sd: float, random_init: bool = False) -> dict:
-    return {"name": name, "architecture": architecture, "random_init": random_init, "accuracy_mean": mean,
-            "accuracy_sd": sd}
+    return {
+        "name": name,
+        "architecture": architecture,
+        "random_init": random_init,
+        "accuracy_mean": mean,
+        "accuracy_sd": sd,
+    }
 
 
-def s3prl_result(name: str, sha: str | None, test_acc: float, *, kind: str = "hubert", random_init: bool = False,
-                 **extra) -> dict:
-    return {"name": name, "upstream": "hubert_local" if sha else "fbank", "kind": kind if sha else "baseline",
-            "checkpoint_sha256": sha, "random_init": random_init, "steps": 2000,
-            "dev_best": {"step": 1000, "acc": test_acc}, "test_acc": test_acc,
-            "data": {"root": "/data/sc", "train_clips": 800, "dev_clips": 94, "test_clips": 120}, **extra}
+def s3prl_result(
+    name: str, sha: str | None, test_acc: float, *, kind: str = "hubert", random_init: bool = False, **extra
+) -> dict:
+    return {
+        "name": name,
+        "upstream": "hubert_local" if sha else "fbank",
+        "kind": kind if sha else "baseline",
+        "checkpoint_sha256": sha,
+        "random_init": random_init,
+        "steps": 2000,
+        "dev_best": {"step": 1000, "acc": test_acc},
+        "test_acc": test_acc,
+        "data": {"root": "/data/sc", "train_clips": 800, "dev_clips": 94, "test_clips": 120},
+        **extra,
+    }
 
 
 def eval_rows(gain: float, clusters: int, acc: float, baseline: float, kind: str, at: str) -> list[dict]:
-    return [{"kind": kind, at: i, "loss": 3.0 - i, "ce_masked": 3.0 - i, "gain_nats": gain * i,
-             "predicted_clusters": clusters, "acc_masked": acc * i / 2, "baseline_acc_masked": baseline}
-            for i in (0, 2)]
+    return [
+        {
+            "kind": kind,
+            at: i,
+            "loss": 3.0 - i,
+            "ce_masked": 3.0 - i,
+            "gain_nats": gain * i,
+            "predicted_clusters": clusters,
+            "acc_masked": acc * i / 2,
+            "baseline_acc_masked": baseline,
+        }
+        for i in (0, 2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -109,33 +177,70 @@ def interpreted(tmp_path_factory) -> str:
     models against random init (one pair within the error bars, one clearly apart), a pretraining run that
     collapsed onto one cluster, and a centralized run that learned."""
     run = tmp_path_factory.mktemp("interpreted")
-    write_stage(run / "probe", "probe", probe_json={
-        "folds": 5, "data": {"clips": 600, "words": 10, "speakers": 30, "chance": 0.1},
-        "models": [probe_model("hubert-close", "hubert tiny", 0.42, 0.05),
-                   probe_model("random-close", "hubert tiny", 0.40, 0.04, random_init=True),
-                   probe_model("hubert-apart", "hubert small", 0.62, 0.03),
-                   probe_model("random-apart", "hubert small", 0.40, 0.04, random_init=True)]})
-    write_stage(run / "eval" / "close", "evaluate-speech-commands",
-                result_json=s3prl_result("teacher-close", "a" * 64, 0.50, test_ci95=[0.4119, 0.5881]))
-    write_stage(run / "eval" / "close-random", "evaluate-speech-commands",
-                result_json=s3prl_result("random-close", "a" * 64, 0.45, random_init=True))
-    write_stage(run / "eval" / "apart", "evaluate-speech-commands",
-                result_json=s3prl_result("teacher-apart", "b" * 64, 0.80))
-    write_stage(run / "eval" / "apart-random", "evaluate-speech-commands",
-                result_json=s3prl_result("random-apart", "b" * 64, 0.40, random_init=True))
+    write_stage(
+        run / "probe",
+        "probe",
+        probe_json={
+            "folds": 5,
+            "data": {"clips": 600, "words": 10, "speakers": 30, "chance": 0.1},
+            "models": [
+                probe_model("hubert-close", "hubert tiny", 0.42, 0.05),
+                probe_model("random-close", "hubert tiny", 0.40, 0.04, random_init=True),
+                probe_model("hubert-apart", "hubert small", 0.62, 0.03),
+                probe_model("random-apart", "hubert small", 0.40, 0.04, random_init=True),
+            ],
+        },
+    )
+    write_stage(
+        run / "eval" / "close",
+        "evaluate-speech-commands",
+        result_json=s3prl_result("teacher-close", "a" * 64, 0.50, test_ci95=[0.4119, 0.5881]),
+    )
+    write_stage(
+        run / "eval" / "close-random",
+        "evaluate-speech-commands",
+        result_json=s3prl_result("random-close", "a" * 64, 0.45, random_init=True),
+    )
+    write_stage(
+        run / "eval" / "apart", "evaluate-speech-commands", result_json=s3prl_result("teacher-apart", "b" * 64, 0.80)
+    )
+    write_stage(
+        run / "eval" / "apart-random",
+        "evaluate-speech-commands",
+        result_json=s3prl_result("random-apart", "b" * 64, 0.40, random_init=True),
+    )
     write_stage(run / "eval" / "fbank", "evaluate-speech-commands", result_json=s3prl_result("fbank", None, 0.30))
     collapsed = eval_rows(-0.1, 1, 0.2, 0.21, "eval", "round")
-    write_stage(run / "pretrain", "pretrain", config={"strategy": {"name": "fedavg"}, "local_steps": 3},
-                summary={"rounds": 2, "final_checkpoint": "/runs/pretrain/final.pt", "seconds": 12.0,
-                         "learning": learning_check([{"at": r["round"], **r} for r in collapsed],
-                                                    "the held-out speakers")},
-                metrics_jsonl=[{"kind": "train", "round": 2, "clients": 2, "train_loss": 4.0}, *collapsed])
+    write_stage(
+        run / "pretrain",
+        "pretrain",
+        config={"strategy": {"name": "fedavg"}, "local_steps": 3},
+        summary={
+            "rounds": 2,
+            "final_checkpoint": "/runs/pretrain/final.pt",
+            "seconds": 12.0,
+            "learning": learning_check([{"at": r["round"], **r} for r in collapsed], "the held-out speakers"),
+        },
+        metrics_jsonl=[{"kind": "train", "round": 2, "clients": 2, "train_loss": 4.0}, *collapsed],
+    )
     learned = eval_rows(0.4, 17, 0.5, 0.12, "valid", "step")
-    summary = {"parameters": 1000, "num_classes": 20, "steps": 2, "device": "cpu", "checkpoint": "/c/final.pt",
-               "train": {"loss": 2.0, "acc_masked": 0.4}, "valid_first": learned[0], "valid_last": learned[-1],
-               "learning": learning_check([{"at": r["step"], **r} for r in learned], "the validation set")}
-    write_stage(run / "central", "train-local", summary=summary,
-                metrics_jsonl=[{"kind": "train", "step": 2, "loss": 2.0, "acc_masked": 0.4}, *learned])
+    summary = {
+        "parameters": 1000,
+        "num_classes": 20,
+        "steps": 2,
+        "device": "cpu",
+        "checkpoint": "/c/final.pt",
+        "train": {"loss": 2.0, "acc_masked": 0.4},
+        "valid_first": learned[0],
+        "valid_last": learned[-1],
+        "learning": learning_check([{"at": r["step"], **r} for r in learned], "the validation set"),
+    }
+    write_stage(
+        run / "central",
+        "train-local",
+        summary=summary,
+        metrics_jsonl=[{"kind": "train", "step": 2, "loss": 2.0, "acc_masked": 0.4}, *learned],
+    )
     assert run_cli("report", run) == 0
     return (run / "report.md").read_text()
 
@@ -146,8 +251,10 @@ def warnings_in(report: str) -> str:
 
 def test_a_probe_within_the_error_bars_of_random_init_is_flagged_and_a_clear_gain_is_not(interpreted):
     probe = interpreted.split("## Linear probe")[1].split("\n## ")[0]
-    assert ("**Not better than random init**: hubert-close (42.0 +- 5.0%) is within the error bars of random init "
-            "of its architecture (random-close: 40.0 +- 4.0%)") in probe
+    assert (
+        "**Not better than random init**: hubert-close (42.0 +- 5.0%) is within the error bars of random init "
+        "of its architecture (random-close: 40.0 +- 4.0%)"
+    ) in probe
     assert "| hubert-apart | 62.0 +- 3.0% | +22.0 points |" in probe
     assert "hubert-apart" not in warnings_in(interpreted)
 
@@ -160,8 +267,10 @@ def test_s3prl_intervals_are_shown_and_overlapping_pairs_are_flagged(interpreted
     # Results without recorded intervals get them from accuracy and clip counts: 96 of 120 -> (72.0%, 86.2%).
     assert "| 80.00% | 72.0-86.2% |" in section
     assert "95% CI: Wilson score interval" in section
-    assert ("**Not better than random init**: teacher-close (test 50.0%, 95% CI 41.2-58.8%) is within the error "
-            "bars of random init of its architecture (random-close: test 45.0%, 95% CI 36.4-53.9%)") in section
+    assert (
+        "**Not better than random init**: teacher-close (test 50.0%, 95% CI 41.2-58.8%) is within the error "
+        "bars of random init of its architecture (random-close: test 45.0%, 95% CI 36.4-53.9%)"
+    ) in section
     flagged = warnings_in(interpreted)
     assert "teacher-apart" not in flagged and "fbank" not in flagged
     assert len(flagged.splitlines()) == 2, "one probe and one S3PRL pair"

@@ -37,14 +37,22 @@ def work(tmp_path_factory) -> Path:
 
 
 def environment(work: Path, **extra: str) -> dict:
-    return {"FEDHUBERT_LOGS": str(work / "logs"), "FEDHUBERT_GPUS": "0", "FEDHUBERT_CPUS": "2",
-            "FEDHUBERT_MEM": "4G", "FEDHUBERT_TIME": "00:20:00", "FEDHUBERT_SBATCH_ARGS": "--wait",
-            "FEDHUBERT_PROGRESS": "0", **extra}
+    return {
+        "FEDHUBERT_LOGS": str(work / "logs"),
+        "FEDHUBERT_GPUS": "0",
+        "FEDHUBERT_CPUS": "2",
+        "FEDHUBERT_MEM": "4G",
+        "FEDHUBERT_TIME": "00:20:00",
+        "FEDHUBERT_SBATCH_ARGS": "--wait",
+        "FEDHUBERT_PROGRESS": "0",
+        **extra,
+    }
 
 
 def job_output(work: Path) -> str:
-    return "\n".join(f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}"
-                     for p in sorted((work / "logs").glob("*.out")))
+    return "\n".join(
+        f"== {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in sorted((work / "logs").glob("*.out"))
+    )
 
 
 def submit(cluster: SlurmCluster, work: Path, *args, **extra: str) -> str:
@@ -79,8 +87,9 @@ def kmeans(cluster, work, partition) -> Path:
 
 
 def test_partition_and_kmeans_jobs_with_a_features_array(partition, kmeans, work):
-    assert status(partition) == "completed" and json.loads((partition / "partition.json").read_text())[
-        "num_clients"] == 2
+    assert (
+        status(partition) == "completed" and json.loads((partition / "partition.json").read_text())["num_clients"] == 2
+    )
     features = Path(str(kmeans) + ".features")
     for client in (0, 1):  # one array task per client wrote its own feature cache ...
         assert status(features / f"client_{client}") == "completed"
@@ -96,25 +105,53 @@ def test_pretrain_distill_and_evaluate_jobs(cluster, work, partition, kmeans, ti
     submit(cluster, work, "pretrain", partition, kmeans, pretrain, *PRETRAIN_FAST, "--rounds", "2")
     assert status(pretrain) == "completed" and (pretrain / "checkpoints" / "final.pt").is_file()
     distill = work / "distill"
-    submit(cluster, work, "distill", pretrain / "checkpoints" / "final.pt", partition, distill, *DISTILL_FAST,
-           "--rounds", "1")
+    submit(
+        cluster,
+        work,
+        "distill",
+        pretrain / "checkpoints" / "final.pt",
+        partition,
+        distill,
+        *DISTILL_FAST,
+        "--rounds",
+        "1",
+    )
     assert status(distill) == "completed"
     evaluation = work / "eval" / "student"
-    submit(cluster, work, "evaluate", tiny_speech_commands, distill / "checkpoints" / "final.pt", evaluation,
-           *EVAL_SHORT)
+    submit(
+        cluster, work, "evaluate", tiny_speech_commands, distill / "checkpoints" / "final.pt", evaluation, *EVAL_SHORT
+    )
     result = json.loads((evaluation / "result.json").read_text())
     assert result["upstream"] == "distiller_local" and 0 <= result["test_acc"] <= 1
 
 
 def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work, partition, kmeans):
     certs = work / "certs"
-    subprocess.run(["bash", REPO / "scripts" / "make_certificates.sh", certs, "--nodes", "2",
-                    socket.gethostname()], check=True, capture_output=True)
+    subprocess.run(
+        ["bash", REPO / "scripts" / "make_certificates.sh", certs, "--nodes", "2", socket.gethostname()],
+        check=True,
+        capture_output=True,
+    )
     out = work / "multinode"
     flower = work / "flower"
-    job = submit(cluster, work, "multinode", "pretrain", partition, out, "--kmeans", kmeans, *PRETRAIN_FAST,
-                 "--rounds", "2", FEDHUBERT_NODES="1", FEDHUBERT_TASKS="2", FEDHUBERT_CPUS="1",
-                 FEDHUBERT_TLS_DIR=str(certs), FEDHUBERT_FLOWER_DIR=str(flower))
+    job = submit(
+        cluster,
+        work,
+        "multinode",
+        "pretrain",
+        partition,
+        out,
+        "--kmeans",
+        kmeans,
+        *PRETRAIN_FAST,
+        "--rounds",
+        "2",
+        FEDHUBERT_NODES="1",
+        FEDHUBERT_TASKS="2",
+        FEDHUBERT_CPUS="1",
+        FEDHUBERT_TLS_DIR=str(certs),
+        FEDHUBERT_FLOWER_DIR=str(flower),
+    )
     assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients"] for r in rows if r["kind"] == "train"] == [2, 2]
@@ -128,11 +165,14 @@ def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work
 
 def test_a_time_limit_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
     out = work / "long"
-    job = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40",
-                 FEDHUBERT_SBATCH_ARGS="")  # no --wait: returns once submitted
+    job = submit(
+        cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40", FEDHUBERT_SBATCH_ARGS=""
+    )  # no --wait: returns once submitted
     deadline = time.monotonic() + 300
-    while not any(json.loads(line).get("kind") == "train" for line in
-                  ((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else [])):
+    while not any(
+        json.loads(line).get("kind") == "train"
+        for line in ((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else [])
+    ):
         assert time.monotonic() < deadline and cluster.queue(job), job_output(work)
         time.sleep(0.5)
     # What Slurm does before a time limit with --signal=B:TERM@...: SIGTERM to the batch shell only.

@@ -44,38 +44,53 @@ def earlier_run(out: Path, status: str | None, checkpoint: bool) -> None:
 
 def submitted(script: str, args: list[str], env: dict, tmp_path: Path) -> str:
     """The fedhubert command line the batch script ran."""
-    result = subprocess.run(["bash", REPO / "slurm" / script, *args], env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        ["bash", REPO / "slurm" / script, *args], env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return (tmp_path / "calls.txt").read_text().strip()
 
 
-@pytest.mark.parametrize("status, checkpoint, resumes", [
-    (None, False, False),  # a first submission
-    ("failed", False, False),  # a pre-flight failure: a wrong path or config, before any round
-    ("stopped", True, True),  # the graceful stop before the time limit (exit 75)
-    ("running", True, True),  # killed outright after a round checkpoint
-    ("failed", True, True),  # failed after checkpointing (too few clients, a full disk)
-    ("running", False, False),  # killed before its first checkpoint: nothing to continue
-    ("completed", True, False),  # nothing left to do: fedhubert itself refuses the non-empty folder
-])
+@pytest.mark.parametrize(
+    "status, checkpoint, resumes",
+    [
+        (None, False, False),  # a first submission
+        ("failed", False, False),  # a pre-flight failure: a wrong path or config, before any round
+        ("stopped", True, True),  # the graceful stop before the time limit (exit 75)
+        ("running", True, True),  # killed outright after a round checkpoint
+        ("failed", True, True),  # failed after checkpointing (too few clients, a full disk)
+        ("running", False, False),  # killed before its first checkpoint: nothing to continue
+        ("completed", True, False),  # nothing left to do: fedhubert itself refuses the non-empty folder
+    ],
+)
 def test_pretrain_resumes_only_a_checkpointed_run(fake_env, tmp_path, status, checkpoint, resumes):
     out = tmp_path / "run"
     earlier_run(out, status, checkpoint)
-    command = submitted("pretrain.sbatch", ["/data/part", "/data/km", str(out), "--rounds", "4", "seed=3"],
-                        fake_env, tmp_path)
+    command = submitted(
+        "pretrain.sbatch", ["/data/part", "/data/km", str(out), "--rounds", "4", "seed=3"], fake_env, tmp_path
+    )
     fresh = f"pretrain --partition /data/part --kmeans /data/km --out {out} --rounds 4 seed=3"
     assert command == (f"pretrain --resume {out}" if resumes else fresh)
 
 
-@pytest.mark.parametrize("script, args, fresh", [
-    ("distill.sbatch", ["/t.pt", "/data/part", "{out}", "seed=3"],
-     "distill --teacher /t.pt --partition /data/part --out {out} seed=3"),
-    ("kmeans.sbatch", ["/data/part", "{out}", "/data/feats", "seed=3"],
-     "kmeans --partition /data/part --out {out} --workers 0 feature_dir=/data/feats seed=3"),
-])
-@pytest.mark.parametrize("status, checkpoint, resumes", [("failed", False, False), ("stopped", True, True),
-                                                         ("failed", True, True)])
+@pytest.mark.parametrize(
+    "script, args, fresh",
+    [
+        (
+            "distill.sbatch",
+            ["/t.pt", "/data/part", "{out}", "seed=3"],
+            "distill --teacher /t.pt --partition /data/part --out {out} seed=3",
+        ),
+        (
+            "kmeans.sbatch",
+            ["/data/part", "{out}", "/data/feats", "seed=3"],
+            "kmeans --partition /data/part --out {out} --workers 0 feature_dir=/data/feats seed=3",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    "status, checkpoint, resumes", [("failed", False, False), ("stopped", True, True), ("failed", True, True)]
+)
 def test_distill_and_kmeans_decide_alike(fake_env, tmp_path, script, args, fresh, status, checkpoint, resumes):
     out = tmp_path / "run"
     earlier_run(out, status, checkpoint)

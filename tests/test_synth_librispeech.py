@@ -93,14 +93,28 @@ def test_speakers_are_distinct_consistent_and_of_both_sexes(tiny_librispeech):
     voices = json.loads((tiny_librispeech / "voices.json").read_text())
     table = speakers_table(tiny_librispeech)
     assert set(map(int, voices)) == set(table)
-    signatures = {(v["voice"]["language"], v["voice"]["variant"], v["voice"]["pitch"], v["voice"]["rate"])
-                  for v in voices.values()}
+    signatures = {
+        (v["voice"]["language"], v["voice"]["variant"], v["voice"]["pitch"], v["voice"]["rate"])
+        for v in voices.values()
+    }
     assert len(signatures) == len(voices), "no two speakers share a voice"
     assert {row["sex"] for row in table.values()} == {"F", "M"}
     for spk, row in table.items():
         assert voices[str(spk)]["sex"] == row["sex"]
-        female_variant = voices[str(spk)]["voice"]["variant"] in {"f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea",
-                                                                  "Annie", "belinda", "linda", "steph", "anika"}
+        female_variant = voices[str(spk)]["voice"]["variant"] in {
+            "f1",
+            "f2",
+            "f3",
+            "f4",
+            "f5",
+            "Alicia",
+            "Andrea",
+            "Annie",
+            "belinda",
+            "linda",
+            "steph",
+            "anika",
+        }
         assert female_variant == (row["sex"] == "F")
 
 
@@ -113,8 +127,10 @@ def noise_floor_db(path: Path) -> float:
 
 
 def test_other_subsets_are_noisier_than_clean_ones(tiny_librispeech):
-    floors = {s: np.mean([noise_floor_db(p) for p in tiny_librispeech.glob(f"{s}/*/*/*.flac")])
-              for s in ("train-clean-100", "train-clean-360", "train-other-500")}
+    floors = {
+        s: np.mean([noise_floor_db(p) for p in tiny_librispeech.glob(f"{s}/*/*/*.flac")])
+        for s in ("train-clean-100", "train-clean-360", "train-other-500")
+    }
     assert floors["train-other-500"] > max(floors["train-clean-100"], floors["train-clean-360"]) + 6
 
 
@@ -122,9 +138,11 @@ def test_s3prl_librispeech_reader_reads_the_corpus(tiny_librispeech):
     from s3prl.dataio.corpus.librispeech import LibriSpeech
 
     corpus = LibriSpeech(
-        str(tiny_librispeech), n_jobs=1,
+        str(tiny_librispeech),
+        n_jobs=1,
         train_split=["train-clean-100", "train-clean-360", "train-other-500"],
-        valid_split=["dev-clean"], test_split=["test-clean"],
+        valid_split=["dev-clean"],
+        test_split=["test-clean"],
     )
     train, valid, test = corpus.data_split_ids
     texts = transcripts(tiny_librispeech)

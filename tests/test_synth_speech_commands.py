@@ -66,8 +66,7 @@ def test_list_files_follow_the_hash_split_that_s3prl_applies(tiny_speech_command
 
 
 def test_s3prl_datasets_load_clips_through_sox(tiny_speech_commands):
-    from s3prl.downstream.speech_commands.dataset import (
-        CLASSES, SpeechCommandsDataset, SpeechCommandsTestingDataset)
+    from s3prl.downstream.speech_commands.dataset import CLASSES, SpeechCommandsDataset, SpeechCommandsTestingDataset
     from s3prl.downstream.speech_commands.expert import split_dataset
 
     root = tiny_speech_commands / "speech_commands_v0.01"
@@ -78,7 +77,9 @@ def test_s3prl_datasets_load_clips_through_sox(tiny_speech_commands):
     for index in (0, len(dataset) - 1):
         wav, label, _ = dataset[index]
         assert wav.shape == (16000,) and 0 <= label < 12
-    test = SpeechCommandsTestingDataset(speech_commands_test_root=str(tiny_speech_commands / "speech_commands_test_set_v0.01"))
+    test = SpeechCommandsTestingDataset(
+        speech_commands_test_root=str(tiny_speech_commands / "speech_commands_test_set_v0.01")
+    )
     assert len(test) == 12 * 3
     wav, label, _ = test[0]
     assert wav.shape == (16000,)

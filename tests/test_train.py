@@ -18,26 +18,34 @@ from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_c
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.frames import feature_frames, mfcc_frames as num_frames
 from fedhubert.model.hubert import build_hubert, cosine_logits
-from fedhubert.train.config import DataConfig, TrainConfig
+from fedhubert.train.config import DataConfig, LossConfig, TrainConfig
 from fedhubert.train.data import Crop, CropBatches, CroppedAudio, DataError, LabelRate, batch_loader, load_utterances
-from fedhubert.train.config import LossConfig
 from fedhubert.train.loop import (
-    MaskedPrediction, TrainingError, cycle_batches, hubert_loss, label_log_prior, make_optimizer, prediction_metrics,
+    MaskedPrediction,
+    TrainingError,
+    cycle_batches,
+    hubert_loss,
+    label_log_prior,
+    make_optimizer,
+    prediction_metrics,
     train,
 )
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
 MFCC_RATE = LabelRate(100, TINY)
 FAST = TrainConfig(
-    device="cpu", log_every=5,
+    device="cpu",
+    log_every=5,
     optim=load_config(TrainConfig, None, ["optim.lr=2e-3", "optim.warmup_steps=5", "optim.total_steps=500"]).optim,
     data=DataConfig(min_seconds=1.0, max_seconds=4.0, batch_seconds=24.0),
 )
 
 
 def pairs(small_partition: Path, small_labels: Path, split: str, clients=(0, 1, 2)):
-    return [(small_partition / f"client_{i}" / f"{split}.tsv", small_labels / f"client_{i}" / f"{split}.km")
-            for i in clients]
+    return [
+        (small_partition / f"client_{i}" / f"{split}.tsv", small_labels / f"client_{i}" / f"{split}.km")
+        for i in clients
+    ]
 
 
 def test_crops_take_the_labels_of_the_same_frames(tmp_path):
@@ -114,8 +122,16 @@ def test_the_baseline_accuracy_is_always_predicting_the_most_frequent_training_c
 def test_a_call_that_trains_no_batch_raises():
     model = build_hubert(TINY, 10)
     with pytest.raises(TrainingError, match="no batch was trained"):
-        train(model, iter([]), FAST, objective=MaskedPrediction(LossConfig()), steps=3, global_step=0,
-              optimizer=make_optimizer(model, FAST.optim), device=torch.device("cpu"))
+        train(
+            model,
+            iter([]),
+            FAST,
+            objective=MaskedPrediction(LossConfig()),
+            steps=3,
+            global_step=0,
+            optimizer=make_optimizer(model, FAST.optim),
+            device=torch.device("cpu"),
+        )
 
 
 def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, small_labels):
@@ -126,9 +142,17 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, smal
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, FAST.optim)
     history = []
-    result = train(model, cycle_batches(loader), FAST, objective=MaskedPrediction(LossConfig()), steps=40,
-                   global_step=7, optimizer=optimizer, device=torch.device("cpu"),
-                   on_step=lambda step, m: history.append(m["loss"]))
+    result = train(
+        model,
+        cycle_batches(loader),
+        FAST,
+        objective=MaskedPrediction(LossConfig()),
+        steps=40,
+        global_step=7,
+        optimizer=optimizer,
+        device=torch.device("cpu"),
+        on_step=lambda step, m: history.append(m["loss"]),
+    )
     assert result.global_step == 47 and result.metrics["steps"] == 40
     assert history[-1] < history[0] - 0.5, history
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, initial[k])]
@@ -139,14 +163,32 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, smal
 @pytest.mark.slow
 def test_train_local_end_to_end_and_export_loads_in_s3prl(small_partition, small_labels, tmp_path):
     out = tmp_path / "central"
-    args = ["train-local", "--out", out, "--preset", "tiny", "--steps", "30", "num_classes=20",
-            f"train_manifests={[str(p) for p, _ in pairs(small_partition, small_labels, 'train')]}",
-            f"train_labels={[str(p) for _, p in pairs(small_partition, small_labels, 'train')]}",
-            "--valid-manifest", small_partition / "client_0" / "valid.tsv",
-            "--valid-labels", small_labels / "client_0" / "valid.km",
-            "eval_every=15", "checkpoint_every=15", "train.log_every=5", "train.device=cpu",
-            "train.optim.lr=2e-3", "train.optim.warmup_steps=5", "train.optim.total_steps=500",
-            "train.data.min_seconds=1", "train.data.max_seconds=4", "train.data.batch_seconds=24"]
+    args = [
+        "train-local",
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--steps",
+        "30",
+        "num_classes=20",
+        f"train_manifests={[str(p) for p, _ in pairs(small_partition, small_labels, 'train')]}",
+        f"train_labels={[str(p) for _, p in pairs(small_partition, small_labels, 'train')]}",
+        "--valid-manifest",
+        small_partition / "client_0" / "valid.tsv",
+        "--valid-labels",
+        small_labels / "client_0" / "valid.km",
+        "eval_every=15",
+        "checkpoint_every=15",
+        "train.log_every=5",
+        "train.device=cpu",
+        "train.optim.lr=2e-3",
+        "train.optim.warmup_steps=5",
+        "train.optim.total_steps=500",
+        "train.data.min_seconds=1",
+        "train.data.max_seconds=4",
+        "train.data.batch_seconds=24",
+    ]
     assert run_cli(*args) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     valid = [r for r in rows if r["kind"] == "valid"]
@@ -157,12 +199,20 @@ def test_train_local_end_to_end_and_export_loads_in_s3prl(small_partition, small
     assert model_config_of(payload) == TINY
 
     exported = tmp_path / "hubert_tiny.pt"
-    assert run_cli("export", "--checkpoint", out / "checkpoints" / "final.pt", "--format", "s3prl-hubert",
-                   "--out", exported) == 0
+    assert (
+        run_cli(
+            "export", "--checkpoint", out / "checkpoints" / "final.pt", "--format", "s3prl-hubert", "--out", exported
+        )
+        == 0
+    )
     record = json.loads(exported.with_name("hubert_tiny.pt.json").read_text())
     assert record["num_classes"] == 20 and record["format"] == "s3prl-hubert"
-    assert run_cli("export", "--checkpoint", out / "checkpoints" / "final.pt", "--format", "s3prl-hubert",
-                   "--out", exported) == 2, "no silent overwrite"
+    assert (
+        run_cli(
+            "export", "--checkpoint", out / "checkpoints" / "final.pt", "--format", "s3prl-hubert", "--out", exported
+        )
+        == 2
+    ), "no silent overwrite"
     manifest = read_manifest(small_partition / "client_0" / "valid.tsv")
     wavs = [torch.from_numpy(sf.read(manifest.audio_path(i), dtype="float32")[0]) for i in range(2)]
     assert_s3prl_matches(exported, payload, wavs)
@@ -183,7 +233,7 @@ def assert_s3prl_matches(exported: Path, payload: dict, wavs: list[torch.Tensor]
             theirs = upstream([wav])["hidden_states"]
             ours = hidden_states(model, wav[None], None, cfg.normalize_waveform)
             assert len(theirs) == len(ours) == cfg.layers + 1
-            for a, b in zip(ours, theirs):
+            for a, b in zip(ours, theirs, strict=True):
                 assert a.shape == b.shape
                 torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -196,8 +246,18 @@ def test_base_sized_export_matches_s3prl_on_real_audio(small_partition, tmp_path
     cfg = load_config(ModelConfig)  # base
     model = build_hubert(cfg, 100)
     save_checkpoint(tmp_path / "base.pt", kind="hubert", model=cfg, num_classes=100, state_dict=model.state_dict())
-    assert run_cli("export", "--checkpoint", tmp_path / "base.pt", "--format", "s3prl-hubert",
-                   "--out", tmp_path / "base_s3prl.pt") == 0
+    assert (
+        run_cli(
+            "export",
+            "--checkpoint",
+            tmp_path / "base.pt",
+            "--format",
+            "s3prl-hubert",
+            "--out",
+            tmp_path / "base_s3prl.pt",
+        )
+        == 0
+    )
     manifest = read_manifest(small_partition / "client_1" / "train.tsv")
     wav = torch.from_numpy(sf.read(manifest.audio_path(0), dtype="float32")[0])
     assert_s3prl_matches(tmp_path / "base_s3prl.pt", load_checkpoint(tmp_path / "base.pt"), [wav])

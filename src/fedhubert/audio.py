@@ -95,15 +95,18 @@ def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     except (sf.LibsndfileError, RuntimeError, OSError) as err:
         raise AudioError(f"cannot read the header of {path}: {_decoder_message(err)}") from None
     with handle:
-        info = AudioInfo(path, int(handle.samplerate), int(handle.channels), int(handle.frames), handle.format,
-                         handle.subtype)
+        info = AudioInfo(
+            path, int(handle.samplerate), int(handle.channels), int(handle.frames), handle.format, handle.subtype
+        )
         if info.num_samples >= _UNKNOWN_LENGTH:
             audio_info(path)  # raises the error that explains it
         check_speech_format(info, sample_rate)
         try:
             wav = handle.read(dtype="float32", always_2d=False)
         except (sf.LibsndfileError, RuntimeError, OSError) as err:
-            raise AudioError(f"cannot decode {path}: {_decoder_message(err)}; the file is corrupt or truncated") from None
+            raise AudioError(
+                f"cannot decode {path}: {_decoder_message(err)}; the file is corrupt or truncated"
+            ) from None
     if wav.shape[0] != info.num_samples:
         raise AudioError(
             f"{path} decoded to {wav.shape[0]} samples but its header says {info.num_samples}; the file is truncated"
@@ -115,8 +118,10 @@ def read_audio(path: Path, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
 def _check_finite(wav: np.ndarray, path: Path) -> None:
     """Float WAVs can hold NaN or infinity, which would poison features and gradients downstream."""
     if not np.isfinite(wav).all():
-        raise AudioError(f"{path} holds NaN or infinite samples (sample {int(np.flatnonzero(~np.isfinite(wav))[0])}); "
-                         f"the file is corrupt: export it again")
+        raise AudioError(
+            f"{path} holds NaN or infinite samples (sample {int(np.flatnonzero(~np.isfinite(wav))[0])}); "
+            f"the file is corrupt: export it again"
+        )
 
 
 def read_audio_segment(path: Path, start: int, stop: int) -> np.ndarray:

@@ -13,9 +13,9 @@ import importlib
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from fedhubert import __version__
 from fedhubert.config import absolute_paths, describe_fields, dump_config, load_config
@@ -48,7 +48,9 @@ def _config_epilog(cls: type) -> str:
     return "\n".join(lines)
 
 
-def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: str, stage: Stage, out_help: str) -> None:
+def _add_stage(
+    subparsers: argparse._SubParsersAction, command: str, help_text: str, stage: Stage, out_help: str
+) -> None:
     parser = subparsers.add_parser(
         command,
         help=help_text,
@@ -58,16 +60,27 @@ def _add_stage(subparsers: argparse._SubParsersAction, command: str, help_text: 
     )
     parser.add_argument("--out", type=Path, required=not stage.resume_keys, help=out_help)
     if stage.resume_keys:
-        parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
-                            help="continue the run in RUN_DIR from its newest checkpoint, with its config (only "
-                                 f"{', '.join(stage.resume_keys)} may be changed, e.g. num_rounds=20)")
+        parser.add_argument(
+            "--resume",
+            type=Path,
+            metavar="RUN_DIR",
+            help="continue the run in RUN_DIR from its newest checkpoint, with its config (only "
+            f"{', '.join(stage.resume_keys)} may be changed, e.g. num_rounds=20)",
+        )
     for flag, key, kind, flag_help in stage.flags:
         if kind is bool:
-            parser.add_argument(flag, dest=f"flag_{key}", action="store_const", const="true",
-                                help=f"{flag_help} (= {key}=true)")
+            parser.add_argument(
+                flag, dest=f"flag_{key}", action="store_const", const="true", help=f"{flag_help} (= {key}=true)"
+            )
         else:
-            parser.add_argument(flag, dest=f"flag_{key}", type=str if kind is list else kind, metavar=key.upper(),
-                                action="append" if kind is list else "store", help=f"{flag_help} (= {key})")
+            parser.add_argument(
+                flag,
+                dest=f"flag_{key}",
+                type=str if kind is list else kind,
+                metavar=key.upper(),
+                action="append" if kind is list else "store",
+                help=f"{flag_help} (= {key})",
+            )
     parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults, as in configs/)")
     parser.add_argument("--force", action="store_true", help="replace this stage's earlier outputs in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -94,22 +107,26 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
         changed = [o.split("=", 1)[0] for o in overrides]
         bad = [k for k in changed if not any(k == r or k.startswith(r + ".") for r in stage.resume_keys)]
         if bad or args.config or (args.out and Path(args.out).resolve() != resume.resolve()):
-            raise ConfigError(f"--resume continues {resume} with its own config: only {', '.join(stage.resume_keys)} "
-                              f"may be overridden{f' (not {bad})' if bad else ''}, and no --config or other --out")
+            raise ConfigError(
+                f"--resume continues {resume} with its own config: only {', '.join(stage.resume_keys)} "
+                f"may be overridden{f' (not {bad})' if bad else ''}, and no --config or other --out"
+            )
         if not (resume / CONFIG_FILE).is_file():
             raise ConfigError(f"{resume} holds no {CONFIG_FILE}: it is not a {stage.name} run folder")
         args.out, args.config, args.overrides = resume, resume / CONFIG_FILE, overrides
     elif args.out is None:
         raise ConfigError("--out is required (or --resume RUN_DIR)")
-    cfg = absolute_paths(load_config(stage.config_cls, args.config, [*sugar, *args.overrides] if resume is None
-                                     else args.overrides))
+    cfg = absolute_paths(
+        load_config(stage.config_cls, args.config, [*sugar, *args.overrides] if resume is None else args.overrides)
+    )
     if args.print_config:
         sys.stdout.write(dump_config(cfg))
         return 0
     module_name, function_name = stage.entry.split(":")
     entry = getattr(importlib.import_module(module_name), function_name)
-    with stage_run(stage.name, args.out, cfg, force=args.force, owned=stage.owned, resume=resume is not None,
-                   command=args.command) as run:
+    with stage_run(
+        stage.name, args.out, cfg, force=args.force, owned=stage.owned, resume=resume is not None, command=args.command
+    ) as run:
         entry(cfg, args.out, run)
     return 0
 
@@ -120,15 +137,13 @@ def repetitions(text: str) -> list[int]:
 
 
 def _stages() -> dict[str, Stage]:
-    from fedhubert.corpus import librispeech_synth as ls
-    from fedhubert.corpus import speech_commands_synth as sc
+    from fedhubert.corpus import librispeech_synth as ls, speech_commands_synth as sc
     from fedhubert.distill import config as distill_config
-    from fedhubert.eval import config as eval_config
-    from fedhubert.eval import probe_config
+    from fedhubert.eval import config as eval_config, probe_config
     from fedhubert.labels import config as kmeans_config
+    from fedhubert.partition import config as partition_config
     from fedhubert.pretrain import config as pretrain_config
     from fedhubert.train import config as train_config
-    from fedhubert.partition import config as partition_config
 
     return {
         "librispeech": Stage(
@@ -151,8 +166,13 @@ def _stages() -> dict[str, Stage]:
             flags=(
                 ("--speakers", "speakers", int, "speakers in speech_commands_v0.01"),
                 ("--test-speakers", "test_speakers", int, "speakers in the separate test set"),
-                ("--repetitions", "keyword_repetitions", repetitions, "each training speaker says each keyword N "
-                 "times: sets keyword_repetitions to [N, N] (the test set stays one clip per class per speaker)"),
+                (
+                    "--repetitions",
+                    "keyword_repetitions",
+                    repetitions,
+                    "each training speaker says each keyword N "
+                    "times: sets keyword_repetitions to [N, N] (the test set stays one clip per class per speaker)",
+                ),
                 ("--seed", "seed", int, "random seed"),
                 ("--workers", "workers", int, "worker processes, 0 = one per core"),
             ),
@@ -292,61 +312,100 @@ def build_parser() -> argparse.ArgumentParser:
     synth = stages.add_parser("synth", help="write the built-in synthetic corpora (espeak-ng speakers)")
     corpora = synth.add_subparsers(title="corpora", metavar="CORPUS", required=True)
     _add_stage(
-        corpora, "librispeech", "a small LibriSpeech-layout corpus (SPEAKERS.TXT, FLAC, trans.txt)",
-        stage["librispeech"], "corpus root to create (it will hold SPEAKERS.TXT and the subset folders)",
+        corpora,
+        "librispeech",
+        "a small LibriSpeech-layout corpus (SPEAKERS.TXT, FLAC, trans.txt)",
+        stage["librispeech"],
+        "corpus root to create (it will hold SPEAKERS.TXT and the subset folders)",
     )
     _add_stage(
-        corpora, "speech-commands", "a small Speech Commands v0.01 with its separate test set, as S3PRL reads it",
-        stage["speech-commands"], "folder to hold speech_commands_v0.01/ and speech_commands_test_set_v0.01/",
+        corpora,
+        "speech-commands",
+        "a small Speech Commands v0.01 with its separate test set, as S3PRL reads it",
+        stage["speech-commands"],
+        "folder to hold speech_commands_v0.01/ and speech_commands_test_set_v0.01/",
     )
     _add_stage(
-        stages, "partition", "split a LibriSpeech-layout corpus into speaker-disjoint federated clients",
-        stage["partition"], "partition folder to create (manifests, partition.json, plots)",
+        stages,
+        "partition",
+        "split a LibriSpeech-layout corpus into speaker-disjoint federated clients",
+        stage["partition"],
+        "partition folder to create (manifests, partition.json, plots)",
     )
     _add_stage(
-        stages, "kmeans", "MFCC k-means targets (HuBERT iteration 1) for every client, federated or per client",
-        stage["kmeans"], "k-means folder to create (labels per client, codebook, kmeans.json)",
+        stages,
+        "kmeans",
+        "MFCC k-means targets (HuBERT iteration 1) for every client, federated or per client",
+        stage["kmeans"],
+        "k-means folder to create (labels per client, codebook, kmeans.json)",
     )
     _add_stage(
-        stages, "features", "one client's k-means features ahead of 'fedhubert kmeans' (e.g. a Slurm array task "
-        "per client)", stage["features"], "FEATURE_DIR/client_<i>: the cache kmeans reads with feature_dir=FEATURE_DIR",
+        stages,
+        "features",
+        "one client's k-means features ahead of 'fedhubert kmeans' (e.g. a Slurm array task per client)",
+        stage["features"],
+        "FEATURE_DIR/client_<i>: the cache kmeans reads with feature_dir=FEATURE_DIR",
     )
     _add_stage(
-        stages, "train-local", "centralized HuBERT training on manifests and k-means labels (the baseline)",
-        stage["train-local"], "training folder to create (checkpoints, metrics.jsonl, training.png)",
+        stages,
+        "train-local",
+        "centralized HuBERT training on manifests and k-means labels (the baseline)",
+        stage["train-local"],
+        "training folder to create (checkpoints, metrics.jsonl, training.png)",
     )
     _add_stage(
-        stages, "pretrain", "federated HuBERT pretraining on Flower (FedAdam by default), with exact resume",
-        stage["pretrain"], "run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
+        stages,
+        "pretrain",
+        "federated HuBERT pretraining on Flower (FedAdam by default), with exact resume",
+        stage["pretrain"],
+        "run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
     )
     _add_stage(
-        stages, "distill", "federated DistilHuBERT distillation from a frozen pretrained teacher, on Flower",
-        stage["distill"], "run folder to create (checkpoints, metrics.jsonl, tensorboard, distill.png)",
+        stages,
+        "distill",
+        "federated DistilHuBERT distillation from a frozen pretrained teacher, on Flower",
+        stage["distill"],
+        "run folder to create (checkpoints, metrics.jsonl, tensorboard, distill.png)",
     )
     evaluate = stages.add_parser("evaluate", help="SUPERB downstream evaluation with S3PRL")
     tasks = evaluate.add_subparsers(title="tasks", metavar="TASK", required=True)
     _add_stage(
-        tasks, "speech-commands", "keyword spotting (Speech Commands v0.01) with S3PRL's own run_downstream: "
-        "train, then score the dev-best checkpoint on the test set", stage["speech-commands-eval"],
+        tasks,
+        "speech-commands",
+        "keyword spotting (Speech Commands v0.01) with S3PRL's own run_downstream: "
+        "train, then score the dev-best checkpoint on the test set",
+        stage["speech-commands-eval"],
         "evaluation folder to create (S3PRL's experiment, result.json; the row is added to ../results.jsonl)",
     )
     _add_stage(
-        stages, "probe", "linear probe of frozen features: logistic regression on time-pooled hidden states of "
-        "keyword clips, scored by speaker-disjoint cross-validation", stage["probe"],
+        stages,
+        "probe",
+        "linear probe of frozen features: logistic regression on time-pooled hidden states of "
+        "keyword clips, scored by speaker-disjoint cross-validation",
+        stage["probe"],
         "probe folder to create (probe.json, probe.md)",
     )
-    report = stages.add_parser("report", help="write RUN_DIR/report.md and its plots from a run's files",
-                               description="Rebuild the Markdown report (and PNG plots) of a run folder from the "
-                                           "files its stages wrote.")
+    report = stages.add_parser(
+        "report",
+        help="write RUN_DIR/report.md and its plots from a run's files",
+        description="Rebuild the Markdown report (and PNG plots) of a run folder from the files its stages wrote.",
+    )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the folder holding the stage folders")
     report.set_defaults(handler=_report)
     _add_deployment(stages)
-    export = stages.add_parser("export", help="convert a checkpoint for S3PRL",
-                               description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.")
+    export = stages.add_parser(
+        "export",
+        help="convert a checkpoint for S3PRL",
+        description="Convert a fedhubert checkpoint into a file S3PRL loads as it is.",
+    )
     export.add_argument("--checkpoint", type=Path, required=True, help="a fedhubert checkpoint (.pt)")
-    export.add_argument("--format", required=True, choices=["s3prl-hubert", "s3prl-distiller"],
-                        help="s3prl-hubert: a HuBERT for S3PRL's hubert_local upstream (-u hubert_local -k FILE); "
-                             "s3prl-distiller: a distilled student for distiller_local")
+    export.add_argument(
+        "--format",
+        required=True,
+        choices=["s3prl-hubert", "s3prl-distiller"],
+        help="s3prl-hubert: a HuBERT for S3PRL's hubert_local upstream (-u hubert_local -k FILE); "
+        "s3prl-distiller: a distilled student for distiller_local",
+    )
     export.add_argument("--out", type=Path, required=True, help="file to write (and FILE.json beside it)")
     export.add_argument("--force", action="store_true", help="replace an existing file")
     export.set_defaults(handler=_export)
@@ -355,45 +414,83 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_deployment(stages: argparse._SubParsersAction) -> None:
     superlink = stages.add_parser(
-        "superlink", help="run a SuperLink of Flower's deployment engine (TLS, SuperNode authentication)",
+        "superlink",
+        help="run a SuperLink of Flower's deployment engine (TLS, SuperNode authentication)",
         description="Run a SuperLink (Flower's deployment engine) until stopped (SIGTERM, Ctrl-C). Federated stages "
-                    "use it with federation.superlink=HOST:PORT; SuperNodes join with 'fedhubert supernode'.")
-    superlink.add_argument("--host", default="127.0.0.1",
-                           help="address to listen on; 0.0.0.0 for SuperNodes on other machines (default: 127.0.0.1)")
-    superlink.add_argument("--port", type=int, default=0,
-                           help="port of its Fleet, Control and Runtime APIs (default: a free one, see --ready-file)")
-    superlink.add_argument("--tls", type=Path, metavar="DIR",
-                           help="serve TLS with DIR/ca.crt, server.pem and server.key (scripts/make_certificates.sh)")
-    superlink.add_argument("--authorized-keys", type=Path, nargs="+", default=[], metavar="KEY.pub|DIR",
-                           help="only SuperNodes holding the private keys of these public keys may join (needs --tls)")
+        "use it with federation.superlink=HOST:PORT; SuperNodes join with 'fedhubert supernode'.",
+    )
+    superlink.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; 0.0.0.0 for SuperNodes on other machines (default: 127.0.0.1)",
+    )
+    superlink.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="port of its Fleet, Control and Runtime APIs (default: a free one, see --ready-file)",
+    )
+    superlink.add_argument(
+        "--tls",
+        type=Path,
+        metavar="DIR",
+        help="serve TLS with DIR/ca.crt, server.pem and server.key (scripts/make_certificates.sh)",
+    )
+    superlink.add_argument(
+        "--authorized-keys",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="KEY.pub|DIR",
+        help="only SuperNodes holding the private keys of these public keys may join (needs --tls)",
+    )
     superlink.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: a fresh temporary folder)")
     superlink.add_argument("--log", type=Path, help="write Flower's output to this file (default: the terminal)")
-    superlink.add_argument("--ready-file", type=Path,
-                           help="write HOST:PORT into this file once it serves (and remove it when it stops)")
+    superlink.add_argument(
+        "--ready-file", type=Path, help="write HOST:PORT into this file once it serves (and remove it when it stops)"
+    )
     superlink.set_defaults(handler=_superlink)
 
     supernode = stages.add_parser(
-        "supernode", help="run a SuperNode serving one client (partition) of a federated run",
+        "supernode",
+        help="run a SuperNode serving one client (partition) of a federated run",
         description="Run a Flower SuperNode for client --partition-id of --num-partitions (under srun: SLURM_PROCID "
-                    "and SLURM_NTASKS) until it is stopped or its SuperLink goes away. The client reads "
-                    "client_<id>/ of the partition; the --*-dir flags say where this node keeps its data when "
-                    "that differs from the paths in the run's config.")
+        "and SLURM_NTASKS) until it is stopped or its SuperLink goes away. The client reads "
+        "client_<id>/ of the partition; the --*-dir flags say where this node keeps its data when "
+        "that differs from the paths in the run's config.",
+    )
     supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
     supernode.add_argument("--partition-id", type=int, help="this client's index (default: $SLURM_PROCID)")
     supernode.add_argument("--num-partitions", type=int, help="number of clients (default: $SLURM_NTASKS)")
-    for flag, key, what in (("--partition-dir", "partition-dir", "the partition folder on this node"),
-                            ("--kmeans-dir", "kmeans-dir", "the k-means folder on this node"),
-                            ("--work-dir", "work-dir", "where this client writes features and its local head"),
-                            ("--teacher", "teacher-checkpoint", "distillation: the teacher checkpoint on this node")):
+    for flag, key, what in (
+        ("--partition-dir", "partition-dir", "the partition folder on this node"),
+        ("--kmeans-dir", "kmeans-dir", "the k-means folder on this node"),
+        ("--work-dir", "work-dir", "where this client writes features and its local head"),
+        ("--teacher", "teacher-checkpoint", "distillation: the teacher checkpoint on this node"),
+    ):
         supernode.add_argument(flag, dest=f"node_{key}", metavar="PATH", help=f"{what} (node config {key})")
-    supernode.add_argument("--root-certificates", type=Path, metavar="CA",
-                           help="the CA certificate of a TLS SuperLink (default: an insecure connection)")
-    supernode.add_argument("--auth-key", type=Path, metavar="KEY",
-                           help="this node's private key (its KEY.pub registered with the SuperLink)")
-    supernode.add_argument("--port", type=int, default=0, help="port of this SuperNode's own runtime API "
-                                                               "(default: a free one)")
-    supernode.add_argument("--max-wait-time", type=float, default=300.0, metavar="SECONDS",
-                           help="give up when the SuperLink cannot be reached for this long (default: 300)")
+    supernode.add_argument(
+        "--root-certificates",
+        type=Path,
+        metavar="CA",
+        help="the CA certificate of a TLS SuperLink (default: an insecure connection)",
+    )
+    supernode.add_argument(
+        "--auth-key",
+        type=Path,
+        metavar="KEY",
+        help="this node's private key (its KEY.pub registered with the SuperLink)",
+    )
+    supernode.add_argument(
+        "--port", type=int, default=0, help="port of this SuperNode's own runtime API (default: a free one)"
+    )
+    supernode.add_argument(
+        "--max-wait-time",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up when the SuperLink cannot be reached for this long (default: 300)",
+    )
     supernode.add_argument("--flwr-home", type=Path, help="its FLWR_HOME (default: a temporary folder, removed after)")
     supernode.add_argument("--log", type=Path, help="write Flower's output to this file (default: the terminal)")
     supernode.set_defaults(handler=_supernode)
@@ -402,27 +499,50 @@ def _add_deployment(stages: argparse._SubParsersAction) -> None:
 def _superlink(args: argparse.Namespace) -> int:
     from fedhubert.fl.deploy import serve_superlink
 
-    return serve_superlink(host=args.host, port=args.port, tls_dir=args.tls, authorized_keys=args.authorized_keys,
-                           flwr_home=args.flwr_home, log_path=args.log, ready_file=args.ready_file)
+    return serve_superlink(
+        host=args.host,
+        port=args.port,
+        tls_dir=args.tls,
+        authorized_keys=args.authorized_keys,
+        flwr_home=args.flwr_home,
+        log_path=args.log,
+        ready_file=args.ready_file,
+    )
 
 
 def _supernode(args: argparse.Namespace) -> int:
     from fedhubert.fl.deploy import serve_supernode
 
-    node_config = {key.removeprefix("node_"): str(Path(value).resolve()) for key, value in vars(args).items()
-                   if key.startswith("node_") and value is not None}
-    return serve_supernode(superlink=args.superlink, partition_id=args.partition_id,
-                           num_partitions=args.num_partitions, node_config=node_config,
-                           root_certificates=args.root_certificates, auth_key=args.auth_key, port=args.port,
-                           flwr_home=args.flwr_home, log_path=args.log, max_wait_s=args.max_wait_time)
+    node_config = {
+        key.removeprefix("node_"): str(Path(value).resolve())
+        for key, value in vars(args).items()
+        if key.startswith("node_") and value is not None
+    }
+    return serve_supernode(
+        superlink=args.superlink,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        node_config=node_config,
+        root_certificates=args.root_certificates,
+        auth_key=args.auth_key,
+        port=args.port,
+        flwr_home=args.flwr_home,
+        log_path=args.log,
+        max_wait_s=args.max_wait_time,
+    )
 
 
 def _export(args: argparse.Namespace) -> int:
     from fedhubert.model.export import export_checkpoint
 
     record = export_checkpoint(args.checkpoint, args.format, args.out, force=args.force)
-    log.info("wrote %s (%s, sha256 %s); load it in S3PRL with: %s", args.out, record["format"], record["sha256"][:12],
-             record["load_with"])
+    log.info(
+        "wrote %s (%s, sha256 %s); load it in S3PRL with: %s",
+        args.out,
+        record["format"],
+        record["sha256"][:12],
+        record["load_with"],
+    )
     return 0
 
 
@@ -456,8 +576,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        log.error("cannot write %s: %s. Files already written are intact (every write is atomic): free space or "
-                  "choose another --out, then run the command again", err.filename or "an output", err.strerror)
+        log.error(
+            "cannot write %s: %s. Files already written are intact (every write is atomic): free space or "
+            "choose another --out, then run the command again",
+            err.filename or "an output",
+            err.strerror,
+        )
         return 2
     except KeyboardInterrupt:
         log.error("interrupted")

@@ -17,8 +17,9 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -68,7 +69,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
         optional = len(args) < len(get_args(tp))
         if len(args) == 1:
             return args[0], optional
-        return Union[tuple(args)], optional  # type: ignore[return-value]
+        # A union built at run time from a tuple of types; `X | Y` needs the members spelled out.
+        return Union[tuple(args)], optional  # type: ignore[return-value]  # noqa: UP007
     return tp, False
 
 
@@ -296,7 +298,9 @@ def _apply_preset(cls: type, raw: dict, origins: dict, prefix: str) -> None:
     name = raw.get("preset")
     if name not in presets:
         source = _origin_of(origins, f"{prefix}preset")
-        raise ConfigError(f"{source}: key '{prefix}preset' must be one of {', '.join(map(repr, presets))}, got {name!r}")
+        raise ConfigError(
+            f"{source}: key '{prefix}preset' must be one of {', '.join(map(repr, presets))}, got {name!r}"
+        )
     for key, value in presets[name].items():
         path = f"{prefix}{key}"
         if not any(o == path or o.startswith(path + ".") for o in origins):

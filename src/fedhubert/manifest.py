@@ -8,9 +8,9 @@ utterance. Aligned files share its order: transcripts (`.wrd`, one utterance per
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Sequence
 
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import FedhubertError

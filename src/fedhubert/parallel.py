@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from typing import Callable, Iterator, Sequence, TypeVar
+from typing import TypeVar
 
 from fedhubert.runlog import progress
 

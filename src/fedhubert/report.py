@@ -16,7 +16,7 @@ import logging
 import os
 import shlex
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fedhubert.atomic import atomic_write_text
@@ -26,8 +26,16 @@ from fedhubert.runlog import RUN_FILE
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("synth-librispeech", "synth-speech-commands", "partition", "kmeans", "train-local", "pretrain",
-               "distill", "evaluate-speech-commands")
+STAGE_ORDER = (
+    "synth-librispeech",
+    "synth-speech-commands",
+    "partition",
+    "kmeans",
+    "train-local",
+    "pretrain",
+    "distill",
+    "evaluate-speech-commands",
+)
 _SKIP_DIRS = {"checkpoints", "tensorboard", "logs", "flwr", "features", "s3prl", "report", "client_configs"}
 FIGURES = "report"
 
@@ -111,16 +119,20 @@ def _overview(report: Report, stages: list[StageFolder]) -> None:
     commits = sorted({s.record.get("git_commit") or "-" for s in stages})
     versions = sorted({s.record.get("fedhubert_version", "?") for s in stages})
     report.add("# fedhubert run report")
-    report.add(f"Run folder: `{report.run_dir}`. Generated "
-               f"{datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} by `fedhubert report` from the stages' "
-               f"own files; fedhubert {', '.join(versions)}, git {', '.join(c[:10] for c in commits)}.")
+    report.add(
+        f"Run folder: `{report.run_dir}`. Generated "
+        f"{datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} by `fedhubert report` from the stages' "
+        f"own files; fedhubert {', '.join(versions)}, git {', '.join(c[:10] for c in commits)}."
+    )
     rows = ["| stage | folder | status | time | started |", "|---|---|---|---|---|"]
     for s in stages:
         status = s.record.get("status", "?")
         if status == "failed":
             status = f"**failed**: {s.record.get('error', '')[:120]}"
-        rows.append(f"| {s.stage} | `{report.rel(s.path)}` | {status} | {_duration(s.record.get('elapsed_s'))} | "
-                    f"{s.record.get('started', '-')} |")
+        rows.append(
+            f"| {s.stage} | `{report.rel(s.path)}` | {status} | {_duration(s.record.get('elapsed_s'))} | "
+            f"{s.record.get('started', '-')} |"
+        )
     report.add("## Stages", *rows)
 
 
@@ -129,13 +141,17 @@ def _data(report: Report, stages: list[StageFolder]) -> None:
     for s in stages:
         summary = s.record.get("summary", {})
         if s.stage == "synth-librispeech" and s.completed:
-            lines.append(f"- Synthetic LibriSpeech `{report.rel(s.path)}`: {summary['speakers']} speakers, "
-                         f"{summary['utterances']} utterances, {summary['hours']:.2f} h.")
+            lines.append(
+                f"- Synthetic LibriSpeech `{report.rel(s.path)}`: {summary['speakers']} speakers, "
+                f"{summary['utterances']} utterances, {summary['hours']:.2f} h."
+            )
         elif s.stage == "synth-speech-commands" and s.completed:
             split = summary["split_clips"]
-            lines.append(f"- Synthetic Speech Commands `{report.rel(s.path)}`: {summary['words']} words; "
-                         f"{split['training']} training, {split['validation']} dev clips; {summary['test_clips']} "
-                         f"test clips.")
+            lines.append(
+                f"- Synthetic Speech Commands `{report.rel(s.path)}`: {summary['words']} words; "
+                f"{split['training']} training, {split['validation']} dev clips; {summary['test_clips']} "
+                f"test clips."
+            )
     partition = next((s for s in stages if s.stage == "partition" and s.completed), None)
     if partition:
         from fedhubert.partition.report import plot_clients, summary_table
@@ -160,19 +176,25 @@ def _kmeans(report: Report, stages: list[StageFolder]) -> None:
         name = f"kmeans_{s.path.name}.png"
         plot_kmeans(record, report.figures / name)
         features = record["features"]
-        lines = [f"`{report.rel(s.path)}`: {record['mode']} k-means, K={record['num_clusters']} on "
-                 f"{features['dims']}-dim {features['kind']} features, labels at {record['label_rate']} Hz; "
-                 f"{record['unused_clusters']} unused clusters."]
+        lines = [
+            f"`{report.rel(s.path)}`: {record['mode']} k-means, K={record['num_clusters']} on "
+            f"{features['dims']}-dim {features['kind']} features, labels at {record['label_rate']} Hz; "
+            f"{record['unused_clusters']} unused clusters."
+        ]
         if record.get("rounds"):
             lines.append(f"Federated Lloyd rounds: {record['rounds']}, inertia per frame {record['inertia']:.2f}.")
         reference = record.get("reference") or {}
         if "relative_gap" in reference:
-            lines.append(f"Centralized k-means on the pooled sample: {reference['inertia']:.2f} per frame; the "
-                         f"federated codebook is {100 * reference['relative_gap']:+.1f}% from it.")
+            lines.append(
+                f"Centralized k-means on the pooled sample: {reference['inertia']:.2f} per frame; the "
+                f"federated codebook is {100 * reference['relative_gap']:+.1f}% from it."
+            )
         elif "mean_matched_centroid_distance" in reference:
-            lines.append(f"Per-client codebooks against a centralized one: mean distance to the matched centroid "
-                         f"{reference['mean_matched_centroid_distance']:.3f} (centroid spread "
-                         f"{reference['centroid_scale']:.3f}).")
+            lines.append(
+                f"Per-client codebooks against a centralized one: mean distance to the matched centroid "
+                f"{reference['mean_matched_centroid_distance']:.3f} (centroid spread "
+                f"{reference['centroid_scale']:.3f})."
+            )
         for subset, heldout in (record.get("global") or {}).items():
             lines.append(f"- held-out {subset}: {heldout['frames']} frames, inertia {heldout['inertia']:.2f}")
         report.add("## Targets (k-means)", *lines)
@@ -189,17 +211,25 @@ def _training(report: Report, stages: list[StageFolder]) -> None:
             rows = read_rows(s.path / "metrics.jsonl")
             plot_training(rows, report.figures / name)
             last_valid = next((r for r in reversed(rows) if r["kind"] == "valid"), {})
-            valid = (f"; valid loss {_num(summary['valid_first']['loss'])} -> {_num(summary['valid_last']['loss'])}, "
-                     f"masked accuracy {_pct(summary['valid_last']['acc_masked'])}{_baseline(last_valid)}"
-                     if summary.get("valid_last") else "")
+            valid = (
+                f"; valid loss {_num(summary['valid_first']['loss'])} -> {_num(summary['valid_last']['loss'])}, "
+                f"masked accuracy {_pct(summary['valid_last']['acc_masked'])}{_baseline(last_valid)}"
+                if summary.get("valid_last")
+                else ""
+            )
             if summary.get("valid_last", {}).get("gain_nats") is not None:
-                valid += (f", gain over the label-frequency baseline {_gain(summary['valid_first']['gain_nats'])} -> "
-                          f"{_gain(summary['valid_last']['gain_nats'])}")
-            report.add(f"## Centralized training (`{report.rel(s.path)}`)",
-                       f"{summary['parameters']:,} parameters, K={summary['num_classes']}, {summary['steps']} updates "
-                       f"on {summary['device']}: train loss {_num(summary['train']['loss'])}, masked accuracy "
-                       f"{_pct(summary['train']['acc_masked'])}{valid}. Checkpoint `{report.rel(summary['checkpoint'], s.record.get('cwd'))}`.",
-                       *_verdict(summary.get("learning")))
+                valid += (
+                    f", gain over the label-frequency baseline {_gain(summary['valid_first']['gain_nats'])} -> "
+                    f"{_gain(summary['valid_last']['gain_nats'])}"
+                )
+            report.add(
+                f"## Centralized training (`{report.rel(s.path)}`)",
+                f"{summary['parameters']:,} parameters, K={summary['num_classes']}, {summary['steps']} updates "
+                f"on {summary['device']}: train loss {_num(summary['train']['loss'])}, masked accuracy "
+                f"{_pct(summary['train']['acc_masked'])}{valid}. "
+                f"Checkpoint `{report.rel(summary['checkpoint'], s.record.get('cwd'))}`.",
+                *_verdict(summary.get("learning")),
+            )
             report.figure(name, "centralized training curves")
         elif s.stage in ("pretrain", "distill") and s.completed:
             _federated(report, s)
@@ -217,41 +247,64 @@ def _federated(report: Report, s: StageFolder) -> None:
     distill = s.stage == "distill"
     acc_key = "train_acc_masked" if any("train_acc_masked" in r for r in train) else None
     plot_rounds(rows, report.figures / name, f"{s.stage} ({strategy}, {clients} clients)", acc_key=acc_key)
-    lines = [f"{summary['rounds']} rounds of {config.get('local_steps', '?')} local steps with {clients} clients, "
-             f"{strategy}; the rounds took {_duration(summary.get('seconds'))}. Final checkpoint "
-             f"`{report.rel(summary['final_checkpoint'], s.record.get('cwd'))}`."]
+    lines = [
+        f"{summary['rounds']} rounds of {config.get('local_steps', '?')} local steps with {clients} clients, "
+        f"{strategy}; the rounds took {_duration(summary.get('seconds'))}. Final checkpoint "
+        f"`{report.rel(summary['final_checkpoint'], s.record.get('cwd'))}`."
+    ]
     if distill:
-        lines.append(f"Student: {summary['student_parameters']:,} parameters, "
-                     f"{100 * summary['student_parameters'] / summary['teacher_parameters']:.1f}% of the teacher's.")
+        lines.append(
+            f"Student: {summary['student_parameters']:,} parameters, "
+            f"{100 * summary['student_parameters'] / summary['teacher_parameters']:.1f}% of the teacher's."
+        )
     if train:
         first, last = train[0], train[-1]
-        lines.append(f"Client training loss: round {first['round']} {_num(first.get('train_loss'))} -> round "
-                     f"{last['round']} {_num(last.get('train_loss'))}"
-                     + (f"; masked accuracy {_pct(last.get(acc_key))}" if acc_key else "") + ".")
+        lines.append(
+            f"Client training loss: round {first['round']} {_num(first.get('train_loss'))} -> round "
+            f"{last['round']} {_num(last.get('train_loss'))}"
+            + (f"; masked accuracy {_pct(last.get(acc_key))}" if acc_key else "")
+            + "."
+        )
     if evals:
         first, last = evals[0], evals[-1]
-        accuracy = (f", masked accuracy {_pct(first.get('acc_masked'))} -> {_pct(last.get('acc_masked'))}"
-                    f"{_baseline(last)}" if "acc_masked" in last else "")
-        lines.append(f"Server evaluation on held-out speakers: loss {_num(first.get('loss'))} (round {first['round']}) "
-                     f"-> {_num(last.get('loss'))} (round {last['round']}){accuracy}.")
+        accuracy = (
+            f", masked accuracy {_pct(first.get('acc_masked'))} -> {_pct(last.get('acc_masked'))}{_baseline(last)}"
+            if "acc_masked" in last
+            else ""
+        )
+        lines.append(
+            f"Server evaluation on held-out speakers: loss {_num(first.get('loss'))} (round {first['round']}) "
+            f"-> {_num(last.get('loss'))} (round {last['round']}){accuracy}."
+        )
         if "gain_nats" in last:
-            lines.append(f"Masked cross-entropy against the label-frequency baseline on the same frames: gain "
-                         f"{_gain(first['gain_nats'])} (round {first['round']}) -> {_gain(last['gain_nats'])} (round "
-                         f"{last['round']}); {last.get('predicted_clusters')} distinct clusters predicted.")
-            lines.append("Gain per round (nats): " + ", ".join(
-                f"{r['round']}: {r['gain_nats']:+.3f}" for r in evals if "gain_nats" in r) + ".")
+            lines.append(
+                f"Masked cross-entropy against the label-frequency baseline on the same frames: gain "
+                f"{_gain(first['gain_nats'])} (round {first['round']}) -> {_gain(last['gain_nats'])} (round "
+                f"{last['round']}); {last.get('predicted_clusters')} distinct clusters predicted."
+            )
+            lines.append(
+                "Gain per round (nats): "
+                + ", ".join(f"{r['round']}: {r['gain_nats']:+.3f}" for r in evals if "gain_nats" in r)
+                + "."
+            )
     lines.extend(_verdict(summary.get("learning")))
     steps = [r for r in train if "step_cosine" in r]
     if steps:
-        lines.append(f"Server step against the clients' mean change (round {steps[-1]['round']}): ratio "
-                     f"{steps[-1]['step_ratio']:.2f}, cosine {steps[-1]['step_cosine']:.2f}.")
+        lines.append(
+            f"Server step against the clients' mean change (round {steps[-1]['round']}): ratio "
+            f"{steps[-1]['step_ratio']:.2f}, cosine {steps[-1]['step_cosine']:.2f}."
+        )
     failed = sum(r.get("failed", 0) for r in train)
     if failed:
         lines.append(f"Client failures over the run: {failed} (see metrics.jsonl).")
-    report.add(f"## {'Federated distillation' if distill else 'Federated pretraining'} (`{report.rel(s.path)}`)",
-               *lines)
-    report.figure(name, f"{s.stage} per round: loss" + ("" if acc_key is None else
-                                                         ", masked accuracy and gain over the frequency baseline"))
+    report.add(
+        f"## {'Federated distillation' if distill else 'Federated pretraining'} (`{report.rel(s.path)}`)", *lines
+    )
+    report.figure(
+        name,
+        f"{s.stage} per round: loss"
+        + ("" if acc_key is None else ", masked accuracy and gain over the frequency baseline"),
+    )
 
 
 def _gain(nats: float) -> str:
@@ -267,8 +320,10 @@ def _baseline(row: dict) -> str:
 
 def _not_better(name: str, score: str, base_name: str, base_score: str, below: bool) -> str:
     relation = "below" if below else "within the error bars of"
-    return (f"**Not better than random init**: {name} ({score}) is {relation} random init of its architecture "
-            f"({base_name}: {base_score}), so its pretraining shows no benefit here.")
+    return (
+        f"**Not better than random init**: {name} ({score}) is {relation} random init of its architecture "
+        f"({base_name}: {base_score}), so its pretraining shows no benefit here."
+    )
 
 
 def _verdict(learning: dict | None) -> list[str]:
@@ -276,8 +331,10 @@ def _verdict(learning: dict | None) -> list[str]:
     if not learning:
         return []
     if learning["learned"]:
-        return [f"**Learned**: on {learning['held_out']} the model beats the label-frequency baseline by "
-                f"{_gain(learning['gain_nats_last'])} (best {_gain(learning['gain_nats_best'])})."]
+        return [
+            f"**Learned**: on {learning['held_out']} the model beats the label-frequency baseline by "
+            f"{_gain(learning['gain_nats_last'])} (best {_gain(learning['gain_nats_best'])})."
+        ]
     return [f"**Did not learn**: the model {problem}." for problem in learning["problems"]]
 
 
@@ -289,10 +346,14 @@ def _probes(report: Report, stages: list[StageFolder]) -> None:
             continue
         data = result["data"]
         random = {m["architecture"]: m for m in result["models"] if m["random_init"]}
-        lines = [f"{data['clips']} keyword clips of {data['words']} words by {data['speakers']} speakers; logistic "
-                 f"regression on mean-pooled frozen layers, {result['folds']}-fold speaker-disjoint cross-validation "
-                 f"(mean +- sd over folds; chance {_pct(data['chance'])}).", "",
-                 "| model | accuracy | vs random init of its architecture |", "|---|---|---|"]
+        lines = [
+            f"{data['clips']} keyword clips of {data['words']} words by {data['speakers']} speakers; logistic "
+            f"regression on mean-pooled frozen layers, {result['folds']}-fold speaker-disjoint cross-validation "
+            f"(mean +- sd over folds; chance {_pct(data['chance'])}).",
+            "",
+            "| model | accuracy | vs random init of its architecture |",
+            "|---|---|---|",
+        ]
         warnings = []
         for m in result["models"]:
             base = None if m["random_init"] else random.get(m["architecture"])
@@ -320,21 +381,33 @@ def _probe_versus_random(model: dict, base: dict) -> list[str]:
 def _evaluations(report: Report, stages: list[StageFolder]) -> None:
     from fedhubert.eval.results import result_markdown
 
-    results = [r for s in stages if s.stage == "evaluate-speech-commands" and s.completed
-               for r in [s.json("result.json")] if r]
+    results = [
+        r for s in stages if s.stage == "evaluate-speech-commands" and s.completed for r in [s.json("result.json")] if r
+    ]
     if not results:
         return
     _plot_evaluations(results, report.figures / "speech_commands.png")
-    warnings = [line for r in results for base in [_random_init_of(r, results)] if base
-                for line in _s3prl_versus_random(r, base)]
+    warnings = [
+        line
+        for r in results
+        for base in [_random_init_of(r, results)]
+        if base
+        for line in _s3prl_versus_random(r, base)
+    ]
     steps = sorted({r["steps"] for r in results})
     roots = sorted({r["data"]["root"] for r in results})
-    data = f"the same data for every row (`{roots[0]}`)" if len(roots) == 1 else \
-        f"**different datasets**: {', '.join(f'`{r}`' for r in roots)}"
-    report.add("## Speech Commands (SUPERB keyword spotting, S3PRL)",
-               f"S3PRL's speech_commands downstream on each upstream, {', '.join(map(str, steps))} training steps; "
-               f"the dev-best checkpoint is scored on the separate test set; {data}.", "",
-               result_markdown(results).rstrip())
+    data = (
+        f"the same data for every row (`{roots[0]}`)"
+        if len(roots) == 1
+        else f"**different datasets**: {', '.join(f'`{r}`' for r in roots)}"
+    )
+    report.add(
+        "## Speech Commands (SUPERB keyword spotting, S3PRL)",
+        f"S3PRL's speech_commands downstream on each upstream, {', '.join(map(str, steps))} training steps; "
+        f"the dev-best checkpoint is scored on the separate test set; {data}.",
+        "",
+        result_markdown(results).rstrip(),
+    )
     if warnings:
         report.add(*warnings)
     report.figure("speech_commands.png", "dev and test accuracy per upstream, with 95% intervals")
@@ -348,11 +421,15 @@ def _plot_evaluations(results: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 3), 4))
     x = range(len(results))
     ci = [intervals(r) for r in results]
-    bars = (("dev (best)", [r["dev_best"]["acc"] for r in results], [c["dev_ci95"] for c in ci]),
-            ("test", [r["test_acc"] for r in results], [c["test_ci95"] for c in ci]))
-    for offset, (label, values, bounds) in zip((-0.2, 0.2), bars):
-        errors = [[max(0.0, 100 * (v - b[0])) if b else 0.0 for v, b in zip(values, bounds)],
-                  [max(0.0, 100 * (b[1] - v)) if b else 0.0 for v, b in zip(values, bounds)]]
+    bars = (
+        ("dev (best)", [r["dev_best"]["acc"] for r in results], [c["dev_ci95"] for c in ci]),
+        ("test", [r["test_acc"] for r in results], [c["test_ci95"] for c in ci]),
+    )
+    for offset, (label, values, bounds) in zip((-0.2, 0.2), bars, strict=True):
+        errors = [
+            [max(0.0, 100 * (v - b[0])) if b else 0.0 for v, b in zip(values, bounds, strict=True)],
+            [max(0.0, 100 * (b[1] - v)) if b else 0.0 for v, b in zip(values, bounds, strict=True)],
+        ]
         ax.bar([i + offset for i in x], [100 * v for v in values], 0.4, yerr=errors, capsize=3, label=label)
     ax.axhline(100 / 12, color="grey", linestyle="--", linewidth=1, label="chance (12 classes)")
     ax.set_xticks(list(x), [r["name"] for r in results], rotation=15, ha="right", fontsize="small")
@@ -384,8 +461,9 @@ def _s3prl_versus_random(result: dict, base: dict) -> list[str]:
     def score(r: dict, interval: list[float]) -> str:
         return f"test {_pct(r['test_acc'])}, 95% CI {interval_text(interval)}"
 
-    return [_not_better(result["name"], score(result, test), base["name"], score(base, base_test),
-                        test[1] < base_test[0])]
+    return [
+        _not_better(result["name"], score(result, test), base["name"], score(base, base_test), test[1] < base_test[0])
+    ]
 
 
 def _provenance(report: Report, stages: list[StageFolder]) -> None:
@@ -403,8 +481,10 @@ def write_report(run_dir: Path) -> Path:
         raise ReportError(f"{run_dir} is not a folder: pass the folder holding the run's stage folders")
     stages = find_stages(Path(os.path.abspath(run_dir)))
     if not stages:
-        raise ReportError(f"{run_dir} holds no stage folders ({RUN_FILE} files up to three levels down): pass the "
-                          f"folder a pipeline wrote into, e.g. the demo's data/demo")
+        raise ReportError(
+            f"{run_dir} holds no stage folders ({RUN_FILE} files up to three levels down): pass the "
+            f"folder a pipeline wrote into, e.g. the demo's data/demo"
+        )
     report = Report(run_dir)
     report.figures.mkdir(exist_ok=True)
     for section in (_overview, _data, _kmeans, _training, _probes, _evaluations, _provenance):

@@ -19,8 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -94,7 +95,11 @@ def _git_state() -> dict[str, Any]:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=source, capture_output=True, text=True, timeout=10, check=True,
+            cwd=source,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
         return {"git_commit": commit, "git_dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
@@ -120,7 +125,7 @@ def environment_record() -> dict[str, Any]:
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).astimezone().isoformat(timespec="seconds")
 
 
 def _previous_run_failed(out_dir: Path, stage: str) -> bool:
@@ -159,8 +164,9 @@ class StageRun:
     """Handle given to a stage inside `stage_run`: put results into `summary`; they land in run.json.
     `resume` says the stage continues an earlier run in the same folder."""
 
-    def __init__(self, stage: str, out_dir: Path, config: Any, resume: bool = False,
-                 command: Sequence[str] | None = None):
+    def __init__(
+        self, stage: str, out_dir: Path, config: Any, resume: bool = False, command: Sequence[str] | None = None
+    ):
         self.stage = stage
         self.out_dir = out_dir
         self.config = config
@@ -186,7 +192,13 @@ class StageRun:
 
 @contextlib.contextmanager
 def stage_run(
-    stage: str, out_dir: Path, config: Any, *, force: bool = False, owned: Sequence[str] = (), resume: bool = False,
+    stage: str,
+    out_dir: Path,
+    config: Any,
+    *,
+    force: bool = False,
+    owned: Sequence[str] = (),
+    resume: bool = False,
     command: Sequence[str] | None = None,
 ) -> Iterator[StageRun]:
     """With `resume`, the folder's earlier outputs stay (the stage continues them); the log is appended to."""

@@ -26,9 +26,11 @@ def rows(out: Path, kind: str) -> list[dict]:
 def plan(tmp_path, monkeypatch):
     def write(behaviours: dict[int, dict[int, str]]) -> None:
         path = tmp_path / "drill-plan.json"
-        path.write_text(json.dumps({str(c): {str(r): b for r, b in by_round.items()}
-                                    for c, by_round in behaviours.items()}))
+        path.write_text(
+            json.dumps({str(c): {str(r): b for r, b in by_round.items()} for c, by_round in behaviours.items()})
+        )
         monkeypatch.setenv("FEDHUBERT_DRILL_PLAN", str(path))
+
     return write
 
 
@@ -37,13 +39,29 @@ def finite(checkpoint: Path) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_bad_updates_are_rejected_with_reasons_and_rounds_complete(small_partition, small_kmeans, tmp_path,
-                                                                   plan, intact):
+def test_bad_updates_are_rejected_with_reasons_and_rounds_complete(
+    small_partition, small_kmeans, tmp_path, plan, intact
+):
     intact(small_partition, small_kmeans)
     plan({0: {1: "raise", 3: "missing"}, 1: {1: "nan"}, 2: {2: "shape"}})
     out = tmp_path / "hostile"
-    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                   *PRETRAIN_FAST, "--rounds", "3", "strategy.min_clients=1", f"federation.app={HOSTILE_APP}") == 0
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "3",
+            "strategy.min_clients=1",
+            f"federation.app={HOSTILE_APP}",
+        )
+        == 0
+    )
     reasons = {(f["round"], f["client"]): f["reason"] for f in rows(out, "failure")}
     assert set(reasons) == {(1, 0), (1, 1), (2, 2), (3, 0)}, reasons
     assert "client error" in reasons[1, 0] and "drill: this client raises" in reasons[1, 0]
@@ -62,20 +80,51 @@ def test_a_client_process_that_dies_is_left_out(small_partition, small_kmeans, t
     `strategy.min_clients` (stop with a checkpoint) are the remedies."""
     plan({1: {1: "exit"}})
     out = tmp_path / "died"
-    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                   *PRETRAIN_FAST, "--rounds", "2", "strategy.min_clients=1", f"federation.app={HOSTILE_APP}") == 0
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "2",
+            "strategy.min_clients=1",
+            f"federation.app={HOSTILE_APP}",
+        )
+        == 0
+    )
     failures = rows(out, "failure")
     assert any(f["round"] == 1 and f["client"] == 1 and "died" in f["reason"] for f in failures), failures
     assert [r["round"] for r in rows(out, "train")] == [1, 2] and rows(out, "train")[0]["clients"] >= 1
     assert finite(out / "checkpoints" / "final.pt")
 
 
-def test_too_few_good_updates_stop_with_the_last_good_round_checkpointed(small_partition, small_kmeans, tmp_path,
-                                                                         plan, capsys):
+def test_too_few_good_updates_stop_with_the_last_good_round_checkpointed(
+    small_partition, small_kmeans, tmp_path, plan, capsys
+):
     plan({2: {2: "nan"}})
     out = tmp_path / "under-minimum"
-    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                   *PRETRAIN_FAST, "--rounds", "3", "strategy.min_clients=3", f"federation.app={HOSTILE_APP}") == 2
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "3",
+            "strategy.min_clients=3",
+            f"federation.app={HOSTILE_APP}",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "round 2: 2 of 3 clients replied usable updates, fewer than strategy.min_clients=3" in err
     assert "NaN or infinite" in err and "--resume" in err
@@ -87,8 +136,22 @@ def test_too_few_good_updates_stop_with_the_last_good_round_checkpointed(small_p
 def test_distillation_rejects_a_nan_student_update(tiny_teacher, small_partition, tmp_path, plan):
     plan({0: {1: "nan"}})
     out = tmp_path / "distill-hostile"
-    assert run_cli("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
-                   "--rounds", "1", *DISTILL_FAST, f"federation.app={HOSTILE_APP}") == 0
+    assert (
+        run_cli(
+            "distill",
+            "--teacher",
+            tiny_teacher,
+            "--partition",
+            small_partition,
+            "--out",
+            out,
+            "--rounds",
+            "1",
+            *DISTILL_FAST,
+            f"federation.app={HOSTILE_APP}",
+        )
+        == 0
+    )
     [failure] = rows(out, "failure")
     assert failure["client"] == 0 and "NaN or infinite" in failure["reason"]
     assert finite(out / "checkpoints" / "final.pt")
@@ -99,11 +162,30 @@ def test_a_run_stopped_in_round_one_resumes(small_partition, small_kmeans, tmp_p
     moments yet; --resume, with the client fixed, continues from it."""
     plan({2: {1: "nan"}})
     out = tmp_path / "stopped-in-round-one"
-    assert run_cli("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                   *PRETRAIN_FAST, "--rounds", "2", "strategy.name=fedadam", "strategy.min_clients=3",
-                   f"federation.app={HOSTILE_APP}") == 2
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "2",
+            "strategy.name=fedadam",
+            "strategy.min_clients=3",
+            f"federation.app={HOSTILE_APP}",
+        )
+        == 2
+    )
     assert load_checkpoint(out / "checkpoints" / "round_00000.pt")["state"]["round"] == 0
     monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
     assert run_cli("pretrain", "--resume", out) == 0
     final = load_checkpoint(out / "checkpoints" / "final.pt")
-    assert final["state"]["round"] == 2 and "m_t" in final["state"]["strategy"] and finite(out / "checkpoints" / "final.pt")
+    assert (
+        final["state"]["round"] == 2
+        and "m_t" in final["state"]["strategy"]
+        and finite(out / "checkpoints" / "final.pt")
+    )

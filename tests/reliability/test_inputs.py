@@ -127,12 +127,16 @@ def test_a_manifest_pointing_outside_the_corpus_is_refused(corpus_copy, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damage, message", [
-    ("drop_line", "lines but its manifest"),
-    ("short_line", "labels, shorter than the"),
-])
-def test_labels_that_do_not_fit_the_audio_stop_local_training(damage, small_partition, small_labels, tmp_path,
-                                                              capsys, intact, message):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("drop_line", "lines but its manifest"),
+        ("short_line", "labels, shorter than the"),
+    ],
+)
+def test_labels_that_do_not_fit_the_audio_stop_local_training(
+    damage, small_partition, small_labels, tmp_path, capsys, intact, message
+):
     labels = tmp_path / "train.km"
     lines = (small_labels / "client_0" / "train.km").read_text().splitlines()
     if damage == "drop_line":
@@ -142,18 +146,35 @@ def test_labels_that_do_not_fit_the_audio_stop_local_training(damage, small_part
     labels.write_text("\n".join(lines) + "\n")
     intact(labels, small_partition)
     manifest = small_partition / "client_0" / "train.tsv"
-    assert run_cli("train-local", "--out", tmp_path / "run", "--preset", "tiny", "--steps", "1", "num_classes=20",
-                   f"train_manifests=[{manifest}]", f"train_labels=[{labels}]", "train.device=cpu") == 2
+    assert (
+        run_cli(
+            "train-local",
+            "--out",
+            tmp_path / "run",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "num_classes=20",
+            f"train_manifests=[{manifest}]",
+            f"train_labels=[{labels}]",
+            "train.device=cpu",
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     no_traceback(err)
     assert message in err and str(labels) in err
 
 
 @pytest.mark.parametrize("stage", sorted(STAGE_ARGS))
-@pytest.mark.parametrize("text, message", [
-    ("seeed: 3\n", "unknown key 'seeed'"),
-    ("seed: three\n", "'seed'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seeed: 3\n", "unknown key 'seeed'"),
+        ("seed: three\n", "'seed'"),
+    ],
+)
 def test_bad_config_files_name_the_key_and_the_file(stage, text, message, tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text(text)

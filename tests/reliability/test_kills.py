@@ -10,8 +10,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -30,11 +30,13 @@ HOSTILE_APP = Path(__file__).resolve().parent / "hostile_app"
 def stalled(tmp_path, monkeypatch):
     """Runs started now use the hostile app, whose clients stall for a minute in round `round_` (so a kill lands
     mid-round whatever the machine's speed); returns the override that selects the app. Resumes run normally."""
+
     def plan(round_: int) -> str:
         path = tmp_path / "stall.json"
         path.write_text(json.dumps({str(c): {str(round_): "stall"} for c in range(3)}))
         monkeypatch.setenv("FEDHUBERT_DRILL_PLAN", str(path))
         return f"federation.app={HOSTILE_APP}"
+
     yield plan
 
 
@@ -45,13 +47,19 @@ def _messages(out: Path) -> list[dict]:
 
 def sent(kind: str, round_: int) -> Callable[[Path], bool]:
     """The server has sent `kind` messages of round `round_` (so the clients are working on that round)."""
-    return lambda out: any(m["direction"] == "to_client" and m["type"] == kind and m["round"] == round_
-                           for m in _messages(out))
+    return lambda out: any(
+        m["direction"] == "to_client" and m["type"] == kind and m["round"] == round_ for m in _messages(out)
+    )
 
 
 def start(*args: str | Path) -> subprocess.Popen:
-    return subprocess.Popen([FEDHUBERT, *map(str, args)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "FEDHUBERT_PROGRESS": "0"})
+    return subprocess.Popen(
+        [FEDHUBERT, *map(str, args)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "FEDHUBERT_PROGRESS": "0"},
+    )
 
 
 def wait_for(process: subprocess.Popen, out: Path, ready: Callable[[Path], bool], timeout: float = 300) -> None:
@@ -89,31 +97,55 @@ def same_weights(a: Path, b: Path) -> None:
     assert not different, f"resumed run differs from the uninterrupted one in {different[:5]}"
 
 
-def test_pretraining_killed_mid_round_resumes_to_the_same_weights(four_rounds, small_partition, small_kmeans,
-                                                                  tmp_path, intact, stalled, monkeypatch):
+def test_pretraining_killed_mid_round_resumes_to_the_same_weights(
+    four_rounds, small_partition, small_kmeans, tmp_path, intact, stalled, monkeypatch
+):
     intact(small_partition, small_kmeans)
     out = tmp_path / "killed"
-    process = start("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                    *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6", "strategy.name=fedadam",
-                    stalled(3))
+    process = start(
+        "pretrain",
+        "--partition",
+        small_partition,
+        "--kmeans",
+        small_kmeans,
+        "--out",
+        out,
+        *PRETRAIN_FAST,
+        "--rounds",
+        "4",
+        "strategy.fraction=0.6",
+        "strategy.name=fedadam",
+        stalled(3),
+    )
     wait_for(process, out, sent("train", 3))
     kill_everything(process, out)
     # what the killed run saved of its rounds is not touched by the resume (best.pt moves on as later rounds beat it)
     intact(*sorted((out / "checkpoints").glob("round_*")))
-    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["best.pt", "round_00001.pt",
-                                                                          "round_00002.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["best.pt", "round_00001.pt", "round_00002.pt"]
     monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
     assert run_cli("pretrain", "--resume", out) == 0
     same_weights(four_rounds / "checkpoints" / "final.pt", out / "checkpoints" / "final.pt")
     assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 2
 
 
-def test_distillation_killed_mid_round_resumes_to_the_same_weights(distilled, tiny_teacher, small_partition,
-                                                                   tmp_path, intact, stalled, monkeypatch):
+def test_distillation_killed_mid_round_resumes_to_the_same_weights(
+    distilled, tiny_teacher, small_partition, tmp_path, intact, stalled, monkeypatch
+):
     intact(small_partition, tiny_teacher)
     out = tmp_path / "killed"
-    process = start("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
-                    "--rounds", "2", *DISTILL_FAST, stalled(2))
+    process = start(
+        "distill",
+        "--teacher",
+        tiny_teacher,
+        "--partition",
+        small_partition,
+        "--out",
+        out,
+        "--rounds",
+        "2",
+        *DISTILL_FAST,
+        stalled(2),
+    )
     wait_for(process, out, sent("train.distill", 2))
     kill_everything(process, out)
     assert not (out / "checkpoints" / "round_00002.pt").exists()
@@ -122,12 +154,14 @@ def test_distillation_killed_mid_round_resumes_to_the_same_weights(distilled, ti
     same_weights(distilled / "checkpoints" / "final.pt", out / "checkpoints" / "final.pt")
 
 
-def test_federated_kmeans_killed_mid_round_resumes_to_the_same_codebook(small_kmeans, small_partition,
-                                                                         kmeans_features, tmp_path, intact):
+def test_federated_kmeans_killed_mid_round_resumes_to_the_same_codebook(
+    small_kmeans, small_partition, kmeans_features, tmp_path, intact
+):
     intact(small_partition)
     out = tmp_path / "killed"
-    process = start("kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST,
-                    f"feature_dir={kmeans_features}")
+    process = start(
+        "kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST, f"feature_dir={kmeans_features}"
+    )
     wait_for(process, out, sent("query.kmeans_stats", 3))
     kill_everything(process, out)
     saved = sorted(p.name for p in (out / "checkpoints").glob("round_*.pt"))
@@ -141,13 +175,25 @@ def test_federated_kmeans_killed_mid_round_resumes_to_the_same_codebook(small_km
     assert record["history"] == json.loads((small_kmeans / "kmeans.json").read_text())["history"]
 
 
-def test_killing_only_the_stage_command_takes_its_flower_processes_down(small_partition, small_kmeans, tmp_path,
-                                                                       stalled, monkeypatch):
+def test_killing_only_the_stage_command_takes_its_flower_processes_down(
+    small_partition, small_kmeans, tmp_path, stalled, monkeypatch
+):
     """`kill -9` of the command on a login node: the SuperLink it started gets SIGTERM from the kernel (parent-death
     signal) and ends the simulation and the ServerApp, so no server goes on writing into the run folder unseen."""
     out = tmp_path / "orphans"
-    process = start("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                    *PRETRAIN_FAST, "--rounds", "3", stalled(2))
+    process = start(
+        "pretrain",
+        "--partition",
+        small_partition,
+        "--kmeans",
+        small_kmeans,
+        "--out",
+        out,
+        *PRETRAIN_FAST,
+        "--rounds",
+        "3",
+        stalled(2),
+    )
     wait_for(process, out, sent("train", 2))
     process.kill()
     process.wait(timeout=30)
@@ -163,17 +209,40 @@ def test_killing_only_the_stage_command_takes_its_flower_processes_down(small_pa
 
 @pytest.mark.parametrize("stage", ["pretrain", "distill"])
 def test_sigterm_ends_after_the_round_with_a_checkpoint_and_resume_matches(
-        stage, four_rounds, distilled, tiny_teacher, small_partition, small_kmeans, tmp_path):
+    stage, four_rounds, distilled, tiny_teacher, small_partition, small_kmeans, tmp_path
+):
     """What Slurm sends before a time limit: the run ends after its round, checkpointed, and continues exactly."""
     out = tmp_path / "stopped"
     if stage == "pretrain":
         reference, rounds = four_rounds, 4
-        process = start("pretrain", "--partition", small_partition, "--kmeans", small_kmeans, "--out", out,
-                        *PRETRAIN_FAST, "--rounds", "4", "strategy.fraction=0.6", "strategy.name=fedadam")
+        process = start(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            small_kmeans,
+            "--out",
+            out,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "4",
+            "strategy.fraction=0.6",
+            "strategy.name=fedadam",
+        )
     else:
         reference, rounds = distilled, 2
-        process = start("distill", "--teacher", tiny_teacher, "--partition", small_partition, "--out", out,
-                        "--rounds", "2", *DISTILL_FAST)
+        process = start(
+            "distill",
+            "--teacher",
+            tiny_teacher,
+            "--partition",
+            small_partition,
+            "--out",
+            out,
+            "--rounds",
+            "2",
+            *DISTILL_FAST,
+        )
     wait_for(process, out, sent(f"train{'.distill' if stage == 'distill' else ''}", 1))
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from common import run_cli
+from fedhubert.config import load_config
 from fedhubert.labels.kmeans import write_label_file
 from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedhubert.model.config import ModelConfig
-from fedhubert.config import load_config
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
 
@@ -31,11 +31,14 @@ def small_disk(tmp_path):
     def mount(size_kib: int) -> Path:
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(where)], capture_output=True, text=True
+        )
         if result.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); "
-                        "run as root to drill a full disk")
+            pytest.skip(
+                f"cannot mount a small tmpfs here ({result.stderr.strip() or 'mount failed'}); "
+                "run as root to drill a full disk"
+            )
         mounted.append(where)
         return where
 
@@ -62,8 +65,9 @@ def copy_run(run: Path, target: Path, upto_round: int) -> Path:
 
 
 @pytest.mark.slow
-def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_the_run_ends_the_same(four_rounds, tmp_path,
-                                                                                        intact, caplog):
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning_and_the_run_ends_the_same(
+    four_rounds, tmp_path, intact, caplog
+):
     out = copy_run(four_rounds, tmp_path / "run", upto_round=3)
     newest = out / "checkpoints" / "round_00003.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated, as by a crash or bad disk
@@ -102,8 +106,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(small_dis
     assert torch.equal(load_checkpoint(path)["state_dict"]["w"], torch.zeros(256, 256))
 
 
-def test_a_full_disk_while_writing_labels_keeps_the_previous_labels(small_labels, small_partition, small_disk,
-                                                                    intact):
+def test_a_full_disk_while_writing_labels_keeps_the_previous_labels(small_labels, small_partition, small_disk, intact):
     disk = small_disk(1024)
     manifest = read_manifest(small_partition / "client_0" / "train.tsv")
     labels = disk / "train.km"
@@ -117,8 +120,9 @@ def test_a_full_disk_while_writing_labels_keeps_the_previous_labels(small_labels
 
 
 @pytest.mark.slow
-def test_pretraining_on_a_full_disk_stops_clearly_and_resumes_after_space_is_freed(four_rounds, small_disk,
-                                                                                   tmp_path, capsys, intact):
+def test_pretraining_on_a_full_disk_stops_clearly_and_resumes_after_space_is_freed(
+    four_rounds, small_disk, tmp_path, capsys, intact
+):
     disk = small_disk(16 * 1024)
     out = copy_run(four_rounds, disk / "run", upto_round=2)
     intact(out / "checkpoints")

@@ -28,7 +28,7 @@ class Voice:
     rate: int
     word_gap: int = 0
 
-    def with_jitter(self, rng: np.random.Generator, pitch: int = 3, rate: float = 0.05) -> "Voice":
+    def with_jitter(self, rng: np.random.Generator, pitch: int = 3, rate: float = 0.05) -> Voice:
         """The same speaker on another day: small changes of pitch and rate."""
         return Voice(
             self.language,
@@ -53,10 +53,14 @@ def speak(text: str, voice: Voice) -> np.ndarray:
     """Synthesise `text` with `voice` and return mono float32 samples at 16 kHz."""
     command = [
         espeak_binary(),
-        "-v", f"{voice.language}+{voice.variant}",
-        "-p", str(voice.pitch),
-        "-s", str(voice.rate),
-        "-g", str(voice.word_gap),
+        "-v",
+        f"{voice.language}+{voice.variant}",
+        "-p",
+        str(voice.pitch),
+        "-s",
+        str(voice.rate),
+        "-g",
+        str(voice.word_gap),
         "--stdin",
         "--stdout",
     ]

@@ -24,7 +24,13 @@ log = logging.getLogger(__name__)
 
 SPEAKERS_FILE = "SPEAKERS.TXT"
 LIBRISPEECH_SUBSETS = (
-    "train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other", "test-clean", "test-other",
+    "train-clean-100",
+    "train-clean-360",
+    "train-other-500",
+    "dev-clean",
+    "dev-other",
+    "test-clean",
+    "test-other",
 )
 _UTT_NAME = re.compile(r"(\d+)-(\d+)-(\d+)\.flac")
 _BATCH = 256
@@ -193,7 +199,7 @@ def scan_librispeech(
         batches = [todo[i : i + _BATCH] for i in range(0, len(todo), _BATCH)]
         jobs = [(str(root), [f.rel for f in batch], verify_audio) for batch in batches]
         for index, results in parallel_map(read_headers, jobs, workers=workers, desc="audio headers", unit="batch"):
-            for f, (rate, channels, samples, problem) in zip(batches[index], results):
+            for f, (rate, channels, samples, problem) in zip(batches[index], results, strict=True):
                 headers[f.rel] = CachedHeader(f.size, f.mtime_ns, rate, channels, samples, problem, verify_audio)
     if cache is not None and (todo or len(known) != len(headers)):
         cache.save(headers)
@@ -226,7 +232,12 @@ def scan_librispeech(
     rejected.sort(key=lambda r: r.path)
     log.info(
         "scanned %d files in %s (%d headers read, %d from cache) in %.1f s: %d usable, %d rejected",
-        stats["files"], ", ".join(present) or "no subset", len(todo), stats["headers_cached"], elapsed,
-        len(utterances), len(rejected),
+        stats["files"],
+        ", ".join(present) or "no subset",
+        len(todo),
+        stats["headers_cached"],
+        elapsed,
+        len(utterances),
+        len(rejected),
     )
     return ScanResult(root, present, speakers, utterances, rejected, stats)

@@ -19,8 +19,8 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.audio import SAMPLE_RATE, write_audio
 from fedhubert.config import param
 from fedhubert.corpus.acoustics import apply_channel
-from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, SPEAKERS_FILE
 from fedhubert.corpus.espeak import Voice, espeak_binary, speak
+from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS, SPEAKERS_FILE
 from fedhubert.corpus.text import normalize_transcript, sentences
 from fedhubert.corpus.voices import Channel, random_channel, random_name, random_voice
 from fedhubert.errors import ConfigError
@@ -48,20 +48,28 @@ class LibriSpeechSynthConfig:
     max_seconds: float = param(15.0, "longest utterance in seconds", le=35)
     clean_snr_db: list[float] = param([30.0, 45.0], "[low, high] signal-to-noise ratio of speakers in clean subsets")
     other_snr_db: list[float] = param([8.0, 18.0], "[low, high] signal-to-noise ratio of speakers in other subsets")
-    other_reverb_s: list[float] = param([0.15, 0.5], "[low, high] room reverberation time (RT60) in other subsets", ge=0)
+    other_reverb_s: list[float] = param(
+        [0.15, 0.5], "[low, high] room reverberation time (RT60) in other subsets", ge=0
+    )
     workers: int = param(0, "worker processes; 0 means one per CPU core", ge=0)
 
     def validate(self) -> None:
         unknown = sorted(set(self.subsets) - set(LIBRISPEECH_SUBSETS))
         if unknown:
-            raise ConfigError(f"key 'subsets' names unknown subsets {unknown}; allowed: {', '.join(LIBRISPEECH_SUBSETS)}")
+            raise ConfigError(
+                f"key 'subsets' names unknown subsets {unknown}; allowed: {', '.join(LIBRISPEECH_SUBSETS)}"
+            )
         used = [s for s, share in self.subsets.items() if share > 0]
         if not used:
             raise ConfigError("key 'subsets' must give at least one subset a share above 0")
         if self.speakers < len(used):
-            raise ConfigError(f"key 'speakers' must be at least {len(used)}, one per subset with a share; got {self.speakers}")
+            raise ConfigError(
+                f"key 'speakers' must be at least {len(used)}, one per subset with a share; got {self.speakers}"
+            )
         if self.min_seconds >= self.max_seconds:
-            raise ConfigError(f"key 'min_seconds' ({self.min_seconds}) must be below 'max_seconds' ({self.max_seconds})")
+            raise ConfigError(
+                f"key 'min_seconds' ({self.min_seconds}) must be below 'max_seconds' ({self.max_seconds})"
+            )
         for key in ("clean_snr_db", "other_snr_db", "other_reverb_s"):
             pair = getattr(self, key)
             if len(pair) != 2 or pair[0] > pair[1]:
@@ -95,7 +103,7 @@ def allocate(total: int, shares: dict[str, float]) -> dict[str, int]:
     counts = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - counts), kind="stable")[: spare - counts.sum()]:
         counts[i] += 1
-    return {s: int(c) + 1 for s, c in zip(used, counts)}
+    return {s: int(c) + 1 for s, c in zip(used, counts, strict=True)}
 
 
 def plan_speakers(cfg: LibriSpeechSynthConfig, root: Path) -> list[SpeakerPlan]:
@@ -222,7 +230,10 @@ def synthesize_librispeech(cfg: LibriSpeechSynthConfig, root: Path, run: StageRu
     plans = plan_speakers(cfg, root)
     log.info(
         "synthesising %d speakers x %.1f min into %s (%s)",
-        len(plans), cfg.minutes, root, ", ".join(f"{s}: {n}" for s, n in allocate(cfg.speakers, cfg.subsets).items()),
+        len(plans),
+        cfg.minutes,
+        root,
+        ", ".join(f"{s}: {n}" for s, n in allocate(cfg.speakers, cfg.subsets).items()),
     )
     results: dict[int, dict] = {}
     for index, result in parallel_map(synthesize_speaker, plans, workers=cfg.workers, desc="speakers", unit="spk"):
@@ -231,9 +242,14 @@ def synthesize_librispeech(cfg: LibriSpeechSynthConfig, root: Path, run: StageRu
     atomic_write_text(root / SPEAKERS_FILE, _speakers_txt(plans, seconds))
     voices = {
         str(p.speaker_id): {
-            "subset": p.subset, "sex": p.sex, "name": p.name, "voice": p.voice.as_dict(),
-            "channel": p.channel.as_dict(), "chapters": list(p.chapter_ids),
-            "utterances": results[p.speaker_id]["utterances"], "seconds": round(seconds[p.speaker_id], 3),
+            "subset": p.subset,
+            "sex": p.sex,
+            "name": p.name,
+            "voice": p.voice.as_dict(),
+            "channel": p.channel.as_dict(),
+            "chapters": list(p.chapter_ids),
+            "utterances": results[p.speaker_id]["utterances"],
+            "seconds": round(seconds[p.speaker_id], 3),
         }
         for p in sorted(plans, key=lambda p: p.speaker_id)
     }
@@ -247,8 +263,14 @@ def synthesize_librispeech(cfg: LibriSpeechSynthConfig, root: Path, run: StageRu
         row["hours"] += seconds[p.speaker_id] / 3600
     for subset, row in per_subset.items():
         row["hours"] = round(row["hours"], 4)
-        log.info("%-16s %3d speakers (%d F) %5d utterances %7.3f h", subset, row["speakers"], row["female"],
-                 row["utterances"], row["hours"])
+        log.info(
+            "%-16s %3d speakers (%d F) %5d utterances %7.3f h",
+            subset,
+            row["speakers"],
+            row["female"],
+            row["utterances"],
+            row["hours"],
+        )
     summary = {
         "speakers": len(plans),
         "utterances": sum(r["utterances"] for r in results.values()),

@@ -34,8 +34,26 @@ log = logging.getLogger(__name__)
 
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 AUXILIARY_WORDS = (
-    "bed", "bird", "cat", "dog", "eight", "five", "four", "happy", "house", "marvin",
-    "nine", "one", "seven", "sheila", "six", "three", "tree", "two", "wow", "zero",
+    "bed",
+    "bird",
+    "cat",
+    "dog",
+    "eight",
+    "five",
+    "four",
+    "happy",
+    "house",
+    "marvin",
+    "nine",
+    "one",
+    "seven",
+    "sheila",
+    "six",
+    "three",
+    "tree",
+    "two",
+    "wow",
+    "zero",
 )
 TRAIN_DIR = "speech_commands_v0.01"
 TEST_DIR = "speech_commands_test_set_v0.01"
@@ -196,7 +214,9 @@ def _background_noise(name: str, seconds: float, rng: np.random.Generator) -> np
     elif name == "running_tap":  # broadband hiss with a slow wobble
         wav = coloured_noise(n, "pink", rng) * (1 + 0.3 * np.sin(2 * np.pi * 0.7 * t))
     elif name == "exercise_bike":  # a low hum pulsing with the pedals
-        wav = (np.sin(2 * np.pi * 90 * t) + 0.5 * coloured_noise(n, "brown", rng)) * (1 + 0.8 * np.sin(2 * np.pi * 1.3 * t))
+        wav = (np.sin(2 * np.pi * 90 * t) + 0.5 * coloured_noise(n, "brown", rng)) * (
+            1 + 0.8 * np.sin(2 * np.pi * 1.3 * t)
+        )
     else:  # doing_the_dishes: quiet hiss with random clatters
         wav = 0.2 * coloured_noise(n, "white", rng)
         for start in rng.integers(0, max(1, n - 4000), size=int(seconds * 2)):
@@ -220,8 +240,12 @@ def synthesize_speech_commands(cfg: SpeechCommandsSynthConfig, out: Path, run: S
         lines = [p for p in train_files if split_of(Path(p).name) == split]
         atomic_write_text(out / TRAIN_DIR / f"{split}_list.txt", "".join(f"{p}\n" for p in lines))
     voices = {
-        job.speaker: {"test_set": job.test_set, "voice": job.voice.as_dict(), "channel": job.channel.as_dict(),
-                      "clips": len(written[job.index])}
+        job.speaker: {
+            "test_set": job.test_set,
+            "voice": job.voice.as_dict(),
+            "channel": job.channel.as_dict(),
+            "clips": len(written[job.index]),
+        }
         for job in jobs
     }
     atomic_write_text(out / VOICES_FILE, json.dumps(voices, indent=2) + "\n")
@@ -234,7 +258,13 @@ def synthesize_speech_commands(cfg: SpeechCommandsSynthConfig, out: Path, run: S
         "background_noise_files": len(NOISE_FILES),
         "words": len(KEYWORDS) + len(cfg.auxiliary_words),
     }
-    log.info("%d clips in %s (%s), %d in %s", len(train_files), TRAIN_DIR,
-             ", ".join(f"{k}: {v}" for k, v in splits.items()), len(test_files), TEST_DIR)
+    log.info(
+        "%d clips in %s (%s), %d in %s",
+        len(train_files),
+        TRAIN_DIR,
+        ", ".join(f"{k}: {v}" for k, v in splits.items()),
+        len(test_files),
+        TEST_DIR,
+    )
     run.summary.update(summary)
     return summary

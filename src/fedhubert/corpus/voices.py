@@ -11,22 +11,113 @@ from fedhubert.corpus.espeak import Voice
 ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc")
 VARIANTS = {
     "F": ("f1", "f2", "f3", "f4", "f5", "Alicia", "Andrea", "Annie", "belinda", "linda", "steph", "anika"),
-    "M": ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "adam", "Alex", "Andy", "benjamin", "caleb", "david",
-          "ed", "john", "Lee", "max", "Michael", "paul", "rob", "robert", "zac", "norbert", "travis", "victor"),
+    "M": (
+        "m1",
+        "m2",
+        "m3",
+        "m4",
+        "m5",
+        "m6",
+        "m7",
+        "adam",
+        "Alex",
+        "Andy",
+        "benjamin",
+        "caleb",
+        "david",
+        "ed",
+        "john",
+        "Lee",
+        "max",
+        "Michael",
+        "paul",
+        "rob",
+        "robert",
+        "zac",
+        "norbert",
+        "travis",
+        "victor",
+    ),
 }
 PITCH = {"F": (45, 85), "M": (15, 50)}
 RATE = (140, 185)
 
 FIRST_NAMES = {
-    "F": ("Ada", "Beatrice", "Clara", "Dora", "Edith", "Flora", "Grace", "Hannah", "Iris", "Julia", "Kate",
-          "Lydia", "Mabel", "Nora", "Olive", "Pearl", "Rose", "Sylvia", "Tessa", "Vera", "Winifred", "Zelda"),
-    "M": ("Albert", "Bernard", "Cecil", "Daniel", "Edgar", "Frank", "George", "Henry", "Isaac", "James",
-          "Kenneth", "Leonard", "Martin", "Nathan", "Oscar", "Peter", "Ralph", "Samuel", "Thomas", "Victor",
-          "Walter", "Arthur"),
+    "F": (
+        "Ada",
+        "Beatrice",
+        "Clara",
+        "Dora",
+        "Edith",
+        "Flora",
+        "Grace",
+        "Hannah",
+        "Iris",
+        "Julia",
+        "Kate",
+        "Lydia",
+        "Mabel",
+        "Nora",
+        "Olive",
+        "Pearl",
+        "Rose",
+        "Sylvia",
+        "Tessa",
+        "Vera",
+        "Winifred",
+        "Zelda",
+    ),
+    "M": (
+        "Albert",
+        "Bernard",
+        "Cecil",
+        "Daniel",
+        "Edgar",
+        "Frank",
+        "George",
+        "Henry",
+        "Isaac",
+        "James",
+        "Kenneth",
+        "Leonard",
+        "Martin",
+        "Nathan",
+        "Oscar",
+        "Peter",
+        "Ralph",
+        "Samuel",
+        "Thomas",
+        "Victor",
+        "Walter",
+        "Arthur",
+    ),
 }
-SURNAMES = ("Abbott", "Baker", "Carter", "Dawson", "Ellis", "Fletcher", "Gray", "Hughes", "Irving", "Jensen",
-            "Keller", "Lambert", "Morgan", "Nash", "Owens", "Porter", "Quinn", "Reed", "Shaw", "Turner", "Upton",
-            "Vaughn", "Webb", "Young")
+SURNAMES = (
+    "Abbott",
+    "Baker",
+    "Carter",
+    "Dawson",
+    "Ellis",
+    "Fletcher",
+    "Gray",
+    "Hughes",
+    "Irving",
+    "Jensen",
+    "Keller",
+    "Lambert",
+    "Morgan",
+    "Nash",
+    "Owens",
+    "Porter",
+    "Quinn",
+    "Reed",
+    "Shaw",
+    "Turner",
+    "Upton",
+    "Vaughn",
+    "Webb",
+    "Young",
+)
 
 NOISE_COLOURS = ("white", "pink", "brown")
 
@@ -60,9 +151,7 @@ def random_name(rng: np.random.Generator, sex: str) -> str:
     return f"{rng.choice(FIRST_NAMES[sex])} {rng.choice(SURNAMES)}"
 
 
-def random_channel(
-    rng: np.random.Generator, snr_db: tuple[float, float], reverb_s: tuple[float, float]
-) -> Channel:
+def random_channel(rng: np.random.Generator, snr_db: tuple[float, float], reverb_s: tuple[float, float]) -> Channel:
     return Channel(
         highpass_hz=round(float(rng.uniform(50, 200)), 1),
         lowpass_hz=round(float(rng.uniform(5000, 7600)), 1),

@@ -37,15 +37,19 @@ def _task(cfg: DistillConfig, info, context: Context) -> LocalTask:
     layers = prediction_layers(cfg.student, teacher_cfg)
     num_classes = int(info["num_classes"])
     torch.manual_seed(cfg.seed)  # the server's initial student (and label head)
-    student = build_student(distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight), cfg.loss,
-                            num_classes)
+    student = build_student(
+        distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight), cfg.loss, num_classes
+    )
     if cfg.student.init_from_teacher:
         init_from_teacher(student, model.state_dict())
     student.enable_checkpointing(cfg.train.checkpoint_layers, cfg.train.checkpoint_cnn)
     return LocalTask(
-        model=student, objective=Distillation(model, teacher_cfg, layers, cfg.loss),
-        head_keys=LABEL_HEAD_KEYS if bool(info["local_head"]) and num_classes else (), num_classes=num_classes,
-        rate=LabelRate(int(info["label_rate"]), teacher_cfg), with_labels=num_classes > 0,
+        model=student,
+        objective=Distillation(model, teacher_cfg, layers, cfg.loss),
+        head_keys=LABEL_HEAD_KEYS if bool(info["local_head"]) and num_classes else (),
+        num_classes=num_classes,
+        rate=LabelRate(int(info["label_rate"]), teacher_cfg),
+        with_labels=num_classes > 0,
     )
 
 

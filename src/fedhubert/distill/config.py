@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
@@ -12,20 +12,30 @@ from fedhubert.fl.config import FederationConfig, StrategyConfig
 from fedhubert.train.config import OptimConfig, TrainConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force.
-OUTPUTS = ("checkpoints", "clients", "metrics.jsonl", "messages.jsonl", "tensorboard", "distill.png", "flwr",
-           "distill.json")
+OUTPUTS = (
+    "checkpoints",
+    "clients",
+    "metrics.jsonl",
+    "messages.jsonl",
+    "tensorboard",
+    "distill.png",
+    "flwr",
+    "distill.json",
+)
 
 
 @dataclass
 class StudentConfig:
     layers: int = param(2, "student transformer layers (DistilHuBERT: 2)", ge=1)
-    embed_dim: Optional[int] = param(None, "student width (null: the teacher's, so its layers can initialise it)",
-                                     ge=8)
-    ffn_dim: Optional[int] = param(None, "student feed-forward width (null: the teacher's)", ge=8)
-    heads: Optional[int] = param(None, "student attention heads (null: the teacher's)", ge=1)
+    embed_dim: int | None = param(None, "student width (null: the teacher's, so its layers can initialise it)", ge=8)
+    ffn_dim: int | None = param(None, "student feed-forward width (null: the teacher's)", ge=8)
+    heads: int | None = param(None, "student attention heads (null: the teacher's)", ge=1)
     pred_layers: list[int] = param(
-        [], "teacher layers the prediction heads regress (empty: a third, two thirds and all of the teacher's depth; "
-        "4, 8, 12 for HuBERT Base)", ge=1)
+        [],
+        "teacher layers the prediction heads regress (empty: a third, two thirds and all of the teacher's depth; "
+        "4, 8, 12 for HuBERT Base)",
+        ge=1,
+    )
     init_from_teacher: bool = param(True, "start from the teacher's CNN and first transformer layers")
     dropout: float = param(0.1, "transformer dropout", ge=0, lt=1)
     attention_dropout: float = param(0.1, "attention-weight dropout", ge=0, lt=1)
@@ -37,8 +47,8 @@ class StudentConfig:
 class DistillLossConfig:
     cosine_weight: float = param(1.0, "lambda: weight of -log sigmoid(cos) next to the L1 term", ge=0)
     kmeans_weight: float = param(
-        0.0, "weight of masked prediction of the client's k-means labels by the student (0: off; needs 'kmeans')",
-        ge=0)
+        0.0, "weight of masked prediction of the client's k-means labels by the student (0: off; needs 'kmeans')", ge=0
+    )
     mask_prob: float = param(0.8, "with kmeans_weight > 0: share of frames starting a masked span", ge=0, le=1)
     mask_length: int = param(10, "with kmeans_weight > 0: masked span length in frames", ge=1)
     label_dim: int = param(256, "with kmeans_weight > 0: projection size of the label embeddings", ge=2)
@@ -51,15 +61,17 @@ DISTILL_LR_SHARE = 0.4
 
 @dataclass
 class DistillConfig:
-    teacher: Optional[Path] = param(None, "the pretrained HuBERT checkpoint (fedhubert pretrain/train-local) (required)")
-    partition: Optional[Path] = param(None, "partition folder made by 'fedhubert partition' (required)")
-    kmeans: Optional[Path] = param(None, "k-means folder of that partition: needed only with loss.kmeans_weight > 0")
+    teacher: Path | None = param(None, "the pretrained HuBERT checkpoint (fedhubert pretrain/train-local) (required)")
+    partition: Path | None = param(None, "partition folder made by 'fedhubert partition' (required)")
+    kmeans: Path | None = param(None, "k-means folder of that partition: needed only with loss.kmeans_weight > 0")
     num_rounds: int = param(10, "federated rounds", ge=1)
     local_steps: int = param(50, "optimizer updates per client per round", ge=1)
     seed: int = param(0, "seed of the student, client sampling, crops, masks and dropout", ge=0)
     transfer: Literal["float32", "bfloat16"] = param(
-        "float32", "precision on the wire: the student's float32 weights, or bfloat16 weights out and bfloat16 "
-        "changes back (half the bytes; the server keeps float32)")
+        "float32",
+        "precision on the wire: the student's float32 weights, or bfloat16 weights out and bfloat16 "
+        "changes back (half the bytes; the server keeps float32)",
+    )
     evaluate_every: int = param(1, "server-side distillation loss on the held-out set every this many rounds", ge=1)
     eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
@@ -69,7 +81,8 @@ class DistillConfig:
     train: TrainConfig = param(
         TrainConfig(optim=OptimConfig(warmup_fraction=0.07)),
         "each client's local trainer (DistilHuBERT: 7% warm-up; an unset lr is DISTILL_LR_SHARE of the teacher "
-        "preset's, which gives its 2e-4 for a Base teacher)")
+        "preset's, which gives its 2e-4 for a Base teacher)",
+    )
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation of the student")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
 

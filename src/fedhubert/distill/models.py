@@ -33,13 +33,15 @@ def prediction_layers(student: StudentConfig, teacher: ModelConfig) -> list[int]
     layers = student.pred_layers or sorted({max(1, round(teacher.layers * k / 3)) for k in (1, 2, 3)})
     too_deep = [layer for layer in layers if layer > teacher.layers]
     if too_deep:
-        raise ConfigError(f"key 'student.pred_layers' asks for teacher layers {too_deep}, but the teacher has "
-                          f"{teacher.layers}")
+        raise ConfigError(
+            f"key 'student.pred_layers' asks for teacher layers {too_deep}, but the teacher has {teacher.layers}"
+        )
     return list(layers)
 
 
-def distiller_config(student: StudentConfig, teacher: ModelConfig, pred_layers: list[int],
-                     cosine_weight: float) -> dict:
+def distiller_config(
+    student: StudentConfig, teacher: ModelConfig, pred_layers: list[int], cosine_weight: float
+) -> dict:
     """S3PRL DistillerConfig fields (saved as the exported checkpoint's Config['distiller'])."""
     width = student.embed_dim or teacher.embed_dim
     return {
@@ -77,5 +79,6 @@ def distiller_config(student: StudentConfig, teacher: ModelConfig, pred_layers: 
 
 
 def build_student(config: dict, loss: DistillLossConfig, num_classes: int = 0) -> Student:
-    return Student(config, num_classes if loss.kmeans_weight > 0 else 0, loss.label_dim, loss.mask_prob,
-                   loss.mask_length)
+    return Student(
+        config, num_classes if loss.kmeans_weight > 0 else 0, loss.label_dim, loss.mask_prob, loss.mask_length
+    )

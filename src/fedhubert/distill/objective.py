@@ -51,8 +51,10 @@ class Distillation:
         return StepOutput(total, sums)
 
     def metrics(self, sums: dict[str, float]) -> dict[str, float]:
-        out = {"l1": sums.get("l1", 0.0) / max(sums.get("batches", 0), 1),
-               "cos": sums.get("cos", 0.0) / max(sums.get("batches", 0), 1)}
+        out = {
+            "l1": sums.get("l1", 0.0) / max(sums.get("batches", 0), 1),
+            "cos": sums.get("cos", 0.0) / max(sums.get("batches", 0), 1),
+        }
         if "masked" in sums:
             out["acc_masked"] = sums["correct_m"] / max(sums["masked"], 1)
         return out

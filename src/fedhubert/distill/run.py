@@ -35,11 +35,21 @@ def client_gpu_bytes(cfg: DistillConfig, teacher, teacher_cfg) -> int:
     batch = max(1, int(cfg.train.data.batch_seconds * 16000) // crop)
     encoder_passes = 2 if cfg.loss.kmeans_weight > 0 else 1
     shape = dataclasses.replace(teacher_cfg, layers=cfg.student.layers * encoder_passes)
-    activations = estimate_activation_bytes(shape, batch, crop, num_classes=0, precision=cfg.train.precision,
-                                            checkpoint_layers=cfg.train.checkpoint_layers,
-                                            checkpoint_cnn=cfg.train.checkpoint_cnn)
-    return (4 * sum(p.numel() for p in teacher.parameters()) + 16 * sum(p.numel() for p in student.parameters())
-            + activations + 768 * 2**20)
+    activations = estimate_activation_bytes(
+        shape,
+        batch,
+        crop,
+        num_classes=0,
+        precision=cfg.train.precision,
+        checkpoint_layers=cfg.train.checkpoint_layers,
+        checkpoint_cnn=cfg.train.checkpoint_cnn,
+    )
+    return (
+        4 * sum(p.numel() for p in teacher.parameters())
+        + 16 * sum(p.numel() for p in student.parameters())
+        + activations
+        + 768 * 2**20
+    )
 
 
 def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
@@ -53,13 +63,21 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     resources = None
     if cfg.federation.superlink is None:
         resources = simulation_resources(cfg.federation, num_clients, client_gpu_bytes(cfg, teacher, teacher_cfg))
-    summary = run_training_task("distill", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force)
-    plot_rounds(read_rows(out / "metrics.jsonl"), out / "distill.png",
-                f"federated distillation ({cfg.strategy.name}, {num_clients} clients)",
-                acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None)
+    summary = run_training_task(
+        "distill", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force
+    )
+    plot_rounds(
+        read_rows(out / "metrics.jsonl"),
+        out / "distill.png",
+        f"federated distillation ({cfg.strategy.name}, {num_clients} clients)",
+        acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None,
+    )
     run.summary.update(summary)
     check_stopped("distill", summary, out)
-    log.info("distillation done: %d rounds, a student with %.1f%% of the teacher's parameters; final checkpoint %s",
-             summary["rounds"], 100 * summary["student_parameters"] / summary["teacher_parameters"],
-             summary["final_checkpoint"])
+    log.info(
+        "distillation done: %d rounds, a student with %.1f%% of the teacher's parameters; final checkpoint %s",
+        summary["rounds"],
+        100 * summary["student_parameters"] / summary["teacher_parameters"],
+        summary["final_checkpoint"],
+    )
     return summary

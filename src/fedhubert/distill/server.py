@@ -39,7 +39,9 @@ def read_inputs(cfg: DistillConfig) -> tuple[dict, dict | None]:
             raise ConfigError(f"key '{key}' must be an absolute path when the ServerApp reads it ({value})")
     partition_file = Path(cfg.partition) / "partition.json"
     if not partition_file.is_file():
-        raise ConfigError(f"{partition_file} not found: '{cfg.partition}' is not a folder made by 'fedhubert partition'")
+        raise ConfigError(
+            f"{partition_file} not found: '{cfg.partition}' is not a folder made by 'fedhubert partition'"
+        )
     partition = json.loads(partition_file.read_text())
     if cfg.loss.kmeans_weight == 0:
         return partition, None
@@ -54,9 +56,13 @@ def read_inputs(cfg: DistillConfig) -> tuple[dict, dict | None]:
 
 def student_description(cfg: DistillConfig, teacher_cfg, layers: list[int]) -> dict:
     """What a distiller checkpoint records as its model: S3PRL's distiller config and where the student came from."""
-    return {"distiller": distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight),
-            "teacher": {"path": str(cfg.teacher), "sha256": file_sha256(cfg.teacher)},
-            "label_dim": cfg.loss.label_dim, "mask_prob": cfg.loss.mask_prob, "mask_length": cfg.loss.mask_length}
+    return {
+        "distiller": distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight),
+        "teacher": {"path": str(cfg.teacher), "sha256": file_sha256(cfg.teacher)},
+        "label_dim": cfg.loss.label_dim,
+        "mask_prob": cfg.loss.mask_prob,
+        "mask_length": cfg.loss.mask_length,
+    }
 
 
 def dev_evaluator(cfg: DistillConfig, objective: Distillation, rate: LabelRate, student):
@@ -91,15 +97,26 @@ def serve_distill(grid: Grid, run: ServerRun) -> dict:
     student = build_student(description["distiller"], cfg.loss, num_classes)
     if cfg.student.init_from_teacher:
         copied = init_from_teacher(student, teacher.state_dict())
-        log.info("student initialised from the teacher: %d tensors (CNN, projection, positional conv, %d layers)",
-                 len(copied), cfg.student.layers)
+        log.info(
+            "student initialised from the teacher: %d tensors (CNN, projection, positional conv, %d layers)",
+            len(copied),
+            cfg.student.layers,
+        )
     state = {k: v.clone() for k, v in student.state_dict().items()}
     shared = [k for k in state if not (local_head and k in LABEL_HEAD_KEYS)]
     teacher_params = sum(p.numel() for p in teacher.parameters())
     student_params = sum(v.numel() for k, v in state.items() if k.startswith("distiller."))
-    log.info("distilling %d teacher layers %s into a %d-layer student (%.1f%% of the teacher's %d parameters), %d "
-             "clients, %s", teacher_cfg.layers, layers, cfg.student.layers, 100 * student_params / teacher_params,
-             teacher_params, num_clients, cfg.strategy.name)
+    log.info(
+        "distilling %d teacher layers %s into a %d-layer student (%.1f%% of the teacher's %d parameters), %d "
+        "clients, %s",
+        teacher_cfg.layers,
+        layers,
+        cfg.student.layers,
+        100 * student_params / teacher_params,
+        teacher_params,
+        num_clients,
+        cfg.strategy.name,
+    )
     evaluation = Distillation(teacher, teacher_cfg, layers, dataclasses.replace(cfg.loss, kmeans_weight=0.0))
 
     def heads(round_: int) -> dict:
@@ -108,16 +125,29 @@ def serve_distill(grid: Grid, run: ServerRun) -> dict:
         return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
 
     task = RoundTask(
-        name="distill", message_type="train.distill", checkpoint_kind="distiller", model_config=description,
-        num_classes=num_classes, state=state, shared_keys=shared,
+        name="distill",
+        message_type="train.distill",
+        checkpoint_kind="distiller",
+        model_config=description,
+        num_classes=num_classes,
+        state=state,
+        shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
-        evaluate=dev_evaluator(cfg, evaluation, LabelRate(100, teacher_cfg), student), best_key="loss",
-        higher_is_better=False, local_steps=planned_local_steps(cfg, num_clients),
+        evaluate=dev_evaluator(cfg, evaluation, LabelRate(100, teacher_cfg), student),
+        best_key="loss",
+        higher_is_better=False,
+        local_steps=planned_local_steps(cfg, num_clients),
         default_lr=DISTILL_LR_SHARE * PRESET_LR[teacher_cfg.preset],
         checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=run.resume, threads=run.threads).run()
-    summary.update({"teacher_parameters": teacher_params, "student_parameters": student_params,
-                    "pred_layers": layers, "clients": num_clients})
+    summary.update(
+        {
+            "teacher_parameters": teacher_params,
+            "student_parameters": student_params,
+            "pred_layers": layers,
+            "clients": num_clients,
+        }
+    )
     atomic_write_text(summary_path(out, "distill"), json.dumps(summary, indent=2) + "\n")
     return summary

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
@@ -21,15 +20,18 @@ BASELINES = ("fbank", "mfcc", "spectrogram")  # S3PRL upstreams that need no dow
 
 @dataclass
 class SpeechCommandsConfig:
-    dataset: Optional[Path] = param(
-        None, "folder holding speech_commands_v0.01/ and speech_commands_test_set_v0.01/ (required)")
-    checkpoint: Optional[Path] = param(
-        None, "a fedhubert checkpoint: a HuBERT (evaluated as S3PRL's hubert_local) or a distilled student "
-        "(distiller_local)")
-    baseline: Optional[str] = param(None, "instead of a checkpoint: an S3PRL upstream that needs no download",
-                                    choices=list(BASELINES))
+    dataset: Path | None = param(
+        None, "folder holding speech_commands_v0.01/ and speech_commands_test_set_v0.01/ (required)"
+    )
+    checkpoint: Path | None = param(
+        None,
+        "a fedhubert checkpoint: a HuBERT (evaluated as S3PRL's hubert_local) or a distilled student (distiller_local)",
+    )
+    baseline: str | None = param(
+        None, "instead of a checkpoint: an S3PRL upstream that needs no download", choices=list(BASELINES)
+    )
     random_init: bool = param(False, "the checkpoint's architecture with fresh random weights (no pretraining)")
-    name: Optional[str] = param(None, "how this evaluation is named in the results table (null: from the model)")
+    name: str | None = param(None, "how this evaluation is named in the results table (null: from the model)")
     total_steps: int = param(200000, "downstream training steps (SUPERB: 200,000)", ge=1)
     eval_step: int = param(4000, "evaluate on dev (and test) every this many steps", ge=1)
     log_step: int = param(100, "log the training loss every this many steps", ge=1)
@@ -39,7 +41,7 @@ class SpeechCommandsConfig:
     num_workers: int = param(2, "S3PRL DataLoader workers", ge=0)
     seed: int = param(1337, "S3PRL's seed", ge=0)
     device: str = param("auto", "cpu, cuda, or auto")
-    table: Optional[Path] = param(None, "run-level results table (.jsonl) to append to (null: results.jsonl beside --out)")
+    table: Path | None = param(None, "run-level results table (.jsonl) to append to (null: results.jsonl beside --out)")
 
     def validate(self) -> None:
         if self.dataset is None:
@@ -47,7 +49,9 @@ class SpeechCommandsConfig:
         if (self.checkpoint is None) == (self.baseline is None):
             raise ConfigError("give exactly one of 'checkpoint' (--checkpoint CKPT) or 'baseline' (--baseline fbank)")
         if self.eval_step > self.total_steps:
-            raise ConfigError(f"eval_step ({self.eval_step}) is above total_steps ({self.total_steps}): S3PRL would "
-                              f"never evaluate; lower eval_step")
+            raise ConfigError(
+                f"eval_step ({self.eval_step}) is above total_steps ({self.total_steps}): S3PRL would "
+                f"never evaluate; lower eval_step"
+            )
         if self.random_init and self.checkpoint is None:
             raise ConfigError("key 'random_init' needs a checkpoint (whose architecture it re-initialises)")

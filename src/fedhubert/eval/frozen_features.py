@@ -7,9 +7,9 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -52,12 +52,15 @@ def read_payload(path: Path) -> dict:
         payload = load_checkpoint(path)
     except CheckpointError as error:
         if Path(str(path) + ".json").is_file():
-            raise ProbeError(f"{path} is an S3PRL export, not a fedhubert checkpoint: pass the checkpoint it was "
-                             f"exported from") from None
+            raise ProbeError(
+                f"{path} is an S3PRL export, not a fedhubert checkpoint: pass the checkpoint it was exported from"
+            ) from None
         raise ProbeError(str(error)) from None
     if payload["kind"] not in KINDS:
-        raise ProbeError(f"{path} holds a '{payload['kind']}' model; the probe takes a HuBERT (from train-local or "
-                         f"pretrain) or a distilled student (from distill)")
+        raise ProbeError(
+            f"{path} holds a '{payload['kind']}' model; the probe takes a HuBERT (from train-local or "
+            f"pretrain) or a distilled student (from distill)"
+        )
     return payload
 
 
@@ -70,8 +73,10 @@ def transformer_layers(payload: dict) -> int:
 def check_layer(checkpoint: Path, num_layers: int, layer: int | None) -> None:
     """Hidden state `layer` (None: all) must exist in a model of `num_layers` transformer layers."""
     if layer is not None and layer > num_layers:
-        raise ProbeError(f"layer={layer}, but {checkpoint} has {num_layers} transformer layers (hidden states 0 to "
-                         f"{num_layers}); choose one of those, or layer=null for all")
+        raise ProbeError(
+            f"layer={layer}, but {checkpoint} has {num_layers} transformer layers (hidden states 0 to "
+            f"{num_layers}); choose one of those, or layer=null for all"
+        )
 
 
 def architecture_key(payload: dict) -> str:
@@ -110,7 +115,9 @@ def frozen_model(path: Path, payload: dict, *, random_init: bool, name: str) -> 
         config = payload["model"]["distiller"]
         module = Student(config)
         if not random_init:
-            weights = {k[len("distiller."):]: v for k, v in payload["state_dict"].items() if k.startswith("distiller.")}
+            weights = {
+                k[len("distiller.") :]: v for k, v in payload["state_dict"].items() if k.startswith("distiller.")
+            }
             module.distiller.load_state_dict(weights)
 
         def states(wave: Tensor) -> list[Tensor]:
@@ -121,9 +128,17 @@ def frozen_model(path: Path, payload: dict, *, random_init: bool, name: str) -> 
         conv = [tuple(c) for c in ast.literal_eval(config["extractor_conv_feature_layers"])]
     module.eval()
     module.requires_grad_(False)
-    return FrozenModel(name=name, kind=payload["kind"], checkpoint=Path(path), random_init=random_init,
-                       architecture=f"{payload['kind']} {layers}x{width}", module=module, num_layers=layers,
-                       conv_layers=conv, hidden_states=states)
+    return FrozenModel(
+        name=name,
+        kind=payload["kind"],
+        checkpoint=Path(path),
+        random_init=random_init,
+        architecture=f"{payload['kind']} {layers}x{width}",
+        module=module,
+        num_layers=layers,
+        conv_layers=conv,
+        hidden_states=states,
+    )
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -137,16 +152,25 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return batches
 
 
-def pooled_features(model: FrozenModel, paths: list[Path], lengths: list[int], *, layer: int | None,
-                    batch_size: int, device: torch.device) -> np.ndarray:
+def pooled_features(
+    model: FrozenModel,
+    paths: list[Path],
+    lengths: list[int],
+    *,
+    layer: int | None,
+    batch_size: int,
+    device: torch.device,
+) -> np.ndarray:
     """(clips, dims): per clip, the time-mean of hidden state `layer`, or of every hidden state concatenated
     (layer None), in the order of `paths`."""
     check_layer(model.checkpoint, model.num_layers, layer)
-    short = [f"{p} ({n} samples)" for p, n in zip(paths, lengths) if n < model.min_samples()]
+    short = [f"{p} ({n} samples)" for p, n in zip(paths, lengths, strict=True) if n < model.min_samples()]
     if short:
-        raise ProbeError(f"{len(short)} clips are shorter than the {model.min_samples()} samples the CNN of "
-                         f"{model.checkpoint} needs for one frame (e.g. {short[0]}); remove them or pick words "
-                         f"without them (key 'words')")
+        raise ProbeError(
+            f"{len(short)} clips are shorter than the {model.min_samples()} samples the CNN of "
+            f"{model.checkpoint} needs for one frame (e.g. {short[0]}); remove them or pick words "
+            f"without them (key 'words')"
+        )
     model.module.to(device)
     features: np.ndarray | None = None
     batches = length_batches(lengths, batch_size)

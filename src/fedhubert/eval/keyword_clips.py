@@ -47,9 +47,11 @@ def clip_folder(dataset: Path) -> Path:
     dataset = Path(dataset)
     folder = dataset if dataset.name == TRAIN_DIR else dataset / TRAIN_DIR
     if not folder.is_dir():
-        raise ProbeError(f"{folder} does not exist: the probe reads {dataset}/{TRAIN_DIR}/<word>/<speaker>"
-                         f"{SPEAKER_SEPARATOR}<n>.wav. Pass the folder that holds {TRAIN_DIR}/ as --dataset, or "
-                         f"make one with 'fedhubert synth speech-commands --out {dataset}'")
+        raise ProbeError(
+            f"{folder} does not exist: the probe reads {dataset}/{TRAIN_DIR}/<word>/<speaker>"
+            f"{SPEAKER_SEPARATOR}<n>.wav. Pass the folder that holds {TRAIN_DIR}/ as --dataset, or "
+            f"make one with 'fedhubert synth speech-commands --out {dataset}'"
+        )
     return folder
 
 
@@ -65,25 +67,36 @@ def list_clips(dataset: Path, *, words: list[str], folds: int, max_speakers: int
     files = [(word, path) for word in chosen for path in sorted((folder / word).glob("*.wav"))]
     unnamed = [str(path) for _, path in files if SPEAKER_SEPARATOR not in path.name]
     if unnamed:
-        raise ProbeError(f"{len(unnamed)} clips in {folder} are not named <speaker>{SPEAKER_SEPARATOR}<n>.wav, so "
-                         f"their speaker is unknown (e.g. {unnamed[0]}); rename or remove them")
+        raise ProbeError(
+            f"{len(unnamed)} clips in {folder} are not named <speaker>{SPEAKER_SEPARATOR}<n>.wav, so "
+            f"their speaker is unknown (e.g. {unnamed[0]}); rename or remove them"
+        )
     speakers = np.array([path.name.split(SPEAKER_SEPARATOR)[0] for _, path in files], dtype=object)
     if max_speakers:
         everyone = sorted(set(speakers.tolist()))
         keep = set(np.random.default_rng(seed).permutation(everyone)[:max_speakers].tolist())
-        files = [f for f, s in zip(files, speakers) if s in keep]
+        files = [f for f, s in zip(files, speakers, strict=True) if s in keep]
         speakers = np.array([s for s in speakers if s in keep], dtype=object)
     counts = Counter(word for word, _ in files)
     present = [w for w in chosen if counts[w]]
     if len(present) < 2:
-        raise ProbeError(f"{folder} holds .wav clips of {len(present)} word(s) {present}; a probe needs at least two "
-                         f"word folders with clips (make a dataset with 'fedhubert synth speech-commands')")
+        raise ProbeError(
+            f"{folder} holds .wav clips of {len(present)} word(s) {present}; a probe needs at least two "
+            f"word folders with clips (make a dataset with 'fedhubert synth speech-commands')"
+        )
     num_speakers = len(set(speakers.tolist()))
     if num_speakers < folds:
-        raise ProbeError(f"{folder} holds clips of {num_speakers} speaker(s); speaker-disjoint {folds}-fold "
-                         f"cross-validation needs at least {folds}: add speakers (e.g. 'fedhubert synth "
-                         f"speech-commands --speakers 10'){' or raise max_speakers' if max_speakers else ''}, or "
-                         f"lower folds=N")
+        raise ProbeError(
+            f"{folder} holds clips of {num_speakers} speaker(s); speaker-disjoint {folds}-fold "
+            f"cross-validation needs at least {folds}: add speakers (e.g. 'fedhubert synth "
+            f"speech-commands --speakers 10'){' or raise max_speakers' if max_speakers else ''}, or "
+            f"lower folds=N"
+        )
     index = {word: i for i, word in enumerate(present)}
-    return KeywordClips(root=folder, paths=[path for _, path in files], words=present,
-                        labels=np.array([index[word] for word, _ in files], dtype=np.int64), speakers=speakers)
+    return KeywordClips(
+        root=folder,
+        paths=[path for _, path in files],
+        words=present,
+        labels=np.array([index[word] for word, _ in files], dtype=np.int64),
+        speakers=speakers,
+    )

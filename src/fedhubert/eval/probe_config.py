@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
@@ -20,20 +19,29 @@ OUTPUTS = ("probe.json", "probe.md")
 
 @dataclass
 class ProbeConfig:
-    dataset: Optional[Path] = param(
-        None, "folder holding speech_commands_v0.01/<word>/<speaker>_nohash_<n>.wav, as 'fedhubert synth "
-        "speech-commands' writes it (required)")
+    dataset: Path | None = param(
+        None,
+        "folder holding speech_commands_v0.01/<word>/<speaker>_nohash_<n>.wav, as 'fedhubert synth "
+        "speech-commands' writes it (required)",
+    )
     checkpoints: list[Path] = param(
-        [], "fedhubert checkpoints to probe: HuBERTs (train-local, pretrain) or distilled students (distill)")
+        [], "fedhubert checkpoints to probe: HuBERTs (train-local, pretrain) or distilled students (distill)"
+    )
     random_init: bool = param(
-        False, "also probe each checkpoint's architecture freshly initialised (seed 0), beside its trained weights")
-    layer: Optional[int] = param(
-        None, "the hidden state to probe: 0 is the CNN/projection output, N the output of transformer layer N "
-        "(null: every layer's mean-pool, concatenated)", ge=0)
-    words: list[str] = param([], "only these word folders (empty: every word folder but _background_noise_); "
-                             "quote yes, no, on and off, which YAML reads as true and false: words='[\"yes\",\"no\"]'")
-    max_speakers: int = param(0, "probe the clips of this many speakers, drawn with the seed (0: every speaker)",
-                              ge=0)
+        False, "also probe each checkpoint's architecture freshly initialised (seed 0), beside its trained weights"
+    )
+    layer: int | None = param(
+        None,
+        "the hidden state to probe: 0 is the CNN/projection output, N the output of transformer layer N "
+        "(null: every layer's mean-pool, concatenated)",
+        ge=0,
+    )
+    words: list[str] = param(
+        [],
+        "only these word folders (empty: every word folder but _background_noise_); "
+        'quote yes, no, on and off, which YAML reads as true and false: words=\'["yes","no"]\'',
+    )
+    max_speakers: int = param(0, "probe the clips of this many speakers, drawn with the seed (0: every speaker)", ge=0)
     folds: int = param(5, "speaker-disjoint cross-validation folds", ge=2)
     c: float = param(1.0, "inverse L2 regularisation strength of the logistic regression (scikit-learn's C)", gt=0)
     max_iter: int = param(5000, "L-BFGS iterations of the logistic regression", ge=1)
@@ -50,7 +58,9 @@ class ProbeConfig:
         if len(set(self.checkpoints)) != len(self.checkpoints):
             raise ConfigError(f"key 'checkpoints' lists a checkpoint twice: {[str(p) for p in self.checkpoints]}")
         if 0 < self.max_speakers < self.folds:
-            raise ConfigError(f"max_speakers ({self.max_speakers}) is below folds ({self.folds}): every fold needs "
-                              f"its own speakers; raise max_speakers or lower folds")
+            raise ConfigError(
+                f"max_speakers ({self.max_speakers}) is below folds ({self.folds}): every fold needs "
+                f"its own speakers; raise max_speakers or lower folds"
+            )
         if self.device not in ("cpu", "auto") and not self.device.startswith("cuda"):
             raise ConfigError(f"key 'device' must be cpu, cuda, cuda:N or auto, got {self.device!r}")

@@ -14,10 +14,21 @@ from pathlib import Path
 from fedhubert.atomic import atomic_write_text
 from fedhubert.eval.confidence import accuracy_interval
 
-COLUMNS = ("evaluation", "upstream", "checkpoint", "steps", "dev acc (step)", "dev 95% CI", "test acc", "test 95% CI",
-           "clips dev / test")
-INTERVAL_NOTE = ("95% CI: Wilson score interval over the clips scored. The dev set is S3PRL's class-balanced draw "
-                 "(with replacement) of its dev clips and background-noise files, so its interval is approximate.")
+COLUMNS = (
+    "evaluation",
+    "upstream",
+    "checkpoint",
+    "steps",
+    "dev acc (step)",
+    "dev 95% CI",
+    "test acc",
+    "test 95% CI",
+    "clips dev / test",
+)
+INTERVAL_NOTE = (
+    "95% CI: Wilson score interval over the clips scored. The dev set is S3PRL's class-balanced draw "
+    "(with replacement) of its dev clips and background-noise files, so its interval is approximate."
+)
 
 
 def read_results(table: Path) -> list[dict]:
@@ -62,8 +73,10 @@ def intervals(result: dict) -> dict:
     """`dev_ci95` and `test_ci95` of an evaluation: as recorded, or (in results written before they were) from its
     accuracies and clip counts."""
     data = result.get("data") or {}
-    return {"dev_ci95": result.get("dev_ci95") or ci95((result.get("dev_best") or {}).get("acc"), dev_items(data)),
-            "test_ci95": result.get("test_ci95") or ci95(result.get("test_acc"), data.get("test_clips"))}
+    return {
+        "dev_ci95": result.get("dev_ci95") or ci95((result.get("dev_best") or {}).get("acc"), dev_items(data)),
+        "test_ci95": result.get("test_ci95") or ci95(result.get("test_acc"), data.get("test_clips")),
+    }
 
 
 def _percent(value: float | None) -> str:
@@ -86,7 +99,9 @@ def result_markdown(results: list[dict]) -> str:
         ci = intervals(r)
         data = r.get("data") or {}
         clips = f"{dev_items(data) or '-'} / {data.get('test_clips', '-')}"
-        lines.append(f"| {r['name']} | {r['upstream']} | {checkpoint} | {r['steps']} | {dev} | "
-                     f"{interval_text(ci['dev_ci95'])} | {_percent(r.get('test_acc'))} | "
-                     f"{interval_text(ci['test_ci95'])} | {clips} |")
+        lines.append(
+            f"| {r['name']} | {r['upstream']} | {checkpoint} | {r['steps']} | {dev} | "
+            f"{interval_text(ci['dev_ci95'])} | {_percent(r.get('test_acc'))} | "
+            f"{interval_text(ci['test_ci95'])} | {clips} |"
+        )
     return "\n".join(lines) + "\n\n" + INTERVAL_NOTE + "\n"

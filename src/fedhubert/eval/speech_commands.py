@@ -45,8 +45,10 @@ def check_dataset(root: Path) -> dict:
     """The Speech Commands v0.01 layout S3PRL's speech_commands reads (a clear error for whatever is missing), and
     its clip counts: S3PRL's training and dev split, the background-noise files it adds to both, the test set."""
     train, test = Path(root) / TRAIN_DIR, Path(root) / TEST_DIR
-    layout = (f"expected {root}/{TRAIN_DIR}/<word>/*.wav (with {NOISE_DIR}/) and {root}/{TEST_DIR}/<class>/*.wav "
-              f"(see setup.md, or make one with 'fedhubert synth speech-commands')")
+    layout = (
+        f"expected {root}/{TRAIN_DIR}/<word>/*.wav (with {NOISE_DIR}/) and {root}/{TEST_DIR}/<class>/*.wav "
+        f"(see setup.md, or make one with 'fedhubert synth speech-commands')"
+    )
     for folder in (train, test):
         if not folder.is_dir():
             raise EvaluationError(f"{folder} does not exist: {layout}")
@@ -63,10 +65,16 @@ def check_dataset(root: Path) -> dict:
     clips = [p for p in train.glob("*/*.wav") if p.parent.name != NOISE_DIR]
     splits = {s: sum(split_of(p.name) == s for p in clips) for s in ("training", "validation")}
     if not splits["validation"] or not splits["training"]:
-        raise EvaluationError(f"S3PRL's hash split of {train} leaves {splits['training']} training and "
-                              f"{splits['validation']} dev clips; both must be non-empty (more speakers are needed)")
-    return {"train_clips": splits["training"], "dev_clips": splits["validation"], "noise_files": noise_files,
-            "test_clips": sum(1 for _ in test.glob("*/*.wav"))}
+        raise EvaluationError(
+            f"S3PRL's hash split of {train} leaves {splits['training']} training and "
+            f"{splits['validation']} dev clips; both must be non-empty (more speakers are needed)"
+        )
+    return {
+        "train_clips": splits["training"],
+        "dev_clips": splits["validation"],
+        "noise_files": noise_files,
+        "test_clips": sum(1 for _ in test.glob("*/*.wav")),
+    }
 
 
 def _check_audio(paths: list[Path]) -> None:
@@ -81,8 +89,10 @@ def _check_audio(paths: list[Path]) -> None:
             bad.append(str(error))
     if bad:
         listed = "\n  ".join(bad[:10]) + (f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else "")
-        raise EvaluationError(f"{len(bad)} of {len(paths)} Speech Commands clips cannot be used (S3PRL would fail on "
-                              f"them); remove or replace them:\n  {listed}")
+        raise EvaluationError(
+            f"{len(bad)} of {len(paths)} Speech Commands clips cannot be used (S3PRL would fail on "
+            f"them); remove or replace them:\n  {listed}"
+        )
 
 
 def prepare_upstream(cfg: SpeechCommandsConfig, out: Path) -> dict:
@@ -99,12 +109,16 @@ def prepare_upstream(cfg: SpeechCommandsConfig, out: Path) -> dict:
         export = Path(str(cfg.checkpoint) + ".json")
         if export.is_file():
             source = json.loads(export.read_text()).get("source_checkpoint")
-            raise EvaluationError(f"{cfg.checkpoint} is an S3PRL export, not a fedhubert checkpoint: pass the "
-                                  f"checkpoint it was exported from ({source}); evaluate exports it itself") from None
+            raise EvaluationError(
+                f"{cfg.checkpoint} is an S3PRL export, not a fedhubert checkpoint: pass the "
+                f"checkpoint it was exported from ({source}); evaluate exports it itself"
+            ) from None
         raise EvaluationError(str(error)) from None
     if payload["kind"] not in ("hubert", "distiller"):
-        raise EvaluationError(f"{cfg.checkpoint} holds a '{payload['kind']}' model; speech-commands evaluates a "
-                              f"HuBERT or a distilled student")
+        raise EvaluationError(
+            f"{cfg.checkpoint} holds a '{payload['kind']}' model; speech-commands evaluates a "
+            f"HuBERT or a distilled student"
+        )
     source = Path(cfg.checkpoint)
     if cfg.random_init:
         source = out / "random_init.pt"
@@ -116,11 +130,18 @@ def prepare_upstream(cfg: SpeechCommandsConfig, out: Path) -> dict:
         Path(str(source) + ".sha256").unlink(missing_ok=True)
     upstream = "hubert_local" if payload["kind"] == "hubert" else "distiller_local"
     model = payload["model"]
-    size = model.get("preset", "student") if payload["kind"] == "hubert" else \
-        f"{model['distiller']['encoder_layers']}-layer student"
+    size = (
+        model.get("preset", "student")
+        if payload["kind"] == "hubert"
+        else f"{model['distiller']['encoder_layers']}-layer student"
+    )
     default_name = f"{'random-init' if cfg.random_init else payload['kind']} ({size})"
-    return {"upstream": upstream, "file": str(out / "upstream.pt"), "name": cfg.name or default_name,
-            "kind": payload["kind"]}
+    return {
+        "upstream": upstream,
+        "file": str(out / "upstream.pt"),
+        "name": cfg.name or default_name,
+        "kind": payload["kind"],
+    }
 
 
 def _random_copy(payload: dict, path: Path, seed: int) -> None:
@@ -140,21 +161,41 @@ def _random_copy(payload: dict, path: Path, seed: int) -> None:
 
         state = {f"distiller.{k}": v for k, v in Student(payload["model"]["distiller"]).distiller.state_dict().items()}
         model = payload["model"]
-    save_checkpoint(path, kind=payload["kind"], model=model, num_classes=payload["num_classes"], state_dict=state,
-                    label_rate=label_rate_of(payload))
+    save_checkpoint(
+        path,
+        kind=payload["kind"],
+        model=model,
+        num_classes=payload["num_classes"],
+        state_dict=state,
+        label_rate=label_rate_of(payload),
+    )
 
 
 def s3prl_config(cfg: SpeechCommandsConfig, dataset: Path) -> dict:
     return {
-        "runner": {"total_steps": cfg.total_steps, "gradient_clipping": 1, "gradient_accumulate_steps": 1,
-                   "log_step": cfg.log_step, "eval_step": cfg.eval_step, "save_step": cfg.eval_step, "max_keep": 1,
-                   "eval_dataloaders": ["dev", "test"]},
+        "runner": {
+            "total_steps": cfg.total_steps,
+            "gradient_clipping": 1,
+            "gradient_accumulate_steps": 1,
+            "log_step": cfg.log_step,
+            "eval_step": cfg.eval_step,
+            "save_step": cfg.eval_step,
+            "max_keep": 1,
+            "eval_dataloaders": ["dev", "test"],
+        },
         "optimizer": {"name": "TorchOptim", "torch_optim_name": "Adam", "lr": cfg.lr},
         "downstream_expert": {
-            "datarc": {"speech_commands_root": str(dataset / TRAIN_DIR), "speech_commands_test_root": str(dataset / TEST_DIR),
-                       "num_workers": cfg.num_workers, "batch_size": cfg.batch_size},
-            "modelrc": {"projector_dim": cfg.projector_dim, "select": "UtteranceLevel",
-                        "UtteranceLevel": {"pooling": "MeanPooling"}},
+            "datarc": {
+                "speech_commands_root": str(dataset / TRAIN_DIR),
+                "speech_commands_test_root": str(dataset / TEST_DIR),
+                "num_workers": cfg.num_workers,
+                "batch_size": cfg.batch_size,
+            },
+            "modelrc": {
+                "projector_dim": cfg.projector_dim,
+                "select": "UtteranceLevel",
+                "UtteranceLevel": {"pooling": "MeanPooling"},
+            },
         },
     }
 
@@ -193,8 +234,10 @@ def _s3prl(args: list[str], log_path: Path, results_log: Path) -> None:
     _echo_new_lines(results_log, seen)
     if process.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
-        raise EvaluationError(f"S3PRL's run_downstream failed (exit {process.returncode}); its log is {log_path}. "
-                              f"Last lines:\n  " + "\n  ".join(tail))
+        raise EvaluationError(
+            f"S3PRL's run_downstream failed (exit {process.returncode}); its log is {log_path}. "
+            f"Last lines:\n  " + "\n  ".join(tail)
+        )
 
 
 def _echo_new_lines(path: Path, offset: int) -> int:
@@ -203,7 +246,7 @@ def _echo_new_lines(path: Path, offset: int) -> int:
     with open(path, encoding="utf-8", errors="replace") as handle:
         handle.seek(offset)
         text = handle.read()
-    complete = text[:text.rfind("\n") + 1]
+    complete = text[: text.rfind("\n") + 1]
     for line in complete.splitlines():
         if not line.startswith("train at step"):
             log.info("S3PRL: %s", line)
@@ -227,38 +270,80 @@ def run_speech_commands(cfg: SpeechCommandsConfig, out: Path, run: StageRun) -> 
     atomic_write_text(config_path, yaml.safe_dump(s3prl_config(cfg, dataset), sort_keys=False))
     expdir, log_path = out / "s3prl", out / "s3prl.log"
     upstream_args = ["-u", upstream["upstream"]] + (["-k", upstream["file"]] if upstream["file"] else [])
-    log.info("S3PRL speech_commands with %s (%s): %d steps on %d training clips, evaluated every %d on %d dev clips",
-             upstream["name"], upstream["upstream"], cfg.total_steps, counts["train_clips"], cfg.eval_step,
-             counts["dev_clips"])
-    _s3prl(["-m", "train", *upstream_args, "-d", "speech_commands", "-c", str(config_path), "-p", str(expdir),
-            "--device", device, "--seed", str(cfg.seed)], log_path, expdir / "log.log")
+    log.info(
+        "S3PRL speech_commands with %s (%s): %d steps on %d training clips, evaluated every %d on %d dev clips",
+        upstream["name"],
+        upstream["upstream"],
+        cfg.total_steps,
+        counts["train_clips"],
+        cfg.eval_step,
+        counts["dev_clips"],
+    )
+    _s3prl(
+        [
+            "-m",
+            "train",
+            *upstream_args,
+            "-d",
+            "speech_commands",
+            "-c",
+            str(config_path),
+            "-p",
+            str(expdir),
+            "--device",
+            device,
+            "--seed",
+            str(cfg.seed),
+        ],
+        log_path,
+        expdir / "log.log",
+    )
     training_log = (expdir / "log.log").read_text()
     best, _ = parse_log(training_log)
     if best is None or not (expdir / "dev-best.ckpt").is_file():
-        raise EvaluationError(f"S3PRL wrote no dev result in {expdir / 'log.log'}: total_steps ({cfg.total_steps}) must "
-                              f"reach at least one eval_step ({cfg.eval_step})")
+        raise EvaluationError(
+            f"S3PRL wrote no dev result in {expdir / 'log.log'}: total_steps ({cfg.total_steps}) must "
+            f"reach at least one eval_step ({cfg.eval_step})"
+        )
     log.info("best dev accuracy %.4f at step %d; testing that checkpoint", best["acc"], best["step"])
     _s3prl(["-m", "evaluate", "-e", str(expdir / "dev-best.ckpt"), "--device", device], log_path, expdir / "log.log")
-    _, tests = parse_log((expdir / "log.log").read_text()[len(training_log):])
+    _, tests = parse_log((expdir / "log.log").read_text()[len(training_log) :])
     if not tests:
         raise EvaluationError(f"S3PRL's evaluation wrote no test accuracy in {expdir / 'log.log'}")
     result = {
-        "task": "speech_commands", "name": upstream["name"], "upstream": upstream["upstream"], "kind": upstream["kind"],
+        "task": "speech_commands",
+        "name": upstream["name"],
+        "upstream": upstream["upstream"],
+        "kind": upstream["kind"],
         "checkpoint": str(cfg.checkpoint) if cfg.checkpoint else None,
         "checkpoint_sha256": file_sha256(cfg.checkpoint) if cfg.checkpoint else None,
-        "random_init": cfg.random_init, "steps": cfg.total_steps, "eval_step": cfg.eval_step,
-        "dev_best": best, "test_acc": tests[-1][1], "data": {"root": str(dataset), **counts}, "device": device,
-        "s3prl_log": str(expdir / "log.log"), "out": str(out),
+        "random_init": cfg.random_init,
+        "steps": cfg.total_steps,
+        "eval_step": cfg.eval_step,
+        "dev_best": best,
+        "test_acc": tests[-1][1],
+        "data": {"root": str(dataset), **counts},
+        "device": device,
+        "s3prl_log": str(expdir / "log.log"),
+        "out": str(out),
     }
     result.update(intervals(result))
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     atomic_write_text(out / "result.md", result_markdown([result]))
     table = Path(cfg.table) if cfg.table else out.parent / "results.jsonl"
     append_result(table, result)
-    log.info("%s: dev accuracy %.2f%% (step %d; 95%% CI %s), test accuracy %.2f%% (95%% CI %s, %d clips); table %s",
-             upstream["name"], 100 * best["acc"], best["step"], interval_text(result["dev_ci95"]),
-             100 * result["test_acc"], interval_text(result["test_ci95"]), counts["test_clips"],
-             table.with_suffix(".md"))
-    run.summary.update({k: result[k] for k in ("name", "upstream", "dev_best", "dev_ci95", "test_acc", "test_ci95",
-                                               "steps")})
+    log.info(
+        "%s: dev accuracy %.2f%% (step %d; 95%% CI %s), test accuracy %.2f%% (95%% CI %s, %d clips); table %s",
+        upstream["name"],
+        100 * best["acc"],
+        best["step"],
+        interval_text(result["dev_ci95"]),
+        100 * result["test_acc"],
+        interval_text(result["test_ci95"]),
+        counts["test_clips"],
+        table.with_suffix(".md"),
+    )
+    run.summary.update(
+        {k: result[k] for k in ("name", "upstream", "dev_best", "dev_ci95", "test_acc", "test_ci95", "steps")}
+    )
     return result

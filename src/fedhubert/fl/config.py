@@ -5,38 +5,44 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from fedhubert.config import param
 
 
 @dataclass
 class FederationConfig:
-    superlink: Optional[str] = param(
+    superlink: str | None = param(
         None, "host:port of a running SuperLink (Flower's deployment engine); null: a private local simulation"
     )
-    root_certificates: Optional[Path] = param(
+    root_certificates: Path | None = param(
         None, "CA certificate for TLS to that SuperLink; null: an insecure connection"
     )
-    cpus_per_client: Optional[int] = param(
-        None, "simulation: CPU cores reserved for each client (null: the machine's or Slurm's cores shared out)",
-        ge=1)
-    gpus_per_client: Optional[float] = param(
-        None, "simulation: share of a GPU per client (null: from the model's estimated memory; 0 without GPUs)",
-        ge=0)
+    cpus_per_client: int | None = param(
+        None, "simulation: CPU cores reserved for each client (null: the machine's or Slurm's cores shared out)", ge=1
+    )
+    gpus_per_client: float | None = param(
+        None, "simulation: share of a GPU per client (null: from the model's estimated memory; 0 without GPUs)", ge=0
+    )
     timeout_s: float = param(7200.0, "stop a run that has not finished after this many seconds", gt=0)
-    app: Optional[Path] = param(
-        None, "a Flower app folder to run instead of fedhubert's own (its pyproject.toml names the ServerApp and "
-        "ClientApp, which may wrap fedhubert's, e.g. a customised client); null: fedhubert's")
+    app: Path | None = param(
+        None,
+        "a Flower app folder to run instead of fedhubert's own (its pyproject.toml names the ServerApp and "
+        "ClientApp, which may wrap fedhubert's, e.g. a customised client); null: fedhubert's",
+    )
 
 
 @dataclass
 class StrategyConfig:
     name: Literal["fedavg", "fedadam", "fedyogi"] = param(
-        "fedavg", "Flower strategy aggregating the clients (FedAvg: measured best for short runs; see README)")
+        "fedavg", "Flower strategy aggregating the clients (FedAvg: measured best for short runs; see README)"
+    )
     eta: float = param(
-        1e-3, "server learning rate of FedAdam/FedYogi: each round moves a weight by at most about eta (Flower's "
-        "default 0.1 wrecks a transformer)", gt=0)
+        1e-3,
+        "server learning rate of FedAdam/FedYogi: each round moves a weight by at most about eta (Flower's "
+        "default 0.1 wrecks a transformer)",
+        gt=0,
+    )
     beta_1: float = param(0.9, "FedAdam/FedYogi first-moment decay", ge=0, lt=1)
     beta_2: float = param(0.99, "FedAdam/FedYogi second-moment decay", ge=0, lt=1)
     tau: float = param(1e-3, "FedAdam/FedYogi adaptivity floor (1e-9 would turn updates into eta * sign)", gt=0)

@@ -88,13 +88,16 @@ def write_connection(flwr_home: Path, address: str, root_certificates: Path | No
     """FLWR_HOME/config.toml naming one SuperLink connection (`flwr` would otherwise write a default whose
     `local` connection starts a background SuperLink of its own)."""
     security = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
-    atomic_write_text(Path(flwr_home) / "config.toml", f'''[superlink]
+    atomic_write_text(
+        Path(flwr_home) / "config.toml",
+        f'''[superlink]
 default = "{CONNECTION}"
 
 [superlink.{CONNECTION}]
 address = "{address}"
 {security}
-''')
+''',
+    )
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -121,9 +124,15 @@ class Daemon:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             sink = open(log_path, "ab")
         try:
-            self.process = subprocess.Popen(command, env=flower_env(self.flwr_home), stdout=sink,
-                                            stderr=subprocess.STDOUT if sink else None, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, preexec_fn=end_with_parent)
+            self.process = subprocess.Popen(
+                command,
+                env=flower_env(self.flwr_home),
+                stdout=sink,
+                stderr=subprocess.STDOUT if sink else None,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=end_with_parent,
+            )
         finally:
             if sink is not None:
                 sink.close()
@@ -164,18 +173,38 @@ def _health(port: int, tls: TLSFiles | None) -> bool:
         return False
 
 
-def start_superlink(flwr_home: Path, log_path: Path | None, *, port: int, host: str = "127.0.0.1",
-                    tls: TLSFiles | None = None, auth: bool = False, simulation: bool = False,
-                    timeout_s: float = 90.0) -> Daemon:
+def start_superlink(
+    flwr_home: Path,
+    log_path: Path | None,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    tls: TLSFiles | None = None,
+    auth: bool = False,
+    simulation: bool = False,
+    timeout_s: float = 90.0,
+) -> Daemon:
     """Start a SuperLink (Fleet, Control and Runtime APIs on one port) and wait until it answers /health.
     `auth`: only SuperNodes whose public keys are registered may join (needs TLS)."""
     if auth and tls is None:
         raise DeploymentError("SuperNode authentication needs TLS: give the SuperLink its certificates too")
-    command = [flower_bin("flower-superlink"), "--host", host, "--port", str(port),
-               "--disable-runtime-dependency-installation"]  # the environment is installed already; no `uv sync`
+    command = [
+        flower_bin("flower-superlink"),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--disable-runtime-dependency-installation",
+    ]  # the environment is installed already; no `uv sync`
     if tls:
-        command += ["--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.certificate),
-                    "--ssl-keyfile", str(tls.key)]
+        command += [
+            "--ssl-ca-certfile",
+            str(tls.ca),
+            "--ssl-certfile",
+            str(tls.certificate),
+            "--ssl-keyfile",
+            str(tls.key),
+        ]
     else:
         command.append("--insecure")
     if auth:
@@ -201,32 +230,54 @@ def register_supernodes(flwr_home: Path, address: str, ca: Path, public_keys: li
     answers = []
     for key in public_keys:
         key = _existing(key, "public key")
-        result = subprocess.run([flower_bin("flwr"), "supernode", "register", str(key), CONNECTION, "--name",
-                                 key.name.removesuffix(".pub"), "--format", "json"],
-                                env=flower_env(flwr_home), capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [
+                flower_bin("flwr"),
+                "supernode",
+                "register",
+                str(key),
+                CONNECTION,
+                "--name",
+                key.name.removesuffix(".pub"),
+                "--format",
+                "json",
+            ],
+            env=flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         try:
             answer = json.loads(result.stdout)
         except ValueError:
             answer = {"success": False, "error-message": (result.stdout + result.stderr).strip()[-500:]}
         if result.returncode != 0 or not answer.get("success", True):
-            raise DeploymentError(f"registering {key} with the SuperLink at {address} failed: "
-                                  f"{answer.get('error-message', answer)}")
+            raise DeploymentError(
+                f"registering {key} with the SuperLink at {address} failed: {answer.get('error-message', answer)}"
+            )
         answers.append(answer)
         log.info("registered SuperNode key %s", key)
     return answers
 
 
-def supernode_command(*, superlink: str, partition_id: int, num_partitions: int, port: int,
-                      node_config: dict[str, str] | None = None, root_certificates: Path | None = None,
-                      auth_key: Path | None = None, max_wait_s: float | None = 300.0) -> list[str]:
+def supernode_command(
+    *,
+    superlink: str,
+    partition_id: int,
+    num_partitions: int,
+    port: int,
+    node_config: dict[str, str] | None = None,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    max_wait_s: float | None = 300.0,
+) -> list[str]:
     """The command of a SuperNode serving client `partition_id` of `num_partitions`; extra node config keys
     (`partition-dir`, `kmeans-dir`, `work-dir`, `teacher-checkpoint`) say where this node keeps its data."""
     if not 0 <= partition_id < num_partitions:
         raise DeploymentError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
     pairs = {"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})}
     config = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={json.dumps(str(v))}" for k, v in pairs.items())
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", config,
-               "--port", str(port)]
+    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", config, "--port", str(port)]
     ca = _existing(root_certificates, "CA certificate")
     command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     key = _existing(auth_key, "SuperNode private key")
@@ -273,8 +324,16 @@ def _public_keys(paths: list[Path]) -> list[Path]:
     return keys
 
 
-def serve_superlink(*, host: str, port: int, tls_dir: Path | None, authorized_keys: list[Path],
-                    flwr_home: Path | None, log_path: Path | None, ready_file: Path | None) -> int:
+def serve_superlink(
+    *,
+    host: str,
+    port: int,
+    tls_dir: Path | None,
+    authorized_keys: list[Path],
+    flwr_home: Path | None,
+    log_path: Path | None,
+    ready_file: Path | None,
+) -> int:
     """`fedhubert superlink`: start a deployment-engine SuperLink, register the SuperNodes' keys (which turns
     authentication on), write `ready_file` ("host:port") once it serves, and run until stopped."""
     tls = TLSFiles.from_dir(tls_dir) if tls_dir else None
@@ -287,8 +346,14 @@ def serve_superlink(*, host: str, port: int, tls_dir: Path | None, authorized_ke
     try:
         if keys:
             register_supernodes(home, f"127.0.0.1:{port}", tls.ca, keys)
-        log.info("SuperLink serving on %s:%d (%s%s); FLWR_HOME %s", host, port, "TLS" if tls else "insecure",
-                 f", {len(keys)} SuperNode keys registered" if keys else "", home)
+        log.info(
+            "SuperLink serving on %s:%d (%s%s); FLWR_HOME %s",
+            host,
+            port,
+            "TLS" if tls else "insecure",
+            f", {len(keys)} SuperNode keys registered" if keys else "",
+            home,
+        )
         if ready_file:
             atomic_write_text(Path(ready_file), f"{socket.getfqdn() if host == '0.0.0.0' else host}:{port}\n")
         return wait_forever(daemon)
@@ -298,22 +363,45 @@ def serve_superlink(*, host: str, port: int, tls_dir: Path | None, authorized_ke
             Path(ready_file).unlink(missing_ok=True)
 
 
-def serve_supernode(*, superlink: str, partition_id: int | None, num_partitions: int | None,
-                    node_config: dict[str, str], root_certificates: Path | None, auth_key: Path | None,
-                    port: int, flwr_home: Path | None, log_path: Path | None, max_wait_s: float | None) -> int:
+def serve_supernode(
+    *,
+    superlink: str,
+    partition_id: int | None,
+    num_partitions: int | None,
+    node_config: dict[str, str],
+    root_certificates: Path | None,
+    auth_key: Path | None,
+    port: int,
+    flwr_home: Path | None,
+    log_path: Path | None,
+    max_wait_s: float | None,
+) -> int:
     """`fedhubert supernode`: one SuperNode for client `partition_id`, in the foreground until it exits or is
     stopped. Under Slurm (`srun`), the partition id and count default to SLURM_PROCID and SLURM_NTASKS."""
     if partition_id is None:
         partition_id = _slurm_int("SLURM_PROCID", "--partition-id")
     if num_partitions is None:
         num_partitions = _slurm_int("SLURM_NTASKS", "--num-partitions")
-    command = supernode_command(superlink=superlink, partition_id=partition_id, num_partitions=num_partitions,
-                                port=port or free_port(), node_config=node_config,
-                                root_certificates=root_certificates, auth_key=auth_key, max_wait_s=max_wait_s)
+    command = supernode_command(
+        superlink=superlink,
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        port=port or free_port(),
+        node_config=node_config,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        max_wait_s=max_wait_s,
+    )
     temporary = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix=f"fedhubert-supernode-{partition_id}-")) if temporary else Path(flwr_home)
-    log.info("SuperNode for client %d of %d, SuperLink %s (%s%s)", partition_id, num_partitions, superlink,
-             "TLS" if root_certificates else "insecure", ", authenticated" if auth_key else "")
+    log.info(
+        "SuperNode for client %d of %d, SuperLink %s (%s%s)",
+        partition_id,
+        num_partitions,
+        superlink,
+        "TLS" if root_certificates else "insecure",
+        ", authenticated" if auth_key else "",
+    )
     daemon = Daemon(f"SuperNode {partition_id}", command, home, log_path)
     try:
         code = wait_forever(daemon)
@@ -322,8 +410,10 @@ def serve_supernode(*, superlink: str, partition_id: int | None, num_partitions:
         if temporary:
             shutil.rmtree(home, ignore_errors=True)
     if code:
-        raise DeploymentError(f"the SuperNode for client {partition_id} exited with code {code} (a refused key or an "
-                              f"unreachable SuperLink exits so); {daemon.where()}")
+        raise DeploymentError(
+            f"the SuperNode for client {partition_id} exited with code {code} (a refused key or an "
+            f"unreachable SuperLink exits so); {daemon.where()}"
+        )
     return 0
 
 

@@ -26,7 +26,14 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import ConfigError, FedhubertError, StageStopped
 from fedhubert.fl.config import FederationConfig
 from fedhubert.fl.deploy import (
-    CONNECTION, Daemon, DeploymentError, end_with_parent, flower_bin, flower_env, free_port, start_superlink,
+    CONNECTION,
+    Daemon,
+    DeploymentError,
+    end_with_parent,
+    flower_bin,
+    flower_env,
+    free_port,
+    start_superlink,
     write_connection,
 )
 from fedhubert.fl.reaper import Reaper
@@ -51,7 +58,9 @@ def _app_dir(flwr_home: Path, keys: list[str]) -> Path:
     app = flwr_home / "app"
     version = re.sub(r"[^0-9.]", "", __version__.split("+")[0]) or "0.0.0"
     config = "\n".join(f'{key} = ""' for key in keys)
-    atomic_write_text(app / "pyproject.toml", f'''[build-system]
+    atomic_write_text(
+        app / "pyproject.toml",
+        f'''[build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
 
@@ -71,7 +80,8 @@ clientapp = "fedhubert.app:clientapp"
 
 [tool.flwr.app.config]
 {config}
-''')
+''',
+    )
     return app
 
 
@@ -95,8 +105,13 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
     deadline = time.monotonic() + timeout
     status, details = "unknown", ""
     while time.monotonic() < deadline:
-        result = subprocess.run([flower_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
-                                env=flower_env(flwr_home), capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [flower_bin("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+            env=flower_env(flwr_home),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         try:
             runs = json.loads(result.stdout).get("runs", [])
         except ValueError:
@@ -109,22 +124,42 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
     return status, details
 
 
-def run_training_task(task: str, out: Path, num_clients: int, federation: FederationConfig,
-                      resources: SimulationResources | None, *, resume: bool, force: bool = False) -> dict:
+def run_training_task(
+    task: str,
+    out: Path,
+    num_clients: int,
+    federation: FederationConfig,
+    resources: SimulationResources | None,
+    *,
+    resume: bool,
+    force: bool = False,
+) -> dict:
     """Run a round-based training task (pretrain, distill) of the ServerApp on the stage's saved config and return
     the summary it wrote, with the Flower run id. SIGTERM ends it after a round (see `run_flower_app`). `resume`
     with no readable checkpoint is an error, unless `force`: then the run starts over in the same folder."""
     out = Path(out)
     if resume and newest_checkpoint(out, CHECKPOINT_KINDS[task]) is None:
         if not force:
-            raise ConfigError(f"--resume {out}: no readable checkpoint in {out / CHECKPOINTS} to continue from. Start "
-                              f"the run again without --resume, or add --force to start over in this folder")
+            raise ConfigError(
+                f"--resume {out}: no readable checkpoint in {out / CHECKPOINTS} to continue from. Start "
+                f"the run again without --resume, or add --force to start over in this folder"
+            )
         log.warning("--resume --force: no readable checkpoint in %s; starting over at round 1", out / CHECKPOINTS)
         resume = False
     run_id = run_flower_app(
-        {"task": task, "config": str(out / CONFIG_FILE), "out": str(out), "resume": resume,
-         "threads": resources.cpus_per_client if resources else 0},
-        out, num_clients, federation, resources, stop_file=out / STOP_FILE)
+        {
+            "task": task,
+            "config": str(out / CONFIG_FILE),
+            "out": str(out),
+            "resume": resume,
+            "threads": resources.cpus_per_client if resources else 0,
+        },
+        out,
+        num_clients,
+        federation,
+        resources,
+        stop_file=out / STOP_FILE,
+    )
     summary = json.loads(summary_path(out, task).read_text())
     summary["flower_run_id"] = run_id
     return summary
@@ -133,13 +168,19 @@ def run_training_task(task: str, out: Path, num_clients: int, federation: Federa
 def check_stopped(stage: str, summary: dict, out: Path) -> None:
     """StageStopped when the run ended early at request, saying how to continue it."""
     if summary["stopped_after_round"] is not None:
-        raise StageStopped(f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at "
-                           f"request; its state is checkpointed. Continue with: fedhubert {stage} --resume {out}")
+        raise StageStopped(
+            f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at "
+            f"request; its state is checkpointed. Continue with: fedhubert {stage} --resume {out}"
+        )
 
 
 def run_flower_app(
-    run_config: dict[str, object], out_dir: Path, num_clients: int, federation: FederationConfig,
-    resources: SimulationResources | None = None, stop_file: Path | None = None,
+    run_config: dict[str, object],
+    out_dir: Path,
+    num_clients: int,
+    federation: FederationConfig,
+    resources: SimulationResources | None = None,
+    stop_file: Path | None = None,
 ) -> str:
     """Run fedhubert's Flower app with `run_config` (flat scalars); returns the run id once it has completed.
     `resources` (for a simulation) defaults to the machine's cores shared out over the clients. The Flower app is
@@ -159,8 +200,13 @@ def run_flower_app(
             resources = resources or simulation_resources(federation, num_clients)
             superlink, port = _start_simulation_superlink(flwr_home, log_dir)
             write_connection(flwr_home, f"127.0.0.1:{port}", None)
-            log.info("Flower simulation SuperLink on 127.0.0.1:%d: %d virtual clients, %d CPU(s) and %.2f GPU each",
-                     port, num_clients, resources.cpus_per_client, resources.gpus_per_client)
+            log.info(
+                "Flower simulation SuperLink on 127.0.0.1:%d: %d virtual clients, %d CPU(s) and %.2f GPU each",
+                port,
+                num_clients,
+                resources.cpus_per_client,
+                resources.gpus_per_client,
+            )
         else:
             write_connection(flwr_home, federation.superlink, federation.root_certificates)
             log.info("Flower deployment: SuperLink %s, expecting %d clients", federation.superlink, num_clients)
@@ -204,8 +250,9 @@ class _Signals:
         if self.stop_file is not None and self.requested is None:
             self.requested = name
             atomic_write_text(self.stop_file, f"{name} received\n")
-            log.warning("%s: the run stops after the current round, with a checkpoint (send it again to abort now)",
-                        name)
+            log.warning(
+                "%s: the run stops after the current round, with a checkpoint (send it again to abort now)", name
+            )
             return
         self.aborted = name
         try:
@@ -217,9 +264,17 @@ class _Signals:
 def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: float, stop_file: Path | None) -> str:
     run_id = None
     tail: list[str] = []
-    process = subprocess.Popen(command, env=flower_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, text=True, bufsize=1, start_new_session=True,
-                               preexec_fn=end_with_parent)
+    process = subprocess.Popen(
+        command,
+        env=flower_env(flwr_home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        start_new_session=True,
+        preexec_fn=end_with_parent,
+    )
     timer = threading.Timer(timeout_s, lambda: os.killpg(process.pid, signal.SIGKILL))
     timer.start()
     try:
@@ -240,11 +295,17 @@ def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: floa
         timer.cancel()
     if signals.aborted or process.returncode == -signal.SIGKILL:
         if run_id is not None:  # on a SuperLink the run goes on without its viewer: stop it there
-            subprocess.run([flower_bin("flwr"), "stop", run_id, CONNECTION], env=flower_env(flwr_home),
-                           capture_output=True, timeout=60)
+            subprocess.run(
+                [flower_bin("flwr"), "stop", run_id, CONNECTION],
+                env=flower_env(flwr_home),
+                capture_output=True,
+                timeout=60,
+            )
     if signals.aborted:
-        raise FederationError(f"the Flower run was aborted ({signals.aborted}); its last checkpoint is in the run "
-                              f"folder (continue with --resume where the stage has it); see {log_path}")
+        raise FederationError(
+            f"the Flower run was aborted ({signals.aborted}); its last checkpoint is in the run "
+            f"folder (continue with --resume where the stage has it); see {log_path}"
+        )
     if process.returncode == -signal.SIGKILL:
         raise FederationError(f"the Flower run did not finish within {timeout_s:.0f} s; see {log_path}")
     if run_id is None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -107,8 +108,14 @@ def utterances(pair: tuple[Path, Path | None], num_classes: int, rate: LabelRate
     """Parsed and checked manifest + labels, kept in the client process across rounds while the files are
     unchanged (the key holds their modification times and everything that shapes the result)."""
     files = [p for p in pair if p is not None]
-    key = (*pair, *(p.stat().st_mtime_ns for p in files), num_classes, rate.rate, repr(rate.model.conv_layers),
-           data.min_seconds)
+    key = (
+        *pair,
+        *(p.stat().st_mtime_ns for p in files),
+        num_classes,
+        rate.rate,
+        repr(rate.model.conv_layers),
+        data.min_seconds,
+    )
     if key not in _CACHE:
         if len(_CACHE) >= 8:
             _CACHE.pop(next(iter(_CACHE)))
@@ -129,8 +136,11 @@ def latest_head(work: Path, up_to_round: int) -> Path | None:
 
 def client_heads(out: Path, num_clients: int, up_to_round: int) -> dict[str, str]:
     """Each client's newest local head up to `up_to_round`, as a path relative to `out` (for a checkpoint)."""
-    return {str(c): str(h.relative_to(out)) for c in range(num_clients)
-            if (h := latest_head(out / "clients" / f"client_{c}", up_to_round)) is not None}
+    return {
+        str(c): str(h.relative_to(out))
+        for c in range(num_clients)
+        if (h := latest_head(out / "clients" / f"client_{c}", up_to_round)) is not None
+    }
 
 
 def save_head(work: Path, round_: int, state: dict[str, torch.Tensor], keys: Iterable[str], keep_every: int) -> None:
@@ -149,8 +159,9 @@ def client_seed(seed: int, round_: int, index: int) -> int:
 
 def identify(message: Message, context: Context) -> Message:
     """Which client this node is (its partition id)."""
-    return Message(RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}),
-                   reply_to=message)
+    return Message(
+        RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}), reply_to=message
+    )
 
 
 @dataclass
@@ -176,7 +187,13 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     from fedhubert.fl.weights import decode, encode
     from fedhubert.train.data import batch_loader, label_counts
     from fedhubert.train.loop import (
-        MaskedPrediction, cycle_batches, evaluate, label_log_prior, make_optimizer, resolve_device, train,
+        MaskedPrediction,
+        cycle_batches,
+        evaluate,
+        label_log_prior,
+        make_optimizer,
+        resolve_device,
+        train,
     )
     from fedhubert.train.memory import batch_cap
 
@@ -216,15 +233,29 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
         log.info("client %d, round %d, update %d: loss %.3f", place.index, round_, step, metrics["loss"])
 
     started = time.perf_counter()
-    result = train(model, cycle_batches(loader), cfg.train, objective=task.objective, steps=cfg.local_steps,
-                   global_step=int(info["global_step"]), optimizer=make_optimizer(model, cfg.train.optim),
-                   device=device, on_step=progress)
+    result = train(
+        model,
+        cycle_batches(loader),
+        cfg.train,
+        objective=task.objective,
+        steps=cfg.local_steps,
+        global_step=int(info["global_step"]),
+        optimizer=make_optimizer(model, cfg.train.optim),
+        device=device,
+        on_step=progress,
+    )
     seconds = time.perf_counter() - started
     metrics = {f"train_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if place.has("valid"):
         valid_utts = utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data)
-        valid = evaluate(model, batch_loader(valid_utts, task.rate, cfg.train.data, cfg.seed + 1, cap), cfg.train,
-                         objective=task.objective, device=device, seed=cfg.seed)
+        valid = evaluate(
+            model,
+            batch_loader(valid_utts, task.rate, cfg.train.data, cfg.seed + 1, cap),
+            cfg.train,
+            objective=task.objective,
+            device=device,
+            seed=cfg.seed,
+        )
         metrics.update({f"valid_{k}": float(v) for k, v in valid.items() if isinstance(v, (int, float))})
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if task.head_keys:
@@ -233,7 +264,9 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
         shared = {k: new_state[k].float() - received[k] for k in received}
     else:
         shared = {k: v for k, v in new_state.items() if k in received}
-    metrics.update({"client": place.index, "num-examples": sum(u.num_samples for u in train_utts) / 16000,
-                    "train_time_s": seconds})
-    return Message(RecordDict({"arrays": encode(shared, cfg.transfer), "metrics": MetricRecord(metrics)}),
-                   reply_to=message)
+    metrics.update(
+        {"client": place.index, "num-examples": sum(u.num_samples for u in train_utts) / 16000, "train_time_s": seconds}
+    )
+    return Message(
+        RecordDict({"arrays": encode(shared, cfg.transfer), "metrics": MetricRecord(metrics)}), reply_to=message
+    )

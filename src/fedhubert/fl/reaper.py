@@ -29,8 +29,12 @@ def run_processes(flwr_home: Path, started: tuple[int, int] | None = None) -> li
             state, begun = _state_and_start(int(entry.name))
         except (OSError, IndexError, ValueError):  # gone, or not ours
             continue
-        if marker in b"\0" + environ and int(entry.name) != os.getpid() and state not in "ZX" and \
-                (started is None or started[0] <= begun <= started[1]):
+        if (
+            marker in b"\0" + environ
+            and int(entry.name) != os.getpid()
+            and state not in "ZX"
+            and (started is None or started[0] <= begun <= started[1])
+        ):
             found.append(int(entry.name))
     return found
 
@@ -69,8 +73,11 @@ class Reaper:
     """Start the watchdog for `flwr_home`; `close()` (at the stage's normal end) lets it sweep and exit now."""
 
     def __init__(self, flwr_home: Path):
-        self.process = subprocess.Popen([sys.executable, "-m", "fedhubert.fl.reaper", str(Path(flwr_home).resolve())],
-                                        stdin=subprocess.PIPE, start_new_session=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fedhubert.fl.reaper", str(Path(flwr_home).resolve())],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
 
     def close(self, timeout_s: float = 60.0) -> None:
         assert self.process.stdin is not None

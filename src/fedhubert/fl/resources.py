@@ -28,9 +28,11 @@ class SimulationResources:
 
     def federation_config(self, num_clients: int) -> str:
         """The `flwr run --federation-config` value for this simulation."""
-        return (f"num-supernodes={num_clients} client-resources-num-cpus={self.cpus_per_client} "
-                f"client-resources-num-gpus={self.gpus_per_client} init-args-num-cpus={self.total_cpus} "
-                f"init-args-num-gpus={self.total_gpus}")
+        return (
+            f"num-supernodes={num_clients} client-resources-num-cpus={self.cpus_per_client} "
+            f"client-resources-num-gpus={self.gpus_per_client} init-args-num-cpus={self.total_cpus} "
+            f"init-args-num-gpus={self.total_gpus}"
+        )
 
 
 def detect_cpus() -> int:
@@ -62,8 +64,9 @@ def gpu_memory_bytes() -> int:
     return int(torch.cuda.get_device_properties(0).total_memory)
 
 
-def simulation_resources(federation: FederationConfig, num_clients: int,
-                         client_gpu_bytes: int | None = None) -> SimulationResources:
+def simulation_resources(
+    federation: FederationConfig, num_clients: int, client_gpu_bytes: int | None = None
+) -> SimulationResources:
     """Resources per simulated client; `client_gpu_bytes` is the caller's estimate of one client's GPU memory."""
     cpus, gpus = detect_cpus(), detect_gpus()
     if federation.gpus_per_client is not None:

@@ -44,8 +44,9 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def plot_rounds(rows: list[dict], path: Path, title: str, loss_key: str = "train_loss",
-                acc_key: str | None = "train_acc_masked") -> None:
+def plot_rounds(
+    rows: list[dict], path: Path, title: str, loss_key: str = "train_loss", acc_key: str | None = "train_acc_masked"
+) -> None:
     """Loss per round (clients, their weighted mean, the server's evaluation); with `acc_key` also masked accuracy,
     and, where evaluations report it, the gain over the label-frequency baseline (held-out, in nats)."""
     aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
@@ -66,12 +67,14 @@ def plot_rounds(rows: list[dict], path: Path, title: str, loss_key: str = "train
     ax_loss.legend(fontsize="small")
     if acc_key:
         ax_acc = axes[0][1]
-        ax_acc.plot([r["round"] for r in aggregated], [r.get(acc_key, 0) for r in aggregated], "k-o",
-                    label="clients (train)")
+        ax_acc.plot(
+            [r["round"] for r in aggregated], [r.get(acc_key, 0) for r in aggregated], "k-o", label="clients (train)"
+        )
         valid = [r for r in aggregated if "valid_acc_masked" in r]
         if valid:
-            ax_acc.plot([r["round"] for r in valid], [r["valid_acc_masked"] for r in valid], "b-^",
-                        label="clients (valid)")
+            ax_acc.plot(
+                [r["round"] for r in valid], [r["valid_acc_masked"] for r in valid], "b-^", label="clients (valid)"
+            )
         if evals and "acc_masked" in evals[0]:
             ax_acc.plot([r["round"] for r in evals], [r["acc_masked"] for r in evals], "r-s", label="server eval")
         ax_acc.set(xlabel="round", ylabel="masked accuracy", title="masked prediction accuracy")
@@ -79,13 +82,16 @@ def plot_rounds(rows: list[dict], path: Path, title: str, loss_key: str = "train
     if gains or valid_gains:
         ax_gain = axes[0][-1]
         if valid_gains:
-            ax_gain.plot([r["round"] for r in valid_gains], [r["valid_gain_nats"] for r in valid_gains], "b-^",
-                         label="clients (valid)")
+            ax_gain.plot(
+                [r["round"] for r in valid_gains],
+                [r["valid_gain_nats"] for r in valid_gains],
+                "b-^",
+                label="clients (valid)",
+            )
         if gains:
             ax_gain.plot([r["round"] for r in gains], [r["gain_nats"] for r in gains], "r-s", label="server eval")
         ax_gain.axhline(0.0, color="grey", linestyle="--", linewidth=1, label="frequency baseline")
-        ax_gain.set(xlabel="round", ylabel="nats per masked frame",
-                    title="gain over the label-frequency baseline")
+        ax_gain.set(xlabel="round", ylabel="nats per masked frame", title="gain over the label-frequency baseline")
         ax_gain.legend(fontsize="small")
     for ax in axes[0]:
         ax.xaxis.get_major_locator().set_params(integer=True)

@@ -26,9 +26,10 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +40,10 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.records import MessageLog, config_to_record
+from fedhubert.fl.round_log import RoundLog, read_rows
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.fl.weights import WeightsError, check_update, decode, encode
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedhubert.fl.round_log import RoundLog, read_rows
 from fedhubert.train.learning import learning_check, log_verdict
 from fedhubert.train.schedule import describe, fit_schedule, schedule_record, schedule_warnings
 
@@ -101,8 +102,10 @@ def round_checkpoint(out: Path, round_: int) -> Path:
 
 def newest_checkpoint(out: Path, kind: str) -> tuple[Path, dict] | None:
     """The newest round checkpoint that loads and matches its checksum; corrupt ones are skipped with a warning."""
-    files = sorted(((int(m[1]), p) for p in (Path(out) / CHECKPOINTS).glob("round_*.pt")
-                    if (m := _ROUND_FILE.fullmatch(p.name))), reverse=True)
+    files = sorted(
+        ((int(m[1]), p) for p in (Path(out) / CHECKPOINTS).glob("round_*.pt") if (m := _ROUND_FILE.fullmatch(p.name))),
+        reverse=True,
+    )
     for _, path in files:
         try:
             return path, load_checkpoint(path, kind=kind)
@@ -117,8 +120,9 @@ def changed_keys(a: dict, b: dict, allowed: tuple[str, ...]) -> list[str]:
 
 
 class FederatedRun:
-    def __init__(self, grid: Grid, cfg: Any, out: Path, task: RoundTask, num_clients: int, *, resume: bool,
-                 threads: int):
+    def __init__(
+        self, grid: Grid, cfg: Any, out: Path, task: RoundTask, num_clients: int, *, resume: bool, threads: int
+    ):
         self.grid, self.cfg, self.out, self.task = grid, cfg, Path(out), task
         self.num_clients, self.resume, self.threads = num_clients, resume, threads
         self.strategy = make_strategy(cfg.strategy, num_clients)
@@ -129,8 +133,10 @@ class FederatedRun:
         self.saved_round = -1
         self.planned = cfg.num_rounds * (task.local_steps or cfg.local_steps)
         self.schedule = schedule_record(cfg.train.optim, self.planned, task.default_lr)
-        self.sent_cfg = dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, optim=fit_schedule(cfg.train.optim, self.planned, task.default_lr)))
+        self.sent_cfg = dataclasses.replace(
+            cfg,
+            train=dataclasses.replace(cfg.train, optim=fit_schedule(cfg.train.optim, self.planned, task.default_lr)),
+        )
 
     # ------------------------------------------------------------------------------------------- setup
     def _restore(self) -> tuple[int, int, dict[str, torch.Tensor]]:
@@ -147,17 +153,26 @@ class FederatedRun:
         saved = payload["state"]
         changed = changed_keys(saved["config"], config_to_dict(self.cfg), RESUMABLE_CHANGES)
         if changed:
-            raise RoundError(f"cannot resume from {path}: the config differs in {changed}; only "
-                             f"{', '.join(RESUMABLE_CHANGES)} may change when resuming")
+            raise RoundError(
+                f"cannot resume from {path}: the config differs in {changed}; only "
+                f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
+            )
         state.update(payload["state_dict"])
         self.strategy.load_state(saved["strategy"])
         before = saved.get("schedule")
-        if before and (before["warmup_steps"], before["total_steps"]) != (self.schedule["warmup_steps"],
-                                                                          self.schedule["total_steps"]):
-            log.warning("resuming with num_rounds=%d changes the learning-rate schedule: warm-up %d -> %d updates, "
-                        "decay to 0 at update %d -> %d (the rate of the rounds still to run follows the new one)",
-                        self.cfg.num_rounds, before["warmup_steps"], self.schedule["warmup_steps"],
-                        before["total_steps"], self.schedule["total_steps"])
+        if before and (before["warmup_steps"], before["total_steps"]) != (
+            self.schedule["warmup_steps"],
+            self.schedule["total_steps"],
+        ):
+            log.warning(
+                "resuming with num_rounds=%d changes the learning-rate schedule: warm-up %d -> %d updates, "
+                "decay to 0 at update %d -> %d (the rate of the rounds still to run follows the new one)",
+                self.cfg.num_rounds,
+                before["warmup_steps"],
+                self.schedule["warmup_steps"],
+                before["total_steps"],
+                self.schedule["total_steps"],
+            )
         log.info("%s", describe(self.schedule))
         self.best = saved.get("best")
         round_, global_step = int(saved["round"]), int(saved["global_step"])
@@ -174,8 +189,10 @@ class FederatedRun:
             if time.monotonic() > deadline:
                 raise RoundError(f"only {len(nodes)} of {self.num_clients} clients connected in time")
             time.sleep(1.0)
-        messages = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.identify")
-                    for n in nodes]
+        messages = [
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.identify")
+            for n in nodes
+        ]
         mapping: dict[int, int] = {}
         for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s):
             if reply.has_error():
@@ -192,8 +209,14 @@ class FederatedRun:
         return sorted(int(c) for c in rng.choice(self.num_clients, size=min(count, self.num_clients), replace=False))
 
     # ------------------------------------------------------------------------------------------- a round
-    def _check(self, replies: list[Message], chosen: list[int], nodes: dict[int, int], round_: int,
-               reference: dict[str, torch.Tensor]) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[int, str]]:
+    def _check(
+        self,
+        replies: list[Message],
+        chosen: list[int],
+        nodes: dict[int, int],
+        round_: int,
+        reference: dict[str, torch.Tensor],
+    ) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[int, str]]:
         by_node = {node: client for client, node in nodes.items()}
         accepted, failed = {}, {}
         for reply in replies:
@@ -222,20 +245,41 @@ class FederatedRun:
         return accepted, failed
 
     def _round_info(self, round_: int, global_step: int) -> ConfigRecord:
-        return ConfigRecord({"round": round_, "global_step": global_step, "out": str(self.out),
-                             "threads": self.threads, **self.task.round_info})
+        return ConfigRecord(
+            {
+                "round": round_,
+                "global_step": global_step,
+                "out": str(self.out),
+                "threads": self.threads,
+                **self.task.round_info,
+            }
+        )
 
     def _checkpoint(self, name: Path, round_: int, global_step: int, arrays: dict[str, torch.Tensor]) -> None:
         state = {**self.task.state, **arrays}
-        save_checkpoint(name, kind=self.task.checkpoint_kind, model=self.task.model_config,
-                        num_classes=self.task.num_classes, state_dict=state,
-                        label_rate=self.task.round_info["label_rate"],
-                        state={"stage": self.task.name, "round": round_, "global_step": global_step,
-                               "strategy": {"name": self.cfg.strategy.name, **self.strategy.state()},
-                               "rng": {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-                                       "torch": torch.get_rng_state()},
-                               "config": config_to_dict(self.cfg), "best": self.best, "schedule": self.schedule,
-                               **self.task.checkpoint_extra(round_)})
+        save_checkpoint(
+            name,
+            kind=self.task.checkpoint_kind,
+            model=self.task.model_config,
+            num_classes=self.task.num_classes,
+            state_dict=state,
+            label_rate=self.task.round_info["label_rate"],
+            state={
+                "stage": self.task.name,
+                "round": round_,
+                "global_step": global_step,
+                "strategy": {"name": self.cfg.strategy.name, **self.strategy.state()},
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state()[1].tolist(),
+                    "torch": torch.get_rng_state(),
+                },
+                "config": config_to_dict(self.cfg),
+                "best": self.best,
+                "schedule": self.schedule,
+                **self.task.checkpoint_extra(round_),
+            },
+        )
 
     def _improves(self, result: dict) -> bool:
         key = self.task.best_key
@@ -262,9 +306,18 @@ class FederatedRun:
             payload = encode(arrays, self.cfg.transfer)
             outgoing = []
             for client in chosen:
-                message = Message(RecordDict({"arrays": payload, "config": config_to_record(self.sent_cfg),
-                                              "round": self._round_info(round_, global_step)}),
-                                  dst_node_id=nodes[client], message_type=self.task.message_type, group_id=str(round_))
+                message = Message(
+                    RecordDict(
+                        {
+                            "arrays": payload,
+                            "config": config_to_record(self.sent_cfg),
+                            "round": self._round_info(round_, global_step),
+                        }
+                    ),
+                    dst_node_id=nodes[client],
+                    message_type=self.task.message_type,
+                    group_id=str(round_),
+                )
                 self.messages.record("to_client", message, round_, client)
                 outgoing.append(message)
             round_started = time.monotonic()
@@ -275,31 +328,50 @@ class FederatedRun:
                     self._checkpoint(round_checkpoint(self.out, round_ - 1), round_ - 1, global_step, arrays)
                 raise RoundError(
                     f"round {round_}: {len(accepted)} of {len(chosen)} clients replied usable updates, fewer than "
-                    f"strategy.min_clients={self.min_required} ({'; '.join(f'client {c}: {r}' for c, r in failed.items())}). "
+                    f"strategy.min_clients={self.min_required} "
+                    f"({'; '.join(f'client {c}: {r}' for c, r in failed.items())}). "
                     f"The state after round {round_ - 1} is checkpointed; fix the clients and continue with --resume"
                 )
-            ordered = [Message(RecordDict({"arrays": encode(t, "float32"), "metrics": m}), dst_node_id=0,
-                               message_type="train") for _, (t, m) in sorted(accepted.items())]
+            ordered = [
+                Message(RecordDict({"arrays": encode(t, "float32"), "metrics": m}), dst_node_id=0, message_type="train")
+                for _, (t, m) in sorted(accepted.items())
+            ]
             new, aggregated = self.strategy.aggregate(round_, ordered, {k: np.dtype(np.float32) for k in arrays})
             new_arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
             step_stats = server_step(arrays, new_arrays, [(t, float(m["num-examples"])) for t, m in accepted.values()])
             arrays = new_arrays
             global_step += max(int(m.get("train_steps", self.cfg.local_steps)) for _, m in accepted.values())
-            for client, (_, metrics) in sorted(accepted.items()):
+            for _client, (_, metrics) in sorted(accepted.items()):  # metrics carry the client's index
                 self.records.write({"kind": "client", "round": round_, **dict(metrics)})
-            row = {"kind": "train", "round": round_, "clients": len(accepted), "failed": len(failed),
-                   "global_step": global_step, "seconds": round(time.monotonic() - round_started, 3),
-                   **step_stats, **{k: v for k, v in dict(aggregated).items() if k != "client"}}
+            row = {
+                "kind": "train",
+                "round": round_,
+                "clients": len(accepted),
+                "failed": len(failed),
+                "global_step": global_step,
+                "seconds": round(time.monotonic() - round_started, 3),
+                **step_stats,
+                **{k: v for k, v in dict(aggregated).items() if k != "client"},
+            }
             self.records.write(row)
-            log.info("round %d/%d: %d clients, %s", round_, self.cfg.num_rounds, len(accepted),
-                     _brief({**dict(aggregated), **step_stats}))
-            if self.task.evaluate is not None and (round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds):
+            log.info(
+                "round %d/%d: %d clients, %s",
+                round_,
+                self.cfg.num_rounds,
+                len(accepted),
+                _brief({**dict(aggregated), **step_stats}),
+            )
+            if self.task.evaluate is not None and (
+                round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds
+            ):
                 result = self.task.evaluate({**self.task.state, **arrays})
                 self.records.write({"kind": "eval", "round": round_, **result})
                 log.info("round %d server evaluation: %s", round_, _brief(result))
                 if self._improves(result):
-                    self.best = {"round": round_, **{k: result[k] for k in (self.task.best_key, "loss", "gain_nats")
-                                                     if k in result}}
+                    self.best = {
+                        "round": round_,
+                        **{k: result[k] for k in (self.task.best_key, "loss", "gain_nats") if k in result},
+                    }
                     self._checkpoint(self.out / CHECKPOINTS / "best.pt", round_, global_step, arrays)
             if round_ % self.cfg.checkpoint_every == 0 or round_ == self.cfg.num_rounds:
                 self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
@@ -310,22 +382,35 @@ class FederatedRun:
                 if self.saved_round < round_:
                     self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
                     self.saved_round = round_
-                log.warning("stopping after round %d of %d at request (%s); the state is in %s", round_,
-                            self.cfg.num_rounds, reason, round_checkpoint(self.out, round_).name)
+                log.warning(
+                    "stopping after round %d of %d at request (%s); the state is in %s",
+                    round_,
+                    self.cfg.num_rounds,
+                    reason,
+                    round_checkpoint(self.out, round_).name,
+                )
                 stopped = round_
                 break
         self.records.close()
         evals = [{"at": r["round"], **r} for r in read_rows(self.records.path) if r["kind"] == "eval"]
         verdict = learning_check(evals, f"the server's held-out set ({self.cfg.eval_subset})")
         log_verdict(verdict, self.task.name)
-        return {"rounds": self.cfg.num_rounds, "schedule": self.schedule, "learning": verdict,
-                "resumed_after_round": start, "global_step": global_step,
-                "best": self.best, "seconds": round(time.monotonic() - started, 2), "stopped_after_round": stopped,
-                "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt")}
+        return {
+            "rounds": self.cfg.num_rounds,
+            "schedule": self.schedule,
+            "learning": verdict,
+            "resumed_after_round": start,
+            "global_step": global_step,
+            "best": self.best,
+            "seconds": round(time.monotonic() - started, 2),
+            "stopped_after_round": stopped,
+            "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt"),
+        }
 
 
-def server_step(sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
-                clients: list[tuple[dict[str, torch.Tensor], float]]) -> dict[str, float]:
+def server_step(
+    sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor], clients: list[tuple[dict[str, torch.Tensor], float]]
+) -> dict[str, float]:
     """How the server's step (new - sent) compares with the clients' mean change (weighted by their examples, the
     step FedAvg would take): both norms, their ratio and the cosine between them. FedAvg gives ratio 1, cosine 1;
     a server optimizer far from that is not following its clients."""
@@ -338,12 +423,28 @@ def server_step(sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
         mean_sq += float((mean * mean).sum())
         dot += float((step * mean).sum())
     step_norm, mean_norm = math.sqrt(step_sq), math.sqrt(mean_sq)
-    return {"server_step_norm": step_norm, "client_change_norm": mean_norm,
-            "step_ratio": step_norm / mean_norm if mean_norm > 0 else 0.0,
-            "step_cosine": dot / (step_norm * mean_norm) if step_norm > 0 and mean_norm > 0 else 0.0}
+    return {
+        "server_step_norm": step_norm,
+        "client_change_norm": mean_norm,
+        "step_ratio": step_norm / mean_norm if mean_norm > 0 else 0.0,
+        "step_cosine": dot / (step_norm * mean_norm) if step_norm > 0 and mean_norm > 0 else 0.0,
+    }
 
 
 def _brief(metrics: dict) -> str:
-    keys = [k for k in ("train_loss", "valid_gain_nats", "loss", "ce_masked", "gain_nats", "predicted_clusters",
-                        "acc_masked", "step_ratio", "step_cosine") if k in metrics]
+    keys = [
+        k
+        for k in (
+            "train_loss",
+            "valid_gain_nats",
+            "loss",
+            "ce_masked",
+            "gain_nats",
+            "predicted_clusters",
+            "acc_masked",
+            "step_ratio",
+            "step_cosine",
+        )
+        if k in metrics
+    ]
     return ", ".join(f"{k} {metrics[k]:.3f}" if isinstance(metrics[k], float) else f"{k} {metrics[k]}" for k in keys)

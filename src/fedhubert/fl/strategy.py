@@ -12,7 +12,7 @@ replies of a round to the strategy's own `aggregate_train`. What these classes a
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -28,8 +28,9 @@ class _Resumable:
         if isinstance(self, FedOpt):
             self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
 
-    def aggregate(self, server_round: int, replies: Iterable[Message],
-                  dtypes: dict[str, np.dtype]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate(
+        self, server_round: int, replies: Iterable[Message], dtypes: dict[str, np.dtype]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         arrays, metrics = self.aggregate_train(server_round, replies)
         if arrays is not None:
             arrays = ArrayRecord({k: Array(np.asarray(a.numpy(), dtype=dtypes[k])) for k, a in arrays.items()})
@@ -38,8 +39,10 @@ class _Resumable:
     def state(self) -> dict:
         if not isinstance(self, FedOpt) or self.m_t is None:
             return {}
-        return {"m_t": {k: torch.from_numpy(np.array(v)) for k, v in self.m_t.items()},
-                "v_t": {k: torch.from_numpy(np.array(v)) for k, v in self.v_t.items()}}
+        return {
+            "m_t": {k: torch.from_numpy(np.array(v)) for k, v in self.m_t.items()},
+            "v_t": {k: torch.from_numpy(np.array(v)) for k, v in self.v_t.items()},
+        }
 
     def load_state(self, state: dict) -> None:
         """Restore the moments; a state saved before the first aggregation (round 0) has none to restore."""
@@ -62,8 +65,9 @@ class ResumableFedYogi(_Resumable, FedYogi):
 
 def make_strategy(cfg: StrategyConfig, num_clients: int) -> _Resumable:
     # Sampling and federated evaluation are the loop's: only the strategy's aggregation is used.
-    common = dict(fraction_train=cfg.fraction, min_train_nodes=min(cfg.min_clients, num_clients),
-                  min_available_nodes=num_clients)
+    common = dict(
+        fraction_train=cfg.fraction, min_train_nodes=min(cfg.min_clients, num_clients), min_available_nodes=num_clients
+    )
     if cfg.name == "fedavg":
         return ResumableFedAvg(**common)
     cls = ResumableFedAdam if cfg.name == "fedadam" else ResumableFedYogi

@@ -15,9 +15,9 @@ folder `client_<partition-id>` of the partition. Optional node config keys for d
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -65,8 +65,12 @@ def server_app(tasks: Sequence[FederatedTask]) -> ServerApp:
         out.mkdir(parents=True, exist_ok=True)
         setup_logging(out / "logs" / f"server-{name}.log")
         log.info("ServerApp: task %s, config %s, output %s", name, config, out)
-        by_name[name].serve(grid, ServerRun(config, out, resume=bool(run_config.get("resume", False)),
-                                            threads=int(run_config.get("threads", 0))))
+        by_name[name].serve(
+            grid,
+            ServerRun(
+                config, out, resume=bool(run_config.get("resume", False)), threads=int(run_config.get("threads", 0))
+            ),
+        )
 
     return app
 

@@ -7,7 +7,7 @@ encoding from the run's config (`transfer`). Whatever the transfer, the server k
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -56,6 +56,8 @@ def check_update(tensors: dict[str, torch.Tensor], reference: dict[str, torch.Te
         raise WeightsError(f"update has the wrong parameters (missing {missing[:3]}, unexpected {extra[:3]})")
     for name in keys:
         if tuple(tensors[name].shape) != tuple(reference[name].shape):
-            raise WeightsError(f"'{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(reference[name].shape)}")
+            raise WeightsError(
+                f"'{name}' has shape {tuple(tensors[name].shape)}, expected {tuple(reference[name].shape)}"
+            )
         if not torch.isfinite(tensors[name]).all():
             raise WeightsError(f"'{name}' holds NaN or infinite values")

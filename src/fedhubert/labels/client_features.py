@@ -20,8 +20,10 @@ log = logging.getLogger(__name__)
 def run_client_features(cfg: ClientFeaturesConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
     if out.name != f"client_{cfg.client}":
-        raise ConfigError(f"--out must be FEATURE_DIR/client_{cfg.client} (not {out.name}), so that "
-                          f"'fedhubert kmeans feature_dir=FEATURE_DIR' finds the features")
+        raise ConfigError(
+            f"--out must be FEATURE_DIR/client_{cfg.client} (not {out.name}), so that "
+            f"'fedhubert kmeans feature_dir=FEATURE_DIR' finds the features"
+        )
     partition_file = Path(cfg.partition) / "partition.json"
     if not partition_file.is_file():
         raise CorpusError(f"{partition_file} not found: --partition must be a folder made by 'fedhubert partition'")
@@ -30,7 +32,12 @@ def run_client_features(cfg: ClientFeaturesConfig, out: Path, run: StageRun) -> 
         raise ConfigError(f"client {cfg.client} does not exist: the partition has clients 0..{num_clients - 1}")
     jobs = [(Path(cfg.partition) / f"client_{cfg.client}" / f"{split}.tsv", out / split) for split in SPLITS]
     summary = featurise(jobs, cfg.features, workers=cfg.workers, desc=f"client {cfg.client} features")
-    log.info("client %d: features in %s (%s); use them with: fedhubert kmeans ... feature_dir=%s", cfg.client, out,
-             ", ".join(f"{k} {v}" for k, v in summary.items() if k in ("computed", "reused")), out.parent)
+    log.info(
+        "client %d: features in %s (%s); use them with: fedhubert kmeans ... feature_dir=%s",
+        cfg.client,
+        out,
+        ", ".join(f"{k} {v}" for k, v in summary.items() if k in ("computed", "reused")),
+        out.parent,
+    )
     run.summary.update(summary)
     return summary

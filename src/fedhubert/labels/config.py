@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
@@ -12,8 +12,16 @@ from fedhubert.fl.config import FederationConfig
 from fedhubert.labels.settings import FeaturesConfig, MiniBatchConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force (the feature cache is kept).
-OUTPUTS = ("kmeans.json", "codebook.npy", "messages.jsonl", "kmeans.png", "flwr", "global", "client_[0-9]*",
-           "checkpoints")
+OUTPUTS = (
+    "kmeans.json",
+    "codebook.npy",
+    "messages.jsonl",
+    "kmeans.png",
+    "flwr",
+    "global",
+    "client_[0-9]*",
+    "checkpoints",
+)
 
 
 @dataclass
@@ -21,16 +29,18 @@ class LloydConfig:
     max_rounds: int = param(50, "most Lloyd rounds (each: clients send per-cluster sums and counts)", ge=1)
     tol: float = param(1e-4, "stop when the relative change in inertia falls below this", ge=0)
     min_shared_count: int = param(
-        10, "a client's local centroid is shared for the initial codebook only if it stands for this many frames",
+        10,
+        "a client's local centroid is shared for the initial codebook only if it stands for this many frames",
         ge=1,
     )
 
 
 @dataclass
 class KMeansConfig:
-    partition: Optional[Path] = param(None, "the partition folder made by 'fedhubert partition' (required)")
+    partition: Path | None = param(None, "the partition folder made by 'fedhubert partition' (required)")
     mode: Literal["federated", "per-client"] = param(
-        "federated", "federated: one shared codebook from cluster statistics; per-client: each client its own "
+        "federated",
+        "federated: one shared codebook from cluster statistics; per-client: each client its own "
         "codebook (the label head must then stay local)",
     )
     num_clusters: int = param(100, "K, the number of clusters (HuBERT iteration 1: 100)", ge=2)
@@ -41,10 +51,11 @@ class KMeansConfig:
     minibatch: MiniBatchConfig = param(MiniBatchConfig(), "MiniBatchKMeans (per-client codebooks, initial centroids)")
     lloyd: LloydConfig = param(LloydConfig(), "federated Lloyd rounds")
     reference: bool = param(
-        True, "also fit a centralized codebook on the pooled frames and report the gap to it (simulation only: "
+        True,
+        "also fit a centralized codebook on the pooled frames and report the gap to it (simulation only: "
         "it reads every client's features)",
     )
-    feature_dir: Optional[Path] = param(None, "feature cache folder (null: <out>/features; kept by --force)")
+    feature_dir: Path | None = param(None, "feature cache folder (null: <out>/features; kept by --force)")
     workers: int = param(0, "processes for featurising; 0 means one per CPU core", ge=0)
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
 
@@ -52,8 +63,10 @@ class KMeansConfig:
         if self.partition is None:
             raise ConfigError("key 'partition' is required: pass --partition DIR (made by 'fedhubert partition')")
         if self.reference and self.federation.superlink is not None:
-            raise ConfigError("key 'reference' needs every client's features on this machine: set reference=false "
-                              "when running against a SuperLink")
+            raise ConfigError(
+                "key 'reference' needs every client's features on this machine: set reference=false "
+                "when running against a SuperLink"
+            )
 
 
 FEATURES_OUTPUTS = ("train.*", "valid.*")
@@ -65,8 +78,8 @@ class ClientFeaturesConfig:
     task per client). kmeans reuses it when given feature_dir=<the folder above client_<i>> and the same
     features.* settings (otherwise it computes them again: never stale)."""
 
-    partition: Optional[Path] = param(None, "the partition folder made by 'fedhubert partition' (required)")
-    client: Optional[int] = param(None, "the client whose train and valid manifests are featurised (required)", ge=0)
+    partition: Path | None = param(None, "the partition folder made by 'fedhubert partition' (required)")
+    client: int | None = param(None, "the client whose train and valid manifests are featurised (required)", ge=0)
     features: FeaturesConfig = param(FeaturesConfig(), "features, as in the kmeans config")
     workers: int = param(0, "processes; 0 means one per CPU core", ge=0)
 

@@ -68,8 +68,14 @@ class Extractor:
         return frame_count(num_samples, [(kernel, stride) for _, kernel, stride in self.conv_layers])
 
     def meta(self) -> dict:
-        return {"kind": self.kind, "dims": self.dims, "label_rate": self.label_rate, "normalize": self.normalize,
-                "checkpoint_sha256": self.checkpoint_sha256, "layer": self.layer}
+        return {
+            "kind": self.kind,
+            "dims": self.dims,
+            "label_rate": self.label_rate,
+            "normalize": self.normalize,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "layer": self.layer,
+        }
 
 
 _EXTRACTORS: dict[tuple, Extractor] = {}
@@ -78,8 +84,13 @@ _EXTRACTORS: dict[tuple, Extractor] = {}
 def extractor_for(settings: FeaturesConfig) -> Extractor:
     """The extractor the settings describe (kept per process: it hashes the checkpoint)."""
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
-    key = (settings.kind, str(checkpoint), checkpoint.stat().st_mtime_ns if checkpoint and checkpoint.is_file() else 0,
-           settings.layer, settings.normalize)
+    key = (
+        settings.kind,
+        str(checkpoint),
+        checkpoint.stat().st_mtime_ns if checkpoint and checkpoint.is_file() else 0,
+        settings.layer,
+        settings.normalize,
+    )
     if key not in _EXTRACTORS:
         _EXTRACTORS[key] = _new_extractor(settings)
     return _EXTRACTORS[key]
@@ -94,10 +105,16 @@ def _new_extractor(settings: FeaturesConfig) -> Extractor:
     model = model_config_of(payload)
     if not 1 <= settings.layer <= model.layers:
         raise FeatureError(f"features.layer={settings.layer} but {settings.checkpoint} has {model.layers} layers")
-    return Extractor("hubert", model.embed_dim, 50, settings.normalize,
-                     checkpoint=str(Path(settings.checkpoint).resolve()),
-                     checkpoint_sha256=file_sha256(settings.checkpoint), layer=settings.layer,
-                     conv_layers=tuple(tuple(layer) for layer in model.conv_layers))
+    return Extractor(
+        "hubert",
+        model.embed_dim,
+        50,
+        settings.normalize,
+        checkpoint=str(Path(settings.checkpoint).resolve()),
+        checkpoint_sha256=file_sha256(settings.checkpoint),
+        layer=settings.layer,
+        conv_layers=tuple(tuple(layer) for layer in model.conv_layers),
+    )
 
 
 _MODELS: dict[str, object] = {}  # per process: the HuBERT a worker loaded, by checkpoint hash
@@ -125,8 +142,11 @@ def extract(extractor: Extractor, wav: np.ndarray, mfcc: KaldiMfcc | None = None
     """(frames, dims) float32 features of one utterance (speaker normalisation comes later, over all its frames)."""
     if len(wav) < 400:
         return np.zeros((extractor.frames(len(wav)), extractor.dims), dtype=np.float32)
-    feats = (mfcc or KaldiMfcc(constants=extractor.mfcc))(wav) if extractor.kind == "mfcc" \
+    feats = (
+        (mfcc or KaldiMfcc(constants=extractor.mfcc))(wav)
+        if extractor.kind == "mfcc"
         else _hubert_features(extractor, wav)
+    )
     if extractor.normalize == "utterance":
         feats = (feats - feats.mean(axis=0)) / np.maximum(feats.std(axis=0), 1e-5)
     return feats.astype(np.float32, copy=False)
@@ -156,14 +176,24 @@ class FeatureSet:
 
 
 def _paths(prefix: Path) -> tuple[Path, Path, Path]:
-    return (prefix.with_name(prefix.name + ".feats.npy"), prefix.with_name(prefix.name + ".offsets.npy"),
-            prefix.with_name(prefix.name + ".meta.json"))
+    return (
+        prefix.with_name(prefix.name + ".feats.npy"),
+        prefix.with_name(prefix.name + ".offsets.npy"),
+        prefix.with_name(prefix.name + ".meta.json"),
+    )
 
 
-def _expected_meta(manifest_path: Path, extractor: Extractor, dtype: str, manifest: Manifest,
-                   pooled: list[Path]) -> dict:
-    meta = {"format": FORMAT, **extractor.meta(), "dtype": dtype, "manifest_sha256": file_sha256(manifest_path),
-            "utterances": len(manifest), "frames": int(sum(extractor.frames(e.num_samples) for e in manifest.entries))}
+def _expected_meta(
+    manifest_path: Path, extractor: Extractor, dtype: str, manifest: Manifest, pooled: list[Path]
+) -> dict:
+    meta = {
+        "format": FORMAT,
+        **extractor.meta(),
+        "dtype": dtype,
+        "manifest_sha256": file_sha256(manifest_path),
+        "utterances": len(manifest),
+        "frames": int(sum(extractor.frames(e.num_samples) for e in manifest.entries)),
+    }
     if extractor.normalize == "speaker":
         meta["speaker_stats_from"] = {path.name: file_sha256(path) for path in pooled}
     return meta
@@ -177,8 +207,9 @@ def _read_meta(path: Path) -> dict | None:
     return recorded if isinstance(recorded, dict) else None
 
 
-def _is_current(prefix: Path, manifest_path: Path, extractor: Extractor, dtype: str,
-                pooled: list[Path] | None = None) -> bool:
+def _is_current(
+    prefix: Path, manifest_path: Path, extractor: Extractor, dtype: str, pooled: list[Path] | None = None
+) -> bool:
     """Whether `prefix` holds finished features of this manifest made with these settings. `pooled`: the manifests
     whose frames speaker statistics pool (None: those the cache names, which must still be unchanged)."""
     feats, offsets, meta = _paths(prefix)
@@ -194,8 +225,9 @@ def _is_current(prefix: Path, manifest_path: Path, extractor: Extractor, dtype: 
     return recorded == _expected_meta(manifest_path, extractor, dtype, read_manifest(manifest_path), pooled)
 
 
-def load_features(prefix: Path, manifest_path: Path, settings: FeaturesConfig,
-                  extractor: Extractor | None = None) -> FeatureSet:
+def load_features(
+    prefix: Path, manifest_path: Path, settings: FeaturesConfig, extractor: Extractor | None = None
+) -> FeatureSet:
     extractor = extractor or extractor_for(settings)
     if not _is_current(prefix, manifest_path, extractor, settings.dtype):
         raise FeatureError(
@@ -270,8 +302,9 @@ def _featurise(task: _Task) -> tuple[list[str], float, dict[int, _Moments]]:
     return problems, seconds, moments
 
 
-def _normalise_by_speaker(feats_path: Path, offsets: np.ndarray, speakers: np.ndarray,
-                          moments: dict[int, _Moments]) -> None:
+def _normalise_by_speaker(
+    feats_path: Path, offsets: np.ndarray, speakers: np.ndarray, moments: dict[int, _Moments]
+) -> None:
     """Normalise the raw features in place, run by run of rows of one speaker, with that speaker's moments."""
     out = np.load(feats_path, mmap_mode="r+")
     bounds = [*np.flatnonzero(np.diff(speakers)) + 1, len(speakers)] if len(speakers) else []
@@ -304,8 +337,9 @@ def _speakers(manifest: Manifest, manifest_path: Path, extractor: Extractor) -> 
     try:
         return manifest_speakers(manifest, manifest_path)
     except SpeakerError as err:
-        raise FeatureError(f"features.normalize=speaker: {err}; use features.normalize=utterance for such "
-                           f"manifests") from None
+        raise FeatureError(
+            f"features.normalize=speaker: {err}; use features.normalize=utterance for such manifests"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -319,7 +353,11 @@ class _Pending:
 
 
 def featurise(
-    jobs: list[tuple[Path, Path]], settings: FeaturesConfig, *, workers: int, desc: str = "features",
+    jobs: list[tuple[Path, Path]],
+    settings: FeaturesConfig,
+    *,
+    workers: int,
+    desc: str = "features",
     extractor: Extractor | None = None,
 ) -> dict:
     """Compute features for each (manifest path, output prefix) whose cached features are not current. Under
@@ -333,8 +371,9 @@ def featurise(
     pools = _pools(jobs, extractor)
     for pool, pool_jobs in enumerate(pools):
         pooled = [manifest_path for manifest_path, _ in pool_jobs]
-        if all(_is_current(prefix, manifest_path, extractor, settings.dtype, pooled)
-               for manifest_path, prefix in pool_jobs):
+        if all(
+            _is_current(prefix, manifest_path, extractor, settings.dtype, pooled) for manifest_path, prefix in pool_jobs
+        ):
             reused += len(pool_jobs)
             continue
         for manifest_path, prefix in pool_jobs:
@@ -345,13 +384,22 @@ def featurise(
             feats_path, offsets_path, meta_path = _paths(prefix)
             meta_path.unlink(missing_ok=True)  # unfinished until the meta file is written again
             prefix.parent.mkdir(parents=True, exist_ok=True)
-            np.lib.format.open_memmap(feats_path, mode="w+", dtype=settings.dtype,
-                                      shape=(int(offsets[-1]), extractor.dims))
+            np.lib.format.open_memmap(
+                feats_path, mode="w+", dtype=settings.dtype, shape=(int(offsets[-1]), extractor.dims)
+            )
             np.save(offsets_path, offsets)
             rows, budget = [], 0.0
             for i, entry in enumerate(manifest.entries):
-                rows.append((i + 2, int(offsets[i]), str(manifest.root / entry.path), entry.num_samples,
-                             int(frames[i]), int(speakers[i])))
+                rows.append(
+                    (
+                        i + 2,
+                        int(offsets[i]),
+                        str(manifest.root / entry.path),
+                        entry.num_samples,
+                        int(frames[i]),
+                        int(speakers[i]),
+                    )
+                )
                 budget += entry.num_samples / SAMPLE_RATE
                 if budget >= _CHUNK_SECONDS:
                     tasks.append(_Task(str(feats_path), tuple(rows), extractor))
@@ -365,8 +413,9 @@ def featurise(
     problems: list[str] = []
     seconds = 0.0
     moments: list[dict[int, _Moments]] = [{} for _ in pools]
-    for index, (task_problems, task_seconds, task_moments) in parallel_map(_featurise, tasks, workers=workers,
-                                                                            desc=desc, unit="chunk"):
+    for index, (task_problems, task_seconds, task_moments) in parallel_map(
+        _featurise, tasks, workers=workers, desc=desc, unit="chunk"
+    ):
         problems.extend(task_problems)
         seconds += task_seconds
         _merge(moments[task_pool[index]], task_moments)
@@ -386,10 +435,21 @@ def featurise(
             log.warning("%s: %d utterances are too short for one frame and get no labels", item.manifest_path, short)
         atomic_write_text(_paths(item.prefix)[2], json.dumps(item.meta, indent=2) + "\n")
     elapsed = time.perf_counter() - started
-    stats = {"computed": len(pending), "reused": reused, "audio_hours": round(seconds / 3600, 4),
-             "seconds": round(elapsed, 2),
-             "hours_per_minute": round(seconds / 3600 / (elapsed / 60), 2) if seconds else None}
+    stats = {
+        "computed": len(pending),
+        "reused": reused,
+        "audio_hours": round(seconds / 3600, 4),
+        "seconds": round(elapsed, 2),
+        "hours_per_minute": round(seconds / 3600 / (elapsed / 60), 2) if seconds else None,
+    }
     if pending:
-        log.info("featurised %.2f h of audio (%s, normalize=%s) in %.1f s (%d manifests; %d reused from the cache)",
-                 seconds / 3600, extractor.kind, extractor.normalize, elapsed, len(pending), reused)
+        log.info(
+            "featurised %.2f h of audio (%s, normalize=%s) in %.1f s (%d manifests; %d reused from the cache)",
+            seconds / 3600,
+            extractor.kind,
+            extractor.normalize,
+            elapsed,
+            len(pending),
+            reused,
+        )
     return stats

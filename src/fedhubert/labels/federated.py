@@ -31,8 +31,15 @@ from fedhubert.fl.tasks import FederatedTask, ServerRun
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import FeatureSet, extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
-    ClusterStats, KMeansError, cluster_stats, fit_minibatch, initial_codebook, label_lines, lloyd_update,
-    sample_frames, write_label_file,
+    ClusterStats,
+    KMeansError,
+    cluster_stats,
+    fit_minibatch,
+    initial_codebook,
+    label_lines,
+    lloyd_update,
+    sample_frames,
+    write_label_file,
 )
 from fedhubert.manifest import file_sha256, read_manifest
 from fedhubert.model.checkpoint import save_checkpoint
@@ -94,8 +101,9 @@ def _reply(message: Message, metrics: dict, **named: np.ndarray) -> Message:
 def _fit_local(cfg: KMeansConfig, paths: ClientPaths, feats: FeatureSet):
     rng = np.random.default_rng([cfg.seed, paths.index])
     sample = sample_frames(feats.feats, cfg.sample_fraction, cfg.min_sample_frames, rng)
-    model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed + paths.index,
-                          f"client {paths.index} ({feats.name})")
+    model = fit_minibatch(
+        sample, cfg.num_clusters, cfg.minibatch, cfg.seed + paths.index, f"client {paths.index} ({feats.name})"
+    )
     return model, len(sample)
 
 
@@ -106,9 +114,15 @@ def client_init(message: Message, context: Context) -> Message:
     counts = np.bincount(model.labels_, minlength=cfg.num_clusters)
     shared = counts >= cfg.lloyd.min_shared_count
     return _reply(
-        message, {"client": paths.index, "frames": feats.num_frames, "sample_frames": sampled,
-                  "shared_centroids": int(shared.sum())},
-        centroids=model.cluster_centers_[shared].astype(np.float32), counts=counts[shared].astype(np.int64),
+        message,
+        {
+            "client": paths.index,
+            "frames": feats.num_frames,
+            "sample_frames": sampled,
+            "shared_centroids": int(shared.sum()),
+        },
+        centroids=model.cluster_centers_[shared].astype(np.float32),
+        counts=counts[shared].astype(np.int64),
     )
 
 
@@ -116,8 +130,13 @@ def client_stats(message: Message, context: Context) -> Message:
     cfg, paths = _client_setup(message, context)
     centroids = numpy_arrays(message.content["codebook"])["centroids"]
     stats = cluster_stats(_features(cfg, paths, "train"), centroids)
-    return _reply(message, {"client": paths.index, "inertia": stats.inertia, "frames": stats.frames},
-                  sums=stats.sums, sumsq=stats.sumsq, counts=stats.counts)
+    return _reply(
+        message,
+        {"client": paths.index, "inertia": stats.inertia, "frames": stats.frames},
+        sums=stats.sums,
+        sumsq=stats.sumsq,
+        counts=stats.counts,
+    )
 
 
 def _label(cfg: KMeansConfig, paths: ClientPaths, centroids: np.ndarray) -> tuple[dict, np.ndarray]:
@@ -126,8 +145,9 @@ def _label(cfg: KMeansConfig, paths: ClientPaths, centroids: np.ndarray) -> tupl
     for split in SPLITS:
         feats = _features(cfg, paths, split)
         lines, split_usage, sse = label_lines(feats, centroids)
-        write_label_file(paths.labels(split), lines, read_manifest(paths.manifest(split)),
-                         extractor_for(cfg.features).frames)
+        write_label_file(
+            paths.labels(split), lines, read_manifest(paths.manifest(split)), extractor_for(cfg.features).frames
+        )
         usage += split_usage
         metrics[f"{split}_frames"] = feats.num_frames
         metrics[f"{split}_sse"] = sse
@@ -185,37 +205,65 @@ class _Server:
         """Send `action` with the config (and `records`) to every client; return the replies by client index."""
         outgoing = []
         for node in self.nodes:
-            content = RecordDict({"config": config_to_record(self.cfg), "run": ConfigRecord({"out": str(self.out)}),
-                                  **records})
-            message = Message(content, dst_node_id=node, message_type=f"query.{action}",
-                              group_id=str(round_ if round_ is not None else action))
+            content = RecordDict(
+                {"config": config_to_record(self.cfg), "run": ConfigRecord({"out": str(self.out)}), **records}
+            )
+            message = Message(
+                content,
+                dst_node_id=node,
+                message_type=f"query.{action}",
+                group_id=str(round_ if round_ is not None else action),
+            )
             self.messages.record("to_client", message, round_, None)
             outgoing.append(message)
         replies: dict[int, RecordDict] = {}
         for reply in self.grid.send_and_receive(outgoing):
             if reply.has_error():
                 self.messages.record("from_client", reply, round_, None)
-                raise KMeansError(f"client on node {reply.metadata.src_node_id} failed in {action}: {reply.error.reason}")
+                raise KMeansError(
+                    f"client on node {reply.metadata.src_node_id} failed in {action}: {reply.error.reason}"
+                )
             client = int(reply.content["metrics"]["client"])
             self.messages.record("from_client", reply, round_, client)
             replies[client] = reply.content
         if sorted(replies) != list(range(self.num_clients)):
-            raise KMeansError(f"{action}: replies came from clients {sorted(replies)}, expected 0..{self.num_clients - 1}")
+            raise KMeansError(
+                f"{action}: replies came from clients {sorted(replies)}, expected 0..{self.num_clients - 1}"
+            )
         return replies
 
 
-def _save_lloyd(out: Path, round_: int, centroids: np.ndarray, rng: np.random.Generator, history: list,
-                previous: float | None, converged: bool, cfg: KMeansConfig) -> None:
+def _save_lloyd(
+    out: Path,
+    round_: int,
+    centroids: np.ndarray,
+    rng: np.random.Generator,
+    history: list,
+    previous: float | None,
+    converged: bool,
+    cfg: KMeansConfig,
+) -> None:
     """The server's whole state after a Lloyd round (round 0: the initial codebook), so a killed run resumes it."""
-    save_checkpoint(round_checkpoint(out, round_), kind=LLOYD_KIND, model={"num_clusters": len(centroids),
-                    "dims": int(centroids.shape[1])}, num_classes=len(centroids),
-                    state_dict={"centroids": torch.from_numpy(np.ascontiguousarray(centroids))},
-                    state={"round": round_, "rng": rng.bit_generator.state, "history": history, "previous": previous,
-                           "converged": converged, "config": config_to_dict(cfg)})
+    save_checkpoint(
+        round_checkpoint(out, round_),
+        kind=LLOYD_KIND,
+        model={"num_clusters": len(centroids), "dims": int(centroids.shape[1])},
+        num_classes=len(centroids),
+        state_dict={"centroids": torch.from_numpy(np.ascontiguousarray(centroids))},
+        state={
+            "round": round_,
+            "rng": rng.bit_generator.state,
+            "history": history,
+            "previous": previous,
+            "converged": converged,
+            "config": config_to_dict(cfg),
+        },
+    )
 
 
-def _restore_lloyd(out: Path, cfg: KMeansConfig, rng: np.random.Generator) -> tuple[int, np.ndarray, list,
-                                                                                     float | None, bool] | None:
+def _restore_lloyd(
+    out: Path, cfg: KMeansConfig, rng: np.random.Generator
+) -> tuple[int, np.ndarray, list, float | None, bool] | None:
     found = newest_checkpoint(out, LLOYD_KIND)
     if found is None:
         log.warning("no Lloyd checkpoint to resume from in %s; starting from the initial codebook", out / CHECKPOINTS)
@@ -224,12 +272,18 @@ def _restore_lloyd(out: Path, cfg: KMeansConfig, rng: np.random.Generator) -> tu
     state = payload["state"]
     changed = changed_keys(state["config"], config_to_dict(cfg), ("federation",))
     if changed:
-        raise KMeansError(f"{path} was written with other settings ({', '.join(changed)}); resume with the run's own "
-                          f"config.yaml")
+        raise KMeansError(
+            f"{path} was written with other settings ({', '.join(changed)}); resume with the run's own config.yaml"
+        )
     rng.bit_generator.state = state["rng"]
     log.info("resuming federated k-means after Lloyd round %d (%s)", state["round"], path.name)
-    return (int(state["round"]), payload["state_dict"]["centroids"].numpy(), list(state["history"]), state["previous"],
-            bool(state["converged"]))
+    return (
+        int(state["round"]),
+        payload["state_dict"]["centroids"].numpy(),
+        list(state["history"]),
+        state["previous"],
+        bool(state["converged"]),
+    )
 
 
 def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple[np.ndarray, list]:
@@ -239,8 +293,10 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
     restored = _restore_lloyd(out, cfg, rng) if resume else None
     if restored is None:
         replies_init = server.ask("kmeans_init")
-        local = [(numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"])
-                 for _, r in sorted(replies_init.items())]
+        local = [
+            (numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"])
+            for _, r in sorted(replies_init.items())
+        ]
         centroids = initial_codebook(local, cfg.num_clusters, cfg.seed)
         log.info("initial codebook from %d shared local centroids", sum(len(c) for c, _ in local))
         start, history, previous, converged = 0, [], None, False
@@ -251,15 +307,25 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         if converged:
             break
         replies_stats = server.ask("kmeans_stats", round_, codebook=arrays(centroids=centroids.astype(np.float32)))
-        stats = [ClusterStats(**{k: v for k, v in numpy_arrays(r["stats"]).items()},
-                              inertia=float(r["metrics"]["inertia"]), frames=int(r["metrics"]["frames"]))
-                 for _, r in sorted(replies_stats.items())]
+        stats = [
+            ClusterStats(
+                **{k: v for k, v in numpy_arrays(r["stats"]).items()},
+                inertia=float(r["metrics"]["inertia"]),
+                frames=int(r["metrics"]["frames"]),
+            )
+            for _, r in sorted(replies_stats.items())
+        ]
         inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
         centroids, reseeded = lloyd_update(stats, centroids, rng)
         change = abs(previous - inertia) / previous if previous else float("inf")
         history.append({"round": round_, "inertia": inertia, "relative_change": change, "reseeded": reseeded})
-        log.info("k-means round %d: inertia %.4f per frame (change %.2e), %d clusters re-seeded", round_, inertia,
-                 change, len(reseeded))
+        log.info(
+            "k-means round %d: inertia %.4f per frame (change %.2e), %d clusters re-seeded",
+            round_,
+            inertia,
+            change,
+            len(reseeded),
+        )
         previous = inertia
         converged = change < cfg.lloyd.tol and not reseeded
         _save_lloyd(out, round_, centroids, rng, history, previous, converged, cfg)
@@ -283,24 +349,27 @@ def serve_kmeans(grid: Grid, run: ServerRun) -> None:
     write_record(cfg, out, partition, replies, history, time.monotonic() - started)
 
 
-def write_record(cfg: KMeansConfig, out: Path, partition: dict, replies: dict[int, RecordDict], history: list,
-                 seconds: float) -> dict:
+def write_record(
+    cfg: KMeansConfig, out: Path, partition: dict, replies: dict[int, RecordDict], history: list, seconds: float
+) -> dict:
     clients, usage_total = [], np.zeros(cfg.num_clusters, dtype=np.int64)
     for index, content in sorted(replies.items()):
         m = content["metrics"]
         usage = numpy_arrays(content["stats"])["usage"]
         usage_total += usage
         frames = int(m["train_frames"]) + int(m["valid_frames"])
-        clients.append({
-            "client": index,
-            "frames": {split: int(m[f"{split}_frames"]) for split in SPLITS},
-            "inertia": (float(m["train_sse"]) + float(m["valid_sse"])) / max(frames, 1),
-            "cluster_usage": usage.tolist(),
-            "unused_clusters": int(np.sum(usage == 0)),
-            "manifests": dict(content["manifests"]),
-            "labels": {f"{split}.km": file_sha256(out / f"client_{index}" / f"{split}.km") for split in SPLITS},
-            **({"codebook": f"client_{index}/{CODEBOOK_FILE}"} if cfg.mode == "per-client" else {}),
-        })
+        clients.append(
+            {
+                "client": index,
+                "frames": {split: int(m[f"{split}_frames"]) for split in SPLITS},
+                "inertia": (float(m["train_sse"]) + float(m["valid_sse"])) / max(frames, 1),
+                "cluster_usage": usage.tolist(),
+                "unused_clusters": int(np.sum(usage == 0)),
+                "manifests": dict(content["manifests"]),
+                "labels": {f"{split}.km": file_sha256(out / f"client_{index}" / f"{split}.km") for split in SPLITS},
+                **({"codebook": f"client_{index}/{CODEBOOK_FILE}"} if cfg.mode == "per-client" else {}),
+            }
+        )
     frames = sum(sum(c["frames"].values()) for c in clients)
     extractor = extractor_for(cfg.features)
     record = {
@@ -324,7 +393,13 @@ def write_record(cfg: KMeansConfig, out: Path, partition: dict, replies: dict[in
     return record
 
 
-TASK = FederatedTask("kmeans", serve_kmeans, {
-    "query.kmeans_init": client_init, "query.kmeans_stats": client_stats, "query.kmeans_labels": client_labels,
-    "query.kmeans_own_codebook": client_own_codebook,
-})
+TASK = FederatedTask(
+    "kmeans",
+    serve_kmeans,
+    {
+        "query.kmeans_init": client_init,
+        "query.kmeans_stats": client_stats,
+        "query.kmeans_labels": client_labels,
+        "query.kmeans_own_codebook": client_own_codebook,
+    },
+)

@@ -7,9 +7,9 @@ the cluster of largest squared error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from sklearn.cluster import KMeans, MiniBatchKMeans
@@ -44,8 +44,10 @@ def _check_finite(x: np.ndarray, first_row: int, where: str) -> None:
     finite = np.isfinite(x).all(axis=1)
     if not finite.all():
         row = first_row + int(np.flatnonzero(~finite)[0])
-        raise KMeansError(f"{where}: frame {row} holds NaN or infinite values, so no cluster can be found for it. The "
-                          f"features are corrupt: delete them and run again (they are recomputed from the audio)")
+        raise KMeansError(
+            f"{where}: frame {row} holds NaN or infinite values, so no cluster can be found for it. The "
+            f"features are corrupt: delete them and run again (they are recomputed from the audio)"
+        )
 
 
 def fit_minibatch(frames: np.ndarray, num_clusters: int, cfg: MiniBatchConfig, seed: int, who: str) -> MiniBatchKMeans:
@@ -56,17 +58,27 @@ def fit_minibatch(frames: np.ndarray, num_clusters: int, cfg: MiniBatchConfig, s
             f"sample_fraction, or give this client more audio"
         )
     model = MiniBatchKMeans(
-        n_clusters=num_clusters, init=cfg.init, max_iter=cfg.max_iter, batch_size=cfg.batch_size, tol=cfg.tol,
-        max_no_improvement=cfg.max_no_improvement, n_init=cfg.n_init, reassignment_ratio=cfg.reassignment_ratio,
-        random_state=seed, compute_labels=True, verbose=0,
+        n_clusters=num_clusters,
+        init=cfg.init,
+        max_iter=cfg.max_iter,
+        batch_size=cfg.batch_size,
+        tol=cfg.tol,
+        max_no_improvement=cfg.max_no_improvement,
+        n_init=cfg.n_init,
+        reassignment_ratio=cfg.reassignment_ratio,
+        random_state=seed,
+        compute_labels=True,
+        verbose=0,
     )
     return model.fit(frames)
 
 
-def assign(frames: np.ndarray, centroids: np.ndarray, where: str = "the features",
-           first_row: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def assign(
+    frames: np.ndarray, centroids: np.ndarray, where: str = "the features", first_row: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each frame and the squared distance to it, in chunks (float32 distances). A NaN or
-    infinite frame (`where` names their file, whose rows `frames` starts at `first_row`) is an error: its nearest centroid would be a silent 0."""
+    infinite frame (`where` names their file, whose rows `frames` starts at `first_row`) is an error: its nearest
+    centroid would be a silent 0."""
     centroids = np.asarray(centroids, dtype=np.float32)
     c_norm = np.einsum("kd,kd->k", centroids, centroids)
     labels = np.empty(len(frames), dtype=np.int64)
@@ -149,11 +161,13 @@ def label_lines(features: FeatureSet, centroids: np.ndarray) -> tuple[list[str],
     return lines, np.bincount(labels, minlength=len(centroids)), float(dists.sum())
 
 
-def write_label_file(path: Path, lines: list[str], manifest: Manifest,
-                     frames: Callable[[int], int] = mfcc_frames) -> None:
+def write_label_file(
+    path: Path, lines: list[str], manifest: Manifest, frames: Callable[[int], int] = mfcc_frames
+) -> None:
     """Write a .km file after checking it against its manifest: one line per row, `frames(num_samples)` ids per
     line (one per 10 ms MFCC frame by default)."""
-    for i, (line, entry) in enumerate(zip(lines, manifest.entries)):
+    # Not strict: a line count that differs is reported, naming the file, by write_aligned_lines below.
+    for i, (line, entry) in enumerate(zip(lines, manifest.entries, strict=False)):
         expected = frames(entry.num_samples)
         got = len(line.split())
         if got != expected:

@@ -16,8 +16,16 @@ import numpy as np
 from fedhubert.labels.speakers import manifest_speakers
 from fedhubert.manifest import ManifestError, read_aligned_lines, read_manifest
 
-METRICS = ("frames", "speakers", "clusters_used", "entropy_nats", "speaker_mi_nats", "speaker_mi_share",
-           "speaker_dominated_clusters", "unseen_in_train_share")
+METRICS = (
+    "frames",
+    "speakers",
+    "clusters_used",
+    "entropy_nats",
+    "speaker_mi_nats",
+    "speaker_mi_share",
+    "speaker_dominated_clusters",
+    "unseen_in_train_share",
+)
 DOMINATED_CLUSTERS_LIMIT = 0.25  # share of the used clusters that one speaker each may dominate before a warning
 MI_SHARE_LIMIT = 0.3  # share of H(label) that may be speaker information before a warning
 
@@ -45,8 +53,10 @@ def read_speaker_counts(label_path: Path, manifest_path: Path, num_clusters: int
     per_line = [np.array(line.split(), dtype=np.int64) for line in lines]
     labels = np.concatenate(per_line) if per_line else np.zeros(0, dtype=np.int64)
     if len(labels) and (labels.min() < 0 or labels.max() >= num_clusters):
-        raise ManifestError(f"{label_path}: cluster ids must lie in 0..{num_clusters - 1}; it holds "
-                            f"{labels.min()}..{labels.max()} (labels of another k-means run?)")
+        raise ManifestError(
+            f"{label_path}: cluster ids must lie in 0..{num_clusters - 1}; it holds "
+            f"{labels.min()}..{labels.max()} (labels of another k-means run?)"
+        )
     return speaker_counts(labels, np.repeat(speakers, [len(ids) for ids in per_line]), num_clusters)
 
 
@@ -58,8 +68,9 @@ def _entropy(p: np.ndarray) -> float:
 def split_quality(counts: dict[int, np.ndarray], num_clusters: int, train_usage: np.ndarray | None = None) -> dict:
     """The METRICS of one split from its speaker_counts; `train_usage` (frames per cluster in training) gives the
     unseen-in-train share (None: this is the training split). Ratios are None where undefined (no frames)."""
-    joint = (np.stack([counts[s] for s in sorted(counts)], axis=1) if counts
-             else np.zeros((num_clusters, 0), dtype=np.int64)).astype(np.float64)
+    joint = (
+        np.stack([counts[s] for s in sorted(counts)], axis=1) if counts else np.zeros((num_clusters, 0), dtype=np.int64)
+    ).astype(np.float64)
     frames = joint.sum()
     per_cluster = joint.sum(axis=1)
     used = per_cluster > 0
@@ -95,8 +106,10 @@ def speaker_warning(name: str, metrics: dict) -> str | None:
     share = metrics["speaker_mi_share"]
     if dominated <= DOMINATED_CLUSTERS_LIMIT * used and share <= MI_SHARE_LIMIT:
         return None
-    return (f"{name} labels encode the speaker: {dominated} of {used} clusters have more than half of their frames "
-            f"from one speaker, and I(label; speaker) is {share:.0%} of H(label) (warning above "
-            f"{DOMINATED_CLUSTERS_LIMIT:.0%} of clusters or {MI_SHARE_LIMIT:.0%}): the clusters follow voices or "
-            f"recording channels more than speech sounds; try features.normalize=utterance or "
-            f"features.normalize=speaker")
+    return (
+        f"{name} labels encode the speaker: {dominated} of {used} clusters have more than half of their frames "
+        f"from one speaker, and I(label; speaker) is {share:.0%} of H(label) (warning above "
+        f"{DOMINATED_CLUSTERS_LIMIT:.0%} of clusters or {MI_SHARE_LIMIT:.0%}): the clusters follow voices or "
+        f"recording channels more than speech sounds; try features.normalize=utterance or "
+        f"features.normalize=speaker"
+    )

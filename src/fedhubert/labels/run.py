@@ -23,7 +23,13 @@ from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import extractor_for, featurise, load_features
 from fedhubert.labels.federated import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths
 from fedhubert.labels.kmeans import (
-    KMeansError, assign, fit_minibatch, label_lines, sample_frames, sample_size, write_label_file,
+    KMeansError,
+    assign,
+    fit_minibatch,
+    label_lines,
+    sample_frames,
+    sample_size,
+    write_label_file,
 )
 from fedhubert.labels.quality import add_counts, read_speaker_counts, speaker_warning, split_quality, unavailable
 from fedhubert.labels.speakers import SpeakerError
@@ -75,36 +81,59 @@ def _label_heldout(cfg: KMeansConfig, partition: dict, out: Path, codebook: np.n
         featurise([(manifest, prefix)], cfg.features, workers=cfg.workers, desc=f"{subset} features")
         feats = load_features(prefix, manifest, cfg.features)
         lines, usage, sse = label_lines(feats, codebook)
-        write_label_file(out / "global" / f"{subset}.km", lines, read_manifest(manifest),
-                         extractor_for(cfg.features).frames)
-        done[subset] = {"frames": feats.num_frames, "inertia": sse / max(feats.num_frames, 1),
-                        "labels": f"global/{subset}.km"}
+        write_label_file(
+            out / "global" / f"{subset}.km", lines, read_manifest(manifest), extractor_for(cfg.features).frames
+        )
+        done[subset] = {
+            "frames": feats.num_frames,
+            "inertia": sse / max(feats.num_frames, 1),
+            "labels": f"global/{subset}.km",
+        }
         log.info("labelled held-out %s (%d frames) with the shared codebook", subset, feats.num_frames)
     return done
 
 
-def _quality_sets(cfg: KMeansConfig, out: Path, clients: list[ClientPaths],
-                  heldout: list[str]) -> list[tuple[str, list[tuple[Path, Path]], str | None]]:
+def _quality_sets(
+    cfg: KMeansConfig, out: Path, clients: list[ClientPaths], heldout: list[str]
+) -> list[tuple[str, list[tuple[Path, Path]], str | None]]:
     """(name, its (labels, manifest) files, the name of the training split it is compared with, or None for a
     training split) of every labelled split; training splits come first. Per-client codebooks: per client."""
     if cfg.mode == "per-client":
-        return [(f"client_{p.index}/{split}", [(p.labels(split), p.manifest(split))],
-                 None if split == "train" else f"client_{p.index}/train") for p in clients for split in SPLITS]
-    sets = [(split, [(p.labels(split), p.manifest(split)) for p in clients], None if split == "train" else "train")
-            for split in SPLITS]
-    return sets + [(f"global/{subset}", [(out / "global" / f"{subset}.km",
-                                          Path(cfg.partition) / "global" / f"{subset}.tsv")], "train")
-                   for subset in heldout]
+        return [
+            (
+                f"client_{p.index}/{split}",
+                [(p.labels(split), p.manifest(split))],
+                None if split == "train" else f"client_{p.index}/train",
+            )
+            for p in clients
+            for split in SPLITS
+        ]
+    sets = [
+        (split, [(p.labels(split), p.manifest(split)) for p in clients], None if split == "train" else "train")
+        for split in SPLITS
+    ]
+    return sets + [
+        (
+            f"global/{subset}",
+            [(out / "global" / f"{subset}.km", Path(cfg.partition) / "global" / f"{subset}.tsv")],
+            "train",
+        )
+        for subset in heldout
+    ]
 
 
-def _label_quality(cfg: KMeansConfig, out: Path, clients: list[ClientPaths], heldout: list[str],
-                   simulation: bool) -> dict:
+def _label_quality(
+    cfg: KMeansConfig, out: Path, clients: list[ClientPaths], heldout: list[str], simulation: bool
+) -> dict:
     """kmeans.json's label_quality: per split, how much its labels encode the speaker (see labels/quality.py)."""
     sets = _quality_sets(cfg, out, clients, heldout)
     names = [name for name, _, _ in sets]
     if not simulation:
-        return unavailable(names, "federation.superlink is set: the clients' label files are on the clients' "
-                                  "machines, not on the one that writes kmeans.json")
+        return unavailable(
+            names,
+            "federation.superlink is set: the clients' label files are on the clients' "
+            "machines, not on the one that writes kmeans.json",
+        )
     splits: dict[str, dict] = {}
     usage: dict[str, np.ndarray] = {}
     try:
@@ -120,9 +149,16 @@ def _label_quality(cfg: KMeansConfig, out: Path, clients: list[ClientPaths], hel
     for name, _, train in sets:
         metrics = splits[name]
         if train is None and metrics["entropy_nats"] is not None:
-            log.info("label quality of %s: H(label) %.3f nats, I(label; speaker) %.3f nats (%.1f%% of it), %d of %d "
-                     "clusters dominated by one speaker", name, metrics["entropy_nats"], metrics["speaker_mi_nats"],
-                     100 * metrics["speaker_mi_share"], metrics["speaker_dominated_clusters"], metrics["clusters_used"])
+            log.info(
+                "label quality of %s: H(label) %.3f nats, I(label; speaker) %.3f nats (%.1f%% of it), %d of %d "
+                "clusters dominated by one speaker",
+                name,
+                metrics["entropy_nats"],
+                metrics["speaker_mi_nats"],
+                100 * metrics["speaker_mi_share"],
+                metrics["speaker_dominated_clusters"],
+                metrics["clusters_used"],
+            )
             warning = speaker_warning(name, metrics)
             if warning:
                 log.warning(warning)
@@ -161,10 +197,15 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
             if size < cfg.num_clusters:
                 raise KMeansError(
                     f"client {p.index} would fit its codebook on {size} frames (of its {frames}), fewer than "
-                    f"num_clusters={cfg.num_clusters}: lower num_clusters, or raise sample_fraction or min_sample_frames"
+                    f"num_clusters={cfg.num_clusters}: lower num_clusters, or raise sample_fraction or "
+                    "min_sample_frames"
                 )
-    run_id = run_flower_app({"task": "kmeans", "config": str(out / CONFIG_FILE), "out": str(out),
-                             "resume": run.resume}, out, len(clients), cfg.federation)
+    run_id = run_flower_app(
+        {"task": "kmeans", "config": str(out / CONFIG_FILE), "out": str(out), "resume": run.resume},
+        out,
+        len(clients),
+        cfg.federation,
+    )
     record = json.loads((out / KMEANS_FILE).read_text())
     record["flower_run_id"] = run_id
     if cfg.mode == "federated":
@@ -174,17 +215,30 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
         record["reference"] = _reference(cfg, clients)
         ref = record["reference"]
         if cfg.mode == "federated":
-            log.info("federated inertia %.4f vs centralized %.4f (gap %+.2f%%)", ref["federated_inertia"],
-                     ref["inertia"], 100 * ref["relative_gap"])
+            log.info(
+                "federated inertia %.4f vs centralized %.4f (gap %+.2f%%)",
+                ref["federated_inertia"],
+                ref["inertia"],
+                100 * ref["relative_gap"],
+            )
         else:
-            log.info("per-client codebooks: mean distance to the matched centralized centroid %.3f (centroid spread "
-                     "%.3f)", ref["mean_matched_centroid_distance"], ref["centroid_scale"])
+            log.info(
+                "per-client codebooks: mean distance to the matched centralized centroid %.3f (centroid spread %.3f)",
+                ref["mean_matched_centroid_distance"],
+                ref["centroid_scale"],
+            )
     atomic_write_text(out / KMEANS_FILE, json.dumps(record, indent=2) + "\n")
     plot_kmeans(record, out / "kmeans.png")
     if record["unused_clusters"]:
         log.warning("%d of %d clusters label no frame", record["unused_clusters"], record["num_clusters"])
-    log.info("%s k-means, K=%d: inertia %.4f per frame over %d clients; labels in %s/client_<i>/{train,valid}.km",
-             cfg.mode, cfg.num_clusters, record["inertia"], len(clients), out)
+    log.info(
+        "%s k-means, K=%d: inertia %.4f per frame over %d clients; labels in %s/client_<i>/{train,valid}.km",
+        cfg.mode,
+        cfg.num_clusters,
+        record["inertia"],
+        len(clients),
+        out,
+    )
     run.summary.update({k: record[k] for k in ("mode", "num_clusters", "inertia", "rounds", "unused_clusters")})
     if "reference" in record:
         run.summary["reference"] = record["reference"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
@@ -27,14 +27,18 @@ class MiniBatchConfig:
 @dataclass
 class FeaturesConfig:
     kind: Literal["mfcc", "hubert"] = param(
-        "mfcc", "mfcc: the recipe's 39-dim MFCC at 100 Hz (iteration 1); hubert: a transformer layer of a pretrained "
-        "checkpoint at 50 Hz (iteration 2)")
-    checkpoint: Optional[Path] = param(None, "hubert: the pretrained fedhubert checkpoint (.pt)")
+        "mfcc",
+        "mfcc: the recipe's 39-dim MFCC at 100 Hz (iteration 1); hubert: a transformer layer of a pretrained "
+        "checkpoint at 50 Hz (iteration 2)",
+    )
+    checkpoint: Path | None = param(None, "hubert: the pretrained fedhubert checkpoint (.pt)")
     layer: int = param(6, "hubert: the transformer layer (1 = the first) whose output is clustered", ge=1)
     normalize: Literal["none", "utterance", "speaker"] = param(
-        "none", "mean and variance normalisation of every dimension. none: raw features (the recipe); utterance: "
+        "none",
+        "mean and variance normalisation of every dimension. none: raw features (the recipe); utterance: "
         "over each utterance; speaker: over all frames of the utterance's speaker on its client (a client's train "
-        "and valid together; a held-out set over its own speakers), speaker read from the LibriSpeech file name")
+        "and valid together; a held-out set over its own speakers), speaker read from the LibriSpeech file name",
+    )
     dtype: Literal["float16", "float32"] = param("float16", "storage type of the feature cache")
 
     def validate(self) -> None:

@@ -32,15 +32,26 @@ def sidecar(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + ".sha256")
 
 
-def save_checkpoint(path: Path, *, kind: str, model: ModelConfig | dict, num_classes: int, state_dict: dict,
-                    state: dict[str, Any] | None = None, label_rate: int = LABEL_RATE) -> str:
+def save_checkpoint(
+    path: Path,
+    *,
+    kind: str,
+    model: ModelConfig | dict,
+    num_classes: int,
+    state_dict: dict,
+    state: dict[str, Any] | None = None,
+    label_rate: int = LABEL_RATE,
+) -> str:
     """Write atomically (then its .sha256 sidecar); returns the SHA-256 of the file. `model` describes the
     architecture: a ModelConfig for a HuBERT, a plain dict for other kinds (the distiller's config);
     `label_rate` is the rate of the labels it was trained on (default: 100 Hz, MFCC labels)."""
     payload = {
-        "format": FORMAT, "kind": kind, "model": model if isinstance(model, dict) else config_to_dict(model),
+        "format": FORMAT,
+        "kind": kind,
+        "model": model if isinstance(model, dict) else config_to_dict(model),
         "num_classes": int(num_classes),
-        "label_rate": int(label_rate), "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
+        "label_rate": int(label_rate),
+        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "state": state or {},
     }
     buffer = io.BytesIO()
@@ -51,9 +62,11 @@ def save_checkpoint(path: Path, *, kind: str, model: ModelConfig | dict, num_cla
         atomic_write_bytes(Path(path), data)
         atomic_write_text(sidecar(path), f"{digest}  {Path(path).name}\n")
     except OSError as err:
-        raise CheckpointError(f"cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB): {err.strerror}. "
-                              f"Earlier checkpoints are intact (writes are atomic); free space in {Path(path).parent} "
-                              f"or move the run, then continue with --resume") from None
+        raise CheckpointError(
+            f"cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB): {err.strerror}. "
+            f"Earlier checkpoints are intact (writes are atomic); free space in {Path(path).parent} "
+            f"or move the run, then continue with --resume"
+        ) from None
     return digest
 
 
@@ -66,8 +79,10 @@ def load_checkpoint(path: Path, kind: str | None = None, verify: bool = True) ->
     if verify and sidecar(path).is_file():
         expected = sidecar(path).read_text().split()[0]
         if hashlib.sha256(data).hexdigest() != expected:
-            raise CheckpointError(f"checkpoint {path} does not match its checksum ({sidecar(path).name}): the file is "
-                                  f"corrupt or truncated")
+            raise CheckpointError(
+                f"checkpoint {path} does not match its checksum ({sidecar(path).name}): the file is "
+                f"corrupt or truncated"
+            )
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here

@@ -22,23 +22,73 @@ def _conv(channels: int) -> list[list[int]]:
 
 
 _RECIPE = {  # HuBERT Base recipe values shared by the presets unless they say otherwise
-    "extractor_mode": "group_norm", "conv_bias": False, "layer_norm_first": False, "pos_conv_kernel": 128,
-    "pos_conv_groups": 16, "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0,
-    "projection_dropout": 0.1, "layer_drop": 0.05, "mask_prob": 0.8, "mask_length": 10, "mask_channel_prob": 0.0,
-    "mask_channel_length": 10, "feature_grad_mult": 0.1, "logit_temperature": 0.1, "normalize_waveform": False,
+    "extractor_mode": "group_norm",
+    "conv_bias": False,
+    "layer_norm_first": False,
+    "pos_conv_kernel": 128,
+    "pos_conv_groups": 16,
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "projection_dropout": 0.1,
+    "layer_drop": 0.05,
+    "mask_prob": 0.8,
+    "mask_length": 10,
+    "mask_channel_prob": 0.0,
+    "mask_channel_length": 10,
+    "feature_grad_mult": 0.1,
+    "logit_temperature": 0.1,
+    "normalize_waveform": False,
 }
 
 PRESETS: dict[str, dict] = {
-    "tiny": {**_RECIPE, "conv_layers": _conv(32), "embed_dim": 64, "layers": 2, "heads": 2, "ffn_dim": 128,
-             "final_dim": 32, "pos_conv_kernel": 16, "pos_conv_groups": 4, "layer_drop": 0.0},
-    "small": {**_RECIPE, "conv_layers": _conv(256), "embed_dim": 384, "layers": 6, "heads": 6, "ffn_dim": 1536,
-              "final_dim": 128},
-    "base": {**_RECIPE, "conv_layers": _conv(512), "embed_dim": 768, "layers": 12, "heads": 12, "ffn_dim": 3072,
-             "final_dim": 256},
-    "large": {**_RECIPE, "extractor_mode": "layer_norm", "conv_layers": _conv(512), "embed_dim": 1024, "layers": 24,
-              "heads": 16, "ffn_dim": 4096, "final_dim": 768, "layer_norm_first": True, "dropout": 0.0,
-              "attention_dropout": 0.0, "projection_dropout": 0.0, "layer_drop": 0.0, "feature_grad_mult": 1.0,
-              "normalize_waveform": True},
+    "tiny": {
+        **_RECIPE,
+        "conv_layers": _conv(32),
+        "embed_dim": 64,
+        "layers": 2,
+        "heads": 2,
+        "ffn_dim": 128,
+        "final_dim": 32,
+        "pos_conv_kernel": 16,
+        "pos_conv_groups": 4,
+        "layer_drop": 0.0,
+    },
+    "small": {
+        **_RECIPE,
+        "conv_layers": _conv(256),
+        "embed_dim": 384,
+        "layers": 6,
+        "heads": 6,
+        "ffn_dim": 1536,
+        "final_dim": 128,
+    },
+    "base": {
+        **_RECIPE,
+        "conv_layers": _conv(512),
+        "embed_dim": 768,
+        "layers": 12,
+        "heads": 12,
+        "ffn_dim": 3072,
+        "final_dim": 256,
+    },
+    "large": {
+        **_RECIPE,
+        "extractor_mode": "layer_norm",
+        "conv_layers": _conv(512),
+        "embed_dim": 1024,
+        "layers": 24,
+        "heads": 16,
+        "ffn_dim": 4096,
+        "final_dim": 768,
+        "layer_norm_first": True,
+        "dropout": 0.0,
+        "attention_dropout": 0.0,
+        "projection_dropout": 0.0,
+        "layer_drop": 0.0,
+        "feature_grad_mult": 1.0,
+        "normalize_waveform": True,
+    },
 }
 _BASE = PRESETS["base"]
 
@@ -52,10 +102,12 @@ PRESET_LR: dict[str, float] = {"tiny": 5e-3, "small": 1e-3, "base": 5e-4, "large
 class ModelConfig:
     PRESETS: ClassVar[dict[str, dict]] = PRESETS
 
-    preset: str = param("base", "architecture preset; fields set explicitly override it",
-                        choices=["tiny", "small", "base", "large"])
+    preset: str = param(
+        "base", "architecture preset; fields set explicitly override it", choices=["tiny", "small", "base", "large"]
+    )
     extractor_mode: Literal["group_norm", "layer_norm"] = param(
-        _BASE["extractor_mode"], "CNN normalisation: group_norm (Base, first layer) or layer_norm (Large, all)")
+        _BASE["extractor_mode"], "CNN normalisation: group_norm (Base, first layer) or layer_norm (Large, all)"
+    )
     conv_layers: list[list[int]] = param(_BASE["conv_layers"], "CNN layers as [channels, kernel, stride]", ge=1)
     conv_bias: bool = param(_BASE["conv_bias"], "bias in the CNN convolutions")
     embed_dim: int = param(_BASE["embed_dim"], "transformer width", ge=8)
@@ -75,8 +127,9 @@ class ModelConfig:
     mask_length: int = param(_BASE["mask_length"], "masked span length in frames", ge=1)
     mask_channel_prob: float = param(_BASE["mask_channel_prob"], "feature-channel masking probability", ge=0, le=1)
     mask_channel_length: int = param(_BASE["mask_channel_length"], "masked channel span", ge=1)
-    feature_grad_mult: float = param(_BASE["feature_grad_mult"], "scale of the CNN's gradients (1: unscaled)",
-                                     gt=0, le=1)
+    feature_grad_mult: float = param(
+        _BASE["feature_grad_mult"], "scale of the CNN's gradients (1: unscaled)", gt=0, le=1
+    )
     logit_temperature: float = param(_BASE["logit_temperature"], "temperature of the cosine-similarity logits", gt=0)
     normalize_waveform: bool = param(_BASE["normalize_waveform"], "zero-mean unit-variance input (Large)")
 
@@ -87,10 +140,16 @@ class ModelConfig:
         for _, _, step in self.conv_layers:
             stride *= step
         if stride != FEATURE_STRIDE:
-            raise ConfigError(f"key 'model.conv_layers' must downsample by {FEATURE_STRIDE} in total (50 Hz frames "
-                              f"for 100 Hz labels), got {stride}")
+            raise ConfigError(
+                f"key 'model.conv_layers' must downsample by {FEATURE_STRIDE} in total (50 Hz frames "
+                f"for 100 Hz labels), got {stride}"
+            )
         if self.embed_dim % self.heads:
-            raise ConfigError(f"key 'model.embed_dim' ({self.embed_dim}) must be divisible by 'model.heads' ({self.heads})")
+            raise ConfigError(
+                f"key 'model.embed_dim' ({self.embed_dim}) must be divisible by 'model.heads' ({self.heads})"
+            )
         if self.embed_dim % self.pos_conv_groups:
-            raise ConfigError(f"key 'model.embed_dim' ({self.embed_dim}) must be divisible by 'model.pos_conv_groups' "
-                              f"({self.pos_conv_groups})")
+            raise ConfigError(
+                f"key 'model.embed_dim' ({self.embed_dim}) must be divisible by 'model.pos_conv_groups' "
+                f"({self.pos_conv_groups})"
+            )

@@ -70,8 +70,14 @@ def fairseq_model_cfg(cfg: ModelConfig, label_rate: int) -> dict[str, Any]:
 
 
 def fairseq_task_cfg(cfg: ModelConfig, label_rate: int) -> dict[str, Any]:
-    return {"label_rate": float(label_rate), "sample_rate": 16000, "normalize": cfg.normalize_waveform,
-            "enable_padding": False, "random_crop": True, "pad_audio": False}
+    return {
+        "label_rate": float(label_rate),
+        "sample_rate": 16000,
+        "normalize": cfg.normalize_waveform,
+        "enable_padding": False,
+        "random_crop": True,
+        "pad_audio": False,
+    }
 
 
 def s3prl_model(task_cfg: dict, model_cfg: dict, symbols: list[list[str]]):
@@ -80,12 +86,14 @@ def s3prl_model(task_cfg: dict, model_cfg: dict, symbols: list[list[str]]):
 
     with warnings.catch_warnings():  # S3PRL's fairseq code uses the deprecated weight_norm
         warnings.simplefilter("ignore", FutureWarning)
-        return HubertModel(merge_with_parent(HubertConfig, model_cfg),
-                           merge_with_parent(HubertPretrainingConfig, task_cfg), symbols)
+        return HubertModel(
+            merge_with_parent(HubertConfig, model_cfg), merge_with_parent(HubertPretrainingConfig, task_cfg), symbols
+        )
 
 
-def to_s3prl_hubert(cfg: ModelConfig, num_classes: int, state_dict: dict[str, torch.Tensor], *,
-                    label_rate: int) -> dict[str, Any]:
+def to_s3prl_hubert(
+    cfg: ModelConfig, num_classes: int, state_dict: dict[str, torch.Tensor], *, label_rate: int
+) -> dict[str, Any]:
     """The `hubert_local` checkpoint content for our model's weights, trained on labels at `label_rate` Hz
     (checked by loading them into S3PRL's model)."""
     task_cfg, model_cfg = fairseq_task_cfg(cfg, label_rate), fairseq_model_cfg(cfg, label_rate)
@@ -118,8 +126,11 @@ def to_s3prl_distiller(payload: dict) -> dict[str, Any]:
     """What S3PRL's `distiller_local` loads: {"Config": {"distiller": ...}, "Distiller": state_dict}; our
     masked-prediction head (if any) is left out. Checked by loading into S3PRL's DistillerModel first."""
     config = payload["model"]["distiller"]
-    weights = {k[len("distiller."):]: v.detach().clone().contiguous()
-               for k, v in payload["state_dict"].items() if k.startswith("distiller.")}
+    weights = {
+        k[len("distiller.") :]: v.detach().clone().contiguous()
+        for k, v in payload["state_dict"].items()
+        if k.startswith("distiller.")
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         s3prl_distiller(config).load_state_dict(weights, strict=True)
@@ -141,16 +152,22 @@ def export_checkpoint(checkpoint: Path, fmt: str, out: Path, *, force: bool = Fa
         raise CheckpointError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     payload = load_checkpoint(checkpoint, kind=FORMATS[fmt])
     if fmt == "s3prl-hubert":
-        content = to_s3prl_hubert(model_config_of(payload), payload["num_classes"], payload["state_dict"],
-                                  label_rate=label_rate_of(payload))
+        content = to_s3prl_hubert(
+            model_config_of(payload), payload["num_classes"], payload["state_dict"], label_rate=label_rate_of(payload)
+        )
     else:
         content = to_s3prl_distiller(payload)
     atomic_write_bytes(out, serialise(content))
     upstream = "hubert_local" if fmt == "s3prl-hubert" else "distiller_local"
     record = {
-        "format": fmt, "file": out.name, "sha256": file_sha256(out), "source_checkpoint": str(Path(checkpoint).resolve()),
-        "source_sha256": file_sha256(checkpoint), "num_classes": payload["num_classes"],
-        "label_rate": label_rate_of(payload), "model": payload["model"],
+        "format": fmt,
+        "file": out.name,
+        "sha256": file_sha256(out),
+        "source_checkpoint": str(Path(checkpoint).resolve()),
+        "source_sha256": file_sha256(checkpoint),
+        "num_classes": payload["num_classes"],
+        "label_rate": label_rate_of(payload),
+        "model": payload["model"],
         "fedhubert_version": __version__,
         "load_with": f"python -m s3prl.run_downstream -u {upstream} -k {out.resolve()} ...",
     }

@@ -17,7 +17,9 @@ def torchaudio_key(fairseq_key: str) -> str:
         return f"logit_generator.final_proj.{match[1]}"
     match = re.fullmatch(r"encoder\.pos_conv\.0\.weight_(g|v)", fairseq_key)
     if match:  # torchaudio keeps weight norm as a parametrization: original0 = g, original1 = v
-        return f"wav2vec2.encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original{'01'[match[1] == 'v']}"
+        return (
+            f"wav2vec2.encoder.transformer.pos_conv_embed.conv.parametrizations.weight.original{'01'[match[1] == 'v']}"
+        )
     mapped = _map_key(fairseq_key)
     if mapped is None:
         raise KeyError(fairseq_key)

@@ -4,7 +4,7 @@ torch-free, so that featurising workers import it cheaply."""
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from fedhubert.model.config import ModelConfig
 

@@ -22,8 +22,11 @@ from torchaudio.models.wav2vec2.model import HuBERTPretrainModel
 from fedhubert.model.config import ModelConfig
 
 # The label-prediction head: with per-client codebooks it stays on each client and is never aggregated.
-LABEL_HEAD_KEYS = ("logit_generator.label_embeddings", "logit_generator.final_proj.weight",
-                   "logit_generator.final_proj.bias")
+LABEL_HEAD_KEYS = (
+    "logit_generator.label_embeddings",
+    "logit_generator.final_proj.weight",
+    "logit_generator.final_proj.bias",
+)
 
 
 def cosine_logits(proj_x: Tensor, target: Tensor, label_embeddings: Tensor, temperature: float) -> Tensor:
@@ -130,8 +133,9 @@ def normalize_waveforms(waveforms: Tensor, lengths: Tensor | None) -> Tensor:
     return out
 
 
-def hidden_states(model: HuBERTPretrainModel, waveforms: Tensor, lengths: Tensor | None,
-                  normalize: bool) -> list[Tensor]:
+def hidden_states(
+    model: HuBERTPretrainModel, waveforms: Tensor, lengths: Tensor | None, normalize: bool
+) -> list[Tensor]:
     """[transformer input, output of layer 1, ..., output of the last layer (after the final layer norm for
     pre-norm models)], the layers S3PRL's upstreams expose as hidden_states. No masking, no dropout."""
     wav2vec2 = model.wav2vec2

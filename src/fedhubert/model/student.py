@@ -35,8 +35,9 @@ def s3prl_distiller(config: dict) -> nn.Module:
 class Student(nn.Module):
     """S3PRL's DistillerModel, plus an optional masked-prediction head for k-means labels."""
 
-    def __init__(self, config: dict, num_classes: int = 0, label_dim: int = 256, mask_prob: float = 0.8,
-                 mask_length: int = 10):
+    def __init__(
+        self, config: dict, num_classes: int = 0, label_dim: int = 256, mask_prob: float = 0.8, mask_length: int = 10
+    ):
         super().__init__()
         self.config = config
         self.distiller = s3prl_distiller(config)
@@ -83,8 +84,9 @@ class Student(nn.Module):
         if labels is None or not self.num_classes:
             return pred, None, None
         # one label per frame: the student's CNN is the teacher's, so the crop's labels fit its frames
-        mask = _compute_mask_indices(tuple(labels.shape), None, self.mask_prob, self.mask_length, "static", 0.0,
-                                     min_masks=2).to(wave.device)
+        mask = _compute_mask_indices(
+            tuple(labels.shape), None, self.mask_prob, self.mask_length, "static", 0.0, min_masks=2
+        ).to(wave.device)
         _, layer_hiddens = self.transform(self.masked(feat, mask), pad_mask)
         proj = self.label_proj(layer_hiddens[-1])
         logit_m = cosine_logits(proj[mask], labels[mask], self.label_embeddings, _LOGIT_TEMPERATURE)
@@ -93,8 +95,10 @@ class Student(nn.Module):
 
     def enable_checkpointing(self, layers: bool, cnn: bool) -> None:
         """Recompute the transformer layers (and the CNN blocks) in the backward pass, as for the HuBERT."""
-        modules = [*(self.distiller.encoder.layers if layers else []),
-                   *(self.distiller.feature_extractor.conv_layers if cnn else [])]
+        modules = [
+            *(self.distiller.encoder.layers if layers else []),
+            *(self.distiller.feature_extractor.conv_layers if cnn else []),
+        ]
         for module in modules:
             recompute_in_backward(module)
 

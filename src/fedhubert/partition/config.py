@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.corpus.librispeech import LIBRISPEECH_SUBSETS
@@ -42,9 +42,10 @@ class ValidationConfig:
 
 @dataclass
 class PartitionConfig:
-    corpus: Optional[Path] = param(None, "LibriSpeech root, the folder holding SPEAKERS.TXT (required)")
+    corpus: Path | None = param(None, "LibriSpeech root, the folder holding SPEAKERS.TXT (required)")
     train_subsets: list[str] = param(
-        ["train-clean-100", "train-clean-360", "train-other-500"], "subsets shared among the clients",
+        ["train-clean-100", "train-clean-360", "train-other-500"],
+        "subsets shared among the clients",
         choices=LIBRISPEECH_SUBSETS,
     )
     heldout_subsets: list[str] = param(
@@ -53,10 +54,11 @@ class PartitionConfig:
         choices=LIBRISPEECH_SUBSETS,
     )
     scheme: Literal["balanced", "dirichlet", "quantity", "natural"] = param(
-        "balanced", "balanced: equal hours; dirichlet: skewed attribute mix; quantity: power-law sizes; "
+        "balanced",
+        "balanced: equal hours; dirichlet: skewed attribute mix; quantity: power-law sizes; "
         "natural: clients of natural.speakers_per_client speakers",
     )
-    num_clients: Optional[int] = param(
+    num_clients: int | None = param(
         8, "number of clients; with 'natural', null keeps every group as a client and a number samples groups", ge=1
     )
     seed: int = param(0, "random seed; the same seed gives the same partition", ge=0)
@@ -66,7 +68,7 @@ class PartitionConfig:
     validation: ValidationConfig = param(ValidationConfig(), "per-client validation split")
     verify_audio: bool = param(False, "also decode every file to catch truncated audio (slow)")
     use_cache: bool = param(True, "reuse audio headers of unchanged files from earlier scans")
-    cache_dir: Optional[Path] = param(None, "where the header cache lives (null: $XDG_CACHE_HOME/fedhubert)")
+    cache_dir: Path | None = param(None, "where the header cache lives (null: $XDG_CACHE_HOME/fedhubert)")
     workers: int = param(0, "worker processes for scanning; 0 means one per CPU core", ge=0)
 
     def validate(self) -> None:

@@ -45,9 +45,9 @@ def plot_clients(partition: dict, path: Path) -> None:
     fig, (ax_hours, ax_sex) = plt.subplots(1, 2, figsize=(max(8, 0.5 * len(clients) + 6), 4))
     bottom = [0.0] * len(clients)
     for subset in subsets:
-        part = [h * c["subset_mix"].get(subset, 0.0) for h, c in zip(hours, clients)]
+        part = [h * c["subset_mix"].get(subset, 0.0) for h, c in zip(hours, clients, strict=True)]
         ax_hours.bar(labels, part, bottom=bottom, label=subset)
-        bottom = [b + p for b, p in zip(bottom, part)]
+        bottom = [b + p for b, p in zip(bottom, part, strict=True)]
     ax_hours.set(xlabel="client", ylabel="hours", title=f"audio per client ({partition['scheme']})")
     ax_hours.legend(fontsize="small")
     female = [c["sex_mix"].get("F", 0.0) for c in clients]

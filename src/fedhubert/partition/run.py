@@ -47,7 +47,9 @@ def _hours(utterances: list[Utterance]) -> float:
     return round(sum(u.seconds for u in utterances) / 3600, 5)
 
 
-def _assign(cfg: PartitionConfig, loads: list[SpeakerLoad], rng: np.random.Generator) -> tuple[list[list[int]], list[int]]:
+def _assign(
+    cfg: PartitionConfig, loads: list[SpeakerLoad], rng: np.random.Generator
+) -> tuple[list[list[int]], list[int]]:
     if cfg.scheme == "balanced":
         return schemes.balanced(loads, cfg.num_clients, rng), []
     if cfg.scheme == "quantity":
@@ -71,7 +73,10 @@ def run_partition(cfg: PartitionConfig, out: Path, run: StageRun) -> dict:
     root = Path(cfg.corpus).resolve()
     cache_dir = (cfg.cache_dir or default_cache_dir()) if cfg.use_cache else None
     scan = scan_librispeech(
-        root, [*cfg.train_subsets, *cfg.heldout_subsets], workers=cfg.workers, cache_dir=cache_dir,
+        root,
+        [*cfg.train_subsets, *cfg.heldout_subsets],
+        workers=cfg.workers,
+        cache_dir=cache_dir,
         verify_audio=cfg.verify_audio,
     )
     missing = [s for s in cfg.train_subsets if s not in scan.subsets]
@@ -92,15 +97,22 @@ def run_partition(cfg: PartitionConfig, out: Path, run: StageRun) -> dict:
         (by_speaker[u.speaker] if u.subset in train_set else heldout[u.subset]).append(u)
     leaked = sorted({u.speaker for us in heldout.values() for u in us} & set(by_speaker))
     if leaked:
-        log.warning("speakers %s are in both training and held-out subsets; held-out results will be optimistic",
-                    leaked[:10])
+        log.warning(
+            "speakers %s are in both training and held-out subsets; held-out results will be optimistic", leaked[:10]
+        )
     loads = []
     for speaker, utts in sorted(by_speaker.items()):
         seconds_by_subset = Counter()
         for u in utts:
             seconds_by_subset[u.subset] += u.seconds
-        loads.append(SpeakerLoad(speaker, scan.speakers[speaker].sex, seconds_by_subset.most_common(1)[0][0],
-                                 sum(seconds_by_subset.values())))
+        loads.append(
+            SpeakerLoad(
+                speaker,
+                scan.speakers[speaker].sex,
+                seconds_by_subset.most_common(1)[0][0],
+                sum(seconds_by_subset.values()),
+            )
+        )
     if not loads:
         raise CorpusError(f"no usable utterances in {', '.join(cfg.train_subsets)} under {root} (see rejected.tsv)")
 
@@ -111,40 +123,56 @@ def run_partition(cfg: PartitionConfig, out: Path, run: StageRun) -> dict:
     subset_mix = schemes.mix(clients, speakers, "subset")
     records = []
     for index, members in enumerate(clients):
-        split = split_client([u for s in members for u in by_speaker[s]], cfg.validation.fraction,
-                             cfg.validation.min_speakers, rng)
+        split = split_client(
+            [u for s in members for u in by_speaker[s]], cfg.validation.fraction, cfg.validation.min_speakers, rng
+        )
         folder = out / client_dir_name(index)
-        hashes = {**_write_split(folder, "train", root, split.train), **_write_split(folder, "valid", root, split.valid)}
+        hashes = {
+            **_write_split(folder, "train", root, split.train),
+            **_write_split(folder, "valid", root, split.valid),
+        }
         hours = _hours(split.train) + _hours(split.valid)
-        atomic_write_text(out / "client_configs" / f"{client_dir_name(index)}.yaml",
-                          _client_config_text(index, cfg, len(members), hours))
-        records.append({
-            "client": index,
-            "dir": client_dir_name(index),
-            "speakers": sorted(members),
-            "valid_split": split.mode,
-            "valid_speakers": split.valid_speakers,
-            "utterances": {"train": len(split.train), "valid": len(split.valid)},
-            "hours": {"train": _hours(split.train), "valid": _hours(split.valid)},
-            "sex_mix": {k: round(v, 4) for k, v in sorted(sex_mix[index].items())},
-            "subset_mix": {k: round(v, 4) for k, v in sorted(subset_mix[index].items())},
-            "manifests": hashes,
-        })
+        atomic_write_text(
+            out / "client_configs" / f"{client_dir_name(index)}.yaml",
+            _client_config_text(index, cfg, len(members), hours),
+        )
+        records.append(
+            {
+                "client": index,
+                "dir": client_dir_name(index),
+                "speakers": sorted(members),
+                "valid_split": split.mode,
+                "valid_speakers": split.valid_speakers,
+                "utterances": {"train": len(split.train), "valid": len(split.valid)},
+                "hours": {"train": _hours(split.train), "valid": _hours(split.valid)},
+                "sex_mix": {k: round(v, 4) for k, v in sorted(sex_mix[index].items())},
+                "subset_mix": {k: round(v, 4) for k, v in sorted(subset_mix[index].items())},
+                "manifests": hashes,
+            }
+        )
 
     global_records = {}
     for subset in [s for s in cfg.heldout_subsets if s in heldout]:
         utts = sorted(heldout[subset], key=lambda u: u.path)
         hashes = _write_split(out / "global", subset, root, utts)
         global_records[subset] = {
-            "utterances": len(utts), "hours": _hours(utts), "speakers": len({u.speaker for u in utts}),
+            "utterances": len(utts),
+            "hours": _hours(utts),
+            "speakers": len({u.speaker for u in utts}),
             "manifests": hashes,
         }
 
-    atomic_write_text(out / "rejected.tsv", "path\treason\n" + "".join(f"{r.path}\t{r.reason}\n" for r in scan.rejected))
+    atomic_write_text(
+        out / "rejected.tsv", "path\treason\n" + "".join(f"{r.path}\t{r.reason}\n" for r in scan.rejected)
+    )
     reasons = Counter(r.reason for r in scan.rejected)
     if scan.rejected:
-        log.warning("%d files rejected (listed in %s): %s", len(scan.rejected), out / "rejected.tsv",
-                    "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5)))
+        log.warning(
+            "%d files rejected (listed in %s): %s",
+            len(scan.rejected),
+            out / "rejected.tsv",
+            "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(5)),
+        )
     hours = np.array([r["hours"]["train"] + r["hours"]["valid"] for r in records])
     skew = {
         "hours_cv": round(float(hours.std() / hours.mean()), 4) if hours.mean() > 0 else 0.0,
@@ -170,10 +198,15 @@ def run_partition(cfg: PartitionConfig, out: Path, run: StageRun) -> dict:
     plot_clients(partition, out / "clients.png")
     log.info("%s partition of %d speakers into %d clients:\n%s", cfg.scheme, len(loads), len(clients), table)
     summary = {
-        "clients": len(clients), "speakers": len(loads), "unassigned_speakers": len(unassigned),
+        "clients": len(clients),
+        "speakers": len(loads),
+        "unassigned_speakers": len(unassigned),
         "utterances": sum(r["utterances"]["train"] + r["utterances"]["valid"] for r in records),
-        "hours": round(float(hours.sum()), 4), "rejected": len(scan.rejected), "skew": skew,
-        "heldout": {k: v["utterances"] for k, v in global_records.items()}, "scan": scan.stats,
+        "hours": round(float(hours.sum()), 4),
+        "rejected": len(scan.rejected),
+        "skew": skew,
+        "heldout": {k: v["utterances"] for k, v in global_records.items()},
+        "scan": scan.stats,
     }
     run.summary.update(summary)
     return summary

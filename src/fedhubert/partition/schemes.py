@@ -73,7 +73,11 @@ def quantity(speakers: list[SpeakerLoad], num_clients: int, exponent: float, rng
 
 
 def dirichlet(
-    speakers: list[SpeakerLoad], num_clients: int, alpha: float, attribute: str, rng: np.random.Generator,
+    speakers: list[SpeakerLoad],
+    num_clients: int,
+    alpha: float,
+    attribute: str,
+    rng: np.random.Generator,
     attempts: int = 100,
 ) -> Clients:
     """Attribute skew: the speakers of each attribute value are spread over the clients in proportions drawn from

@@ -31,11 +31,16 @@ def split_client(
         held = sorted(int(s) for s in rng.choice(speakers, size=count, replace=False))
         chosen = set(held)
         return ClientSplit(
-            [u for u in ordered if u.speaker not in chosen], [u for u in ordered if u.speaker in chosen], "speaker", held
+            [u for u in ordered if u.speaker not in chosen],
+            [u for u in ordered if u.speaker in chosen],
+            "speaker",
+            held,
         )
     count = min(len(ordered) - 1, max(1, round(fraction * len(ordered))))
     picked = set(int(i) for i in rng.choice(len(ordered), size=count, replace=False))
     return ClientSplit(
-        [u for i, u in enumerate(ordered) if i not in picked], [u for i, u in enumerate(ordered) if i in picked],
-        "utterance", [],
+        [u for i, u in enumerate(ordered) if i not in picked],
+        [u for i, u in enumerate(ordered) if i in picked],
+        "utterance",
+        [],
     )

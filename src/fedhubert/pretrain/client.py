@@ -18,9 +18,14 @@ def _task(cfg: PretrainConfig, info, context: Context) -> LocalTask:
     torch.manual_seed(cfg.seed)  # the server's initial model: a new client's head starts from the same one
     model = build_hubert(cfg.model, num_classes)
     enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_cnn)
-    return LocalTask(model=model, objective=MaskedPrediction(cfg.loss, cfg.model.normalize_waveform),
-                     head_keys=LABEL_HEAD_KEYS if bool(info["local_head"]) else (), num_classes=num_classes,
-                     rate=LabelRate(int(info["label_rate"]), cfg.model), with_labels=True)
+    return LocalTask(
+        model=model,
+        objective=MaskedPrediction(cfg.loss, cfg.model.normalize_waveform),
+        head_keys=LABEL_HEAD_KEYS if bool(info["local_head"]) else (),
+        num_classes=num_classes,
+        rate=LabelRate(int(info["label_rate"]), cfg.model),
+        with_labels=True,
+    )
 
 
 def train_round(message: Message, context: Context) -> Message:

@@ -12,10 +12,10 @@ import logging
 from pathlib import Path
 
 from fedhubert.fl.federation import check_stopped, run_training_task
+from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.model.config import ModelConfig
-from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.pretrain.server import read_inputs
 from fedhubert.runlog import StageRun
@@ -33,9 +33,15 @@ def client_gpu_bytes(model: ModelConfig, train: TrainConfig, num_classes: int) -
     params = sum(p.numel() for p in build_hubert(model, num_classes).parameters())
     crop = int(train.data.max_seconds * 16000)
     batch = max(1, int(train.data.batch_seconds * 16000) // crop)
-    activations = estimate_activation_bytes(model, batch, crop, num_classes=num_classes, precision=train.precision,
-                                            checkpoint_layers=train.checkpoint_layers,
-                                            checkpoint_cnn=train.checkpoint_cnn)
+    activations = estimate_activation_bytes(
+        model,
+        batch,
+        crop,
+        num_classes=num_classes,
+        precision=train.precision,
+        checkpoint_layers=train.checkpoint_layers,
+        checkpoint_cnn=train.checkpoint_cnn,
+    )
     return 16 * params + activations + 768 * 2**20
 
 
@@ -47,15 +53,24 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
         with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), Path(cfg.kmeans), out))
     resources = None
     if cfg.federation.superlink is None:
-        resources = simulation_resources(cfg.federation, num_clients,
-                                         client_gpu_bytes(cfg.model, cfg.train, int(kmeans["num_clusters"])))
-    summary = run_training_task("pretrain", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force)
-    plot_rounds(read_rows(out / "metrics.jsonl"), out / "pretrain.png",
-                f"federated pretraining ({cfg.strategy.name}, {num_clients} clients)")
+        resources = simulation_resources(
+            cfg.federation, num_clients, client_gpu_bytes(cfg.model, cfg.train, int(kmeans["num_clusters"]))
+        )
+    summary = run_training_task(
+        "pretrain", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force
+    )
+    plot_rounds(
+        read_rows(out / "metrics.jsonl"),
+        out / "pretrain.png",
+        f"federated pretraining ({cfg.strategy.name}, {num_clients} clients)",
+    )
     run.summary.update(summary)
     check_stopped("pretrain", summary, out)
     best = summary.get("best")
-    log.info("pretraining done: %d rounds%s; final checkpoint %s", summary["rounds"],
-             f", best server masked cross-entropy {best['ce_masked']:.3f} (round {best['round']})" if best else "",
-             summary["final_checkpoint"])
+    log.info(
+        "pretraining done: %d rounds%s; final checkpoint %s",
+        summary["rounds"],
+        f", best server masked cross-entropy {best['ce_masked']:.3f} (round {best['round']})" if best else "",
+        summary["final_checkpoint"],
+    )
     return summary

@@ -21,11 +21,11 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
+from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.fl.tasks import ServerRun
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
-from fedhubert.fl.local import client_heads, planned_local_steps
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
 from fedhubert.train.loop import MaskedPrediction, evaluate, label_log_prior, resolve_device
@@ -83,9 +83,16 @@ def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
     torch.manual_seed(cfg.seed)
     state = build_hubert(cfg.model, num_classes).state_dict()
     shared = [k for k in state if not (local_head and k in LABEL_HEAD_KEYS)]
-    log.info("pretraining HuBERT %s (K=%d, %s label head) with %d clients, %s, %d rounds of %d local steps",
-             cfg.model.preset, num_classes, "per-client" if local_head else "shared", num_clients,
-             cfg.strategy.name, cfg.num_rounds, cfg.local_steps)
+    log.info(
+        "pretraining HuBERT %s (K=%d, %s label head) with %d clients, %s, %d rounds of %d local steps",
+        cfg.model.preset,
+        num_classes,
+        "per-client" if local_head else "shared",
+        num_clients,
+        cfg.strategy.name,
+        cfg.num_rounds,
+        cfg.local_steps,
+    )
 
     def heads(round_: int) -> dict:
         if not local_head:
@@ -93,15 +100,29 @@ def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
         return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
 
     task = RoundTask(
-        name="pretrain", message_type="train", checkpoint_kind="hubert", model_config=cfg.model,
-        num_classes=num_classes, state=state, shared_keys=shared,
+        name="pretrain",
+        message_type="train",
+        checkpoint_kind="hubert",
+        model_config=cfg.model,
+        num_classes=num_classes,
+        state=state,
+        shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
-        evaluate=dev_evaluator(cfg, kmeans, rate), best_key="ce_masked", higher_is_better=False,
-        local_steps=planned_local_steps(cfg, num_clients), default_lr=PRESET_LR[cfg.model.preset],
+        evaluate=dev_evaluator(cfg, kmeans, rate),
+        best_key="ce_masked",
+        higher_is_better=False,
+        local_steps=planned_local_steps(cfg, num_clients),
+        default_lr=PRESET_LR[cfg.model.preset],
         checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
     )
     summary = FederatedRun(grid, cfg, out, task, num_clients, resume=run.resume, threads=run.threads).run()
-    summary.update({"label_head": "local" if local_head else "shared", "num_classes": num_classes,
-                    "label_rate": rate.rate, "clients": num_clients})
+    summary.update(
+        {
+            "label_head": "local" if local_head else "shared",
+            "num_classes": num_classes,
+            "label_rate": rate.rate,
+            "clients": num_clients,
+        }
+    )
     atomic_write_text(summary_path(out, "pretrain"), json.dumps(summary, indent=2) + "\n")
     return summary

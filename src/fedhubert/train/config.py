@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
@@ -20,15 +20,18 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    lr: Optional[float] = param(
-        None, "peak learning rate of AdamW (null: the model preset's, e.g. base 5e-4 as the recipe, tiny 5e-3)", gt=0)
+    lr: float | None = param(
+        None, "peak learning rate of AdamW (null: the model preset's, e.g. base 5e-4 as the recipe, tiny 5e-3)", gt=0
+    )
     betas: list[float] = param([0.9, 0.98], "AdamW betas", ge=0, lt=1)
     eps: float = param(1e-6, "AdamW epsilon", gt=0)
     weight_decay: float = param(0.01, "AdamW weight decay", ge=0)
-    warmup_steps: Optional[int] = param(
-        None, "linear warm-up updates, counted by the global step (null: warmup_fraction of total_steps)", ge=0)
-    total_steps: Optional[int] = param(
-        None, "the learning rate decays linearly to 0 at this global step (null: the run's planned updates)", ge=1)
+    warmup_steps: int | None = param(
+        None, "linear warm-up updates, counted by the global step (null: warmup_fraction of total_steps)", ge=0
+    )
+    total_steps: int | None = param(
+        None, "the learning rate decays linearly to 0 at this global step (null: the run's planned updates)", ge=1
+    )
     warmup_fraction: float = param(0.1, "warm-up share of total_steps when warmup_steps is null", ge=0, lt=1)
     clip_norm: float = param(10.0, "gradient-norm clipping (0: off)", ge=0)
 
@@ -36,8 +39,9 @@ class OptimConfig:
         if len(self.betas) != 2:
             raise ConfigError(f"key 'optim.betas' must be [beta1, beta2], got {self.betas}")
         if self.warmup_steps is not None and self.total_steps is not None and self.warmup_steps >= self.total_steps:
-            raise ConfigError(f"key 'optim.warmup_steps' ({self.warmup_steps}) must be below 'optim.total_steps' "
-                              f"({self.total_steps})")
+            raise ConfigError(
+                f"key 'optim.warmup_steps' ({self.warmup_steps}) must be below 'optim.total_steps' ({self.total_steps})"
+            )
 
 
 @dataclass
@@ -45,24 +49,29 @@ class DataConfig:
     min_seconds: float = param(2.0, "utterances shorter than this are skipped (counted)", gt=0)
     max_seconds: float = param(15.625, "longer utterances are randomly cropped to this (250,000 samples)", gt=0)
     batch_seconds: float = param(87.5, "audio per batch after cropping (the recipe: 87.5 s per GPU)", gt=0)
-    memory_budget_gb: Optional[float] = param(
-        None, "cap batches so that their estimated activation memory fits this budget (null: no cap)", gt=0)
+    memory_budget_gb: float | None = param(
+        None, "cap batches so that their estimated activation memory fits this budget (null: no cap)", gt=0
+    )
     num_workers: int = param(0, "DataLoader worker processes reading audio", ge=0)
 
     def validate(self) -> None:
         if self.min_seconds > self.max_seconds:
-            raise ConfigError(f"key 'data.min_seconds' ({self.min_seconds}) must not exceed 'data.max_seconds' "
-                              f"({self.max_seconds})")
+            raise ConfigError(
+                f"key 'data.min_seconds' ({self.min_seconds}) must not exceed 'data.max_seconds' ({self.max_seconds})"
+            )
         if self.batch_seconds < self.min_seconds:
-            raise ConfigError(f"key 'data.batch_seconds' ({self.batch_seconds}) must hold at least one crop of "
-                              f"'data.min_seconds' ({self.min_seconds})")
+            raise ConfigError(
+                f"key 'data.batch_seconds' ({self.batch_seconds}) must hold at least one crop of "
+                f"'data.min_seconds' ({self.min_seconds})"
+            )
 
 
 @dataclass
 class TrainConfig:
     device: str = param("auto", "cpu, cuda, cuda:N, or auto (a GPU when there is one)")
     precision: Literal["fp32", "bf16", "fp16"] = param(
-        "fp32", "autocast precision (fp32 master weights always; fp16 adds a gradient scaler)")
+        "fp32", "autocast precision (fp32 master weights always; fp16 adds a gradient scaler)"
+    )
     accumulation_steps: int = param(1, "batches whose gradients are summed per update", ge=1)
     checkpoint_layers: bool = param(False, "recompute each transformer layer in the backward pass (less memory)")
     checkpoint_cnn: bool = param(False, "recompute each CNN block in the backward pass too")
@@ -81,7 +90,7 @@ class TrainLocalConfig:
     train_labels: list[Path] = param([], "their k-means labels (.km), one per manifest, in the same order")
     valid_manifests: list[Path] = param([], "validation manifests (optional)")
     valid_labels: list[Path] = param([], "their labels")
-    num_classes: Optional[int] = param(None, "K; null: read from the kmeans.json beside the labels", ge=2)
+    num_classes: int | None = param(None, "K; null: read from the kmeans.json beside the labels", ge=2)
     seed: int = param(0, "seed of the initial model, crops, masks and dropout", ge=0)
     steps: int = param(1000, "optimizer updates to run", ge=1)
     eval_every: int = param(500, "evaluate on the validation set every this many updates", ge=1)

@@ -13,9 +13,9 @@ one (at most `max_seconds`), so nothing is padded. The batch order is shuffled e
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,7 +29,6 @@ from fedhubert.model.frames import feature_frames, mfcc_frames
 from fedhubert.train.config import DataConfig
 
 log = logging.getLogger(__name__)
-
 
 
 class DataError(FedhubertError):
@@ -78,7 +77,7 @@ def read_labelled(manifest_path: Path, labels_path: Path | None, num_classes: in
     lines = read_aligned_lines(labels_path, manifest, manifest_path)
     dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
     utterances = []
-    for number, (entry, line) in enumerate(zip(manifest.entries, lines), start=1):
+    for number, (entry, line) in enumerate(zip(manifest.entries, lines, strict=True), start=1):
         labels = np.array(line.split(), dtype=np.int64)
         expected = rate.frames(entry.num_samples)
         if len(labels) != expected:
@@ -89,14 +88,16 @@ def read_labelled(manifest_path: Path, labels_path: Path | None, num_classes: in
                 f"(re-run 'fedhubert kmeans' on it)"
             )
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise DataError(f"{labels_path}:{number}: label ids must be in [0, {num_classes}), found "
-                            f"{labels.min()}..{labels.max()}")
+            raise DataError(
+                f"{labels_path}:{number}: label ids must be in [0, {num_classes}), found {labels.min()}..{labels.max()}"
+            )
         utterances.append(Utterance(manifest.root / entry.path, entry.num_samples, labels.astype(dtype)))
     return utterances
 
 
-def load_utterances(pairs: Sequence[tuple[Path, Path | None]], num_classes: int, data: DataConfig,
-                    rate: LabelRate) -> list[Utterance]:
+def load_utterances(
+    pairs: Sequence[tuple[Path, Path | None]], num_classes: int, data: DataConfig, rate: LabelRate
+) -> list[Utterance]:
     """All usable utterances of the (manifest, labels) pairs; those shorter than min_seconds are counted, logged
     and left out. No usable utterance at all is an error."""
     usable, short = [], 0
@@ -125,8 +126,13 @@ class Crop:
 class CropBatches(Sampler[list[Crop]]):
     """Length-bucketed batches of crops within a seconds budget (and an optional per-batch size cap)."""
 
-    def __init__(self, utterances: Sequence[Utterance], data: DataConfig, seed: int,
-                 max_batch_size: Callable[[int], int] | None = None):
+    def __init__(
+        self,
+        utterances: Sequence[Utterance],
+        data: DataConfig,
+        seed: int,
+        max_batch_size: Callable[[int], int] | None = None,
+    ):
         self.utterances = utterances
         self.seed = seed
         self.epoch = 0
@@ -154,8 +160,12 @@ class CropBatches(Sampler[list[Crop]]):
         for b in rng.permutation(len(self.batches)):
             indices, crop = self.batches[b]
             yield [
-                Crop(i, int(rng.integers(0, (self.utterances[i].num_samples - crop) // FEATURE_STRIDE + 1))
-                     * FEATURE_STRIDE, crop)
+                Crop(
+                    i,
+                    int(rng.integers(0, (self.utterances[i].num_samples - crop) // FEATURE_STRIDE + 1))
+                    * FEATURE_STRIDE,
+                    crop,
+                )
                 for i in indices
             ]
 
@@ -198,11 +208,19 @@ def collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Batch:
     return Batch(torch.stack([w for w, _ in items]), torch.stack([label for _, label in items]))
 
 
-def batch_loader(utterances: Sequence[Utterance], rate: LabelRate, data: DataConfig, seed: int,
-                 max_batch_size: Callable[[int], int] | None = None) -> torch.utils.data.DataLoader:
+def batch_loader(
+    utterances: Sequence[Utterance],
+    rate: LabelRate,
+    data: DataConfig,
+    seed: int,
+    max_batch_size: Callable[[int], int] | None = None,
+) -> torch.utils.data.DataLoader:
     sampler = CropBatches(utterances, data, seed, max_batch_size)
     return torch.utils.data.DataLoader(
-        CroppedAudio(utterances, rate), batch_sampler=sampler, collate_fn=collate, num_workers=data.num_workers,
+        CroppedAudio(utterances, rate),
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=data.num_workers,
         persistent_workers=data.num_workers > 0,
     )
 

@@ -27,8 +27,10 @@ def learning_check(evaluations: list[dict], where: str) -> dict | None:
     last = trained[-1]
     problems = []
     if best["gain_nats"] <= MIN_GAIN_NATS:
-        problems.append(f"never beat the label-frequency baseline on {where} (best gain "
-                        f"{best['gain_nats']:+.3f} nats): it has learned at most how often each cluster occurs")
+        problems.append(
+            f"never beat the label-frequency baseline on {where} (best gain "
+            f"{best['gain_nats']:+.3f} nats): it has learned at most how often each cluster occurs"
+        )
     if last.get("predicted_clusters", MIN_CLUSTERS + 1) <= MIN_CLUSTERS:
         problems.append(f"predicts only {last['predicted_clusters']} distinct cluster(s) on {where}")
     return {
@@ -47,9 +49,14 @@ def log_verdict(verdict: dict | None, stage: str) -> None:
     if verdict is None:
         return
     if verdict["learned"]:
-        log.info("%s learned: held-out gain over the label-frequency baseline %+.3f nats (best %+.3f), %s clusters "
-                 "predicted", stage, verdict["gain_nats_last"], verdict["gain_nats_best"],
-                 verdict["predicted_clusters_last"])
+        log.info(
+            "%s learned: held-out gain over the label-frequency baseline %+.3f nats (best %+.3f), %s clusters "
+            "predicted",
+            stage,
+            verdict["gain_nats_last"],
+            verdict["gain_nats_best"],
+            verdict["predicted_clusters_last"],
+        )
     else:
         for problem in verdict["problems"]:
             log.warning("%s: the model %s", stage, problem)

@@ -19,8 +19,9 @@ import logging
 import math
 import resource
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -52,8 +53,10 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
     """Linear warm-up to `lr` over `warmup_steps`, then linear decay to 0 at `total_steps` (both resolved: see
     `fedhubert.train.schedule`)."""
     if optim.lr is None or optim.warmup_steps is None or optim.total_steps is None:
-        raise TrainingError("the learning-rate schedule is not resolved: call fedhubert.train.schedule.fit_schedule "
-                            "with the run's planned updates first")
+        raise TrainingError(
+            "the learning-rate schedule is not resolved: call fedhubert.train.schedule.fit_schedule "
+            "with the run's planned updates first"
+        )
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
     remaining = (optim.total_steps - step) / max(1, optim.total_steps - optim.warmup_steps)
@@ -62,8 +65,9 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW; its learning rate is set before every update by `train` (`learning_rate`)."""
-    return torch.optim.AdamW(model.parameters(), lr=optim.lr or 0.0, betas=tuple(optim.betas), eps=optim.eps,
-                             weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(
+        model.parameters(), lr=optim.lr or 0.0, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+    )
 
 
 @dataclass
@@ -95,8 +99,13 @@ def label_log_prior(counts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.log((counts + 1.0) / (counts.sum() + len(counts)))).float()
 
 
-def hubert_loss(logit_m: torch.Tensor, logit_u: torch.Tensor, feature_penalty: torch.Tensor,
-                weights: LossConfig, log_prior: torch.Tensor | None = None) -> StepOutput:
+def hubert_loss(
+    logit_m: torch.Tensor,
+    logit_u: torch.Tensor,
+    feature_penalty: torch.Tensor,
+    weights: LossConfig,
+    log_prior: torch.Tensor | None = None,
+) -> StepOutput:
     """Masked prediction loss; the positive is at index 0 of every row of logits. Its statistics include the
     masked cross-entropy, the baseline's cross-entropy and correct predictions (with `log_prior`) and the histogram
     of predicted clusters."""
@@ -163,9 +172,11 @@ class MaskedPrediction:
         return hubert_loss(logit_m, logit_u, penalty, self.weights, self.log_prior)
 
     def metrics(self, sums: dict) -> dict[str, float]:
-        return {"acc_masked": sums.get("correct_m", 0) / max(sums.get("masked", 0), 1),
-                "acc_unmasked": sums.get("correct_u", 0) / max(sums.get("unmasked", 0), 1),
-                **prediction_metrics(sums)}
+        return {
+            "acc_masked": sums.get("correct_m", 0) / max(sums.get("masked", 0), 1),
+            "acc_unmasked": sums.get("correct_u", 0) / max(sums.get("unmasked", 0), 1),
+            **prediction_metrics(sums),
+        }
 
 
 @dataclass
@@ -227,9 +238,19 @@ def cycle_batches(loader: Iterable[Batch], first_epoch: int = 0) -> Iterator[Bat
         epoch += 1
 
 
-def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig, *, objective: Objective, steps: int,
-          global_step: int, optimizer: torch.optim.Optimizer, device: torch.device,
-          scaler: torch.amp.GradScaler | None = None, on_step=None) -> TrainResult:
+def train(
+    model: torch.nn.Module,
+    batches: Iterator[Batch],
+    cfg: TrainConfig,
+    *,
+    objective: Objective,
+    steps: int,
+    global_step: int,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    on_step=None,
+) -> TrainResult:
     """Run `steps` optimizer updates (each over `accumulation_steps` batches) taken from `batches` (see
     `cycle_batches`; the iterator carries on where it stopped, so successive calls see new batches).
 
@@ -242,8 +263,12 @@ def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig, *,
     meter, window = Meter(), Meter()
     done = 0
     if learning_rate(global_step, cfg.optim) == 0.0:
-        log.warning("the learning rate is 0 from global step %d on (optim.total_steps=%d): these %d updates change "
-                    "nothing", global_step, cfg.optim.total_steps, steps)
+        log.warning(
+            "the learning rate is 0 from global step %d on (optim.total_steps=%d): these %d updates change nothing",
+            global_step,
+            cfg.optim.total_steps,
+            steps,
+        )
     for _ in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(global_step, cfg.optim)
@@ -282,16 +307,27 @@ def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig, *,
         raise TrainingError(
             "no batch was trained: the data yielded no usable batch (all skipped or empty); the model is unchanged"
         )
-    metrics = {**meter.summary(device, objective), "steps": done, "global_step": global_step,
-               "lr": learning_rate(global_step - 1, cfg.optim)}
+    metrics = {
+        **meter.summary(device, objective),
+        "steps": done,
+        "global_step": global_step,
+        "lr": learning_rate(global_step - 1, cfg.optim),
+    }
     if not math.isfinite(metrics["loss"]):
         raise TrainingError(f"training diverged: mean loss {metrics['loss']}")
     return TrainResult(metrics, global_step)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Iterable[Batch], cfg: TrainConfig, *, objective: Objective,
-             device: torch.device, seed: int = 0) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Iterable[Batch],
+    cfg: TrainConfig,
+    *,
+    objective: Objective,
+    device: torch.device,
+    seed: int = 0,
+) -> dict:
     """The objective's loss and metrics without dropout; masks come from a fixed seed so that evaluations of
     different models see the same masks."""
     model.eval()

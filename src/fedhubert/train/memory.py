@@ -14,8 +14,8 @@ really keeps (saved-tensor hooks), on any device; the benchmark and a test hold 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -23,9 +23,16 @@ from fedhubert.model.config import FEATURE_STRIDE, ModelConfig
 from fedhubert.train.config import TrainConfig
 
 
-def estimate_activation_bytes(model: ModelConfig, batch: int, samples: int, *, num_classes: int,
-                              precision: str = "fp32", checkpoint_layers: bool = False,
-                              checkpoint_cnn: bool = False) -> int:
+def estimate_activation_bytes(
+    model: ModelConfig,
+    batch: int,
+    samples: int,
+    *,
+    num_classes: int,
+    precision: str = "fp32",
+    checkpoint_layers: bool = False,
+    checkpoint_cnn: bool = False,
+) -> int:
     value = 4 if precision == "fp32" else 2
     frames = max(1, samples // FEATURE_STRIDE)
     d, f, h = model.embed_dim, model.ffn_dim, model.heads
@@ -46,13 +53,27 @@ def estimate_activation_bytes(model: ModelConfig, batch: int, samples: int, *, n
     return int(batch * (cnn + transformer + head))
 
 
-def max_batch_size(model: ModelConfig, budget_bytes: float, *, num_classes: int, precision: str,
-                   checkpoint_layers: bool, checkpoint_cnn: bool):
+def max_batch_size(
+    model: ModelConfig,
+    budget_bytes: float,
+    *,
+    num_classes: int,
+    precision: str,
+    checkpoint_layers: bool,
+    checkpoint_cnn: bool,
+):
     """A function crop length -> the largest batch whose estimated activations fit `budget_bytes`."""
 
     def cap(samples: int) -> int:
-        one = estimate_activation_bytes(model, 1, samples, num_classes=num_classes, precision=precision,
-                                        checkpoint_layers=checkpoint_layers, checkpoint_cnn=checkpoint_cnn)
+        one = estimate_activation_bytes(
+            model,
+            1,
+            samples,
+            num_classes=num_classes,
+            precision=precision,
+            checkpoint_layers=checkpoint_layers,
+            checkpoint_cnn=checkpoint_cnn,
+        )
         return max(1, int(budget_bytes // one))
 
     return cap
@@ -62,9 +83,14 @@ def batch_cap(train: TrainConfig, model: ModelConfig, num_classes: int):
     """The memory-aware batch-size cap for `train.data.memory_budget_gb` (None without a budget)."""
     if not train.data.memory_budget_gb:
         return None
-    return max_batch_size(model, train.data.memory_budget_gb * 2**30, num_classes=num_classes,
-                          precision=train.precision, checkpoint_layers=train.checkpoint_layers,
-                          checkpoint_cnn=train.checkpoint_cnn)
+    return max_batch_size(
+        model,
+        train.data.memory_budget_gb * 2**30,
+        num_classes=num_classes,
+        precision=train.precision,
+        checkpoint_layers=train.checkpoint_layers,
+        checkpoint_cnn=train.checkpoint_cnn,
+    )
 
 
 @contextmanager

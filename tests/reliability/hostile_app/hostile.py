@@ -58,6 +58,7 @@ def _hostile(handler):
             time.sleep(60)
         reply = handler(message, context)
         return _tamper(reply, behaviour) if behaviour in ("nan", "shape", "missing") else reply
+
     return train
 
 
