@@ -13,52 +13,103 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, get_args, get_origin
 
 from fedhubert import __version__
-from fedhubert.config import absolute_paths, describe_fields, dump_config, load_config
+from fedhubert.config import KeyDoc, absolute_paths, describe_fields, dump_config, load_config
 from fedhubert.errors import EXIT_STOPPED, ConfigError, FedhubertError, StageStopped
 from fedhubert.runlog import CONFIG_FILE, setup_logging, stage_run
 
 log = logging.getLogger("fedhubert")
 
 
+# A flag of a stage: a shorthand for one config key, (--flag, key), whose type, help and default are the key's; or
+# (--flag, key, convert) for a flag whose text `convert` turns into the key's value (named for argparse's messages).
+Flag = tuple[str, str] | tuple[str, str, Callable[[str], Any]]
+
+
 @dataclass(frozen=True)
 class Stage:
-    """A runnable stage: its config class (kept in a light module, for --help), the entries it owns in its
-    output folder, its entry point as "module:function" (imported only when the stage runs), and flags that are
-    shorthands for config keys."""
+    """A runnable stage: its subcommand (words joined by "-" give its `name`, as run.json records it and configs/
+    names its file), help of the command and of --out, its config class (kept in a light module, for --help), the
+    entries it owns in its output folder, its entry point as "module:function" (imported only when the stage
+    runs), its flags, and the keys that may change when resuming (empty: the stage cannot resume)."""
 
-    name: str
+    command: tuple[str, ...]
+    help: str
+    out_help: str
     config_cls: type
     owned: Sequence[str]
     entry: str
-    flags: tuple[tuple[str, str, type, str], ...] = ()  # (--flag, config key, type, help)
-    resume_keys: tuple[str, ...] = ()  # keys that may change when resuming; empty: the stage cannot resume
+    flags: tuple[Flag, ...] = ()
+    resume_keys: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return "-".join(self.command)
 
 
-def _config_epilog(cls: type) -> str:
-    rows = describe_fields(cls)
-    width = max(len(key) for key, *_ in rows)
+# Subcommands that group stages: help, and the title and metavar of their stages.
+_GROUPS = {
+    "synth": ("write the built-in synthetic corpora (espeak-ng speakers)", "corpora", "CORPUS"),
+    "evaluate": ("SUPERB downstream evaluation with S3PRL", "tasks", "TASK"),
+}
+
+
+def _config_epilog(docs: Sequence[KeyDoc]) -> str:
+    width = max(len(doc.key) for doc in docs)
     lines = ["config keys (set in --config FILE or as KEY=VALUE):"]
-    for key, type_name, default, help_text in rows:
-        lines.append(f"  {key:<{width}}  {help_text} [{type_name}; default {default!r}]")
+    for doc in docs:
+        lines.append(f"  {doc.key:<{width}}  {doc.help} [{doc.type_name}; default {doc.default!r}]")
     return "\n".join(lines)
 
 
-def _add_stage(
-    subparsers: argparse._SubParsersAction, command: str, help_text: str, stage: Stage, out_help: str
+def _add_flag(
+    parser: argparse.ArgumentParser, flag: str, doc: KeyDoc, convert: Callable[[str], Any] | None = None
 ) -> None:
+    """`flag` as a shorthand for the key `doc` describes: a switch setting a bool key to true, a repeatable flag
+    giving a list key one item each time, or one value read by `convert` or as the key's type."""
+    dest, help_text = f"flag_{doc.key}", doc.help.replace("%", "%%")  # argparse %-formats help
+    if convert is None and doc.type is bool:
+        parser.add_argument(flag, dest=dest, action="store_const", const="true", help=f"{help_text} (= {doc.key}=true)")
+        return
+    repeat = convert is None and get_origin(doc.type) is list
+    notes = [doc.key]
+    if doc.choices:
+        notes.append(f"one of {', '.join(map(repr, doc.choices))}")
+    if repeat:
+        notes.append("repeat the flag for more items")
+    elif doc.default is not None:
+        notes.append(f"default {doc.default!r}")
+    parser.add_argument(
+        flag,
+        dest=dest,
+        type=convert or _flag_type(get_args(doc.type)[0] if repeat else doc.type),
+        metavar=doc.key.upper(),
+        action="append" if repeat else "store",
+        help=f"{help_text} (= {'; '.join(notes)})",
+    )
+
+
+def _flag_type(tp: Any) -> Callable[[str], Any]:
+    """How argparse reads a flag's value: numbers as such (so a typo stops there), anything else as text that the
+    config checks."""
+    return tp if tp in (int, float) else str
+
+
+def _add_stage(subparsers: argparse._SubParsersAction, stage: Stage) -> None:
+    docs = {doc.key: doc for doc in describe_fields(stage.config_cls)}
     parser = subparsers.add_parser(
-        command,
-        help=help_text,
-        description=help_text,
-        epilog=_config_epilog(stage.config_cls),
+        stage.command[-1],
+        help=stage.help,
+        description=stage.help,
+        epilog=_config_epilog(list(docs.values())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--out", type=Path, required=not stage.resume_keys, help=out_help)
+    parser.add_argument("--out", type=Path, required=not stage.resume_keys, help=stage.out_help)
     if stage.resume_keys:
         parser.add_argument(
             "--resume",
@@ -67,20 +118,8 @@ def _add_stage(
             help="continue the run in RUN_DIR from its newest checkpoint, with its config (only "
             f"{', '.join(stage.resume_keys)} may be changed, e.g. num_rounds=20)",
         )
-    for flag, key, kind, flag_help in stage.flags:
-        if kind is bool:
-            parser.add_argument(
-                flag, dest=f"flag_{key}", action="store_const", const="true", help=f"{flag_help} (= {key}=true)"
-            )
-        else:
-            parser.add_argument(
-                flag,
-                dest=f"flag_{key}",
-                type=str if kind is list else kind,
-                metavar=key.upper(),
-                action="append" if kind is list else "store",
-                help=f"{flag_help} (= {key})",
-            )
+    for flag, key, *convert in stage.flags:
+        _add_flag(parser, flag, docs[key], *convert)
     parser.add_argument("--config", type=Path, help="YAML config file (default: built-in defaults, as in configs/)")
     parser.add_argument("--force", action="store_true", help="replace this stage's earlier outputs in --out")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -88,19 +127,18 @@ def _add_stage(
     parser.set_defaults(handler=lambda args: _run_stage(args, stage))
 
 
-def _sugar(flags: tuple, args: argparse.Namespace) -> list[str]:
-    """The KEY=VALUE overrides that flags stand for (a flag of kind `list` gives the list of its values, one per
-    time it is given; of kind `bool`, a switch that sets the key to true)."""
+def _sugar(stage: Stage, args: argparse.Namespace) -> list[str]:
+    """The KEY=VALUE overrides that the flags given stand for."""
     out = []
-    for _, key, kind, _ in flags:
+    for _, key, *_ in stage.flags:
         value = getattr(args, f"flag_{key}")
         if value is not None:
-            out.append(f"{key}={json.dumps(value)}" if kind is list else f"{key}={value}")
+            out.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
     return out
 
 
 def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
-    sugar = _sugar(stage.flags, args)
+    sugar = _sugar(stage, args)
     resume = getattr(args, "resume", None)
     if resume is not None:
         overrides = [*sugar, *args.overrides]
@@ -137,6 +175,7 @@ def repetitions(text: str) -> list[int]:
 
 
 def _stages() -> dict[str, Stage]:
+    """The stages by name, in the order of `fedhubert --help`."""
     from fedhubert.corpus import librispeech_synth as ls, speech_commands_synth as sc
     from fedhubert.distill import config as distill_config
     from fedhubert.eval import config as eval_config, probe_config
@@ -145,159 +184,168 @@ def _stages() -> dict[str, Stage]:
     from fedhubert.pretrain import config as pretrain_config
     from fedhubert.train import config as train_config
 
-    return {
-        "librispeech": Stage(
-            name="synth-librispeech",
+    hubert_features = (
+        ("--features", "features.kind"),
+        ("--checkpoint", "features.checkpoint"),
+        ("--layer", "features.layer"),
+    )
+    stages = (
+        Stage(
+            command=("synth", "librispeech"),
+            help="a small LibriSpeech-layout corpus (SPEAKERS.TXT, FLAC, trans.txt)",
+            out_help="corpus root to create (it will hold SPEAKERS.TXT and the subset folders)",
             config_cls=ls.LibriSpeechSynthConfig,
             owned=ls.OUTPUTS,
             entry="fedhubert.corpus.librispeech_synth:synthesize_librispeech",
-            flags=(
-                ("--speakers", "speakers", int, "speakers in all subsets"),
-                ("--minutes", "minutes", float, "minutes of speech per speaker"),
-                ("--seed", "seed", int, "random seed"),
-                ("--workers", "workers", int, "worker processes, 0 = one per core"),
-            ),
+            flags=(("--speakers", "speakers"), ("--minutes", "minutes"), ("--seed", "seed"), ("--workers", "workers")),
         ),
-        "speech-commands": Stage(
-            name="synth-speech-commands",
+        Stage(
+            command=("synth", "speech-commands"),
+            help="a small Speech Commands v0.01 with its separate test set, as S3PRL reads it",
+            out_help="folder to hold speech_commands_v0.01/ and speech_commands_test_set_v0.01/",
             config_cls=sc.SpeechCommandsSynthConfig,
             owned=sc.OUTPUTS,
             entry="fedhubert.corpus.speech_commands_synth:synthesize_speech_commands",
             flags=(
-                ("--speakers", "speakers", int, "speakers in speech_commands_v0.01"),
-                ("--test-speakers", "test_speakers", int, "speakers in the separate test set"),
-                (
-                    "--repetitions",
-                    "keyword_repetitions",
-                    repetitions,
-                    "each training speaker says each keyword N "
-                    "times: sets keyword_repetitions to [N, N] (the test set stays one clip per class per speaker)",
-                ),
-                ("--seed", "seed", int, "random seed"),
-                ("--workers", "workers", int, "worker processes, 0 = one per core"),
+                ("--speakers", "speakers"),
+                ("--test-speakers", "test_speakers"),
+                ("--repetitions", "keyword_repetitions", repetitions),
+                ("--seed", "seed"),
+                ("--workers", "workers"),
             ),
         ),
-        "partition": Stage(
-            name="partition",
+        Stage(
+            command=("partition",),
+            help="split a LibriSpeech-layout corpus into speaker-disjoint federated clients",
+            out_help="partition folder to create (manifests, partition.json, plots)",
             config_cls=partition_config.PartitionConfig,
             owned=partition_config.OUTPUTS,
             entry="fedhubert.partition.run:run_partition",
             flags=(
-                ("--corpus", "corpus", str, "LibriSpeech root (the folder holding SPEAKERS.TXT)"),
-                ("--scheme", "scheme", str, "balanced, dirichlet, quantity or natural"),
-                ("--clients", "num_clients", str, "number of clients"),
-                ("--seed", "seed", int, "random seed"),
-                ("--workers", "workers", int, "worker processes, 0 = one per core"),
+                ("--corpus", "corpus"),
+                ("--scheme", "scheme"),
+                ("--clients", "num_clients"),
+                ("--seed", "seed"),
+                ("--workers", "workers"),
             ),
         ),
-        "kmeans": Stage(
-            name="kmeans",
+        Stage(
+            command=("kmeans",),
+            help="MFCC k-means targets (HuBERT iteration 1) for every client, federated or per client",
+            out_help="k-means folder to create (labels per client, codebook, kmeans.json)",
             config_cls=kmeans_config.KMeansConfig,
             owned=kmeans_config.OUTPUTS,
             entry="fedhubert.labels.run:run_kmeans",
             flags=(
-                ("--partition", "partition", str, "partition folder (made by 'fedhubert partition')"),
-                ("--mode", "mode", str, "federated (one shared codebook) or per-client"),
-                ("--clusters", "num_clusters", int, "number of clusters K"),
-                ("--features", "features.kind", str, "mfcc (iteration 1) or hubert (iteration 2)"),
-                ("--checkpoint", "features.checkpoint", str, "hubert features: a pretrained checkpoint"),
-                ("--layer", "features.layer", int, "hubert features: the transformer layer"),
-                ("--seed", "seed", int, "random seed"),
-                ("--workers", "workers", int, "featurising processes, 0 = one per core"),
+                ("--partition", "partition"),
+                ("--mode", "mode"),
+                ("--clusters", "num_clusters"),
+                *hubert_features,
+                ("--seed", "seed"),
+                ("--workers", "workers"),
             ),
             resume_keys=("federation",),
         ),
-        "features": Stage(
-            name="features",
+        Stage(
+            command=("features",),
+            help="one client's k-means features ahead of 'fedhubert kmeans' (e.g. a Slurm array task per client)",
+            out_help="FEATURE_DIR/client_<i>: the cache kmeans reads with feature_dir=FEATURE_DIR",
             config_cls=kmeans_config.ClientFeaturesConfig,
             owned=kmeans_config.FEATURES_OUTPUTS,
             entry="fedhubert.labels.client_features:run_client_features",
-            flags=(
-                ("--partition", "partition", str, "partition folder (made by 'fedhubert partition')"),
-                ("--client", "client", int, "the client to featurise"),
-                ("--features", "features.kind", str, "mfcc (iteration 1) or hubert (iteration 2)"),
-                ("--checkpoint", "features.checkpoint", str, "hubert features: a pretrained checkpoint"),
-                ("--layer", "features.layer", int, "hubert features: the transformer layer"),
-                ("--workers", "workers", int, "processes, 0 = one per core"),
-            ),
+            flags=(("--partition", "partition"), ("--client", "client"), *hubert_features, ("--workers", "workers")),
         ),
-        "train-local": Stage(
-            name="train-local",
+        Stage(
+            command=("train-local",),
+            help="centralized HuBERT training on manifests and k-means labels (the baseline)",
+            out_help="training folder to create (checkpoints, metrics.jsonl, training.png)",
             config_cls=train_config.TrainLocalConfig,
             owned=train_config.OUTPUTS,
             entry="fedhubert.train.run:run_train_local",
             flags=(
-                ("--manifest", "train_manifests", list, "training manifest (.tsv)"),
-                ("--labels", "train_labels", list, "its k-means labels (.km)"),
-                ("--valid-manifest", "valid_manifests", list, "validation manifest"),
-                ("--valid-labels", "valid_labels", list, "its labels"),
-                ("--preset", "model.preset", str, "tiny, small, base or large"),
-                ("--steps", "steps", int, "optimizer updates"),
-                ("--seed", "seed", int, "random seed"),
+                ("--manifest", "train_manifests"),
+                ("--labels", "train_labels"),
+                ("--valid-manifest", "valid_manifests"),
+                ("--valid-labels", "valid_labels"),
+                ("--preset", "model.preset"),
+                ("--steps", "steps"),
+                ("--seed", "seed"),
             ),
         ),
-        "pretrain": Stage(
-            name="pretrain",
+        Stage(
+            command=("pretrain",),
+            help="federated HuBERT pretraining on Flower (FedAdam by default), with exact resume",
+            out_help="run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
             config_cls=pretrain_config.PretrainConfig,
             owned=pretrain_config.OUTPUTS,
             entry="fedhubert.pretrain.run:run_pretrain",
             flags=(
-                ("--partition", "partition", str, "partition folder"),
-                ("--kmeans", "kmeans", str, "k-means folder (labels of that partition)"),
-                ("--rounds", "num_rounds", int, "federated rounds"),
-                ("--local-steps", "local_steps", int, "updates per client per round"),
-                ("--preset", "model.preset", str, "tiny, small, base or large"),
-                ("--strategy", "strategy.name", str, "fedadam, fedavg or fedyogi"),
-                ("--seed", "seed", int, "random seed"),
+                ("--partition", "partition"),
+                ("--kmeans", "kmeans"),
+                ("--rounds", "num_rounds"),
+                ("--local-steps", "local_steps"),
+                ("--preset", "model.preset"),
+                ("--strategy", "strategy.name"),
+                ("--seed", "seed"),
             ),
             resume_keys=("num_rounds", "federation"),
         ),
-        "distill": Stage(
-            name="distill",
+        Stage(
+            command=("distill",),
+            help="federated DistilHuBERT distillation from a frozen pretrained teacher, on Flower",
+            out_help="run folder to create (checkpoints, metrics.jsonl, tensorboard, distill.png)",
             config_cls=distill_config.DistillConfig,
             owned=distill_config.OUTPUTS,
             entry="fedhubert.distill.run:run_distill",
             flags=(
-                ("--teacher", "teacher", str, "the pretrained HuBERT checkpoint"),
-                ("--partition", "partition", str, "partition folder"),
-                ("--kmeans", "kmeans", str, "k-means folder (only with loss.kmeans_weight > 0)"),
-                ("--rounds", "num_rounds", int, "federated rounds"),
-                ("--local-steps", "local_steps", int, "updates per client per round"),
-                ("--strategy", "strategy.name", str, "fedadam, fedavg or fedyogi"),
-                ("--seed", "seed", int, "random seed"),
+                ("--teacher", "teacher"),
+                ("--partition", "partition"),
+                ("--kmeans", "kmeans"),
+                ("--rounds", "num_rounds"),
+                ("--local-steps", "local_steps"),
+                ("--strategy", "strategy.name"),
+                ("--seed", "seed"),
             ),
             resume_keys=("num_rounds", "federation"),
         ),
-        "speech-commands-eval": Stage(
-            name="evaluate-speech-commands",
+        Stage(
+            command=("evaluate", "speech-commands"),
+            help="keyword spotting (Speech Commands v0.01) with S3PRL's own run_downstream: "
+            "train, then score the dev-best checkpoint on the test set",
+            out_help="evaluation folder to create (S3PRL's experiment, result.json; the row is added to "
+            "../results.jsonl)",
             config_cls=eval_config.SpeechCommandsConfig,
             owned=eval_config.OUTPUTS,
             entry="fedhubert.eval.speech_commands:run_speech_commands",
             flags=(
-                ("--dataset", "dataset", str, "folder holding speech_commands_v0.01/ and its test set"),
-                ("--checkpoint", "checkpoint", str, "a HuBERT or distilled-student checkpoint (.pt)"),
-                ("--baseline", "baseline", str, "instead: an S3PRL upstream such as fbank"),
-                ("--random-init", "random_init", bool, "the checkpoint's architecture, randomly initialised"),
-                ("--name", "name", str, "its name in the results table"),
-                ("--steps", "total_steps", int, "downstream training steps"),
-                ("--eval-step", "eval_step", int, "evaluate on dev every this many steps"),
-                ("--device", "device", str, "cpu, cuda or auto"),
+                ("--dataset", "dataset"),
+                ("--checkpoint", "checkpoint"),
+                ("--baseline", "baseline"),
+                ("--random-init", "random_init"),
+                ("--name", "name"),
+                ("--steps", "total_steps"),
+                ("--eval-step", "eval_step"),
+                ("--device", "device"),
             ),
         ),
-        "probe": Stage(
-            name="probe",
+        Stage(
+            command=("probe",),
+            help="linear probe of frozen features: logistic regression on time-pooled hidden states of "
+            "keyword clips, scored by speaker-disjoint cross-validation",
+            out_help="probe folder to create (probe.json, probe.md)",
             config_cls=probe_config.ProbeConfig,
             owned=probe_config.OUTPUTS,
             entry="fedhubert.eval.probe:run_probe",
             flags=(
-                ("--dataset", "dataset", str, "folder holding speech_commands_v0.01/"),
-                ("--checkpoint", "checkpoints", list, "a HuBERT or distilled-student checkpoint; repeat for more"),
-                ("--random-init", "random_init", bool, "also each checkpoint's architecture, randomly initialised"),
-                ("--layer", "layer", int, "probe this hidden state only (0: CNN output; default: all, concatenated)"),
-                ("--threads", "threads", int, "CPU threads of the forward passes"),
+                ("--dataset", "dataset"),
+                ("--checkpoint", "checkpoints"),
+                ("--random-init", "random_init"),
+                ("--layer", "layer"),
+                ("--threads", "threads"),
             ),
         ),
-    }
+    )
+    return {stage.name: stage for stage in stages}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -307,84 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fedhubert {__version__}")
     stages = parser.add_subparsers(title="stages", metavar="STAGE", required=True)
-
-    stage = _stages()
-    synth = stages.add_parser("synth", help="write the built-in synthetic corpora (espeak-ng speakers)")
-    corpora = synth.add_subparsers(title="corpora", metavar="CORPUS", required=True)
-    _add_stage(
-        corpora,
-        "librispeech",
-        "a small LibriSpeech-layout corpus (SPEAKERS.TXT, FLAC, trans.txt)",
-        stage["librispeech"],
-        "corpus root to create (it will hold SPEAKERS.TXT and the subset folders)",
-    )
-    _add_stage(
-        corpora,
-        "speech-commands",
-        "a small Speech Commands v0.01 with its separate test set, as S3PRL reads it",
-        stage["speech-commands"],
-        "folder to hold speech_commands_v0.01/ and speech_commands_test_set_v0.01/",
-    )
-    _add_stage(
-        stages,
-        "partition",
-        "split a LibriSpeech-layout corpus into speaker-disjoint federated clients",
-        stage["partition"],
-        "partition folder to create (manifests, partition.json, plots)",
-    )
-    _add_stage(
-        stages,
-        "kmeans",
-        "MFCC k-means targets (HuBERT iteration 1) for every client, federated or per client",
-        stage["kmeans"],
-        "k-means folder to create (labels per client, codebook, kmeans.json)",
-    )
-    _add_stage(
-        stages,
-        "features",
-        "one client's k-means features ahead of 'fedhubert kmeans' (e.g. a Slurm array task per client)",
-        stage["features"],
-        "FEATURE_DIR/client_<i>: the cache kmeans reads with feature_dir=FEATURE_DIR",
-    )
-    _add_stage(
-        stages,
-        "train-local",
-        "centralized HuBERT training on manifests and k-means labels (the baseline)",
-        stage["train-local"],
-        "training folder to create (checkpoints, metrics.jsonl, training.png)",
-    )
-    _add_stage(
-        stages,
-        "pretrain",
-        "federated HuBERT pretraining on Flower (FedAdam by default), with exact resume",
-        stage["pretrain"],
-        "run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
-    )
-    _add_stage(
-        stages,
-        "distill",
-        "federated DistilHuBERT distillation from a frozen pretrained teacher, on Flower",
-        stage["distill"],
-        "run folder to create (checkpoints, metrics.jsonl, tensorboard, distill.png)",
-    )
-    evaluate = stages.add_parser("evaluate", help="SUPERB downstream evaluation with S3PRL")
-    tasks = evaluate.add_subparsers(title="tasks", metavar="TASK", required=True)
-    _add_stage(
-        tasks,
-        "speech-commands",
-        "keyword spotting (Speech Commands v0.01) with S3PRL's own run_downstream: "
-        "train, then score the dev-best checkpoint on the test set",
-        stage["speech-commands-eval"],
-        "evaluation folder to create (S3PRL's experiment, result.json; the row is added to ../results.jsonl)",
-    )
-    _add_stage(
-        stages,
-        "probe",
-        "linear probe of frozen features: logistic regression on time-pooled hidden states of "
-        "keyword clips, scored by speaker-disjoint cross-validation",
-        stage["probe"],
-        "probe folder to create (probe.json, probe.md)",
-    )
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for stage in _stages().values():
+        subparsers = stages
+        if len(stage.command) > 1:
+            group = stage.command[0]
+            if group not in groups:
+                help_text, title, metavar = _GROUPS[group]
+                groups[group] = stages.add_parser(group, help=help_text).add_subparsers(
+                    title=title, metavar=metavar, required=True
+                )
+            subparsers = groups[group]
+        _add_stage(subparsers, stage)
     report = stages.add_parser(
         "report",
         help="write RUN_DIR/report.md and its plots from a run's files",

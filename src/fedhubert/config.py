@@ -19,7 +19,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, NamedTuple, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -401,8 +401,20 @@ def save_config(cfg: Any, path: Path) -> None:
     atomic_write_text(Path(path), header + dump_config(cfg))
 
 
-def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, help) for every leaf key, for documentation and `--help-config`."""
+class KeyDoc(NamedTuple):
+    """One leaf key of a config: its dotted name, type (without Optional), type in words, default, help text
+    and allowed values (from `choices` or a Literal type; None when any value of the type goes)."""
+
+    key: str
+    type: Any
+    type_name: str
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+
+
+def describe_fields(cls: type, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of `cls`, nested configs' keys dotted (`model.preset`), for --help and flags."""
     rows = []
     defaults = cls()
     hints = _hints(cls)
@@ -411,6 +423,15 @@ def describe_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any, st
         if dataclasses.is_dataclass(inner):
             rows.extend(describe_fields(inner, f"{prefix}{f.name}."))
         else:
-            default = getattr(defaults, f.name)
-            rows.append((f"{prefix}{f.name}", _type_name(hints[f.name]), default, f.metadata.get("help", "")))
+            literal = get_args(inner) if get_origin(inner) is Literal else None
+            rows.append(
+                KeyDoc(
+                    key=f"{prefix}{f.name}",
+                    type=inner,
+                    type_name=_type_name(hints[f.name]),
+                    default=getattr(defaults, f.name),
+                    help=f.metadata.get("help", ""),
+                    choices=f.metadata.get("choices") or literal,
+                )
+            )
     return rows
