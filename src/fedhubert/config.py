@@ -356,16 +356,17 @@ def config_from_dict(cls: type[T], data: dict, source: str) -> T:
     return _build(cls, raw, origins)
 
 
-def absolute_paths(cfg: T) -> T:
-    """The same config with every relative path made absolute (against the current folder), so that records
-    and processes started elsewhere (Flower's ServerApp, batch jobs) see the same files."""
+def absolute_paths(cfg: T, base: Path | None = None) -> T:
+    """The same config with every relative path made absolute (against `base`, by default the current folder),
+    so that records and processes started elsewhere (Flower's ServerApp, batch jobs) see the same files."""
+    base = Path(base) if base is not None else Path.cwd()
     changes = {}
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, Path):
-            changes[f.name] = value.absolute()
+            changes[f.name] = value if value.is_absolute() else base / value
         elif dataclasses.is_dataclass(value):
-            changes[f.name] = absolute_paths(value)
+            changes[f.name] = absolute_paths(value, base)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

@@ -87,6 +87,30 @@ def progress(iterable: Iterable[T], *, total: int | None = None, desc: str, unit
     )
 
 
+def clock(seconds: float) -> str:
+    """12:05 or 1:02:05."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class RoundClock:
+    """Elapsed time and an estimate of the time left for a loop of rounds that may start part-way (a resumed run):
+    the estimate is the mean time of the rounds run so far in this process times the rounds still to run."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last = first, last
+        self.start = time.monotonic()
+
+    def status(self, done: int, *, bound: bool = False) -> str:
+        """`done`: the round just completed; `bound`: the last round is an upper bound (a loop that may converge
+        before it), said as "at most"."""
+        elapsed = time.monotonic() - self.start
+        ran = done - self.first + 1
+        left = elapsed / ran * (self.last - done) if ran > 0 else 0.0
+        return f"{clock(elapsed)} elapsed, {'at most ' if bound else ''}{clock(left)} left"
+
+
 def _git_state() -> dict[str, Any]:
     source = Path(__file__).resolve().parent
     try:

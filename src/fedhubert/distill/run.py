@@ -52,6 +52,16 @@ def client_gpu_bytes(cfg: DistillConfig, teacher, teacher_cfg) -> int:
     )
 
 
+def plot_distill(cfg: DistillConfig, out: Path, summary: dict) -> None:
+    """distill.png from the run's metrics.jsonl."""
+    plot_rounds(
+        read_rows(out / "metrics.jsonl"),
+        out / "distill.png",
+        f"federated distillation ({cfg.strategy.name}, {summary['clients']} clients)",
+        acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None,
+    )
+
+
 def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
     partition, kmeans = read_inputs(cfg)
@@ -66,12 +76,7 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     summary = run_training_task(
         "distill", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force
     )
-    plot_rounds(
-        read_rows(out / "metrics.jsonl"),
-        out / "distill.png",
-        f"federated distillation ({cfg.strategy.name}, {num_clients} clients)",
-        acc_key="train_acc_masked" if cfg.loss.kmeans_weight > 0 else None,
-    )
+    plot_distill(cfg, out, summary)
     run.summary.update(summary)
     check_stopped("distill", summary, out)
     log.info(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -223,10 +224,12 @@ def _s3prl(args: list[str], log_path: Path, results_log: Path) -> None:
         sink.write("$ " + " ".join(command) + "\n")
         sink.flush()
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL)
+        bar = _ProgressEcho(log_path)
         try:
             while process.poll() is None:
                 time.sleep(1.0)
                 seen = _echo_new_lines(results_log, seen)
+                bar.poll()
         except BaseException:
             process.kill()
             process.wait()
@@ -238,6 +241,36 @@ def _s3prl(args: list[str], log_path: Path, results_log: Path) -> None:
             f"S3PRL's run_downstream failed (exit {process.returncode}); its log is {log_path}. "
             f"Last lines:\n  " + "\n  ".join(tail)
         )
+
+
+# S3PRL's overall progress bar (tqdm, redrawn with carriage returns in its output): "overall:  43%|...| 430/1000
+# [00:40<00:55, 10.9it/s]".
+_BAR = re.compile(r"overall:\s+(\d+)%\|[^|\r\n]*\|\s*(\d+)/(\d+) \[([\d:]+)<([\d:?]+)")
+
+
+class _ProgressEcho:
+    """Forwards S3PRL's training progress from its output file to the console: a line with the step, elapsed time
+    and S3PRL's estimate of the time left, every `every_s` seconds (its bar itself goes only to the file)."""
+
+    def __init__(self, path: Path, every_s: float = 30.0):
+        self.path, self.every_s = path, every_s
+        self.offset = path.stat().st_size if path.is_file() else 0
+        self.said = -math.inf
+
+    def poll(self) -> None:
+        if not self.path.is_file() or self.path.stat().st_size <= self.offset:
+            return
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            data = handle.read()
+        self.offset += len(data)
+        bars = _BAR.findall(data.decode("utf-8", errors="replace"))
+        if bars and time.monotonic() - self.said >= self.every_s:
+            percent, step, total, elapsed, left = bars[-1]
+            log.info(
+                "S3PRL training: step %s/%s (%s%%), %s elapsed, about %s left", step, total, percent, elapsed, left
+            )
+            self.said = time.monotonic()
 
 
 def _echo_new_lines(path: Path, offset: int) -> int:

@@ -25,10 +25,14 @@ class FederationConfig:
         None, "simulation: share of a GPU per client (null: from the model's estimated memory; 0 without GPUs)", ge=0
     )
     timeout_s: float = param(7200.0, "stop a run that has not finished after this many seconds", gt=0)
+    connect_timeout_s: float = param(
+        300.0, "give up when not every client's SuperNode has connected after this many seconds", gt=0
+    )
     app: Path | None = param(
         None,
         "a Flower app folder to run instead of fedhubert's own (its pyproject.toml names the ServerApp and "
-        "ClientApp, which may wrap fedhubert's, e.g. a customised client); null: fedhubert's",
+        "ClientApp, which may wrap fedhubert's, e.g. a customised client, and declares the run config keys "
+        "task, config, out, resume, threads and managed); null: fedhubert's",
     )
 
 

@@ -45,9 +45,15 @@ log = logging.getLogger(__name__)
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-# Lines of the stream worth showing on the console (all go to logs/flower.log): fedhubert's and Flower's own
-# INFO/WARNING/ERROR lines, not Ray's worker chatter or HTTP traces.
-_SHOWN = re.compile(r"^(\d\d:\d\d:\d\d (INFO|WARNING|ERROR)\s|(INFO|WARNING|ERROR)\s*:\s+\S|Successfully)")
+# Lines of the stream worth showing on the console (all go to logs/flower.log): the ServerApp's own log lines
+# (fedhubert's format, whose timestamp the console adds again, so it is cut), and Flower's INFO/WARNING/ERROR lines
+# other than start-up notices that say nothing about this run. Not Ray's worker chatter or HTTP traces.
+_OURS = re.compile(r"^\d\d:\d\d:\d\d (INFO|WARNING|ERROR)\s+(.*)$")
+_FLOWER = re.compile(r"^(INFO|WARNING|ERROR)\s*:\s+(\S.*)$")
+_QUIET = re.compile(
+    r"default simulated SuperNodes changed|To change federation size|flwr federation simulation-config|"
+    r"Starting logstream|Successfully installed|Using SuperLink"
+)
 
 
 class FederationError(FedhubertError):
@@ -190,6 +196,7 @@ def run_flower_app(
     the ServerApp reads after the current round to save its state and end; a second one, or the first without
     `stop_file`, ends the run at once."""
     out_dir = Path(out_dir).resolve()
+    run_config = {**run_config, "managed": True}  # this command keeps the run's records (fedhubert.fl.tasks)
     flwr_home = out_dir / "flwr"
     log_dir = out_dir / "logs"
     app = Path(federation.app).resolve() if federation.app else _app_dir(flwr_home, sorted(run_config))
@@ -261,6 +268,18 @@ class _Signals:
             pass
 
 
+def _show(line: str) -> None:
+    """Pass a line of the Flower stream on to the console at its own level, with one timestamp (ours)."""
+    if _QUIET.search(line):
+        return
+    if match := _OURS.match(line):
+        log.log(logging.getLevelName(match[1]), "server: %s", match[2])
+    elif match := _FLOWER.match(line):
+        log.log(logging.getLevelName(match[1]), "flower: %s", match[2])
+    elif line.startswith("Successfully started run"):
+        log.info("flower: %s", line)
+
+
 def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: float, stop_file: Path | None) -> str:
     run_id = None
     tail: list[str] = []
@@ -288,8 +307,7 @@ def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: floa
                 match = _RUN_ID.search(line)
                 if match:
                     run_id = match[1]
-                if _SHOWN.search(line):
-                    log.info("flower: %s", line.strip())
+                _show(line)
             process.wait()
     finally:
         timer.cancel()

@@ -39,11 +39,13 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
+from fedhubert.fl.nodes import wait_for_clients
 from fedhubert.fl.records import MessageLog, config_to_record
 from fedhubert.fl.round_log import RoundLog, read_rows
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.fl.weights import WeightsError, check_update, decode, encode
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedhubert.runlog import RoundClock
 from fedhubert.train.learning import learning_check, log_verdict
 from fedhubert.train.schedule import describe, fit_schedule, schedule_record, schedule_warnings
 
@@ -184,11 +186,7 @@ class FederatedRun:
 
     def _identify(self) -> dict[int, int]:
         """partition id -> node id, once all clients are connected."""
-        deadline = time.monotonic() + self.cfg.federation.timeout_s
-        while len(nodes := sorted(self.grid.get_node_ids())) < self.num_clients:
-            if time.monotonic() > deadline:
-                raise RoundError(f"only {len(nodes)} of {self.num_clients} clients connected in time")
-            time.sleep(1.0)
+        nodes = wait_for_clients(self.grid, self.num_clients, self.cfg.federation.connect_timeout_s)
         messages = [
             Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.identify")
             for n in nodes
@@ -295,6 +293,7 @@ class FederatedRun:
         self.task.state.update(state)
         nodes = self._identify()
         started = time.monotonic()
+        clock = RoundClock(start + 1, self.cfg.num_rounds)
         stopped = None
         if start == 0 and self.task.evaluate is not None:
             first = self.task.evaluate({**self.task.state, **arrays})
@@ -355,9 +354,10 @@ class FederatedRun:
             }
             self.records.write(row)
             log.info(
-                "round %d/%d: %d clients, %s",
+                "round %d/%d (%s): %d clients, %s",
                 round_,
                 self.cfg.num_rounds,
+                clock.status(round_),
                 len(accepted),
                 _brief({**dict(aggregated), **step_stats}),
             )

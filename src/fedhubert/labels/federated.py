@@ -25,6 +25,7 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
+from fedhubert.fl.nodes import wait_for_clients
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
 from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
 from fedhubert.fl.tasks import FederatedTask, ServerRun
@@ -43,6 +44,7 @@ from fedhubert.labels.kmeans import (
 )
 from fedhubert.manifest import file_sha256, read_manifest
 from fedhubert.model.checkpoint import save_checkpoint
+from fedhubert.runlog import RoundClock
 
 log = logging.getLogger(__name__)
 
@@ -189,17 +191,7 @@ class _Server:
         self.out = out
         self.num_clients = num_clients
         self.messages = MessageLog(out / "messages.jsonl")
-        self.nodes = self._wait_for_nodes(timeout_s)
-
-    def _wait_for_nodes(self, timeout_s: float) -> list[int]:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            nodes = sorted(self.grid.get_node_ids())
-            if len(nodes) >= self.num_clients:
-                return nodes
-            if time.monotonic() > deadline:
-                raise KMeansError(f"only {len(nodes)} of {self.num_clients} clients connected within {timeout_s:.0f} s")
-            time.sleep(1.0)
+        self.nodes = wait_for_clients(grid, num_clients, timeout_s)
 
     def ask(self, action: str, round_: int | None = None, **records) -> dict[int, RecordDict]:
         """Send `action` with the config (and `records`) to every client; return the replies by client index."""
@@ -303,6 +295,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         _save_lloyd(out, 0, centroids, rng, history, previous, converged, cfg)
     else:
         start, centroids, history, previous, converged = restored
+    clock = RoundClock(start + 1, cfg.lloyd.max_rounds)
     for round_ in range(start + 1, cfg.lloyd.max_rounds + 1):
         if converged:
             break
@@ -320,8 +313,10 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         change = abs(previous - inertia) / previous if previous else float("inf")
         history.append({"round": round_, "inertia": inertia, "relative_change": change, "reseeded": reseeded})
         log.info(
-            "k-means round %d: inertia %.4f per frame (change %.2e), %d clusters re-seeded",
+            "k-means round %d/%d (%s): inertia %.4f per frame (change %.2e), %d clusters re-seeded",
             round_,
+            cfg.lloyd.max_rounds,
+            clock.status(round_, bound=True),
             inertia,
             change,
             len(reseeded),
@@ -335,7 +330,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
 def serve_kmeans(grid: Grid, run: ServerRun) -> None:
     cfg, out = load_config(KMeansConfig, run.config), run.out
     partition = json.loads((Path(cfg.partition) / "partition.json").read_text())
-    server = _Server(grid, cfg, out, int(partition["num_clients"]), cfg.federation.timeout_s)
+    server = _Server(grid, cfg, out, int(partition["num_clients"]), cfg.federation.connect_timeout_s)
     started = time.monotonic()
     history: list[dict] = []
     if cfg.mode == "per-client":

@@ -45,6 +45,15 @@ def client_gpu_bytes(model: ModelConfig, train: TrainConfig, num_classes: int) -
     return 16 * params + activations + 768 * 2**20
 
 
+def plot_pretrain(cfg: PretrainConfig, out: Path, summary: dict) -> None:
+    """pretrain.png from the run's metrics.jsonl."""
+    plot_rounds(
+        read_rows(out / "metrics.jsonl"),
+        out / "pretrain.png",
+        f"federated pretraining ({cfg.strategy.name}, {summary['clients']} clients)",
+    )
+
+
 def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
     partition, kmeans = read_inputs(cfg)
@@ -59,11 +68,7 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     summary = run_training_task(
         "pretrain", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force
     )
-    plot_rounds(
-        read_rows(out / "metrics.jsonl"),
-        out / "pretrain.png",
-        f"federated pretraining ({cfg.strategy.name}, {num_clients} clients)",
-    )
+    plot_pretrain(cfg, out, summary)
     run.summary.update(summary)
     check_stopped("pretrain", summary, out)
     best = summary.get("best")

@@ -4,6 +4,27 @@ from __future__ import annotations
 
 from fedhubert.fl.tasks import FederatedTask
 from fedhubert.pretrain.client import train_round
+from fedhubert.pretrain.config import OUTPUTS, PretrainConfig
+from fedhubert.pretrain.run import plot_pretrain
 from fedhubert.pretrain.server import serve_pretrain
 
-TASK = FederatedTask("pretrain", serve_pretrain, {"train": train_round})
+# `flwr run` keys (pyproject.toml's [tool.flwr.app.config]) -> config keys.
+RUN_KEYS = {
+    "partition": "partition",
+    "kmeans": "kmeans",
+    "num-server-rounds": "num_rounds",
+    "local-steps": "local_steps",
+    "fraction-train": "strategy.fraction",
+    "strategy": "strategy.name",
+    "preset": "model.preset",
+}
+
+TASK = FederatedTask(
+    "pretrain",
+    serve_pretrain,
+    {"train": train_round},
+    config_cls=PretrainConfig,
+    run_keys=RUN_KEYS,
+    owned=OUTPUTS,
+    finish=plot_pretrain,
+)

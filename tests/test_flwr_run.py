@@ -1,0 +1,114 @@
+"""`flwr run .` as a Flower user runs it: from a copy of the repository, with flat `--run-config` keys, on Flower's
+own local simulation SuperLink (started by `flwr`, in a private FLWR_HOME on free ports). The run writes the same
+records as `fedhubert pretrain`; too few SuperNodes give a waiting message and a bounded failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from fedhubert.config import load_config
+from fedhubert.fl.deploy import flower_bin, free_port
+from fedhubert.pretrain.config import PretrainConfig
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+# A YAML layer under the flat keys: what keeps the run small (the flat keys carry the rest).
+FAST = {
+    "train": {"device": "cpu", "data": {"min_seconds": 1, "max_seconds": 3, "batch_seconds": 12}},
+    "federation": {"connect_timeout_s": 20},
+}
+
+
+@pytest.fixture(scope="module")
+def flower_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
+    """A copy of the repository (what `flwr run` packs) and the environment of a user whose `flwr` starts its
+    own local SuperLink; that SuperLink is stopped afterwards (Flower leaves it running for later runs)."""
+    app = tmp_path_factory.mktemp("flower-user") / "fedhubert"
+    for name in ("src", "configs"):
+        shutil.copytree(REPO / name, app / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, app / name)
+    port = str(free_port())
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(app.parent / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": port,
+        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "PATH": f"{Path(flower_bin('flwr')).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    yield app, env
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any("flower-superlink" in part for part in cmdline) and port in cmdline:
+            os.killpg(os.getpgid(process.pid), signal.SIGTERM)
+
+
+def flwr_run(app: Path, env: dict, run_config: str, supernodes: int) -> subprocess.CompletedProcess:
+    command = [flower_bin("flwr"), "run", ".", "--stream", "--run-config", run_config]
+    command += ["--federation-config", f"num-supernodes={supernodes}"]
+    return subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_flwr_run_with_flat_keys_writes_the_stage_records(flower_user, small_partition, small_kmeans, tmp_path):
+    app, env = flower_user
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST))
+    out = tmp_path / "run"
+    result = flwr_run(
+        app,
+        env,
+        f"num-server-rounds=2 local-steps=2 preset='tiny' strategy='fedavg' partition='{small_partition}' "
+        f"kmeans='{small_kmeans}' out='{out}' config='{config}'",
+        supernodes=3,
+    )
+    assert (out / "run.json").is_file(), result.stdout + result.stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed", record.get("error")
+    assert record["command"][:2] == ["flwr", "run"]
+    saved = load_config(PretrainConfig, out / "config.yaml")
+    assert (saved.num_rounds, saved.local_steps, saved.model.preset) == (2, 2, "tiny")
+    assert saved.partition == small_partition and saved.train.data.max_seconds == 3
+    assert record["summary"]["rounds"] == 2 and record["summary"]["clients"] == 3
+    assert (out / "checkpoints" / "final.pt").is_file() and (out / "pretrain.png").is_file()
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds if r["kind"] == "train"] == [1, 2]
+    assert (out / "logs" / "pretrain.log").is_file()
+
+
+def test_too_few_supernodes_are_named_and_the_wait_is_bounded(flower_user, small_partition, small_kmeans, tmp_path):
+    app, env = flower_user
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST))
+    out = tmp_path / "run"
+    result = flwr_run(
+        app,
+        env,
+        f"num-server-rounds=1 preset='tiny' partition='{small_partition}' kmeans='{small_kmeans}' out='{out}' "
+        f"config='{config}'",
+        supernodes=2,
+    )
+    stream = result.stdout + result.stderr
+    assert "waiting for 3 clients, 2 connected" in stream and "num-supernodes=3" in stream, stream[-3000:]
+    assert "gave up after 20 s (federation.connect_timeout_s)" in stream, stream[-3000:]
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and "gave up after 20 s" in record["error"]
+
+
+def test_a_key_the_task_does_not_read_is_refused(flower_user, small_partition, tmp_path):
+    app, env = flower_user
+    out = tmp_path / "run"
+    result = flwr_run(
+        app, env, f"task='pretrain' teacher='/x/teacher.pt' partition='{small_partition}' out='{out}'", supernodes=3
+    )
+    stream = result.stdout + result.stderr
+    assert "teacher='/x/teacher.pt': not read by task 'pretrain'" in stream, stream[-3000:]
