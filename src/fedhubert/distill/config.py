@@ -8,7 +8,7 @@ from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
-from fedhubert.fl.config import FederationConfig, StrategyConfig
+from fedhubert.fl.config import FederationConfig, PrivacyConfig, StrategyConfig
 from fedhubert.train.config import OptimConfig, TrainConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force.
@@ -85,6 +85,7 @@ class DistillConfig:
     )
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation of the student")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
+    privacy: PrivacyConfig = param(PrivacyConfig(), "client-level differential privacy of the released models")
 
     def validate(self) -> None:
         for key in ("teacher", "partition"):

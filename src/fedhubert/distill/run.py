@@ -16,6 +16,7 @@ from fedhubert.distill.models import build_student, distiller_config, load_teach
 from fedhubert.distill.server import read_inputs
 from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.local import ClientPlace, with_client_overrides
+from fedhubert.fl.privacy import check_settings
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.runlog import StageRun
@@ -68,6 +69,7 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     teacher, teacher_cfg, _ = load_teacher(cfg.teacher)  # a missing or wrong teacher stops here, before Flower
     prediction_layers(cfg.student, teacher_cfg)
     num_clients = int(partition["num_clients"])
+    check_settings(cfg.privacy, num_clients)  # before Flower starts
     for client in range(num_clients):
         with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), None, out))
     resources = None

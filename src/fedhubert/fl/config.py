@@ -52,3 +52,22 @@ class StrategyConfig:
     tau: float = param(1e-3, "FedAdam/FedYogi adaptivity floor (1e-9 would turn updates into eta * sign)", gt=0)
     fraction: float = param(1.0, "share of the clients sampled each round", gt=0, le=1)
     min_clients: int = param(2, "a round needs replies from at least this many clients", ge=1)
+
+
+@dataclass
+class PrivacyConfig:
+    mode: Literal["none", "server"] = param(
+        "none",
+        "client-level differential privacy: none, or server (the server clips each client's update and adds "
+        "Gaussian noise to their mean; it protects the released models, and trusts the server)",
+    )
+    clip_norm: float | None = param(
+        None, "L2 bound on each client's update over all shared tensors (required with mode server)", gt=0
+    )
+    noise_multiplier: float = param(
+        0.0, "noise standard deviation on the sum of clipped updates, in units of clip_norm (0: clipping only)", ge=0
+    )
+    delta: float = param(1e-5, "the delta of (epsilon, delta); must be below 1 / number of clients", gt=0, lt=1)
+    target_epsilon: float | None = param(
+        None, "stop (with a checkpoint) before a round that would take epsilon above this; null: no limit", gt=0
+    )

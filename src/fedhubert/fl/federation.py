@@ -172,12 +172,21 @@ def run_training_task(
 
 
 def check_stopped(stage: str, summary: dict, out: Path) -> None:
-    """StageStopped when the run ended early at request, saying how to continue it."""
-    if summary["stopped_after_round"] is not None:
+    """StageStopped when the run ended early (at request, or at its privacy budget), saying what to do next."""
+    if summary["stopped_after_round"] is None:
+        return
+    if summary.get("stopped_because") == "privacy budget":
+        privacy = summary["privacy"]
         raise StageStopped(
-            f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at "
-            f"request; its state is checkpointed. Continue with: fedhubert {stage} --resume {out}"
+            f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}: one more round "
+            f"would take epsilon above privacy.target_epsilon={privacy['target_epsilon']:g} (spent "
+            f"{privacy['epsilon']:.3f} at delta {privacy['delta']:g}). The state is checkpointed in {out}; the "
+            "latest checkpoint is the model of this privacy budget"
         )
+    raise StageStopped(
+        f"{stage} stopped after round {summary['stopped_after_round']} of {summary['rounds']}, at "
+        f"request; its state is checkpointed. Continue with: fedhubert {stage} --resume {out}"
+    )
 
 
 def run_flower_app(

@@ -40,6 +40,7 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.nodes import wait_for_clients
+from fedhubert.fl.privacy import Accountant, RoundPrivacy, check_settings, clip_update, noise_share
 from fedhubert.fl.records import MessageLog, config_to_record
 from fedhubert.fl.round_log import RoundLog, read_rows
 from fedhubert.fl.strategy import make_strategy
@@ -139,6 +140,13 @@ class FederatedRun:
             cfg,
             train=dataclasses.replace(cfg.train, optim=fit_schedule(cfg.train.optim, self.planned, task.default_lr)),
         )
+        self.privacy = cfg.privacy
+        check_settings(self.privacy, num_clients)
+        self.accountant = (
+            Accountant(self.privacy, num_clients, self._sample_size())
+            if self.privacy.mode != "none" and self.privacy.noise_multiplier > 0
+            else None
+        )
 
     # ------------------------------------------------------------------------------------------- setup
     def _restore(self) -> tuple[int, int, dict[str, torch.Tensor]]:
@@ -161,6 +169,14 @@ class FederatedRun:
             )
         state.update(payload["state_dict"])
         self.strategy.load_state(saved["strategy"])
+        if self.accountant is not None:
+            self.accountant.load_state(saved["privacy"])
+            if self.accountant.next_round_exceeds() and int(saved["round"]) < self.cfg.num_rounds:
+                raise RoundError(
+                    f"cannot resume from {path}: the privacy budget is spent (epsilon "
+                    f"{self.accountant.epsilon():.3f} after {self.accountant.rounds} rounds; one more round would "
+                    f"exceed privacy.target_epsilon={self.privacy.target_epsilon:g})"
+                )
         before = saved.get("schedule")
         if before and (before["warmup_steps"], before["total_steps"]) != (
             self.schedule["warmup_steps"],
@@ -201,10 +217,38 @@ class FederatedRun:
             raise RoundError(f"no node is client(s) {missing}: check the SuperNodes' partition-id")
         return mapping
 
-    def _sample(self, round_: int) -> list[int]:
+    def _sample_size(self) -> int:
         count = max(math.ceil(self.cfg.strategy.fraction * self.num_clients), self.min_required)
+        return min(count, self.num_clients)
+
+    def _sample(self, round_: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.seed, round_])
-        return sorted(int(c) for c in rng.choice(self.num_clients, size=min(count, self.num_clients), replace=False))
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=self._sample_size(), replace=False))
+
+    def _privatise(
+        self, accepted: dict[int, tuple[dict, MetricRecord]], reference: dict[str, torch.Tensor], round_: int
+    ) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[str, float]]:
+        """Mode server: each client's change clipped to clip_norm, its share of the noise added, and equal weights
+        for the aggregation (fedhubert.fl.privacy). Returns the replies to aggregate and the round's record."""
+        clip, m = float(self.privacy.clip_norm), len(accepted)
+        share_std = self.privacy.noise_multiplier * clip / math.sqrt(m)
+        private, norms = {}, []
+        for client, (tensors, metrics) in sorted(accepted.items()):
+            change, norm = clip_update({k: tensors[k] - reference[k] for k in reference}, clip)
+            norms.append(norm)
+            if share_std > 0:
+                noise = noise_share(change, share_std, self.cfg.seed, round_, client)
+                change = {k: change[k] + noise[k] for k in change}
+            record = MetricRecord({**dict(metrics), "update_norm": norm, "clipped": int(norm > clip)})
+            private[client] = ({k: reference[k] + change[k] for k in change}, record)
+        report = RoundPrivacy(
+            clip_norm=clip,
+            clipped_fraction=sum(n > clip for n in norms) / m,
+            update_norm_median=float(np.median(norms)),
+            update_norm_max=max(norms),
+            noise_std=self.privacy.noise_multiplier * clip / m,
+        )
+        return private, report.record()
 
     # ------------------------------------------------------------------------------------------- a round
     def _check(
@@ -275,6 +319,7 @@ class FederatedRun:
                 "config": config_to_dict(self.cfg),
                 "best": self.best,
                 "schedule": self.schedule,
+                "privacy": self.accountant.state() if self.accountant is not None else None,
                 **self.task.checkpoint_extra(round_),
             },
         )
@@ -287,6 +332,19 @@ class FederatedRun:
             return True
         return result[key] > self.best[key] if self.task.higher_is_better else result[key] < self.best[key]
 
+    def _privacy_summary(self) -> dict | None:
+        if self.privacy.mode == "none":
+            return None
+        return {
+            "mode": self.privacy.mode,
+            "clip_norm": self.privacy.clip_norm,
+            "noise_multiplier": self.privacy.noise_multiplier,
+            "delta": self.privacy.delta if self.accountant is not None else None,
+            "epsilon": self.accountant.epsilon() if self.accountant is not None else math.inf,
+            "accounted_rounds": self.accountant.rounds if self.accountant is not None else 0,
+            "target_epsilon": self.privacy.target_epsilon,
+        }
+
     def run(self) -> dict:
         start, global_step, state = self._restore()
         arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
@@ -294,12 +352,28 @@ class FederatedRun:
         nodes = self._identify()
         started = time.monotonic()
         clock = RoundClock(start + 1, self.cfg.num_rounds)
-        stopped = None
+        stopped, stop_reason = None, None
         if start == 0 and self.task.evaluate is not None:
             first = self.task.evaluate({**self.task.state, **arrays})
             self.records.write({"kind": "eval", "round": 0, **first})
             log.info("round 0 (initial model): %s", _brief(first))
         for round_ in range(start + 1, self.cfg.num_rounds + 1):
+            if self.accountant is not None and self.accountant.next_round_exceeds():
+                if self.saved_round < round_ - 1:
+                    self._checkpoint(round_checkpoint(self.out, round_ - 1), round_ - 1, global_step, arrays)
+                    self.saved_round = round_ - 1
+                log.warning(
+                    "stopping after round %d of %d: round %d would take epsilon above privacy.target_epsilon=%g "
+                    "(spent: %.3f at delta %g); the state is checkpointed",
+                    round_ - 1,
+                    self.cfg.num_rounds,
+                    round_,
+                    self.privacy.target_epsilon,
+                    self.accountant.epsilon(),
+                    self.privacy.delta,
+                )
+                stopped, stop_reason = round_ - 1, "privacy budget"
+                break
             chosen = self._sample(round_)
             self.strategy.begin_round(encode(arrays, "float32"))
             payload = encode(arrays, self.cfg.transfer)
@@ -331,14 +405,25 @@ class FederatedRun:
                     f"({'; '.join(f'client {c}: {r}' for c, r in failed.items())}). "
                     f"The state after round {round_ - 1} is checkpointed; fix the clients and continue with --resume"
                 )
+            privacy_row: dict[str, float] = {}
+            if self.privacy.mode == "server":
+                accepted, privacy_row = self._privatise(accepted, arrays, round_)
+            # Equal weights under privacy: weighting by examples would let one client's weight exceed the bound.
+            weigh = (lambda m: MetricRecord({**dict(m), "num-examples": 1})) if privacy_row else (lambda m: m)
             ordered = [
-                Message(RecordDict({"arrays": encode(t, "float32"), "metrics": m}), dst_node_id=0, message_type="train")
+                Message(
+                    RecordDict({"arrays": encode(t, "float32"), "metrics": weigh(m)}),
+                    dst_node_id=0,
+                    message_type="train",
+                )
                 for _, (t, m) in sorted(accepted.items())
             ]
             new, aggregated = self.strategy.aggregate(round_, ordered, {k: np.dtype(np.float32) for k in arrays})
             new_arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
             step_stats = server_step(arrays, new_arrays, [(t, float(m["num-examples"])) for t, m in accepted.values()])
             arrays = new_arrays
+            if self.accountant is not None:
+                privacy_row.update(privacy_epsilon=self.accountant.spend_round(), privacy_delta=self.privacy.delta)
             global_step += max(int(m.get("train_steps", self.cfg.local_steps)) for _, m in accepted.values())
             for _client, (_, metrics) in sorted(accepted.items()):  # metrics carry the client's index
                 self.records.write({"kind": "client", "round": round_, **dict(metrics)})
@@ -350,7 +435,8 @@ class FederatedRun:
                 "global_step": global_step,
                 "seconds": round(time.monotonic() - round_started, 3),
                 **step_stats,
-                **{k: v for k, v in dict(aggregated).items() if k != "client"},
+                **privacy_row,
+                **{k: v for k, v in dict(aggregated).items() if k not in ("client", "update_norm", "clipped")},
             }
             self.records.write(row)
             log.info(
@@ -359,7 +445,7 @@ class FederatedRun:
                 self.cfg.num_rounds,
                 clock.status(round_),
                 len(accepted),
-                _brief({**dict(aggregated), **step_stats}),
+                _brief({**dict(aggregated), **step_stats, **privacy_row}),
             )
             if self.task.evaluate is not None and (
                 round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds
@@ -389,7 +475,7 @@ class FederatedRun:
                     reason,
                     round_checkpoint(self.out, round_).name,
                 )
-                stopped = round_
+                stopped, stop_reason = round_, reason
                 break
         self.records.close()
         evals = [{"at": r["round"], **r} for r in read_rows(self.records.path) if r["kind"] == "eval"]
@@ -404,6 +490,8 @@ class FederatedRun:
             "best": self.best,
             "seconds": round(time.monotonic() - started, 2),
             "stopped_after_round": stopped,
+            "stopped_because": stop_reason,
+            "privacy": self._privacy_summary(),
             "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt"),
         }
 
@@ -444,6 +532,8 @@ def _brief(metrics: dict) -> str:
             "acc_masked",
             "step_ratio",
             "step_cosine",
+            "privacy_clipped_fraction",
+            "privacy_epsilon",
         )
         if k in metrics
     ]

@@ -8,7 +8,7 @@ from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
-from fedhubert.fl.config import FederationConfig, StrategyConfig
+from fedhubert.fl.config import FederationConfig, PrivacyConfig, StrategyConfig
 from fedhubert.model.config import ModelConfig
 from fedhubert.train.config import LossConfig, TrainConfig
 
@@ -46,6 +46,7 @@ class PretrainConfig:
     train: TrainConfig = param(TrainConfig(), "each client's local trainer (its optim.lr is the client learning rate)")
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
+    privacy: PrivacyConfig = param(PrivacyConfig(), "client-level differential privacy of the released models")
 
     def validate(self) -> None:
         for key in ("partition", "kmeans"):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.local import ClientPlace, with_client_overrides
+from fedhubert.fl.privacy import check_settings
 from fedhubert.fl.resources import simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.model.config import ModelConfig
@@ -58,6 +59,7 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
     partition, kmeans = read_inputs(cfg)
     num_clients = int(partition["num_clients"])
+    check_settings(cfg.privacy, num_clients)  # before Flower starts
     for client in range(num_clients):  # a bad client_configs file fails here, not inside a round
         with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), Path(cfg.kmeans), out))
     resources = None

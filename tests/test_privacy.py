@@ -1,0 +1,206 @@
+"""Client-level differential privacy (mode server): the accountant against dp-accounting computed directly and
+against the exact Gaussian mechanism, clipping and noise, settings refused before a run, and real Flower runs that
+clip, account every round, stop at the target epsilon and resume exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import dp_accounting
+import pytest
+import torch
+from scipy.stats import norm
+
+from common import PRETRAIN_FAST, run_cli
+from fedhubert.config import load_config
+from fedhubert.errors import ConfigError
+from fedhubert.fl.config import PrivacyConfig
+from fedhubert.fl.privacy import Accountant, check_settings, clip_update, noise_share
+from fedhubert.model.checkpoint import load_checkpoint
+
+
+def privacy(**keys: object) -> PrivacyConfig:
+    return load_config(PrivacyConfig, None, ["mode=server", *(f"{k}={v}" for k, v in keys.items())])
+
+
+def reference_epsilon(noise: float, rounds: int, delta: float, population: int, sampled: int) -> float:
+    """dp-accounting's RDP accountant, called directly: all clients each round (add/remove one, sensitivity C), or
+    a fixed-size sample without replacement (replace-one, sensitivity 2C, so half the noise multiplier)."""
+    if sampled == population:
+        accountant = dp_accounting.rdp.RdpAccountant()
+        event = dp_accounting.GaussianDpEvent(noise)
+    else:
+        accountant = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        event = dp_accounting.SampledWithoutReplacementDpEvent(
+            population, sampled, dp_accounting.GaussianDpEvent(noise / 2)
+        )
+    accountant.compose(event, rounds)
+    return accountant.get_epsilon(delta)
+
+
+def exact_gaussian_delta(epsilon: float, sigma: float) -> float:
+    """delta(epsilon) of the Gaussian mechanism with sensitivity 1 and noise sigma, exactly (Balle and Wang 2018,
+    Theorem 8)."""
+    return norm.cdf(-epsilon * sigma + 1 / (2 * sigma)) - math.exp(epsilon) * norm.cdf(
+        -epsilon * sigma - 1 / (2 * sigma)
+    )
+
+
+@pytest.mark.parametrize(("population", "sampled"), [(10, 10), (100, 10)])
+def test_the_accountant_matches_dp_accounting(population, sampled):
+    accountant = Accountant(privacy(clip_norm=1.0, noise_multiplier=1.1, delta=1e-5), population, sampled)
+    epsilons = [accountant.spend_round() for _ in range(20)]
+    assert epsilons == sorted(epsilons) and epsilons[0] > 0
+    assert epsilons[-1] == pytest.approx(reference_epsilon(1.1, 20, 1e-5, population, sampled), rel=1e-9)
+
+
+def test_without_sampling_the_bound_is_close_to_the_exact_gaussian_mechanism():
+    """T rounds of noise z compose to one Gaussian mechanism of noise z / sqrt(T); RDP must bound its exact epsilon
+    from above, and not by much."""
+    noise, rounds, delta = 2.0, 16, 1e-5
+    accountant = Accountant(privacy(clip_norm=1.0, noise_multiplier=noise, delta=delta), 50, 50)
+    for _ in range(rounds):
+        epsilon = accountant.spend_round()
+    sigma = noise / math.sqrt(rounds)
+    low, high = 0.0, 50.0
+    for _ in range(100):  # the exact epsilon at delta, by bisection
+        middle = (low + high) / 2
+        low, high = (middle, high) if exact_gaussian_delta(middle, sigma) > delta else (low, middle)
+    assert high <= epsilon <= 1.3 * high
+
+
+def test_a_resumed_accountant_continues_exactly():
+    settings = privacy(clip_norm=1.0, noise_multiplier=0.8, delta=1e-5, target_epsilon=30)
+    first = Accountant(settings, 20, 5)
+    for _ in range(3):
+        first.spend_round()
+    second = Accountant(settings, 20, 5)
+    second.load_state(json.loads(json.dumps(first.state())))
+    assert (second.spend_round(), second.rounds) == (first.spend_round(), first.rounds)
+
+
+def test_the_target_is_checked_before_the_round():
+    accountant = Accountant(privacy(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, target_epsilon=6.0), 10, 10)
+    spent = []
+    while not accountant.next_round_exceeds():
+        spent.append(accountant.spend_round())
+    assert spent and spent[-1] <= 6.0 < reference_epsilon(1.0, len(spent) + 1, 1e-5, 10, 10)
+
+
+def test_clipping_bounds_the_norm_and_keeps_the_direction():
+    change = {"a": torch.full((3,), 3.0), "b": torch.full((4,), 4.0)}
+    clipped, before = clip_update(change, 2.0)
+    after = math.sqrt(sum(float(t.pow(2).sum()) for t in clipped.values()))
+    assert before == pytest.approx(math.sqrt(27 + 64)) and after == pytest.approx(2.0)
+    assert torch.allclose(clipped["a"] / clipped["b"][:3], change["a"] / change["b"][:3])
+    small, _ = clip_update({"a": torch.ones(2)}, 5.0)
+    assert torch.equal(small["a"], torch.ones(2))
+
+
+def test_noise_shares_are_reproducible_per_round_and_client():
+    like = {"w": torch.zeros(20000)}
+    a = noise_share(like, 0.5, seed=0, round_=3, client=1)["w"]
+    assert torch.equal(a, noise_share(like, 0.5, seed=0, round_=3, client=1)["w"])
+    assert not torch.equal(a, noise_share(like, 0.5, seed=0, round_=3, client=2)["w"])
+    assert not torch.equal(a, noise_share(like, 0.5, seed=0, round_=4, client=1)["w"])
+    assert float(a.std()) == pytest.approx(0.5, rel=0.03)
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"noise_multiplier": 1.0}, "needs privacy.clip_norm"),
+        ({"clip_norm": 1.0, "target_epsilon": 5}, "needs privacy.noise_multiplier > 0"),
+        ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "is not below 1/3 clients"),
+    ],
+)
+def test_settings_that_make_no_sense_are_refused(keys, message):
+    with pytest.raises(ConfigError, match=message):
+        check_settings(privacy(**keys), 3)
+
+
+def test_the_command_refuses_them_before_flower_starts(small_partition, small_kmeans, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run_cli(
+        "pretrain",
+        "--partition",
+        small_partition,
+        "--kmeans",
+        small_kmeans,
+        "--out",
+        out,
+        *PRETRAIN_FAST,
+        "privacy.mode=server",
+        "privacy.noise_multiplier=1.0",
+    )
+    assert code == 2 and "needs privacy.clip_norm" in capsys.readouterr().err
+    assert not (out / "flwr").exists()
+
+
+# ------------------------------------------------------------------------------------------------ Flower runs
+DP = ["strategy.fraction=0.6", "privacy.mode=server", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.4"]
+
+
+def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
+    return run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, *PRETRAIN_FAST, *args)
+
+
+def rows(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.mark.slow
+def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small_kmeans, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    pinned = ["train.optim.total_steps=9", "train.optim.warmup_steps=1"]  # what 3 rounds of 3 updates fit
+    assert pretrain(small_partition, small_kmeans, whole, "--rounds", "3", *DP, *pinned) == 0
+    train = rows(whole, "train")
+    epsilons = [r["privacy_epsilon"] for r in train]
+    assert len(epsilons) == 3 and epsilons == sorted(epsilons) and epsilons[0] > 0
+    assert epsilons[-1] == pytest.approx(reference_epsilon(0.4, 3, 1e-5, 3, 2), rel=1e-9)
+    clients = rows(whole, "client")
+    assert all(r["update_norm"] > 0 for r in clients)
+    assert [r["privacy_clipped_fraction"] for r in train] == [
+        sum(c["update_norm"] > 0.5 for c in clients if c["round"] == r["round"]) / 2 for r in train
+    ]
+    summary = json.loads((whole / "run.json").read_text())["summary"]
+    assert summary["privacy"]["epsilon"] == pytest.approx(epsilons[-1]) and summary["privacy"]["delta"] == 1e-5
+
+    assert pretrain(small_partition, small_kmeans, parts, "--rounds", "2", *DP, *pinned) == 0
+    assert run_cli("pretrain", "--resume", parts, "num_rounds=3") == 0
+    fixed = load_checkpoint(whole / "checkpoints" / "final.pt")
+    resumed = load_checkpoint(parts / "checkpoints" / "final.pt")
+    a, b = fixed["state_dict"], resumed["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "same clipping, same noise, same weights"
+    assert rows(parts, "train")[-1]["privacy_epsilon"] == epsilons[-1]
+
+
+@pytest.mark.slow
+def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tmp_path):
+    """Without noise, FedAvg's step is the mean of changes clipped to clip_norm, so it cannot be longer."""
+    out = tmp_path / "clip"
+    assert (
+        pretrain(small_partition, small_kmeans, out, "--rounds", "2", "privacy.mode=server", "privacy.clip_norm=0.05")
+        == 0
+    )
+    train = rows(out, "train")
+    assert all(r["privacy_clipped_fraction"] == 1.0 for r in train), "tiny bound: every update is clipped"
+    assert all(r["server_step_norm"] <= 0.05 * (1 + 1e-5) for r in train)
+    assert all("privacy_epsilon" not in r for r in train), "no noise, no epsilon"
+    assert json.loads((out / "run.json").read_text())["summary"]["privacy"]["epsilon"] == math.inf
+
+
+@pytest.mark.slow
+def test_the_run_stops_at_its_target_epsilon(small_partition, small_kmeans, tmp_path, capsys):
+    out = tmp_path / "budget"
+    target = (reference_epsilon(0.4, 2, 1e-5, 3, 2) + reference_epsilon(0.4, 3, 1e-5, 3, 2)) / 2
+    assert pretrain(small_partition, small_kmeans, out, "--rounds", "5", *DP, f"privacy.target_epsilon={target}") == 75
+    assert "would take epsilon above privacy.target_epsilon" in capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "stopped" and record["summary"]["stopped_after_round"] == 2
+    assert record["summary"]["privacy"]["epsilon"] <= target
+    assert (out / "checkpoints" / "round_00002.pt").is_file()
+    assert run_cli("pretrain", "--resume", out) == 2
+    assert "the privacy budget is spent" in capsys.readouterr().err
