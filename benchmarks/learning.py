@@ -271,9 +271,8 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
     return record
 
 
-def probe(checkpoints: list[str], keywords: Path) -> dict:
+def probe(checkpoints: list[str], keywords: Path, out: Path = ROOT / "probe") -> dict:
     """One `fedhubert probe` over every checkpoint (and random init of each architecture); models by checkpoint."""
-    out = ROOT / "probe"
     run_cli(
         "probe",
         "--dataset",
@@ -483,8 +482,8 @@ def figures_of(records: dict[str, dict], random_init: dict, s3prl_results: dict,
     return figures
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, compute and data flags (shared with benchmarks/privacy.py, which runs on the same data)."""
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--local-steps", type=int, default=10)
@@ -494,6 +493,11 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=2.75, help="minutes of speech per speaker")
     parser.add_argument("--keyword-speakers", type=int, default=48)
     parser.add_argument("--keyword-test-speakers", type=int, default=40)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
     parser.add_argument("--s3prl-steps", type=int, default=3000, help="0 skips S3PRL")
     parser.add_argument("--s3prl-jobs", type=int, default=2, help="S3PRL evaluations run side by side")
     parser.add_argument("--s3prl-device", default="cpu")

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
@@ -19,6 +20,7 @@ from fedhubert.errors import ConfigError
 from fedhubert.fl.config import PrivacyConfig
 from fedhubert.fl.privacy import Accountant, check_settings, clip_update, noise_share
 from fedhubert.model.checkpoint import load_checkpoint
+from fedhubert.report import write_report
 
 
 def privacy(**keys: object) -> PrivacyConfig:
@@ -79,6 +81,14 @@ def test_a_resumed_accountant_continues_exactly():
     second = Accountant(settings, 20, 5)
     second.load_state(json.loads(json.dumps(first.state())))
     assert (second.spend_round(), second.rounds) == (first.spend_round(), first.rounds)
+
+
+def test_missing_noise_shares_are_accounted_as_less_noise():
+    """Mode client: 2 of 3 sampled clients reply, so the sum carries 2 noise shares, noise z sqrt(2/3)."""
+    full = Accountant(privacy(clip_norm=1.0, noise_multiplier=1.2, delta=1e-5), 3, 3)
+    short = Accountant(privacy(clip_norm=1.0, noise_multiplier=1.2, delta=1e-5), 3, 3)
+    assert short.spend_round(2) > full.spend_round(3)
+    assert short.epsilon() == pytest.approx(reference_epsilon(1.2 * math.sqrt(2 / 3), 1, 1e-5, 3, 3), rel=1e-9)
 
 
 def test_the_target_is_checked_before_the_round():
@@ -167,6 +177,8 @@ def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small
     ]
     summary = json.loads((whole / "run.json").read_text())["summary"]
     assert summary["privacy"]["epsilon"] == pytest.approx(epsilons[-1]) and summary["privacy"]["delta"] == 1e-5
+    report = write_report(whole).read_text()
+    assert f"({epsilons[-1]:.3g}, 1e-05)-DP for each client's whole contribution after 3 rounds" in report
 
     assert pretrain(small_partition, small_kmeans, parts, "--rounds", "2", *DP, *pinned) == 0
     assert run_cli("pretrain", "--resume", parts, "num_rounds=3") == 0
@@ -176,18 +188,47 @@ def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small
     assert all(torch.equal(a[k], b[k]) for k in a), "same clipping, same noise, same weights"
     assert rows(parts, "train")[-1]["privacy_epsilon"] == epsilons[-1]
 
+    # Mode client: the clients clip and add the same noise shares, so the same model and the same epsilon.
+    distributed = tmp_path / "client"
+    client_dp = [a.replace("privacy.mode=server", "privacy.mode=client") for a in DP]
+    assert pretrain(small_partition, small_kmeans, distributed, "--rounds", "3", *client_dp, *pinned) == 0
+    c = load_checkpoint(distributed / "checkpoints" / "final.pt")["state_dict"]
+    assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a), "noise placed on the clients, same sum"
+    assert [r["privacy_epsilon"] for r in rows(distributed, "train")] == epsilons
+
 
 @pytest.mark.slow
-def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tmp_path):
-    """Without noise, FedAvg's step is the mean of changes clipped to clip_norm, so it cannot be longer."""
+@pytest.mark.parametrize("mode", ["server", "client"])
+def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tmp_path, mode):
+    """Without noise, FedAvg's step is the mean of changes clipped to clip_norm, so it cannot be longer; in mode
+    client the changes are clipped before they leave the clients, as the server measures what arrives."""
     out = tmp_path / "clip"
     assert (
-        pretrain(small_partition, small_kmeans, out, "--rounds", "2", "privacy.mode=server", "privacy.clip_norm=0.05")
+        pretrain(
+            small_partition,
+            small_kmeans,
+            out,
+            "--rounds",
+            "2",
+            f"privacy.mode={mode}",
+            "privacy.clip_norm=0.05",
+            "privacy.audit_coordinates=64",
+        )
         == 0
     )
     train = rows(out, "train")
     assert all(r["privacy_clipped_fraction"] == 1.0 for r in train), "tiny bound: every update is clipped"
     assert all(r["server_step_norm"] <= 0.05 * (1 + 1e-5) for r in train)
+    clients = rows(out, "client")
+    assert len(clients) == 2 * 3 and all(c["update_norm"] > 0.05 for c in clients)
+    on_the_wire = [c["received_norm"] for c in clients]
+    audits = [np.load(out / "audit" / f"round_{r:05d}.npz") for r in (1, 2)]
+    assert all(a["clients"].tolist() == [0, 1, 2] and a["changes"].shape == (3, 64) for a in audits)
+    if mode == "client":
+        assert all(n <= 0.05 * (1 + 1e-5) for n in on_the_wire)
+        assert all(np.linalg.norm(row) <= 0.05 * (1 + 1e-5) for a in audits for row in a["changes"])
+    else:
+        assert on_the_wire == [c["update_norm"] for c in clients], "the server saw them unclipped"
     assert all("privacy_epsilon" not in r for r in train), "no noise, no epsilon"
     assert json.loads((out / "run.json").read_text())["summary"]["privacy"]["epsilon"] == math.inf
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 from dataclasses import dataclass
@@ -294,6 +295,7 @@ def _federated(report: Report, s: StageFolder) -> None:
             f"Server step against the clients' mean change (round {steps[-1]['round']}): ratio "
             f"{steps[-1]['step_ratio']:.2f}, cosine {steps[-1]['step_cosine']:.2f}."
         )
+    lines.extend(_privacy(summary.get("privacy"), train))
     failed = sum(r.get("failed", 0) for r in train)
     if failed:
         lines.append(f"Client failures over the run: {failed} (see metrics.jsonl).")
@@ -305,6 +307,24 @@ def _federated(report: Report, s: StageFolder) -> None:
         f"{s.stage} per round: loss"
         + ("" if acc_key is None else ", masked accuracy and gain over the frequency baseline"),
     )
+
+
+def _privacy(privacy: dict | None, train: list[dict]) -> list[str]:
+    if privacy is None:
+        return ["Differential privacy: none (privacy.mode=none): the released models carry no privacy guarantee."]
+    clipped = [r["privacy_clipped_fraction"] for r in train if "privacy_clipped_fraction" in r]
+    where = "on the server" if privacy["mode"] == "server" else "on the clients"
+    line = (
+        f"Differential privacy (mode {privacy['mode']}): updates clipped to {privacy['clip_norm']:g} {where} "
+        f"({100 * sum(clipped) / max(len(clipped), 1):.0f}% of the replies clipped on average), noise multiplier "
+        f"{privacy['noise_multiplier']:g}"
+    )
+    if math.isinf(privacy["epsilon"]):
+        return [line + ": without noise there is no (epsilon, delta) guarantee."]
+    return [
+        line + f": ({privacy['epsilon']:.3g}, {privacy['delta']:g})-DP for each client's whole contribution after "
+        f"{privacy['accounted_rounds']} rounds (RDP accountant)."
+    ]
 
 
 def _gain(nats: float) -> str:

@@ -56,10 +56,11 @@ class StrategyConfig:
 
 @dataclass
 class PrivacyConfig:
-    mode: Literal["none", "server"] = param(
+    mode: Literal["none", "server", "client"] = param(
         "none",
-        "client-level differential privacy: none, or server (the server clips each client's update and adds "
-        "Gaussian noise to their mean; it protects the released models, and trusts the server)",
+        "client-level differential privacy: none; server (the server clips each client's update and adds Gaussian "
+        "noise to their mean: it protects the released models, and trusts the server); client (each client clips "
+        "its update and adds its share of that noise before replying)",
     )
     clip_norm: float | None = param(
         None, "L2 bound on each client's update over all shared tensors (required with mode server)", gt=0
@@ -70,4 +71,10 @@ class PrivacyConfig:
     delta: float = param(1e-5, "the delta of (epsilon, delta); must be below 1 / number of clients", gt=0, lt=1)
     target_epsilon: float | None = param(
         None, "stop (with a checkpoint) before a round that would take epsilon above this; null: no limit", gt=0
+    )
+    audit_coordinates: int = param(
+        0,
+        "keep this many coordinates of every client's change as the server received it (the same random subset of "
+        "the shared weights each round) in audit/round_<r>.npz, for audits and leakage studies; 0: none",
+        ge=0,
     )

@@ -183,6 +183,7 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     import logging
     import time
 
+    from fedhubert.fl.privacy import privatise_change
     from fedhubert.fl.records import config_from_record
     from fedhubert.fl.weights import decode, encode
     from fedhubert.train.data import batch_loader, label_counts
@@ -260,6 +261,17 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if task.head_keys:
         save_head(place.work, round_, new_state, task.head_keys, cfg.checkpoint_every)
+    if cfg.privacy.mode == "client":  # clipped and noised here, before anything leaves the client
+        change, norm = privatise_change(
+            {k: new_state[k].float() - received[k] for k in received},
+            cfg.privacy,
+            int(info["sampled"]),
+            cfg.seed,
+            round_,
+            place.index,
+        )
+        metrics.update(update_norm=norm, clipped=int(norm > float(cfg.privacy.clip_norm)))
+        new_state = {**new_state, **{k: received[k] + change[k] for k in change}}
     if cfg.transfer == "bfloat16":  # the change, not the weights: rounding weights would drown small changes
         shared = {k: new_state[k].float() - received[k] for k in received}
     else:

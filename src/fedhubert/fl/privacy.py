@@ -17,15 +17,23 @@ amplification by sampling and neighbouring federations differ by adding or remov
 accountant then uses replace-one neighbours, under which the sum of clipped changes moves by up to 2 `clip_norm`,
 so the event's noise multiplier is half the configured one.
 
-What this protects: a client's whole contribution to the released models, against anyone who sees the models the
-server releases (checkpoints, exports, the weights sent in later rounds). What it does not: the updates on the wire
-and the server itself see each client's update before noise (mode `server` trusts the server).
+Mode `client` moves both steps to the clients (distributed DP): each client clips its own change and adds its noise
+share before replying, so the sum of the m replies carries the same noise as in mode `server`. If only k < m clients
+reply, the sum carries k shares, and the round is accounted with the noise multiplier scaled by sqrt(k / m).
+
+What mode `server` protects: a client's whole contribution to the released models, against anyone who sees the
+models the server releases (checkpoints, exports, the weights sent in later rounds). What it does not: the updates on
+the wire and the server itself see each client's update before noise (it trusts the server). Mode `client` also
+bounds what one reply reveals (clipped, with a noise share of standard deviation z C / sqrt(m)), but a share alone
+is weak local noise: against a curious server it is the sum that is protected, and only secure aggregation would
+hide the single replies.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -63,9 +71,27 @@ def check_settings(privacy: PrivacyConfig, num_clients: int) -> None:
 
 def clip_update(change: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
     """The change scaled to an L2 norm of at most `clip_norm` over all its tensors, and its norm before."""
-    norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in change.values()))
+    norm = update_norm(change)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: t * scale for k, t in change.items()}, norm
+
+
+def privatise_change(
+    change: dict[str, torch.Tensor], privacy: PrivacyConfig, sampled: int, seed: int, round_: int, client: int
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One client's change clipped to `privacy.clip_norm` plus its share of the round's noise (one of `sampled`
+    replies), and the change's norm before clipping."""
+    clip = float(privacy.clip_norm)
+    clipped, norm = clip_update(change, clip)
+    share_std = privacy.noise_multiplier * clip / math.sqrt(sampled)
+    if share_std > 0:
+        noise = noise_share(clipped, share_std, seed, round_, client)
+        clipped = {k: clipped[k] + noise[k] for k in clipped}
+    return clipped, norm
+
+
+def update_norm(change: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in change.values()))
 
 
 def noise_share(
@@ -111,10 +137,14 @@ class Accountant:
             )
         )
         # Replace-one neighbours move the sum of clipped changes by up to 2 clip_norm (module docstring).
-        self.event = GaussianPrivacyEvent(
-            noise_multiplier=privacy.noise_multiplier / (2 if amplified else 1),
-            sample_size=sampled,
-            population_size=num_clients,
+        self.halve = 2 if amplified else 1
+        self.event = self._event(1.0)
+
+    def _event(self, noise_scale: float) -> GaussianPrivacyEvent:
+        return GaussianPrivacyEvent(
+            noise_multiplier=self.noise_multiplier * noise_scale / self.halve,
+            sample_size=self.sampled,
+            population_size=self.num_clients,
         )
 
     @property
@@ -127,8 +157,10 @@ class Accountant:
     def next_round_exceeds(self) -> bool:
         return self.accountant.config.max_epsilon is not None and self.accountant.would_exceed(self.event)
 
-    def spend_round(self) -> float:
-        self.accountant.compose(self.event)
+    def spend_round(self, noise_shares: int | None = None) -> float:
+        """Account one round; `noise_shares` < sampled (mode client, some clients did not reply) means less noise."""
+        shares = self.sampled if noise_shares is None else noise_shares
+        self.accountant.compose(self.event if shares == self.sampled else self._event(math.sqrt(shares / self.sampled)))
         return self.epsilon()
 
     def state(self) -> dict:
@@ -136,3 +168,29 @@ class Accountant:
 
     def load_state(self, state: dict) -> None:
         self.accountant.load_state_dict(state)
+
+
+class UpdateAudit:
+    """What the server receives, kept for audits and leakage studies (`privacy.audit_coordinates`): for every reply,
+    the same `size` coordinates of the client's change (a fixed random subset of the shared weights, chosen by the
+    seed), one file per round: `audit/round_<r>.npz` with `clients` and `changes` (clients x size)."""
+
+    def __init__(self, folder: Path, reference: dict[str, torch.Tensor], size: int, seed: int):
+        self.folder, self.keys = folder, sorted(reference)
+        total = sum(reference[k].numel() for k in self.keys)
+        rng = np.random.default_rng([seed, 0xA0D17])
+        self.index = torch.from_numpy(np.sort(rng.choice(total, size=min(size, total), replace=False)))
+
+    def coordinates(self, change: dict[str, torch.Tensor]) -> np.ndarray:
+        flat = torch.cat([change[k].reshape(-1).float() for k in self.keys])
+        return flat[self.index].numpy()
+
+    def write(self, round_: int, changes: dict[int, dict[str, torch.Tensor]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        clients = sorted(changes)
+        with (self.folder / f"round_{round_:05d}.npz").open("wb") as handle:
+            np.savez(
+                handle,
+                clients=np.asarray(clients, dtype=np.int64),
+                changes=np.stack([self.coordinates(changes[c]) for c in clients]),
+            )

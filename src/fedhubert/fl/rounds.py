@@ -40,7 +40,14 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.nodes import wait_for_clients
-from fedhubert.fl.privacy import Accountant, RoundPrivacy, check_settings, clip_update, noise_share
+from fedhubert.fl.privacy import (
+    Accountant,
+    RoundPrivacy,
+    UpdateAudit,
+    check_settings,
+    privatise_change,
+    update_norm,
+)
 from fedhubert.fl.records import MessageLog, config_to_record
 from fedhubert.fl.round_log import RoundLog, read_rows
 from fedhubert.fl.strategy import make_strategy
@@ -141,6 +148,7 @@ class FederatedRun:
             train=dataclasses.replace(cfg.train, optim=fit_schedule(cfg.train.optim, self.planned, task.default_lr)),
         )
         self.privacy = cfg.privacy
+        self.audit: UpdateAudit | None = None
         check_settings(self.privacy, num_clients)
         self.accountant = (
             Accountant(self.privacy, num_clients, self._sample_size())
@@ -226,27 +234,35 @@ class FederatedRun:
         return sorted(int(c) for c in rng.choice(self.num_clients, size=self._sample_size(), replace=False))
 
     def _privatise(
-        self, accepted: dict[int, tuple[dict, MetricRecord]], reference: dict[str, torch.Tensor], round_: int
+        self,
+        accepted: dict[int, tuple[dict, MetricRecord]],
+        reference: dict[str, torch.Tensor],
+        round_: int,
+        sampled: int,
     ) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[str, float]]:
-        """Mode server: each client's change clipped to clip_norm, its share of the noise added, and equal weights
-        for the aggregation (fedhubert.fl.privacy). Returns the replies to aggregate and the round's record."""
-        clip, m = float(self.privacy.clip_norm), len(accepted)
-        share_std = self.privacy.noise_multiplier * clip / math.sqrt(m)
+        """The round's privacy step (fedhubert.fl.privacy). Mode server: each client's change clipped to clip_norm and
+        its share of the noise added here; mode client: the clients did both. Returns the replies to aggregate and
+        the round's record."""
+        clip, replied = float(self.privacy.clip_norm), len(accepted)
         private, norms = {}, []
         for client, (tensors, metrics) in sorted(accepted.items()):
-            change, norm = clip_update({k: tensors[k] - reference[k] for k in reference}, clip)
+            change = {k: tensors[k] - reference[k] for k in reference}
+            if self.privacy.mode == "server":
+                change, norm = privatise_change(change, self.privacy, replied, self.cfg.seed, round_, client)
+                extra = {"update_norm": norm, "clipped": int(norm > clip)}
+            else:
+                norm, extra = float(metrics["update_norm"]), {}
             norms.append(norm)
-            if share_std > 0:
-                noise = noise_share(change, share_std, self.cfg.seed, round_, client)
-                change = {k: change[k] + noise[k] for k in change}
-            record = MetricRecord({**dict(metrics), "update_norm": norm, "clipped": int(norm > clip)})
+            record = MetricRecord({**dict(metrics), **extra})
             private[client] = ({k: reference[k] + change[k] for k in change}, record)
+        # The noise on the mean: m shares of std z C / sqrt(m) summed, over the k replies (k = m in mode server).
+        shares = replied if self.privacy.mode == "server" else sampled
         report = RoundPrivacy(
             clip_norm=clip,
-            clipped_fraction=sum(n > clip for n in norms) / m,
+            clipped_fraction=sum(n > clip for n in norms) / replied,
             update_norm_median=float(np.median(norms)),
             update_norm_max=max(norms),
-            noise_std=self.privacy.noise_multiplier * clip / m,
+            noise_std=self.privacy.noise_multiplier * clip * math.sqrt(replied / shares) / replied,
         )
         return private, report.record()
 
@@ -270,6 +286,8 @@ class FederatedRun:
             try:
                 if "arrays" not in reply.content or "metrics" not in reply.content:
                     raise WeightsError("reply lacks 'arrays' or 'metrics'")
+                if self.privacy.mode == "client" and "update_norm" not in reply.content["metrics"]:
+                    raise WeightsError("no update_norm: the client did not clip its update (privacy.mode=client)")
                 tensors = decode(reply.content["arrays"], self.cfg.transfer)
                 check_update(tensors, reference, self.task.shared_keys)
                 if self.cfg.transfer == "bfloat16":  # a change against what was sent: rebuild the weights
@@ -277,7 +295,9 @@ class FederatedRun:
             except WeightsError as err:
                 failed[client] = f"rejected update: {err}"
                 continue
-            accepted[client] = (tensors, reply.content["metrics"])
+            # What the server can see of each client: the length of its change (what clip_norm is chosen from).
+            received = update_norm({k: tensors[k] - reference[k] for k in reference})
+            accepted[client] = (tensors, MetricRecord({**dict(reply.content["metrics"]), "received_norm": received}))
         for client in chosen:
             if client not in accepted and client not in failed:
                 failed[client] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
@@ -286,11 +306,12 @@ class FederatedRun:
             self.records.write({"kind": "failure", "round": round_, "client": client, "reason": reason})
         return accepted, failed
 
-    def _round_info(self, round_: int, global_step: int) -> ConfigRecord:
+    def _round_info(self, round_: int, global_step: int, sampled: int) -> ConfigRecord:
         return ConfigRecord(
             {
                 "round": round_,
                 "global_step": global_step,
+                "sampled": sampled,
                 "out": str(self.out),
                 "threads": self.threads,
                 **self.task.round_info,
@@ -384,7 +405,7 @@ class FederatedRun:
                         {
                             "arrays": payload,
                             "config": config_to_record(self.sent_cfg),
-                            "round": self._round_info(round_, global_step),
+                            "round": self._round_info(round_, global_step, len(chosen)),
                         }
                     ),
                     dst_node_id=nodes[client],
@@ -405,9 +426,13 @@ class FederatedRun:
                     f"({'; '.join(f'client {c}: {r}' for c, r in failed.items())}). "
                     f"The state after round {round_ - 1} is checkpointed; fix the clients and continue with --resume"
                 )
+            if self.privacy.audit_coordinates:
+                if self.audit is None:
+                    self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
+                self.audit.write(round_, {c: {k: t[k] - arrays[k] for k in arrays} for c, (t, _) in accepted.items()})
             privacy_row: dict[str, float] = {}
-            if self.privacy.mode == "server":
-                accepted, privacy_row = self._privatise(accepted, arrays, round_)
+            if self.privacy.mode != "none":
+                accepted, privacy_row = self._privatise(accepted, arrays, round_, len(chosen))
             # Equal weights under privacy: weighting by examples would let one client's weight exceed the bound.
             weigh = (lambda m: MetricRecord({**dict(m), "num-examples": 1})) if privacy_row else (lambda m: m)
             ordered = [
@@ -423,7 +448,10 @@ class FederatedRun:
             step_stats = server_step(arrays, new_arrays, [(t, float(m["num-examples"])) for t, m in accepted.values()])
             arrays = new_arrays
             if self.accountant is not None:
-                privacy_row.update(privacy_epsilon=self.accountant.spend_round(), privacy_delta=self.privacy.delta)
+                # Mode client: only the clients that replied added their noise shares.
+                shares = len(accepted) if self.privacy.mode == "client" else None
+                epsilon = self.accountant.spend_round(shares)
+                privacy_row.update(privacy_epsilon=epsilon, privacy_delta=self.privacy.delta)
             global_step += max(int(m.get("train_steps", self.cfg.local_steps)) for _, m in accepted.values())
             for _client, (_, metrics) in sorted(accepted.items()):  # metrics carry the client's index
                 self.records.write({"kind": "client", "round": round_, **dict(metrics)})
@@ -436,7 +464,11 @@ class FederatedRun:
                 "seconds": round(time.monotonic() - round_started, 3),
                 **step_stats,
                 **privacy_row,
-                **{k: v for k, v in dict(aggregated).items() if k not in ("client", "update_norm", "clipped")},
+                **{
+                    k: v
+                    for k, v in dict(aggregated).items()
+                    if k not in ("client", "update_norm", "clipped", "received_norm")
+                },
             }
             self.records.write(row)
             log.info(
