@@ -71,6 +71,14 @@ def test_every_command_line_mistake_is_reported_at_once_naming_the_flags_typed(t
     assert not (tmp_path / "p").exists()
 
 
+def test_evaluate_steps_shorten_the_eval_and_log_steps_left_unset(tmp_path):
+    args = ["evaluate", "speech-commands", "--out", tmp_path / "e", "--dataset", tmp_path, "--baseline", "fbank"]
+    short = yaml.safe_load(fedhubert(*args, "--steps", "40", "--print-config").stdout)
+    assert (short["total_steps"], short["eval_step"], short["log_step"]) == (40, 4, 1)
+    chosen = yaml.safe_load(fedhubert(*args, "--steps", "40", "--eval-step", "20", "--print-config").stdout)
+    assert (chosen["eval_step"], chosen["log_step"]) == (20, 1)
+
+
 def test_print_config_shows_the_resolved_config(tmp_path):
     result = fedhubert(
         "synth", "librispeech", "--out", tmp_path / "x", "--seed", "4", "subsets.dev-other=1", "--print-config"

@@ -295,3 +295,31 @@ def test_a_layer_file_keeps_explicit_fields_over_a_preset(tmp_path):
     base = load_config(PretrainConfig, None, ["partition=/p", "kmeans=/k", "model.preset=tiny", "model.layers=3"])
     layered = layer_file(base, write(tmp_path, "local_steps: 7\n"), ("local_steps", "train"))
     assert (layered.local_steps, layered.model) == (7, base.model)
+
+
+@pytest.mark.parametrize(
+    "overrides, eval_step, log_step",
+    [
+        ([], 4000, 100),
+        (["total_steps=40"], 4, 1),
+        (["total_steps=3000"], 300, 30),
+        (["total_steps=40", "eval_step=20"], 20, 1),
+        (["total_steps=40", "log_step=5"], 4, 5),
+        (["total_steps=5"], 1, 1),
+    ],
+)
+def test_evaluate_steps_shorten_eval_and_log_steps_that_were_not_set(overrides, eval_step, log_step):
+    from fedhubert.eval.config import SpeechCommandsConfig
+
+    cfg = load_config(SpeechCommandsConfig, None, ["dataset=/d", "baseline=fbank", *overrides])
+    assert (cfg.eval_step, cfg.log_step) == (eval_step, log_step)
+
+
+def test_evaluate_still_refuses_an_eval_step_set_above_the_steps(tmp_path):
+    from fedhubert.eval.config import SpeechCommandsConfig
+
+    with pytest.raises(ConfigError, match=r"eval_step \(50\) is above total_steps \(40\)"):
+        load_config(SpeechCommandsConfig, None, ["dataset=/d", "baseline=fbank", "total_steps=40", "eval_step=50"])
+    shipped = REPO / "configs" / "evaluate_speech_commands.yaml"
+    with pytest.raises(ConfigError, match=r"eval_step \(4000\) is above total_steps \(40\)"):
+        load_config(SpeechCommandsConfig, shipped, ["dataset=/d", "baseline=fbank", "total_steps=40"])

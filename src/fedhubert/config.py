@@ -4,7 +4,8 @@ Every field of a config dataclass is declared with `param(...)`, which carries i
 range. Loading layers three sources, later ones winning: the dataclass defaults, an optional YAML file, and
 command-line overrides (`layer_file` lays one more file over a loaded config: a client's own overrides). Unknown
 keys, wrong types and out-of-range values stop with one `ConfigError` listing every such mistake, each naming the
-key, the source it came from (file, override or the flag the user typed) and what is allowed.
+key, the source it came from (file, override or the flag the user typed) and what is allowed. A dataclass may
+define `fill_defaults(given)` to set fields that follow others unless `given` (the names set explicitly) holds them.
 
 Merging rules: a mapping given for a nested config merges key by key into it; a mapping given for a
 dict-typed field replaces the whole dict in a YAML file, while an override such as `weights.a=0.5` sets one
@@ -399,6 +400,9 @@ def _build(cls: type[T], raw: dict, origins: dict, errors: list[str], prefix: st
     if failed:
         raise _Reported
     obj = cls(**kwargs)
+    fill_defaults = getattr(obj, "fill_defaults", None)
+    if callable(fill_defaults):
+        fill_defaults(frozenset(re.split(r"[.\[]", k.removeprefix(prefix))[0] for k in origins if k.startswith(prefix)))
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
