@@ -47,6 +47,38 @@ def test_flag_out_of_range_is_reported_as_an_override(tmp_path):
     assert result.returncode == 2 and "key 'speakers' must be >= 3, got 1" in result.stderr
 
 
+def test_every_command_line_mistake_is_reported_at_once_naming_the_flags_typed(tmp_path):
+    result = fedhubert(
+        "partition",
+        "--out",
+        tmp_path / "p",
+        "--corpus",
+        tmp_path,
+        "--clients",
+        "four",
+        "--scheme",
+        "random",
+        "train_subsets=train-clean-100",
+        "model.layers=2",
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "4 config mistakes:" in result.stderr
+    assert "--clients: key 'num_clients' must be an integer (or null), got 'four'" in result.stderr
+    assert "--scheme: key 'scheme' must be one of" in result.stderr
+    assert "write train_subsets=[train-clean-100]" in result.stderr
+    assert "unknown key 'model'" in result.stderr
+    assert "num_clients=four" not in result.stderr
+    assert not (tmp_path / "p").exists()
+
+
+def test_evaluate_steps_shorten_the_eval_and_log_steps_left_unset(tmp_path):
+    args = ["evaluate", "speech-commands", "--out", tmp_path / "e", "--dataset", tmp_path, "--baseline", "fbank"]
+    short = yaml.safe_load(fedhubert(*args, "--steps", "40", "--print-config").stdout)
+    assert (short["total_steps"], short["eval_step"], short["log_step"]) == (40, 4, 1)
+    chosen = yaml.safe_load(fedhubert(*args, "--steps", "40", "--eval-step", "20", "--print-config").stdout)
+    assert (chosen["eval_step"], chosen["log_step"]) == (20, 1)
+
+
 def test_print_config_shows_the_resolved_config(tmp_path):
     result = fedhubert(
         "synth", "librispeech", "--out", tmp_path / "x", "--seed", "4", "subsets.dev-other=1", "--print-config"

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from fedhubert.cli import _stages
-from fedhubert.config import dump_config, load_config, param, save_config
+from fedhubert.config import Override, dump_config, layer_file, load_config, param, save_config
 from fedhubert.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -219,3 +219,107 @@ def test_preset_fields_can_be_overridden_one_by_one():
     assert load_config(ModelConfig).layers == 12, "the default preset is base"
     with pytest.raises(ConfigError, match="must be divisible by 'model.heads'"):
         load_config(ModelConfig, None, ["preset=tiny", "heads=3"])
+
+
+def test_every_mistake_of_a_file_and_the_command_line_is_reported_at_once(tmp_path):
+    path = write(tmp_path, "rouds: 5\nmode: central\noptim:\n  lr: -1\n  momentum: 0.9\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Demo, path, ["amp=maybe", "optim.lrr=1"])
+    message = str(err.value)
+    assert message.startswith("6 config mistakes:")
+    for part in (
+        "unknown key 'rouds' (did you mean 'rounds'?)",
+        "unknown key 'optim.momentum'",
+        "override 'optim.lrr=1': unknown key 'optim.lrr' (did you mean 'lr'?)",
+        f"{path}: key 'mode' must be one of 'per-client', 'federated'",
+        f"{path}: key 'optim.lr' must be > 0",
+        "override 'amp=maybe': key 'amp' must be true or false",
+    ):
+        assert part in message
+    assert len(message.splitlines()) == 7, "one line per mistake"
+
+
+def test_a_flag_is_named_in_its_messages_instead_of_the_override_it_stands_for():
+    with pytest.raises(ConfigError) as err:
+        load_config(Demo, None, [Override("rounds=four", "--rounds"), Override("device=tpu", "--device")])
+    message = str(err.value)
+    assert "--rounds: key 'rounds' must be an integer, got 'four' (str)" in message
+    assert "--device: key 'device' must be one of 'cpu', 'cuda', got 'tpu'" in message
+    assert "rounds=four" not in message
+
+
+def test_a_list_key_given_one_value_shows_the_list_syntax(tmp_path):
+    from fedhubert.partition.config import PartitionConfig
+
+    with pytest.raises(ConfigError, match=r"write train_subsets=\[train-clean-100\]"):
+        load_config(PartitionConfig, None, ["corpus=/c", "train_subsets=train-clean-100"])
+    with pytest.raises(ConfigError, match=r"key 'optim.betas' must be a list.*got 0.9 \(float\); write betas: \[0.9\]"):
+        load_config(Demo, write(tmp_path, "optim:\n  betas: 0.9\n"))
+
+
+@pytest.mark.parametrize(
+    "module, cls, key, meant",
+    [
+        ("fedhubert.model.config", "ModelConfig", "num_layers", "layers"),
+        ("fedhubert.model.config", "ModelConfig", "num_heads", "heads"),
+        ("fedhubert.model.config", "ModelConfig", "layer", "layers"),
+        ("fedhubert.pretrain.config", "PretrainConfig", "rounds", "num_rounds"),
+        ("fedhubert.partition.config", "PartitionConfig", "num-clients", "num_clients"),
+        ("fedhubert.partition.config", "PartitionConfig", "clients", "num_clients"),
+    ],
+)
+def test_did_you_mean_suggests_the_field_with_the_same_words(module, cls, key, meant):
+    import importlib
+
+    config_cls = getattr(importlib.import_module(module), cls)
+    with pytest.raises(ConfigError, match=rf"unknown key '{key}' \(did you mean '{meant}'\?\)"):
+        load_config(config_cls, None, [f"{key}=4"])
+
+
+def test_a_layer_file_merges_nested_keys_and_is_checked_like_a_config_file(tmp_path):
+    base = load_config(Demo, None, ["rounds=4", "optim.betas=[0.5, 0.6]"])
+    layered = layer_file(base, write(tmp_path, "optim:\n  lr: 0.5\n"), ("optim", "amp"))
+    assert layered == dataclasses.replace(base, optim=Optim(lr=0.5, betas=[0.5, 0.6]))
+    path = write(tmp_path, "rounds: 9\noptim:\n  lr: 0\n  lrr: 1\n")
+    with pytest.raises(ConfigError) as err:
+        layer_file(base, path, ("optim", "amp"))
+    message = str(err.value)
+    assert f"{path}: key 'rounds' cannot be set in this file (it may set optim, amp)" in message
+    assert f"{path}: unknown key 'optim.lrr' (did you mean 'lr'?)" in message
+    assert f"{path}: key 'optim.lr' must be > 0, got 0.0" in message
+
+
+def test_a_layer_file_keeps_explicit_fields_over_a_preset(tmp_path):
+    from fedhubert.pretrain.config import PretrainConfig
+
+    base = load_config(PretrainConfig, None, ["partition=/p", "kmeans=/k", "model.preset=tiny", "model.layers=3"])
+    layered = layer_file(base, write(tmp_path, "local_steps: 7\n"), ("local_steps", "train"))
+    assert (layered.local_steps, layered.model) == (7, base.model)
+
+
+@pytest.mark.parametrize(
+    "overrides, eval_step, log_step",
+    [
+        ([], 4000, 100),
+        (["total_steps=40"], 4, 1),
+        (["total_steps=3000"], 300, 30),
+        (["total_steps=40", "eval_step=20"], 20, 1),
+        (["total_steps=40", "log_step=5"], 4, 5),
+        (["total_steps=5"], 1, 1),
+    ],
+)
+def test_evaluate_steps_shorten_eval_and_log_steps_that_were_not_set(overrides, eval_step, log_step):
+    from fedhubert.eval.config import SpeechCommandsConfig
+
+    cfg = load_config(SpeechCommandsConfig, None, ["dataset=/d", "baseline=fbank", *overrides])
+    assert (cfg.eval_step, cfg.log_step) == (eval_step, log_step)
+
+
+def test_evaluate_still_refuses_an_eval_step_set_above_the_steps(tmp_path):
+    from fedhubert.eval.config import SpeechCommandsConfig
+
+    with pytest.raises(ConfigError, match=r"eval_step \(50\) is above total_steps \(40\)"):
+        load_config(SpeechCommandsConfig, None, ["dataset=/d", "baseline=fbank", "total_steps=40", "eval_step=50"])
+    shipped = REPO / "configs" / "evaluate_speech_commands.yaml"
+    with pytest.raises(ConfigError, match=r"eval_step \(4000\) is above total_steps \(40\)"):
+        load_config(SpeechCommandsConfig, shipped, ["dataset=/d", "baseline=fbank", "total_steps=40"])

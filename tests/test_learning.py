@@ -78,6 +78,29 @@ def test_the_planned_local_steps_include_a_larger_client_override(tmp_path):
     assert planned_local_steps(cfg, 3) == 7
 
 
+def test_a_client_override_file_is_one_more_config_layer(tmp_path):
+    from fedhubert.errors import ConfigError
+    from fedhubert.fl.local import ClientPlace, with_client_overrides
+
+    (tmp_path / "client_configs").mkdir()
+    cfg = load_config(PretrainConfig, None, [f"partition={tmp_path}", "kmeans=/k", "train.optim.lr=0.01"])
+    place = ClientPlace(0, tmp_path, None, tmp_path)
+    assert with_client_overrides(cfg, place) == cfg, "no file: the run's config"
+    path = tmp_path / "client_configs" / "client_0.yaml"
+    path.write_text("train:\n  device: cpu\n  data:\n    batch_seconds: 30\n")
+    mine = with_client_overrides(cfg, place)
+    assert (mine.train.device, mine.train.data.batch_seconds, mine.train.optim.lr) == ("cpu", 30.0, 0.01)
+    assert mine.train.data.max_seconds == cfg.train.data.max_seconds and mine.model == cfg.model
+    path.write_text("seed: 3\nlocal_steps: 0\ntrain:\n  devise: cpu\n")
+    with pytest.raises(ConfigError) as err:
+        with_client_overrides(cfg, place)
+    message = str(err.value)
+    assert message.startswith("3 config mistakes:")
+    assert f"{path}: key 'seed' cannot be set in this file (it may set local_steps, train)" in message
+    assert f"{path}: unknown key 'train.devise' (did you mean 'device'?)" in message
+    assert f"{path}: key 'local_steps' must be >= 1, got 0" in message
+
+
 # -------------------------------------------------------------------------------------- metrics and baseline
 def test_label_scores_recover_each_frames_label_and_class_scores():
     torch.manual_seed(0)

@@ -221,3 +221,22 @@ def test_flwr_run_of_the_repository_works_as_flower_users_expect(small_partition
     run_flower_app({"config": str(tmp_path / "pretrain.yaml"), "out": str(out)}, out, 3, FederationConfig(app=repo))
     summary = json.loads((out / "pretrain.json").read_text())
     assert summary["rounds"] == 1 and (out / "checkpoints" / "final.pt").is_file()
+
+
+def test_labels_of_another_partition_name_the_command_that_makes_the_right_ones(tmp_path):
+    from fedhubert.errors import ConfigError
+    from fedhubert.pretrain.config import PretrainConfig
+    from fedhubert.pretrain.server import read_inputs
+
+    partition, kmeans = tmp_path / "partition", tmp_path / "kmeans"
+    for folder, name, record in (
+        (partition, "partition.json", {}),
+        (kmeans, "kmeans.json", {"partition": {"path": "/x"}}),
+    ):
+        folder.mkdir()
+        (folder / name).write_text(json.dumps(record))
+    cfg = load_config(PretrainConfig, None, [f"partition={partition}", f"kmeans={kmeans}"])
+    with pytest.raises(ConfigError) as err:
+        read_inputs(cfg)
+    assert f"labels the partition /x, not {partition}" in str(err.value)
+    assert f"'fedhubert kmeans --partition {partition} --out DIR', then pass --kmeans DIR" in str(err.value)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, get_args, get_origin
 
 from fedhubert import __version__
-from fedhubert.config import KeyDoc, absolute_paths, describe_fields, dump_config, load_config
+from fedhubert.config import KeyDoc, Override, absolute_paths, describe_fields, dump_config, load_config
 from fedhubert.errors import EXIT_STOPPED, ConfigError, FedhubertError, StageStopped
 from fedhubert.runlog import CONFIG_FILE, setup_logging, stage_run
 
@@ -87,16 +87,16 @@ def _add_flag(
     parser.add_argument(
         flag,
         dest=dest,
-        type=convert or _flag_type(get_args(doc.type)[0] if repeat else doc.type),
+        type=convert or (_item_type(get_args(doc.type)[0]) if repeat else str),
         metavar=doc.key.upper(),
         action="append" if repeat else "store",
         help=f"{help_text} (= {'; '.join(notes)})",
     )
 
 
-def _flag_type(tp: Any) -> Callable[[str], Any]:
-    """How argparse reads a flag's value: numbers as such (so a typo stops there), anything else as text that the
-    config checks."""
+def _item_type(tp: Any) -> Callable[[str], Any]:
+    """How argparse reads an item of a repeatable flag, which reaches the config as a JSON list: numbers as such,
+    anything else as text. A single value stays text, which the config reads and checks, naming the flag."""
     return tp if tp in (int, float) else str
 
 
@@ -127,13 +127,13 @@ def _add_stage(subparsers: argparse._SubParsersAction, stage: Stage) -> None:
     parser.set_defaults(handler=lambda args: _run_stage(args, stage))
 
 
-def _sugar(stage: Stage, args: argparse.Namespace) -> list[str]:
-    """The KEY=VALUE overrides that the flags given stand for."""
+def _sugar(stage: Stage, args: argparse.Namespace) -> list[Override]:
+    """The KEY=VALUE overrides that the flags given stand for, each naming its flag for the config's messages."""
     out = []
-    for _, key, *_ in stage.flags:
+    for flag, key, *_ in stage.flags:
         value = getattr(args, f"flag_{key}")
         if value is not None:
-            out.append(f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+            out.append(Override(f"{key}={value if isinstance(value, str) else json.dumps(value)}", flag))
     return out
 
 
@@ -141,8 +141,8 @@ def _run_stage(args: argparse.Namespace, stage: Stage) -> int:
     sugar = _sugar(stage, args)
     resume = getattr(args, "resume", None)
     if resume is not None:
-        overrides = [*sugar, *args.overrides]
-        changed = [o.split("=", 1)[0] for o in overrides]
+        overrides = [*sugar, *map(Override, args.overrides)]
+        changed = [o.text.split("=", 1)[0] for o in overrides]
         bad = [k for k in changed if not any(k == r or k.startswith(r + ".") for r in stage.resume_keys)]
         if bad or args.config or (args.out and Path(args.out).resolve() != resume.resolve()):
             raise ConfigError(

@@ -2,8 +2,10 @@
 
 Every field of a config dataclass is declared with `param(...)`, which carries its help text and its allowed
 range. Loading layers three sources, later ones winning: the dataclass defaults, an optional YAML file, and
-command-line overrides. Any unknown key, wrong type or out-of-range value stops with a `ConfigError` that names
-the key, the source it came from (file or override) and what is allowed.
+command-line overrides (`layer_file` lays one more file over a loaded config: a client's own overrides). Unknown
+keys, wrong types and out-of-range values stop with one `ConfigError` listing every such mistake, each naming the
+key, the source it came from (file, override or the flag the user typed) and what is allowed. A dataclass may
+define `fill_defaults(given)` to set fields that follow others unless `given` (the names set explicitly) holds them.
 
 Merging rules: a mapping given for a nested config merges key by key into it; a mapping given for a
 dict-typed field replaces the whole dict in a YAML file, while an override such as `weights.a=0.5` sets one
@@ -28,7 +30,6 @@ from fedhubert.errors import ConfigError
 
 T = TypeVar("T")
 
-_DEFAULT_SOURCE = "built-in default"
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -105,30 +106,79 @@ def _describe(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- layering
+class Override(NamedTuple):
+    """A KEY=VALUE override and, where a command-line flag stands for it, that flag (`--clients`), which the
+    messages name instead of the override."""
+
+    text: str
+    flag: str | None = None
+
+
+class _Source(NamedTuple):
+    """Where a value came from: its name in messages and how it was written (for the list syntax hint)."""
+
+    label: str
+    kind: Literal["default", "file", "override", "flag", "data"]
+
+    def __str__(self) -> str:
+        return self.label
+
+
+_DEFAULT = _Source("built-in default", "default")
+
+
+class _Reported(Exception):
+    """A nested config's mistakes, already recorded: its parent cannot be built either."""
+
+
 def _field_map(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def _unknown_key(cls: type, key: str, path: str, source: str) -> ConfigError:
-    names = sorted(_field_map(cls))
+def _words(name: str) -> set[str]:
+    """The words of a key, singular (`num_layers`: num, layer)."""
+    return {w[:-1] if w.endswith("s") and len(w) > 2 else w for w in re.split(r"[_\-\s]+", name.lower()) if w}
+
+
+def _closest(key: str, names: Sequence[str]) -> str | None:
+    """The field most likely meant by `key`: the same name spelt otherwise (`num-clients`), else a name whose words
+    all occur in the key or the other way round (`num_layers`: `layers`; `rounds`: `num_rounds`), else the nearest
+    spelling."""
+    spelt = key.lower().replace("-", "_")
+    if spelt in names:
+        return spelt
+    mine = _words(key)
+    related = [n for n in names if mine and (_words(n) <= mine or mine <= _words(n))]
+    if related:
+        return max(related, key=lambda n: (len(_words(n) & mine), difflib.SequenceMatcher(None, key, n).ratio()))
     close = difflib.get_close_matches(key, names, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{source}: unknown key '{path}'{hint}; allowed keys here: {', '.join(names)}")
+    return close[0] if close else None
 
 
-def _apply_mapping(cls: type, base: dict, layer: Any, source: str, origins: dict, prefix: str) -> None:
+def _unknown_key(cls: type, key: str, path: str, source: _Source) -> str:
+    names = sorted(_field_map(cls))
+    close = _closest(key, names)
+    hint = f" (did you mean '{close}'?)" if close else ""
+    return f"{source}: unknown key '{path}'{hint}; allowed keys here: {', '.join(names)}"
+
+
+def _apply_mapping(
+    cls: type, base: dict, layer: Any, source: _Source, origins: dict, prefix: str, errors: list[str]
+) -> None:
     if not isinstance(layer, dict):
         where = f"key '{prefix[:-1]}'" if prefix else "the top level"
-        raise ConfigError(f"{source}: {where} must be {_type_name(cls)}, got {_describe(layer)}")
+        errors.append(f"{source}: {where} must be {_type_name(cls)}, got {_describe(layer)}")
+        return
     hints = _hints(cls)
     fields = _field_map(cls)
     for key, value in layer.items():
         path = f"{prefix}{key}"
         if key not in fields:
-            raise _unknown_key(cls, str(key), path, source)
+            errors.append(_unknown_key(cls, str(key), path, source))
+            continue
         inner, _ = _strip_optional(hints[key])
         if dataclasses.is_dataclass(inner) and isinstance(value, dict) and isinstance(base.get(key), dict):
-            _apply_mapping(inner, base[key], value, source, origins, path + ".")
+            _apply_mapping(inner, base[key], value, source, origins, path + ".", errors)
         else:
             base[key] = value
             for old in [k for k in origins if k.startswith(path + ".")]:
@@ -136,22 +186,26 @@ def _apply_mapping(cls: type, base: dict, layer: Any, source: str, origins: dict
             origins[path] = source
 
 
-def _apply_override(cls: type, base: dict, text: str, origins: dict) -> None:
-    source = f"command-line override '{text}'"
+def _apply_override(cls: type, base: dict, override: Override, origins: dict, errors: list[str]) -> None:
+    text = override.text
+    source = _Source(override.flag, "flag") if override.flag else _Source(f"command-line override '{text}'", "override")
     if "=" not in text:
-        raise ConfigError(f"{source}: expected KEY=VALUE, for example seed=3 or model.layers=2")
+        errors.append(f"{source}: expected KEY=VALUE, for example seed=3 or model.layers=2")
+        return
     dotted, raw = text.split("=", 1)
     dotted = dotted.strip()
     parts = dotted.split(".")
     if not dotted or any(not p for p in parts):
-        raise ConfigError(f"{source}: '{dotted}' is not a valid key (use dots between nested keys)")
+        errors.append(f"{source}: '{dotted}' is not a valid key (use dots between nested keys)")
+        return
     node, node_cls, tp = base, cls, None
     for depth, part in enumerate(parts):
         path = ".".join(parts[: depth + 1])
         if node_cls is not None:
             fields = _field_map(node_cls)
             if part not in fields:
-                raise _unknown_key(node_cls, part, path, source)
+                errors.append(_unknown_key(node_cls, part, path, source))
+                return
             tp = _hints(node_cls)[part]
         last = depth == len(parts) - 1
         inner, optional = _strip_optional(tp)
@@ -174,7 +228,8 @@ def _apply_override(cls: type, base: dict, text: str, origins: dict) -> None:
             node = node[part]
             node_cls, tp = None, get_args(inner)[1]
         else:
-            raise ConfigError(f"{source}: key '{path}' is {_type_name(tp)} and has no sub-keys")
+            errors.append(f"{source}: key '{path}' is {_type_name(tp)} and has no sub-keys")
+            return
     raise AssertionError("unreachable")
 
 
@@ -186,20 +241,30 @@ def _parse_scalar(raw: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- building
-def _origin_of(origins: dict, path: str) -> str:
+def _origin_of(origins: dict, path: str) -> _Source:
     while path:
         if path in origins:
             return origins[path]
         path = path.rpartition(".")[0]
-    return _DEFAULT_SOURCE
+    return _DEFAULT
 
 
-def _coerce(value: Any, tp: Any, path: str, origins: dict) -> Any:
+def _as_list_hint(value: Any, path: str, source: _Source) -> str:
+    """How to write `value` as a one-item list in the source it came from (empty where that does not apply)."""
+    if isinstance(value, (dict, list)) or "[" in path or source.kind not in ("file", "override"):
+        return ""
+    text = str(value).lower() if isinstance(value, bool) else value
+    if source.kind == "override":
+        return f"; write {path}=[{text}]"
+    return f"; write {path.rpartition('.')[2]}: [{text}]"
+
+
+def _coerce(value: Any, tp: Any, path: str, origins: dict, errors: list[str]) -> Any:
     inner, optional = _strip_optional(tp)
     source = _origin_of(origins, path)
 
-    def fail() -> ConfigError:
-        return ConfigError(f"{source}: key '{path}' must be {_type_name(tp)}, got {_describe(value)}")
+    def fail(hint: str = "") -> ConfigError:
+        return ConfigError(f"{source}: key '{path}' must be {_type_name(tp)}, got {_describe(value)}{hint}")
 
     if value is None:
         if optional:
@@ -213,21 +278,21 @@ def _coerce(value: Any, tp: Any, path: str, origins: dict) -> Any:
     if origin in (Union, types.UnionType):
         for option in get_args(inner):
             try:
-                return _coerce(value, option, path, origins)
-            except ConfigError:
+                return _coerce(value, option, path, origins, [])
+            except (ConfigError, _Reported):
                 continue
         raise fail()
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise fail()
+            raise fail(_as_list_hint(value, path, source))
         (item,) = get_args(inner)
-        return [_coerce(v, item, f"{path}[{i}]", origins) for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{path}[{i}]", origins, errors) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
             raise fail()
         key_tp, value_tp = get_args(inner)
         return {
-            _coerce(k, key_tp, f"{path}.{k}", origins): _coerce(v, value_tp, f"{path}.{k}", origins)
+            _coerce(k, key_tp, f"{path}.{k}", origins, errors): _coerce(v, value_tp, f"{path}.{k}", origins, errors)
             for k, v in value.items()
         }
     if dataclasses.is_dataclass(inner):
@@ -235,7 +300,7 @@ def _coerce(value: Any, tp: Any, path: str, origins: dict) -> Any:
             value = dataclasses.asdict(value)
         if not isinstance(value, dict):
             raise fail()
-        return _build(inner, value, origins, path + ".")
+        return _build(inner, value, origins, errors, path + ".")
     if inner is bool:
         if not isinstance(value, bool):
             raise fail()
@@ -307,53 +372,115 @@ def _apply_preset(cls: type, raw: dict, origins: dict, prefix: str) -> None:
             raw[key] = value
 
 
-def _build(cls: type[T], raw: dict, origins: dict, prefix: str = "") -> T:
+def _build(cls: type[T], raw: dict, origins: dict, errors: list[str], prefix: str = "") -> T:
+    """`cls` from `raw`; every mistake in its fields is added to `errors`, and then `_Reported` is raised."""
     hints = _hints(cls)
     raw = dict(raw)
-    _apply_preset(cls, raw, origins, prefix)
+    failed: set[str] = set()
+    try:
+        _apply_preset(cls, raw, origins, prefix)
+    except ConfigError as err:
+        errors.append(str(err))
+        failed.add("preset")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if f.name in failed:
+            continue
         path = f"{prefix}{f.name}"
-        value = _coerce(raw[f.name], hints[f.name], path, origins)
-        _check_bounds(value, dict(f.metadata), path, origins)
-        kwargs[f.name] = value
+        try:
+            value = _coerce(raw[f.name], hints[f.name], path, origins, errors)
+            _check_bounds(value, dict(f.metadata), path, origins)
+        except ConfigError as err:
+            errors.append(str(err))
+            failed.add(f.name)
+        except _Reported:
+            failed.add(f.name)
+        else:
+            kwargs[f.name] = value
+    if failed:
+        raise _Reported
     obj = cls(**kwargs)
+    fill_defaults = getattr(obj, "fill_defaults", None)
+    if callable(fill_defaults):
+        fill_defaults(frozenset(re.split(r"[.\[]", k.removeprefix(prefix))[0] for k in origins if k.startswith(prefix)))
     validate = getattr(obj, "validate", None)
     if callable(validate):
         try:
             validate()
         except ConfigError as err:
-            sources = sorted({s for k, s in origins.items() if k.startswith(prefix)} or {_DEFAULT_SOURCE})
-            raise ConfigError(f"{' / '.join(sources)}: {err}") from None
+            sources = sorted({str(s) for k, s in origins.items() if k.startswith(prefix)} or {str(_DEFAULT)})
+            errors.append(f"{' / '.join(sources)}: {err}")
+            raise _Reported from None
     return obj
 
 
+def _finish(cls: type[T], raw: dict, origins: dict, errors: list[str]) -> T:
+    """Build `cls`, and raise one ConfigError holding every mistake found while layering and building."""
+    try:
+        cfg = _build(cls, raw, origins, errors)
+    except _Reported:
+        pass
+    else:
+        if not errors:
+            return cfg
+    mistakes = list(dict.fromkeys(errors))
+    if len(mistakes) == 1:
+        raise ConfigError(mistakes[0])
+    raise ConfigError(f"{len(mistakes)} config mistakes:\n  " + "\n  ".join(mistakes))
+
+
+def _read_yaml(path: Path, errors: list[str]) -> Any:
+    """The YAML document in `path` (None when it is missing or invalid: the mistake is added to `errors`)."""
+    if not path.is_file():
+        errors.append(f"config file {path} does not exist")
+        return None
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        errors.append(f"{path}: not valid YAML: {err}")
+        return None
+
+
 # --------------------------------------------------------------------------------------------------- public API
-def load_config(cls: type[T], path: Path | None = None, overrides: Sequence[str] = ()) -> T:
+def load_config(cls: type[T], path: Path | None = None, overrides: Sequence[str | Override] = ()) -> T:
     """Build `cls` from its defaults, then the YAML file at `path` (if any), then `overrides` (KEY=VALUE)."""
     raw = dataclasses.asdict(cls())
-    origins: dict[str, str] = {}
+    origins: dict[str, _Source] = {}
+    errors: list[str] = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            layer = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        layer = _read_yaml(Path(path), errors)
         if layer is not None:
-            _apply_mapping(cls, raw, layer, str(path), origins, "")
-    for text in overrides:
-        _apply_override(cls, raw, text, origins)
-    return _build(cls, raw, origins)
+            _apply_mapping(cls, raw, layer, _Source(str(path), "file"), origins, "", errors)
+    for override in overrides:
+        _apply_override(cls, raw, Override(override) if isinstance(override, str) else override, origins, errors)
+    return _finish(cls, raw, origins, errors)
+
+
+def layer_file(cfg: T, path: Path, keys: Sequence[str]) -> T:
+    """`cfg` with the YAML file at `path` laid over it (a client's own overrides), merged and checked as
+    `load_config` does its file; the file may set only the top-level `keys`."""
+    cls = type(cfg)
+    raw = dataclasses.asdict(cls())
+    origins: dict[str, _Source] = {}
+    errors: list[str] = []
+    _apply_mapping(cls, raw, dataclasses.asdict(cfg), _Source("the config it overrides", "data"), origins, "", errors)
+    layer = _read_yaml(Path(path), errors)
+    if isinstance(layer, dict):
+        for key in [k for k in layer if k not in keys]:
+            errors.append(f"{path}: key '{key}' cannot be set in this file (it may set {', '.join(keys)})")
+            del layer[key]
+    if layer is not None:
+        _apply_mapping(cls, raw, layer, _Source(str(path), "file"), origins, "", errors)
+    return _finish(cls, raw, origins, errors)
 
 
 def config_from_dict(cls: type[T], data: dict, source: str) -> T:
     """Build `cls` from its defaults updated by a nested mapping (e.g. a config received in a message)."""
     raw = dataclasses.asdict(cls())
-    origins: dict[str, str] = {}
-    _apply_mapping(cls, raw, data, source, origins, "")
-    return _build(cls, raw, origins)
+    origins: dict[str, _Source] = {}
+    errors: list[str] = []
+    _apply_mapping(cls, raw, data, _Source(source, "data"), origins, "", errors)
+    return _finish(cls, raw, origins, errors)
 
 
 def absolute_paths(cfg: T, base: Path | None = None) -> T:

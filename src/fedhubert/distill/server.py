@@ -50,7 +50,10 @@ def read_inputs(cfg: DistillConfig) -> tuple[dict, dict | None]:
         raise ConfigError(f"{kmeans_file} not found: '{cfg.kmeans}' is not a folder made by 'fedhubert kmeans'")
     kmeans = json.loads(kmeans_file.read_text())
     if Path(kmeans["partition"]["path"]).resolve() != Path(cfg.partition).resolve():
-        raise ConfigError(f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}")
+        raise ConfigError(
+            f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}: make labels "
+            f"for this one with 'fedhubert kmeans --partition {cfg.partition} --out DIR', then pass --kmeans DIR"
+        )
     return partition, kmeans
 
 

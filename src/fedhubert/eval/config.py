@@ -2,7 +2,8 @@
 
 The defaults are the SUPERB speech_commands recipe of S3PRL (s3prl/downstream/speech_commands/config.yaml):
 Adam at 1e-4, batch 32, 200,000 steps, evaluation every 4,000, an utterance-level mean-pooling model on a 256-dim
-projection of the upstream's weighted hidden states. Shorten `total_steps` and `eval_step` for quick runs.
+projection of the upstream's weighted hidden states. Shorten `total_steps` for quick runs: unless set, `eval_step`
+and `log_step` follow it (about 10 evaluations and 100 loss lines, never more often than the recipe's).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from fedhubert.errors import ConfigError
 # What the stage writes into its output folder, replaced as a whole by --force.
 OUTPUTS = ("s3prl", "upstream.pt", "upstream.pt.json", "s3prl_config.yaml", "s3prl.log", "result.json", "result.md")
 BASELINES = ("fbank", "mfcc", "spectrogram")  # S3PRL upstreams that need no download
+EVAL_STEP, LOG_STEP = 4000, 100  # the recipe's, for its 200,000 steps
 
 
 @dataclass
@@ -33,8 +35,12 @@ class SpeechCommandsConfig:
     random_init: bool = param(False, "the checkpoint's architecture with fresh random weights (no pretraining)")
     name: str | None = param(None, "how this evaluation is named in the results table (null: from the model)")
     total_steps: int = param(200000, "downstream training steps (SUPERB: 200,000)", ge=1)
-    eval_step: int = param(4000, "evaluate on dev (and test) every this many steps", ge=1)
-    log_step: int = param(100, "log the training loss every this many steps", ge=1)
+    eval_step: int = param(
+        EVAL_STEP, "evaluate on dev (and test) every this many steps (unset: total_steps / 10, at most 4000)", ge=1
+    )
+    log_step: int = param(
+        LOG_STEP, "log the training loss every this many steps (unset: total_steps / 100, at most 100)", ge=1
+    )
     batch_size: int = param(32, "utterances per batch", ge=1)
     lr: float = param(1e-4, "Adam learning rate of the downstream model", gt=0)
     projector_dim: int = param(256, "projection of the upstream features", ge=1)
@@ -42,6 +48,13 @@ class SpeechCommandsConfig:
     seed: int = param(1337, "S3PRL's seed", ge=0)
     device: str = param("auto", "cpu, cuda, or auto")
     table: Path | None = param(None, "run-level results table (.jsonl) to append to (null: results.jsonl beside --out)")
+
+    def fill_defaults(self, given: frozenset[str]) -> None:
+        """A shortened run (`--steps N`) evaluates and logs in proportion, unless eval_step or log_step were set."""
+        if "eval_step" not in given:
+            self.eval_step = min(EVAL_STEP, max(1, self.total_steps // 10))
+        if "log_step" not in given:
+            self.log_step = min(LOG_STEP, max(1, self.total_steps // 100))
 
     def validate(self) -> None:
         if self.dataset is None:

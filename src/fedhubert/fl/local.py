@@ -21,12 +21,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-import yaml
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedhubert.atomic import atomic_write_bytes
-from fedhubert.config import config_from_dict, config_to_dict
-from fedhubert.errors import ConfigError
+from fedhubert.config import layer_file
 from fedhubert.train.data import LabelRate, load_utterances
 
 T = TypeVar("T")
@@ -66,22 +64,9 @@ def client_place(cfg: Any, out: Path, context: Context, with_labels: bool = True
 
 
 def with_client_overrides(cfg: T, place: ClientPlace) -> T:
+    """`cfg` with this client's `client_configs/client_<i>.yaml` of the partition laid over it, when there is one."""
     path = place.partition / "client_configs" / f"client_{place.index}.yaml"
-    if not path.is_file():
-        return cfg
-    overrides = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(overrides, dict):
-        raise ConfigError(f"{path}: must be a mapping of overrides (or {{}})")
-    extra = sorted(set(overrides) - set(CLIENT_KEYS))
-    if extra:
-        raise ConfigError(f"{path}: keys {extra} cannot differ per client; allowed: {', '.join(CLIENT_KEYS)}")
-    merged = config_to_dict(cfg)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return config_from_dict(type(cfg), merged, str(path))
+    return layer_file(cfg, path, CLIENT_KEYS) if path.is_file() else cfg
 
 
 def planned_local_steps(cfg: Any, num_clients: int) -> int:
@@ -92,13 +77,6 @@ def planned_local_steps(cfg: Any, num_clients: int) -> int:
         place = ClientPlace(index, Path(cfg.partition), None, Path("."))
         steps = max(steps, with_client_overrides(cfg, place).local_steps)
     return steps
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 _CACHE: dict[tuple, list] = {}

@@ -45,7 +45,10 @@ def read_inputs(cfg: PretrainConfig) -> tuple[dict, dict]:
             raise ConfigError(f"{path} not found: '{path.parent}' is not a folder made by 'fedhubert {stage}'")
     partition, kmeans = json.loads(partition_file.read_text()), json.loads(kmeans_file.read_text())
     if Path(kmeans["partition"]["path"]).resolve() != Path(cfg.partition).resolve():
-        raise ConfigError(f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}")
+        raise ConfigError(
+            f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}: make labels "
+            f"for this one with 'fedhubert kmeans --partition {cfg.partition} --out DIR', then pass --kmeans DIR"
+        )
     return partition, kmeans
 
 
