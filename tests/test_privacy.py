@@ -18,7 +18,17 @@ from common import PRETRAIN_FAST, run_cli
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import PrivacyConfig
-from fedhubert.fl.privacy import Accountant, check_settings, clip_update, noise_share
+from fedhubert.fl.privacy import (
+    Accountant,
+    ClipBound,
+    check_settings,
+    clip_per_layer,
+    clip_update,
+    noise_share,
+    privatise_change,
+    update_noise_multiplier,
+    update_norm,
+)
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.report import write_report
 
@@ -91,6 +101,26 @@ def test_missing_noise_shares_are_accounted_as_less_noise():
     assert short.epsilon() == pytest.approx(reference_epsilon(1.2 * math.sqrt(2 / 3), 1, 1e-5, 3, 3), rel=1e-9)
 
 
+@pytest.mark.parametrize("start", [0.01, 1.0, 100.0])
+def test_the_adaptive_bound_settles_at_the_target_quantile(start):
+    """Without noise on the count, the geometric rule of Andrew et al. settles near the target quantile of the
+    norms, from far below or above."""
+    rng = np.random.default_rng(0)
+    bound = ClipBound(privacy(clip_norm=start, adaptive_clipping="true", target_quantile=0.7), 10)
+    for round_ in range(400):
+        norms = rng.lognormal(0.0, 0.5, size=10)
+        bound.update(list(norms > bound.value), seed=0, round_=round_)
+    quantile = float(np.exp(0.5 * norm.ppf(0.7)))  # the 0.7 quantile of the lognormal
+    assert bound.value == pytest.approx(quantile, rel=0.2)
+
+
+def test_adaptive_clipping_splits_the_noise_so_the_total_is_unchanged():
+    settings = privacy(clip_norm=1.0, noise_multiplier=1.0, adaptive_clipping="true", clipped_count_stddev=2.0)
+    z = update_noise_multiplier(settings, 10)
+    assert z > 1.0 and z**-2 + (2 * 2.0) ** -2 == pytest.approx(1.0)
+    assert update_noise_multiplier(privacy(clip_norm=1.0, noise_multiplier=1.0), 10) == 1.0
+
+
 def test_the_target_is_checked_before_the_round():
     accountant = Accountant(privacy(clip_norm=1.0, noise_multiplier=1.0, delta=1e-5, target_epsilon=6.0), 10, 10)
     spent = []
@@ -109,6 +139,17 @@ def test_clipping_bounds_the_norm_and_keeps_the_direction():
     assert torch.equal(small["a"], torch.ones(2))
 
 
+def test_per_layer_clipping_keeps_the_whole_within_the_bound():
+    change = {"big": torch.full((300,), 1.0), "small": torch.full((100,), 0.01)}
+    clipped, was_clipped = clip_per_layer(change, 2.0)
+    assert was_clipped
+    assert float(clipped["big"].norm()) == pytest.approx(2.0 * math.sqrt(300 / 400))
+    assert torch.equal(clipped["small"], change["small"]), "a layer within its bound is untouched"
+    assert math.sqrt(sum(float(t.pow(2).sum()) for t in clipped.values())) <= 2.0
+    _, _, flagged = privatise_change(change, 2.0, 0.0, 1, 0, 1, 0, per_layer=True)
+    assert flagged and update_norm(change) < 20.0
+
+
 def test_noise_shares_are_reproducible_per_round_and_client():
     like = {"w": torch.zeros(20000)}
     a = noise_share(like, 0.5, seed=0, round_=3, client=1)["w"]
@@ -124,11 +165,12 @@ def test_noise_shares_are_reproducible_per_round_and_client():
         ({"noise_multiplier": 1.0}, "needs privacy.clip_norm"),
         ({"clip_norm": 1.0, "target_epsilon": 5}, "needs privacy.noise_multiplier > 0"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "is not below 1/3 clients"),
+        ({"clip_norm": 1.0, "noise_multiplier": 0.5, "adaptive_clipping": "true"}, "clipped_count_stddev above 0.25"),
     ],
 )
 def test_settings_that_make_no_sense_are_refused(keys, message):
     with pytest.raises(ConfigError, match=message):
-        check_settings(privacy(**keys), 3)
+        check_settings(privacy(**keys), 3, 3)
 
 
 def test_the_command_refuses_them_before_flower_starts(small_partition, small_kmeans, tmp_path, capsys):
@@ -151,6 +193,7 @@ def test_the_command_refuses_them_before_flower_starts(small_partition, small_km
 
 # ------------------------------------------------------------------------------------------------ Flower runs
 DP = ["strategy.fraction=0.6", "privacy.mode=server", "privacy.clip_norm=0.5", "privacy.noise_multiplier=0.4"]
+ADAPTIVE = ["privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=1.0"]  # 2 x 1.0 > 0.4: the split works
 
 
 def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
@@ -165,7 +208,7 @@ def rows(out: Path, kind: str) -> list[dict]:
 def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small_kmeans, tmp_path):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     pinned = ["train.optim.total_steps=9", "train.optim.warmup_steps=1"]  # what 3 rounds of 3 updates fit
-    assert pretrain(small_partition, small_kmeans, whole, "--rounds", "3", *DP, *pinned) == 0
+    assert pretrain(small_partition, small_kmeans, whole, "--rounds", "3", *DP, *ADAPTIVE, *pinned) == 0
     train = rows(whole, "train")
     epsilons = [r["privacy_epsilon"] for r in train]
     assert len(epsilons) == 3 and epsilons == sorted(epsilons) and epsilons[0] > 0
@@ -173,14 +216,18 @@ def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small
     clients = rows(whole, "client")
     assert all(r["update_norm"] > 0 for r in clients)
     assert [r["privacy_clipped_fraction"] for r in train] == [
-        sum(c["update_norm"] > 0.5 for c in clients if c["round"] == r["round"]) / 2 for r in train
+        sum(c["update_norm"] > r["privacy_clip_norm"] for c in clients if c["round"] == r["round"]) / 2 for r in train
     ]
+    bounds = [r["privacy_clip_norm"] for r in train]
+    assert bounds[0] == 0.5 and len(set(bounds)) == 3, "adaptive clipping moves the bound every round"
+    assert [r["privacy_next_clip_norm"] for r in train[:-1]] == bounds[1:]
     summary = json.loads((whole / "run.json").read_text())["summary"]
     assert summary["privacy"]["epsilon"] == pytest.approx(epsilons[-1]) and summary["privacy"]["delta"] == 1e-5
     report = write_report(whole).read_text()
     assert f"({epsilons[-1]:.3g}, 1e-05)-DP for each client's whole contribution after 3 rounds" in report
+    assert f"clipped to a bound adapted from 0.5 to {summary['privacy']['final_clip_norm']:.3g}" in report
 
-    assert pretrain(small_partition, small_kmeans, parts, "--rounds", "2", *DP, *pinned) == 0
+    assert pretrain(small_partition, small_kmeans, parts, "--rounds", "2", *DP, *ADAPTIVE, *pinned) == 0
     assert run_cli("pretrain", "--resume", parts, "num_rounds=3") == 0
     fixed = load_checkpoint(whole / "checkpoints" / "final.pt")
     resumed = load_checkpoint(parts / "checkpoints" / "final.pt")
@@ -191,7 +238,7 @@ def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small
     # Mode client: the clients clip and add the same noise shares, so the same model and the same epsilon.
     distributed = tmp_path / "client"
     client_dp = [a.replace("privacy.mode=server", "privacy.mode=client") for a in DP]
-    assert pretrain(small_partition, small_kmeans, distributed, "--rounds", "3", *client_dp, *pinned) == 0
+    assert pretrain(small_partition, small_kmeans, distributed, "--rounds", "3", *client_dp, *ADAPTIVE, *pinned) == 0
     c = load_checkpoint(distributed / "checkpoints" / "final.pt")["state_dict"]
     assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a), "noise placed on the clients, same sum"
     assert [r["privacy_epsilon"] for r in rows(distributed, "train")] == epsilons
@@ -201,7 +248,8 @@ def test_a_private_run_clips_accounts_and_resumes_exactly(small_partition, small
 @pytest.mark.parametrize("mode", ["server", "client"])
 def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tmp_path, mode):
     """Without noise, FedAvg's step is the mean of changes clipped to clip_norm, so it cannot be longer; in mode
-    client the changes are clipped before they leave the clients, as the server measures what arrives."""
+    client the changes are clipped (here per layer) before they leave the clients, as the server measures what
+    arrives."""
     out = tmp_path / "clip"
     assert (
         pretrain(
@@ -212,6 +260,7 @@ def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tm
             "2",
             f"privacy.mode={mode}",
             "privacy.clip_norm=0.05",
+            f"privacy.per_layer_clipping={str(mode == 'client').lower()}",
             "privacy.audit_coordinates=64",
         )
         == 0

@@ -314,8 +314,13 @@ def _privacy(privacy: dict | None, train: list[dict]) -> list[str]:
         return ["Differential privacy: none (privacy.mode=none): the released models carry no privacy guarantee."]
     clipped = [r["privacy_clipped_fraction"] for r in train if "privacy_clipped_fraction" in r]
     where = "on the server" if privacy["mode"] == "server" else "on the clients"
+    bound = (
+        f"to a bound adapted from {privacy['clip_norm']:g} to {privacy['final_clip_norm']:.3g}"
+        if privacy.get("adaptive_clipping")
+        else f"to {privacy['clip_norm']:g}"
+    )
     line = (
-        f"Differential privacy (mode {privacy['mode']}): updates clipped to {privacy['clip_norm']:g} {where} "
+        f"Differential privacy (mode {privacy['mode']}): updates clipped {bound} {where} "
         f"({100 * sum(clipped) / max(len(clipped), 1):.0f}% of the replies clipped on average), noise multiplier "
         f"{privacy['noise_multiplier']:g}"
     )

@@ -69,7 +69,7 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     teacher, teacher_cfg, _ = load_teacher(cfg.teacher)  # a missing or wrong teacher stops here, before Flower
     prediction_layers(cfg.student, teacher_cfg)
     num_clients = int(partition["num_clients"])
-    check_settings(cfg.privacy, num_clients)  # before Flower starts
+    check_settings(cfg.privacy, num_clients, cfg.strategy.sample_size(num_clients))  # before Flower starts
     for client in range(num_clients):
         with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), None, out))
     resources = None

@@ -3,6 +3,7 @@ reads it for --help)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,10 @@ class StrategyConfig:
     fraction: float = param(1.0, "share of the clients sampled each round", gt=0, le=1)
     min_clients: int = param(2, "a round needs replies from at least this many clients", ge=1)
 
+    def sample_size(self, num_clients: int) -> int:
+        """Clients asked each round: the `fraction`, at least `min_clients`, at most all."""
+        return min(max(math.ceil(self.fraction * num_clients), min(self.min_clients, num_clients)), num_clients)
+
 
 @dataclass
 class PrivacyConfig:
@@ -71,6 +76,23 @@ class PrivacyConfig:
     delta: float = param(1e-5, "the delta of (epsilon, delta); must be below 1 / number of clients", gt=0, lt=1)
     target_epsilon: float | None = param(
         None, "stop (with a checkpoint) before a round that would take epsilon above this; null: no limit", gt=0
+    )
+    per_layer_clipping: bool = param(
+        False,
+        "clip each shared tensor to clip_norm x sqrt(its share of the parameters) instead of the update as a whole "
+        "(the whole stays within clip_norm; the accounting is the same)",
+    )
+    adaptive_clipping: bool = param(
+        False,
+        "adapt the clipping bound each round (from clip_norm) towards target_quantile of the update norms, from a "
+        "noised count of unclipped updates (Andrew et al. 2021); part of noise_multiplier goes to that count",
+    )
+    target_quantile: float = param(
+        0.5, "adaptive clipping: share of updates the bound should leave unclipped", gt=0, lt=1
+    )
+    clip_learning_rate: float = param(0.2, "adaptive clipping: geometric step of the bound per round", gt=0)
+    clipped_count_stddev: float | None = param(
+        None, "adaptive clipping: noise std on the count of unclipped updates (null: sampled clients / 20)", ge=0
     )
     audit_coordinates: int = param(
         0,

@@ -240,15 +240,18 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     if task.head_keys:
         save_head(place.work, round_, new_state, task.head_keys, cfg.checkpoint_every)
     if cfg.privacy.mode == "client":  # clipped and noised here, before anything leaves the client
-        change, norm = privatise_change(
+        clip = float(info["clip_norm"])  # this round's bound (adaptive clipping moves it)
+        change, norm, was_clipped = privatise_change(
             {k: new_state[k].float() - received[k] for k in received},
-            cfg.privacy,
+            clip,
+            float(info["noise_multiplier"]),
             int(info["sampled"]),
             cfg.seed,
             round_,
             place.index,
+            cfg.privacy.per_layer_clipping,
         )
-        metrics.update(update_norm=norm, clipped=int(norm > float(cfg.privacy.clip_norm)))
+        metrics.update(update_norm=norm, clipped=int(was_clipped))
         new_state = {**new_state, **{k: received[k] + change[k] for k in change}}
     if cfg.transfer == "bfloat16":  # the change, not the weights: rounding weights would drown small changes
         shared = {k: new_state[k].float() - received[k] for k in received}

@@ -44,15 +44,25 @@ from flwr.serverapp import (
     RdpAccountant,
     SamplingMethod,
 )
+from flwr.supercore.differential_privacy import compute_adaptive_noise_params
 
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import PrivacyConfig
 
 
-def check_settings(privacy: PrivacyConfig, num_clients: int) -> None:
-    """Settings that make no sense stop the run before it starts."""
+def check_settings(privacy: PrivacyConfig, num_clients: int, sampled: int) -> None:
+    """Settings that make no sense stop the run before it starts (`sampled`: clients per round)."""
     if privacy.mode == "none":
         return
+    if privacy.adaptive_clipping and privacy.noise_multiplier > 0:
+        stddev = count_stddev(privacy, sampled)
+        if privacy.noise_multiplier >= 2 * stddev:
+            raise ConfigError(
+                f"privacy.adaptive_clipping with noise_multiplier {privacy.noise_multiplier:g} needs "
+                f"privacy.clipped_count_stddev above {privacy.noise_multiplier / 2:g} (it is {stddev:g}"
+                f"{'' if privacy.clipped_count_stddev is not None else f': {sampled} sampled clients / 20'}): the "
+                "count's noise takes part of the budget, and must leave some for the updates"
+            )
     if privacy.clip_norm is None:
         raise ConfigError(
             f"privacy.mode={privacy.mode} needs privacy.clip_norm (noise without clipping bounds nothing): set it, "
@@ -76,18 +86,59 @@ def clip_update(change: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict
     return {k: t * scale for k, t in change.items()}, norm
 
 
+def clip_per_layer(change: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], bool]:
+    """Each tensor scaled to at most clip_norm x sqrt(its share of the parameters): the bounds' squares sum to
+    clip_norm^2, so the whole change stays within clip_norm (the sensitivity, and the accounting, are unchanged)
+    while a layer with large changes cannot crowd out the others. Returns the change and whether any was scaled."""
+    total = sum(t.numel() for t in change.values())
+    clipped, any_scaled = {}, False
+    for key, tensor in change.items():
+        bound = clip_norm * math.sqrt(tensor.numel() / total)
+        norm = float(tensor.double().norm())
+        scale = min(1.0, bound / norm) if norm > 0 else 1.0
+        any_scaled |= scale < 1.0
+        clipped[key] = tensor * scale
+    return clipped, any_scaled
+
+
+def count_stddev(privacy: PrivacyConfig, sampled: int) -> float:
+    return privacy.clipped_count_stddev if privacy.clipped_count_stddev is not None else sampled / 20
+
+
+def update_noise_multiplier(privacy: PrivacyConfig, sampled: int) -> float:
+    """The noise multiplier of the updates: `noise_multiplier`, or with adaptive clipping what is left of it once the
+    count of unclipped updates has its noise (Andrew et al. 2021, Theorem 1, as Flower computes it), so that the two
+    releases together cost what one Gaussian release of `noise_multiplier` does."""
+    if not privacy.adaptive_clipping or privacy.noise_multiplier == 0:
+        return privacy.noise_multiplier
+    _, multiplier = compute_adaptive_noise_params(privacy.noise_multiplier, sampled, count_stddev(privacy, sampled))
+    return multiplier
+
+
 def privatise_change(
-    change: dict[str, torch.Tensor], privacy: PrivacyConfig, sampled: int, seed: int, round_: int, client: int
-) -> tuple[dict[str, torch.Tensor], float]:
-    """One client's change clipped to `privacy.clip_norm` plus its share of the round's noise (one of `sampled`
-    replies), and the change's norm before clipping."""
-    clip = float(privacy.clip_norm)
-    clipped, norm = clip_update(change, clip)
-    share_std = privacy.noise_multiplier * clip / math.sqrt(sampled)
+    change: dict[str, torch.Tensor],
+    clip: float,
+    noise_multiplier: float,
+    sampled: int,
+    seed: int,
+    round_: int,
+    client: int,
+    per_layer: bool = False,
+) -> tuple[dict[str, torch.Tensor], float, bool]:
+    """One client's change clipped to `clip` (as a whole, or `per_layer`) plus its share of the round's noise (one
+    of `sampled` replies, noise `noise_multiplier * clip` on their sum); its norm before clipping; whether it was
+    clipped."""
+    if per_layer:
+        norm = update_norm(change)
+        clipped, was_clipped = clip_per_layer(change, clip)
+    else:
+        clipped, norm = clip_update(change, clip)
+        was_clipped = norm > clip
+    share_std = noise_multiplier * clip / math.sqrt(sampled)
     if share_std > 0:
         noise = noise_share(clipped, share_std, seed, round_, client)
         clipped = {k: clipped[k] + noise[k] for k in clipped}
-    return clipped, norm
+    return clipped, norm, was_clipped
 
 
 def update_norm(change: dict[str, torch.Tensor]) -> float:
@@ -116,6 +167,26 @@ class RoundPrivacy:
 
     def record(self) -> dict[str, float]:
         return {f"privacy_{k}": v for k, v in self.__dict__.items()}
+
+
+class ClipBound:
+    """The clipping bound of each round: `clip_norm`, or with `adaptive_clipping` a bound that moves geometrically
+    towards the `target_quantile` of the update norms: C <- C exp(-lr (b - target)), b the noised share of
+    unclipped updates (Andrew et al. 2021). Flower 1.41's adaptive-clipping wrappers count the clipped updates in
+    this formula instead, which moves the bound away from the quantile; this follows the paper."""
+
+    def __init__(self, privacy: PrivacyConfig, sampled: int):
+        self.privacy, self.value = privacy, float(privacy.clip_norm)
+        self.count_stddev = count_stddev(privacy, sampled) if privacy.noise_multiplier > 0 else 0.0
+
+    def update(self, clipped: list[bool], seed: int, round_: int) -> float:
+        """Move the bound after a round whose replies were `clipped` or not; returns the noised unclipped share."""
+        unclipped = sum(not c for c in clipped)
+        noise = np.random.default_rng([seed, round_, 0xC119]).normal(0.0, self.count_stddev)
+        share = (unclipped + noise) / len(clipped)
+        if self.privacy.adaptive_clipping:
+            self.value *= math.exp(-self.privacy.clip_learning_rate * (share - self.privacy.target_quantile))
+        return share
 
 
 class Accountant:

@@ -42,10 +42,12 @@ from fedhubert.errors import FedhubertError
 from fedhubert.fl.nodes import wait_for_clients
 from fedhubert.fl.privacy import (
     Accountant,
+    ClipBound,
     RoundPrivacy,
     UpdateAudit,
     check_settings,
     privatise_change,
+    update_noise_multiplier,
     update_norm,
 )
 from fedhubert.fl.records import MessageLog, config_to_record
@@ -149,9 +151,12 @@ class FederatedRun:
         )
         self.privacy = cfg.privacy
         self.audit: UpdateAudit | None = None
-        check_settings(self.privacy, num_clients)
+        self.sampled = cfg.strategy.sample_size(num_clients)
+        check_settings(self.privacy, num_clients, self.sampled)
+        self.clip = ClipBound(self.privacy, self.sampled) if self.privacy.mode != "none" else None
+        self.update_noise = update_noise_multiplier(self.privacy, self.sampled)
         self.accountant = (
-            Accountant(self.privacy, num_clients, self._sample_size())
+            Accountant(self.privacy, num_clients, self.sampled)
             if self.privacy.mode != "none" and self.privacy.noise_multiplier > 0
             else None
         )
@@ -177,8 +182,10 @@ class FederatedRun:
             )
         state.update(payload["state_dict"])
         self.strategy.load_state(saved["strategy"])
+        if self.clip is not None:
+            self.clip.value = float(saved["privacy"]["clip_norm"])
         if self.accountant is not None:
-            self.accountant.load_state(saved["privacy"])
+            self.accountant.load_state(saved["privacy"]["accountant"])
             if self.accountant.next_round_exceeds() and int(saved["round"]) < self.cfg.num_rounds:
                 raise RoundError(
                     f"cannot resume from {path}: the privacy budget is spent (epsilon "
@@ -225,13 +232,9 @@ class FederatedRun:
             raise RoundError(f"no node is client(s) {missing}: check the SuperNodes' partition-id")
         return mapping
 
-    def _sample_size(self) -> int:
-        count = max(math.ceil(self.cfg.strategy.fraction * self.num_clients), self.min_required)
-        return min(count, self.num_clients)
-
     def _sample(self, round_: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.seed, round_])
-        return sorted(int(c) for c in rng.choice(self.num_clients, size=self._sample_size(), replace=False))
+        return sorted(int(c) for c in rng.choice(self.num_clients, size=self.sampled, replace=False))
 
     def _privatise(
         self,
@@ -243,28 +246,44 @@ class FederatedRun:
         """The round's privacy step (fedhubert.fl.privacy). Mode server: each client's change clipped to clip_norm and
         its share of the noise added here; mode client: the clients did both. Returns the replies to aggregate and
         the round's record."""
-        clip, replied = float(self.privacy.clip_norm), len(accepted)
-        private, norms = {}, []
+        clip, replied = self.clip.value, len(accepted)
+        private, norms, clipped = {}, [], []
         for client, (tensors, metrics) in sorted(accepted.items()):
             change = {k: tensors[k] - reference[k] for k in reference}
             if self.privacy.mode == "server":
-                change, norm = privatise_change(change, self.privacy, replied, self.cfg.seed, round_, client)
-                extra = {"update_norm": norm, "clipped": int(norm > clip)}
+                change, norm, was_clipped = privatise_change(
+                    change,
+                    clip,
+                    self.update_noise,
+                    replied,
+                    self.cfg.seed,
+                    round_,
+                    client,
+                    self.privacy.per_layer_clipping,
+                )
+                extra = {"update_norm": norm, "clipped": int(was_clipped)}
             else:
-                norm, extra = float(metrics["update_norm"]), {}
+                norm, was_clipped, extra = float(metrics["update_norm"]), bool(metrics["clipped"]), {}
             norms.append(norm)
+            clipped.append(was_clipped)
             record = MetricRecord({**dict(metrics), **extra})
             private[client] = ({k: reference[k] + change[k] for k in change}, record)
         # The noise on the mean: m shares of std z C / sqrt(m) summed, over the k replies (k = m in mode server).
         shares = replied if self.privacy.mode == "server" else sampled
         report = RoundPrivacy(
             clip_norm=clip,
-            clipped_fraction=sum(n > clip for n in norms) / replied,
+            clipped_fraction=sum(clipped) / replied,
             update_norm_median=float(np.median(norms)),
             update_norm_max=max(norms),
-            noise_std=self.privacy.noise_multiplier * clip * math.sqrt(replied / shares) / replied,
+            noise_std=self.update_noise * clip * math.sqrt(replied / shares) / replied,
         )
-        return private, report.record()
+        record = report.record()
+        if self.privacy.adaptive_clipping:
+            record["privacy_unclipped_share_noised"] = self.clip.update(
+                [n > clip for n in norms], self.cfg.seed, round_
+            )
+            record["privacy_next_clip_norm"] = self.clip.value
+        return private, record
 
     # ------------------------------------------------------------------------------------------- a round
     def _check(
@@ -312,6 +331,11 @@ class FederatedRun:
                 "round": round_,
                 "global_step": global_step,
                 "sampled": sampled,
+                **(
+                    {"clip_norm": self.clip.value, "noise_multiplier": self.update_noise}
+                    if self.privacy.mode == "client"
+                    else {}
+                ),
                 "out": str(self.out),
                 "threads": self.threads,
                 **self.task.round_info,
@@ -340,7 +364,12 @@ class FederatedRun:
                 "config": config_to_dict(self.cfg),
                 "best": self.best,
                 "schedule": self.schedule,
-                "privacy": self.accountant.state() if self.accountant is not None else None,
+                "privacy": None
+                if self.clip is None
+                else {
+                    "clip_norm": self.clip.value,
+                    "accountant": self.accountant.state() if self.accountant is not None else None,
+                },
                 **self.task.checkpoint_extra(round_),
             },
         )
@@ -359,7 +388,10 @@ class FederatedRun:
         return {
             "mode": self.privacy.mode,
             "clip_norm": self.privacy.clip_norm,
+            "adaptive_clipping": self.privacy.adaptive_clipping,
+            "final_clip_norm": self.clip.value,
             "noise_multiplier": self.privacy.noise_multiplier,
+            "update_noise_multiplier": self.update_noise,
             "delta": self.privacy.delta if self.accountant is not None else None,
             "epsilon": self.accountant.epsilon() if self.accountant is not None else math.inf,
             "accounted_rounds": self.accountant.rounds if self.accountant is not None else 0,

@@ -59,7 +59,7 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
     partition, kmeans = read_inputs(cfg)
     num_clients = int(partition["num_clients"])
-    check_settings(cfg.privacy, num_clients)  # before Flower starts
+    check_settings(cfg.privacy, num_clients, cfg.strategy.sample_size(num_clients))  # before Flower starts
     for client in range(num_clients):  # a bad client_configs file fails here, not inside a round
         with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), Path(cfg.kmeans), out))
     resources = None
