@@ -16,13 +16,18 @@
 #   FEDHUBERT_CPUS        cores per task: partition/features/kmeans 16, pretrain/distill 32, multinode 8, evaluate 8
 #   FEDHUBERT_MEM         memory per node: 64G (pretrain, distill, multinode: 256G)
 #   FEDHUBERT_GPUS        GPUs per node (pretrain, distill: 4; evaluate: 1); per task for multinode (1); 0 = none
+#                         TYPE:N asks for a GPU type, e.g. h100:4 (--gpus-per-node=h100:4)
 #   FEDHUBERT_NODES, FEDHUBERT_TASKS   multinode: nodes (2) and tasks = clients (8)
 #   FEDHUBERT_CLIENTS     kmeans: clients in the partition (default: read from PARTITION/partition.json)
 #   FEDHUBERT_FEATURES    kmeans: feature cache (default: OUT.features, beside OUT)
 #   FEDHUBERT_LOGS        where Slurm writes job output (default: logs/slurm in the checkout)
-#   FEDHUBERT_SBATCH_ARGS more sbatch options, e.g. "--qos=long --wait"
-# The batch scripts also read FEDHUBERT_MODULES, FEDHUBERT_VENV (slurm/env.sh) and, for multinode,
-# FEDHUBERT_TLS_DIR and FEDHUBERT_SUPERLINK_HOST (slurm/multinode.sbatch).
+#   FEDHUBERT_SBATCH_ARGS more sbatch options, e.g. "--qos=long --wait"; "--gres=gpu:h100:4" with FEDHUBERT_GPUS=0
+#                         where a cluster wants --gres; "--signal=B:USR1@1800" to warn earlier of the time limit
+#   FEDHUBERT_VENV        fedhubert's venv (default: .venv in the checkout), here and in the jobs
+#   FEDHUBERT_MAX_REQUEUES  pretrain, distill, kmeans: how often a job stopped at its time limit requeues itself
+#                         to continue the run (default 5; 0 = never)
+# The batch scripts also read FEDHUBERT_MODULES (slurm/env.sh) and, for multinode, FEDHUBERT_TLS_DIR and
+# FEDHUBERT_SUPERLINK_HOST (slurm/multinode.sbatch).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -66,7 +71,9 @@ if [ "$stage" = kmeans ]; then
   clients=${FEDHUBERT_CLIENTS:-}
   if [ -z "$clients" ]; then
     [ -f "$partition/partition.json" ] || { echo "error: $partition/partition.json not found (set FEDHUBERT_CLIENTS while the partition job is pending)" >&2; exit 2; }
-    clients=$("$repo/.venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_clients"])' \
+    python=${FEDHUBERT_VENV:-$repo/.venv}/bin/python
+    [ -x "$python" ] || { echo "error: no $python: set FEDHUBERT_VENV to fedhubert's venv, or FEDHUBERT_CLIENTS" >&2; exit 2; }
+    clients=$("$python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["num_clients"])' \
               "$partition/partition.json")
   fi
   array_options=("${options[@]}" --time="${FEDHUBERT_TIME:-02:00:00}" --array="0-$((clients - 1))")

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from common import run_cli
-from fedhubert.report import _random_init_of
+from fedhubert.fl.round_log import round_panels, rounds_figure
+from fedhubert.labels.run import inertia_gap_text, kmeans_figure
+from fedhubert.report import _random_init_of, evaluations_caption, evaluations_figure
 from fedhubert.train.learning import learning_check
 
 
@@ -298,3 +300,98 @@ def test_a_random_init_is_paired_by_checkpoint_else_by_a_unique_kind():
     assert _random_init_of(teacher, [teacher, other, student]) is other
     assert _random_init_of(teacher, [teacher, other, same | {"checkpoint_sha256": "f" * 64}]) is None, "ambiguous"
     assert _random_init_of(same, results) is None and _random_init_of(s3prl_result("fbank", None, 0.3), results) is None
+
+
+# ------------------------------------------------------------------------------------- figures and their captions
+def tick_values(ax) -> list[float]:
+    """The x tick values of `ax` within its view, as drawn."""
+    ax.figure.canvas.draw()
+    low, high = sorted(ax.get_xlim())
+    return [float(t) for t in ax.get_xticks() if low <= t <= high]
+
+
+@pytest.mark.parametrize("rounds", [1, 2, 3, 7, 40])
+def test_round_axes_tick_whole_rounds(rounds):
+    rows = [{"kind": "train", "round": r, "clients": 2, "train_loss": 3.0 / r} for r in range(1, rounds + 1)]
+    rows += [{"kind": "eval", "round": r, "loss": 3.0 / (r + 1), "gain_nats": 0.1 * r} for r in range(rounds + 1)]
+    fig = rounds_figure(rows, "distill", acc_key=None)
+    assert len(fig.axes) == 2 == len(round_panels(rows, acc_key=None))
+    for ax in fig.axes:
+        ticks = tick_values(ax)
+        assert ticks and all(t == int(t) for t in ticks), ticks
+    history = [{"round": r, "inertia": 10.0 - r} for r in range(1, rounds + 1)]
+    ax_rounds = kmeans_figure({"history": history, "cluster_usage": [3, 1], "num_clusters": 2}).axes[0]
+    ticks = tick_values(ax_rounds)
+    assert ticks and all(t == int(t) for t in ticks), ticks
+
+
+def test_speech_commands_figure_has_the_binomial_intervals_as_error_bars():
+    recorded = s3prl_result("teacher", "a" * 64, 0.50, test_ci95=[0.4119, 0.5881])
+    unknown = s3prl_result("fbank", None, 0.30) | {"data": {"root": "/data/sc"}}
+    ax = evaluations_figure([recorded, unknown]).axes[0]
+    dev, test = (c for c in ax.containers if hasattr(c, "errorbar"))
+    (segments,) = test.errorbar.lines[2]
+    low, high = segments.get_segments()[0][:, 1]
+    assert (round(low, 2), round(high, 2)) == (41.19, 58.81)
+    low, high = segments.get_segments()[1][:, 1]
+    assert low == high == 30.0, "no interval without clip counts"
+    assert "95% confidence intervals" in evaluations_caption([recorded])
+    assert "error bars" not in evaluations_caption([unknown])
+
+
+@pytest.fixture(scope="module")
+def kmeans_and_distill(tmp_path_factory) -> str:
+    """The report of a hand-made run: federated k-means 2.4% below the centralized inertia, per-client codebooks,
+    and a distillation without a k-means head (loss and gain panels, no accuracy)."""
+    run = tmp_path_factory.mktemp("captions")
+    kmeans = {
+        "mode": "federated",
+        "num_clusters": 2,
+        "label_rate": 50,
+        "unused_clusters": 0,
+        "features": {"dims": 39, "kind": "mfcc"},
+        "rounds": 3,
+        "inertia": 9.0,
+        "history": [{"round": r, "inertia": 10.0 - r} for r in (1, 2, 3)],
+        "cluster_usage": [3, 1],
+        "reference": {"inertia": 10.0, "federated_inertia": 9.76, "relative_gap": -0.024, "frames": 100},
+    }
+    write_stage(run / "kmeans", "kmeans", kmeans_json=kmeans)
+    clients = kmeans | {"mode": "per-client", "rounds": 0, "history": [], "reference": {}}
+    clients["clients"] = [{"client": 0, "inertia": 9.0}, {"client": 1, "inertia": 8.0}]
+    write_stage(run / "kmeans-clients", "kmeans", kmeans_json=clients)
+    rows = [{"kind": "train", "round": r, "clients": 2, "train_loss": 3.0 / r} for r in (1, 2)]
+    rows += [{"kind": "eval", "round": r, "loss": 3.0 - r, "gain_nats": 0.1 * r} for r in (0, 1, 2)]
+    write_stage(
+        run / "distill",
+        "distill",
+        config={"strategy": {"name": "fedavg"}, "local_steps": 3},
+        summary={
+            "rounds": 2,
+            "final_checkpoint": "/runs/distill/final.pt",
+            "student_parameters": 10,
+            "teacher_parameters": 100,
+        },
+        metrics_jsonl=rows,
+    )
+    assert run_cli("report", run) == 0
+    return (run / "report.md").read_text()
+
+
+def test_captions_say_what_each_figure_shows(kmeans_and_distill):
+    report = kmeans_and_distill
+    assert "![distill per round: loss and gain over the label-frequency baseline](report/distill_distill.png)" in report
+    assert "accuracy" not in report.split("## Federated distillation")[1]
+    assert "![k-means: inertia per Lloyd round, and cluster usage](report/kmeans_kmeans.png)" in report
+    assert (
+        "![k-means: inertia of each client's codebook, and cluster usage](report/kmeans_kmeans-clients.png)" in report
+    )
+
+
+def test_the_federated_codebook_is_compared_in_plain_words(kmeans_and_distill):
+    assert (
+        "Centralized k-means on the pooled sample: inertia 10.00 per frame; federated codebook inertia 2.4% below "
+        "(better than) the centralized codebook's."
+    ) in kmeans_and_distill
+    assert inertia_gap_text(0.031) == "federated codebook inertia 3.1% above (worse than) the centralized codebook's"
+    assert "from it" not in kmeans_and_distill

@@ -1,8 +1,8 @@
 """The batch scripts in slurm/ on a real one-node Slurm cluster (tests/slurm_cluster.py): a tiny pipeline
 submitted with slurm/submit.sh (partition, the k-means features array and k-means job, pretraining, distillation,
-evaluation), the multi-node job with TLS and authenticated SuperNodes, a time-limit stop that a second
-submission continues, and a pre-flight failure that a second submission replaces instead. Skipped, with the
-reason, where Slurm cannot run."""
+evaluation), the multi-node job with TLS and authenticated SuperNodes, a SIGTERM stop that a second submission
+continues, a time-limit warning after which the job requeues itself and completes the run, and a pre-flight failure
+that a second submission replaces instead. Skipped, with the reason, where Slurm cannot run."""
 
 from __future__ import annotations
 
@@ -163,25 +163,41 @@ def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work
     assert leftover == [], "no SuperLink, SuperNode or ClientApp process outlives the job"
 
 
-def test_a_time_limit_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
+def wait_for_a_round(cluster: SlurmCluster, work: Path, job: str, out: Path, timeout_s: float = 300) -> None:
+    """Until the run in `out` has recorded its first aggregated round (the job still queued or running)."""
+    deadline = time.monotonic() + timeout_s
+    metrics = out / "metrics.jsonl"
+    while not any(
+        json.loads(line).get("kind") == "train"
+        for line in (metrics.read_text().splitlines() if metrics.is_file() else [])
+    ):
+        assert time.monotonic() < deadline and cluster.queue(job), job_output(work)
+        time.sleep(0.5)
+
+
+def wait_until_gone(cluster: SlurmCluster, work: Path, job: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while cluster.queue(job):
+        assert time.monotonic() < deadline, job_output(work)
+        time.sleep(1.0)
+
+
+def train_rounds(out: Path) -> list[int]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["round"] for r in rows if r["kind"] == "train"]
+
+
+def test_a_sigterm_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
     out = work / "long"
     job = submit(
         cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40", FEDHUBERT_SBATCH_ARGS=""
     )  # no --wait: returns once submitted
-    deadline = time.monotonic() + 300
-    while not any(
-        json.loads(line).get("kind") == "train"
-        for line in ((out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else [])
-    ):
-        assert time.monotonic() < deadline and cluster.queue(job), job_output(work)
-        time.sleep(0.5)
-    # What Slurm does before a time limit with --signal=B:TERM@...: SIGTERM to the batch shell only.
+    wait_for_a_round(cluster, work, job, out)
+    # SIGTERM to the batch shell only (scancel --batch; a script's --signal=B:TERM@...): a stop without requeue.
     assert cluster.run("scancel", "--batch", "--signal=TERM", job).returncode == 0
-    while cluster.queue(job):
-        assert time.monotonic() < deadline, job_output(work)
-        time.sleep(0.5)
+    wait_until_gone(cluster, work, job, 300)
     output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()
-    assert "batch job: SIGTERM, passing it to fedhubert" in output
+    assert "batch job: SIGTERM, passing it to fedhubert" in output and "requeueing" not in output
     assert status(out) == "stopped", output
     stopped = json.loads((out / "run.json").read_text())["summary"]["stopped_after_round"]
     assert 1 <= stopped < 40 and (out / "checkpoints" / f"round_{stopped:05d}.pt").is_file()
@@ -189,8 +205,26 @@ def test_a_time_limit_stop_is_checkpointed_and_a_second_submission_finishes(clus
     again = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40")
     assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
     assert "continuing the run in" in (work / "logs" / f"fedhubert-pretrain-{again}.out").read_text()
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows if r["kind"] == "train"] == list(range(1, 41))
+    assert train_rounds(out) == list(range(1, 41))
+
+
+def test_a_job_warned_of_its_time_limit_requeues_itself_and_completes_the_run(cluster, work, partition, kmeans):
+    out = work / "requeued"
+    job = submit(
+        cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40", FEDHUBERT_SBATCH_ARGS=""
+    )
+    wait_for_a_round(cluster, work, job, out)
+    # What Slurm sends at the script's --signal=B:USR1@600 before the time limit: SIGUSR1 to the batch shell only.
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    wait_until_gone(cluster, work, job, 900)  # Slurm holds a requeued job about two minutes before it starts again
+    output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()  # both starts: --open-mode=append
+    assert "batch job: SIGUSR1, the time limit is near, passing it to fedhubert" in output
+    assert f"requeueing job {job} (requeue 1 of at most 5, FEDHUBERT_MAX_REQUEUES)" in output
+    assert output.count(f"fedhubert job {job} ") == 2 and "continuing the run in" in output, output
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "completed" and record["resumed"], output
+    assert (out / "checkpoints" / "final.pt").is_file()
+    assert train_rounds(out) == list(range(1, 41))
 
 
 def test_a_submission_after_a_pre_flight_failure_starts_afresh_with_its_arguments(cluster, work, partition, kmeans):

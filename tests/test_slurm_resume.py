@@ -1,7 +1,8 @@
 """What a new submission of a batch script in slurm/ runs, given what the earlier run left in its output folder: the
 scripts' own decision (slurm/env.sh `resumable`), run with bash and a stand-in `fedhubert` that records its
 arguments, so no Slurm is needed. A run stopped at its time limit (exit 75) continues with --resume; a run that
-failed before its first checkpoint (a pre-flight error) starts afresh with the new arguments."""
+failed before its first checkpoint (a pre-flight error) starts afresh with the new arguments. A stop on the
+time-limit warning (SIGUSR1) requeues the job, at most FEDHUBERT_MAX_REQUEUES times; a SIGTERM stop does not."""
 
 from __future__ import annotations
 
@@ -97,3 +98,90 @@ def test_distill_and_kmeans_decide_alike(fake_env, tmp_path, script, args, fresh
     command = submitted(script, [a.format(out=out) for a in args], fake_env, tmp_path)
     stage = script.split(".")[0]
     assert command == (f"{stage} --resume {out}" if resumes else fresh.format(out=out))
+
+
+# ------------------------------------------------------------------ requeueing at the time limit (slurm/env.sh)
+STOPPING_FEDHUBERT = """#!/usr/bin/env bash
+echo "$*" >> "CALLS"
+stop() {
+  kill "$sleeper"
+  mkdir -p "OUT/checkpoints"
+  : > "OUT/checkpoints/round_00002.pt"
+  printf '{\\n  "status": "stopped"\\n}\\n' > "OUT/run.json"
+  exit 75
+}
+sleep 30 &
+sleeper=$!
+trap stop TERM
+kill -"$FAKE_SIGNAL" "$PPID"
+wait "$sleeper"
+"""
+
+
+@pytest.fixture
+def stopping_env(fake_env, tmp_path) -> dict:
+    """`fedhubert` sends the batch shell FAKE_SIGNAL (as Slurm would), then stops like fedhubert on SIGTERM: a
+    round checkpoint, run.json status "stopped", exit 75; `scontrol` records its arguments in scontrol.txt."""
+    bin_dir = Path(fake_env["FEDHUBERT_VENV"]) / "bin"
+    out = tmp_path / "run"
+    fake = STOPPING_FEDHUBERT.replace("CALLS", str(tmp_path / "calls.txt")).replace("OUT", str(out))
+    (bin_dir / "fedhubert").write_text(fake)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{tmp_path / "scontrol.txt"}"\n')
+    scontrol.chmod(0o755)
+    return {**fake_env, "SLURM_JOB_ID": "42", "FAKE_SIGNAL": "USR1"}
+
+
+def batch_job(env: dict, tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
+    """pretrain.sbatch for a first submission into tmp_path/run."""
+    args = ["/data/part", "/data/km", str(tmp_path / "run"), "--rounds", "4"]
+    return subprocess.run(
+        ["bash", REPO / "slurm" / "pretrain.sbatch", *args],
+        env={**env, **extra},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def requeues(tmp_path: Path) -> str:
+    path = tmp_path / "scontrol.txt"
+    return path.read_text().strip() if path.is_file() else ""
+
+
+def test_the_time_limit_warning_stops_the_stage_and_requeues_the_job(stopping_env, tmp_path):
+    result = batch_job(stopping_env, tmp_path, SLURM_RESTART_COUNT="2")
+    assert result.returncode == 0, result.stderr
+    assert "SIGUSR1, the time limit is near, passing it to fedhubert as SIGTERM" in result.stdout
+    assert "requeueing job 42 (requeue 3 of at most 5, FEDHUBERT_MAX_REQUEUES)" in result.stdout
+    assert requeues(tmp_path) == "requeue 42"
+
+
+def test_requeues_stop_at_the_maximum_and_the_job_exits_stopped(stopping_env, tmp_path):
+    result = batch_job(stopping_env, tmp_path, SLURM_RESTART_COUNT="2", FEDHUBERT_MAX_REQUEUES="2")
+    assert result.returncode == 75 and requeues(tmp_path) == ""
+    assert "not requeued, the job was requeued 2 times already (FEDHUBERT_MAX_REQUEUES=2)" in result.stdout
+
+
+def test_sigterm_stops_the_stage_without_requeueing(stopping_env, tmp_path):
+    result = batch_job(stopping_env, tmp_path, FAKE_SIGNAL="TERM")  # scancel, or --signal=B:TERM@...
+    assert result.returncode == 75 and requeues(tmp_path) == ""
+    assert "batch job: SIGTERM, passing it to fedhubert as SIGTERM" in result.stdout
+
+
+def test_a_bad_maximum_is_refused(stopping_env, tmp_path):
+    result = batch_job(stopping_env, tmp_path, FEDHUBERT_MAX_REQUEUES="five")
+    assert result.returncode == 2 and not (tmp_path / "calls.txt").exists(), "refused before the stage runs"
+    assert "FEDHUBERT_MAX_REQUEUES must be a whole number >= 0, not 'five'" in result.stderr
+
+
+def test_the_venv_is_taken_from_fedhubert_venv(fake_env, tmp_path):
+    result = subprocess.run(
+        ["bash", REPO / "slurm" / "pretrain.sbatch", "/p", "/k", str(tmp_path / "run")],
+        env={**fake_env, "FEDHUBERT_VENV": str(tmp_path / "missing")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"no virtual environment at {tmp_path / 'missing'}: set FEDHUBERT_VENV" in result.stderr

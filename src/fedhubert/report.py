@@ -19,11 +19,15 @@ import shlex
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import FedhubertError
-from fedhubert.fl.round_log import plot_rounds, read_rows
+from fedhubert.fl.round_log import plot_rounds, read_rows, round_panels
 from fedhubert.runlog import RUN_FILE
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +176,7 @@ def _kmeans(report: Report, stages: list[StageFolder]) -> None:
         record = s.json("kmeans.json") if s.stage == "kmeans" and s.completed else None
         if record is None:
             continue
-        from fedhubert.labels.run import plot_kmeans
+        from fedhubert.labels.run import inertia_gap_text, kmeans_caption, plot_kmeans
 
         name = f"kmeans_{s.path.name}.png"
         plot_kmeans(record, report.figures / name)
@@ -187,8 +191,8 @@ def _kmeans(report: Report, stages: list[StageFolder]) -> None:
         reference = record.get("reference") or {}
         if "relative_gap" in reference:
             lines.append(
-                f"Centralized k-means on the pooled sample: {reference['inertia']:.2f} per frame; the "
-                f"federated codebook is {100 * reference['relative_gap']:+.1f}% from it."
+                f"Centralized k-means on the pooled sample: inertia {reference['inertia']:.2f} per frame; "
+                f"{inertia_gap_text(reference['relative_gap'])}."
             )
         elif "mean_matched_centroid_distance" in reference:
             lines.append(
@@ -199,7 +203,7 @@ def _kmeans(report: Report, stages: list[StageFolder]) -> None:
         for subset, heldout in (record.get("global") or {}).items():
             lines.append(f"- held-out {subset}: {heldout['frames']} frames, inertia {heldout['inertia']:.2f}")
         report.add("## Targets (k-means)", *lines)
-        report.figure(name, "k-means rounds and cluster usage")
+        report.figure(name, kmeans_caption(record))
 
 
 def _training(report: Report, stages: list[StageFolder]) -> None:
@@ -302,11 +306,12 @@ def _federated(report: Report, s: StageFolder) -> None:
     report.add(
         f"## {'Federated distillation' if distill else 'Federated pretraining'} (`{report.rel(s.path)}`)", *lines
     )
-    report.figure(
-        name,
-        f"{s.stage} per round: loss"
-        + ("" if acc_key is None else ", masked accuracy and gain over the frequency baseline"),
-    )
+    report.figure(name, f"{s.stage} per round: {_listed(round_panels(rows, acc_key=acc_key))}")
+
+
+def _listed(items: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
 
 
 def _privacy(privacy: dict | None, train: list[dict]) -> list[str]:
@@ -411,7 +416,9 @@ def _evaluations(report: Report, stages: list[StageFolder]) -> None:
     ]
     if not results:
         return
-    _plot_evaluations(results, report.figures / "speech_commands.png")
+    from fedhubert.plots import save_figure
+
+    save_figure(evaluations_figure(results), report.figures / "speech_commands.png")
     warnings = [
         line
         for r in results
@@ -435,13 +442,23 @@ def _evaluations(report: Report, stages: list[StageFolder]) -> None:
     )
     if warnings:
         report.add(*warnings)
-    report.figure("speech_commands.png", "dev and test accuracy per upstream, with 95% intervals")
+    report.figure("speech_commands.png", evaluations_caption(results))
 
 
-def _plot_evaluations(results: list[dict], path: Path) -> None:
-    """Dev-best and test accuracy per evaluation, with their 95% intervals as error bars."""
+def evaluations_caption(results: list[dict]) -> str:
+    """What `evaluations_figure(results)` shows, for a caption."""
     from fedhubert.eval.results import intervals
-    from fedhubert.plots import plt, save_figure
+
+    shown = any(bound for r in results for bound in intervals(r).values())
+    bars = " with binomial 95% confidence intervals (Wilson) as error bars" if shown else ""
+    return f"dev-best and test accuracy per upstream{bars}"
+
+
+def evaluations_figure(results: list[dict]) -> Figure:
+    """Dev-best and test accuracy per evaluation, with their binomial 95% intervals (as recorded, else from the
+    accuracy and clip counts) as error bars; none where neither is known."""
+    from fedhubert.eval.results import intervals
+    from fedhubert.plots import plt
 
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(results) + 3), 4))
     x = range(len(results))
@@ -460,7 +477,7 @@ def _plot_evaluations(results: list[dict], path: Path) -> None:
     ax.set_xticks(list(x), [r["name"] for r in results], rotation=15, ha="right", fontsize="small")
     ax.set(ylabel="accuracy (%) with 95% interval", ylim=(0, 100), title="Speech Commands (SUPERB KS) accuracy")
     ax.legend(fontsize="small")
-    save_figure(fig, path)
+    return fig
 
 
 def _random_init_of(result: dict, results: list[dict]) -> dict | None:

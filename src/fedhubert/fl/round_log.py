@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fedhubert.plots import plt, save_figure
+from matplotlib.figure import Figure
+
+from fedhubert.plots import integer_ticks, plt, save_figure
 
 
 class RoundLog:
@@ -44,17 +46,38 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+LOSS_PANEL = "loss"
+ACCURACY_PANEL = "masked accuracy"
+GAIN_PANEL = "gain over the label-frequency baseline"
+
+
+def round_panels(rows: list[dict], loss_key: str = "train_loss", acc_key: str | None = "train_acc_masked") -> list[str]:
+    """What the panels of `rounds_figure` show for these arguments, in order (for captions)."""
+    gains = any(r["kind"] == "eval" and "gain_nats" in r for r in rows) or any(
+        r["kind"] == "train" and loss_key in r and "valid_gain_nats" in r for r in rows
+    )
+    return [LOSS_PANEL] + [ACCURACY_PANEL] * bool(acc_key) + [GAIN_PANEL] * gains
+
+
 def plot_rounds(
     rows: list[dict], path: Path, title: str, loss_key: str = "train_loss", acc_key: str | None = "train_acc_masked"
 ) -> None:
+    """Write `rounds_figure` as a PNG at `path`."""
+    save_figure(rounds_figure(rows, title, loss_key, acc_key), path)
+
+
+def rounds_figure(
+    rows: list[dict], title: str, loss_key: str = "train_loss", acc_key: str | None = "train_acc_masked"
+) -> Figure:
     """Loss per round (clients, their weighted mean, the server's evaluation); with `acc_key` also masked accuracy,
-    and, where evaluations report it, the gain over the label-frequency baseline (held-out, in nats)."""
+    and, where evaluations report it, the gain over the label-frequency baseline (held-out, in nats). The round
+    axes have integer ticks. `round_panels` names the panels."""
     aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
     evals = [r for r in rows if r["kind"] == "eval"]
     gains = [r for r in evals if "gain_nats" in r]
     valid_gains = [r for r in aggregated if "valid_gain_nats" in r]
-    panels = 1 + bool(acc_key) + bool(gains or valid_gains)
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    panels = round_panels(rows, loss_key, acc_key)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     ax_loss = axes[0][0]
     clients = sorted({r["client"] for r in rows if r["kind"] == "client"})
     for client in clients:
@@ -79,7 +102,7 @@ def plot_rounds(
             ax_acc.plot([r["round"] for r in evals], [r["acc_masked"] for r in evals], "r-s", label="server eval")
         ax_acc.set(xlabel="round", ylabel="masked accuracy", title="masked prediction accuracy")
         ax_acc.legend(fontsize="small")
-    if gains or valid_gains:
+    if GAIN_PANEL in panels:
         ax_gain = axes[0][-1]
         if valid_gains:
             ax_gain.plot(
@@ -94,5 +117,5 @@ def plot_rounds(
         ax_gain.set(xlabel="round", ylabel="nats per masked frame", title="gain over the label-frequency baseline")
         ax_gain.legend(fontsize="small")
     for ax in axes[0]:
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    save_figure(fig, path)
+        integer_ticks(ax)
+    return fig

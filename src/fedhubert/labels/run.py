@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 from scipy.optimize import linear_sum_assignment
 
 from fedhubert.atomic import atomic_write_text
@@ -34,7 +35,7 @@ from fedhubert.labels.kmeans import (
 from fedhubert.labels.quality import add_counts, read_speaker_counts, speaker_warning, split_quality, unavailable
 from fedhubert.labels.speakers import SpeakerError
 from fedhubert.manifest import read_manifest
-from fedhubert.plots import plt, save_figure
+from fedhubert.plots import integer_ticks, plt, save_figure
 from fedhubert.runlog import CONFIG_FILE, StageRun
 
 log = logging.getLogger(__name__)
@@ -165,11 +166,34 @@ def _label_quality(
     return {"splits": splits, "reason": None}
 
 
+def inertia_gap_text(relative_gap: float) -> str:
+    """The federated codebook's inertia against the centralized one's, in words: `relative_gap` is
+    federated / centralized - 1, and lower inertia is better."""
+    if round(100 * relative_gap, 1) == 0:
+        return "federated codebook inertia equal (to 0.1%) to the centralized codebook's"
+    side = "below (better than)" if relative_gap < 0 else "above (worse than)"
+    return f"federated codebook inertia {100 * abs(relative_gap):.1f}% {side} the centralized codebook's"
+
+
+def kmeans_caption(record: dict) -> str:
+    """What `kmeans_figure(record)` shows, for a caption."""
+    left = "inertia per Lloyd round" if record["history"] else "inertia of each client's codebook"
+    return f"k-means: {left}, and cluster usage"
+
+
 def plot_kmeans(record: dict, path: Path) -> None:
+    """Write `kmeans_figure` as a PNG at `path`."""
+    save_figure(kmeans_figure(record), path)
+
+
+def kmeans_figure(record: dict) -> Figure:
+    """Inertia per Lloyd round (federated; integer ticks) or per client (per-client codebooks), and the share of
+    frames per cluster."""
     fig, (ax_rounds, ax_usage) = plt.subplots(1, 2, figsize=(11, 4))
     if record["history"]:
         ax_rounds.plot([h["round"] for h in record["history"]], [h["inertia"] for h in record["history"]], marker="o")
         ax_rounds.set(xlabel="Lloyd round", ylabel="inertia per frame", title="federated k-means")
+        integer_ticks(ax_rounds)
     else:
         inertia = [c["inertia"] for c in record["clients"]]
         ax_rounds.bar([str(c["client"]) for c in record["clients"]], inertia)
@@ -177,7 +201,7 @@ def plot_kmeans(record: dict, path: Path) -> None:
     usage = np.array(record["cluster_usage"], dtype=float)
     ax_usage.bar(np.arange(len(usage)), usage / usage.sum())
     ax_usage.set(xlabel="cluster", ylabel="share of frames", title=f"cluster usage (K={record['num_clusters']})")
-    save_figure(fig, path)
+    return fig
 
 
 def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
@@ -216,10 +240,10 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
         ref = record["reference"]
         if cfg.mode == "federated":
             log.info(
-                "federated inertia %.4f vs centralized %.4f (gap %+.2f%%)",
+                "inertia per frame: federated %.4f, centralized %.4f; %s",
                 ref["federated_inertia"],
                 ref["inertia"],
-                100 * ref["relative_gap"],
+                inertia_gap_text(ref["relative_gap"]),
             )
         else:
             log.info(
