@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,18 @@ def test_the_teacher_is_the_checkpoints_model_and_frozen(tiny_teacher):
         ):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_a_client_reloads_the_teacher_only_when_its_file_changes(tiny_teacher, tmp_path):
+    from fedhubert.distill.client import teacher
+
+    path = tmp_path / "teacher.pt"
+    shutil.copy(tiny_teacher, path)
+    first = teacher(path)
+    assert teacher(path) is first
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert teacher(path) is not first
 
 
 def test_a_missing_or_wrong_teacher_stops_with_a_clear_error(small_partition, tmp_path, capsys):
