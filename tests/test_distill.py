@@ -6,13 +6,12 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
 
-from common import DISTILL_FAST as FAST, run_cli
+from common import DISTILL_FAST as FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
@@ -22,10 +21,6 @@ from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_c
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, hidden_states
 from fedhubert.model.student import Student, init_from_teacher
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def test_the_teacher_is_the_checkpoints_model_and_frozen(tiny_teacher):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from common import PRETRAIN_FAST, run_cli
+from common import PRETRAIN_FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import PrivacyConfig
@@ -145,10 +145,6 @@ DP = ["strategy.fraction=0.6", "privacy.mode=server", "privacy.clip_norm=0.5", "
 
 def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
     return run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, *PRETRAIN_FAST, *args)
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 @pytest.mark.slow
