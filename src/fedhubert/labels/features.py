@@ -35,7 +35,7 @@ from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, MfccConstants, kaldi_c
 from fedhubert.labels.settings import FeaturesConfig
 from fedhubert.labels.speakers import SpeakerError, manifest_speakers
 from fedhubert.manifest import Manifest, file_sha256, read_manifest
-from fedhubert.model.frames import frame_count, mfcc_frames
+from fedhubert.model.frames import cnn_frames, mfcc_frames
 from fedhubert.parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Extractor:
     def frames(self, num_samples: int) -> int:
         if self.kind == "mfcc":
             return mfcc_frames(num_samples)
-        return frame_count(num_samples, [(kernel, stride) for _, kernel, stride in self.conv_layers])
+        return cnn_frames(num_samples, self.conv_layers)
 
     def meta(self) -> dict:
         return {
