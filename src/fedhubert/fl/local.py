@@ -28,28 +28,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedhubert.atomic import atomic_write_bytes
 from fedhubert.config import config_from_dict, config_to_dict
 from fedhubert.errors import ConfigError
+from fedhubert.fl.place import ClientPlace
 from fedhubert.train.data import LabelRate, load_utterances
 
 T = TypeVar("T")
 _HEAD = re.compile(r"head_round_(\d+)\.pt")
 # Keys a client_configs/client_<i>.yaml may set for its client: how it trains, not what the federation learns.
 CLIENT_KEYS = ("local_steps", "train")
-
-
-@dataclass(frozen=True)
-class ClientPlace:
-    index: int
-    partition: Path
-    kmeans: Path | None  # no labels: distillation without the k-means term
-    work: Path
-
-    def pair(self, split: str) -> tuple[Path, Path | None]:
-        labels = self.kmeans / f"client_{self.index}" / f"{split}.km" if self.kmeans else None
-        return self.partition / f"client_{self.index}" / f"{split}.tsv", labels
-
-    def has(self, split: str) -> bool:
-        manifest = self.pair(split)[0]
-        return manifest.is_file() and len(manifest.read_text().splitlines()) > 1
 
 
 def client_place(cfg: Any, out: Path, context: Context, with_labels: bool = True) -> ClientPlace:
