@@ -1,7 +1,9 @@
-"""What the tests share besides fixtures: the settings that keep corpora and runs small, and the CLI entry."""
+"""What the tests share besides fixtures: the settings that keep corpora and runs small, the CLI entry, and a
+run's metrics rows."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedhubert.cli import main
@@ -61,3 +63,8 @@ KMEANS_FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", 
 
 def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
+
+
+def rows(out: Path, kind: str) -> list[dict]:
+    """The rows of `out/metrics.jsonl` whose kind is `kind`, in order."""
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import os
+import shutil
 
 import pytest
 import soundfile as sf
 import torch
 
-from common import DISTILL_FAST as FAST, run_cli
+from common import DISTILL_FAST as FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
@@ -20,10 +21,6 @@ from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_c
 from fedhubert.model.config import ModelConfig
 from fedhubert.model.hubert import build_hubert, hidden_states
 from fedhubert.model.student import Student, init_from_teacher
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def test_the_teacher_is_the_checkpoints_model_and_frozen(tiny_teacher):
@@ -38,6 +35,18 @@ def test_the_teacher_is_the_checkpoints_model_and_frozen(tiny_teacher):
         ):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_a_client_reloads_the_teacher_only_when_its_file_changes(tiny_teacher, tmp_path):
+    from fedhubert.distill.client import teacher
+
+    path = tmp_path / "teacher.pt"
+    shutil.copy(tiny_teacher, path)
+    first = teacher(path)
+    assert teacher(path) is first
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert teacher(path) is not first
 
 
 def test_a_missing_or_wrong_teacher_stops_with_a_clear_error(small_partition, tmp_path, capsys):

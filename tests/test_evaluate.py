@@ -20,11 +20,11 @@ import torch
 import yaml
 
 from common import EVAL_SHORT as SHORT, run_cli
-from fedhubert.corpus.speech_commands_synth import TEST_DIR, TRAIN_DIR
 from fedhubert.eval.confidence import accuracy_interval, wilson_interval
 from fedhubert.eval.config import SpeechCommandsConfig
 from fedhubert.eval.results import result_markdown
 from fedhubert.eval.speech_commands import prepare_upstream
+from fedhubert.eval.speech_commands_format import TEST_DIR, TRAIN_DIR
 
 
 def sha256(path: Path) -> str:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fedhubert.labels.features import FeatureError, FeatureSet, featurise, load_features
+from fedhubert.labels.features import FeatureError, FeatureSet, extract, extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
     KMeansError,
     cluster_stats,
@@ -22,6 +22,7 @@ from fedhubert.labels.kmeans import (
 from fedhubert.labels.mfcc import KaldiMfcc
 from fedhubert.labels.settings import FeaturesConfig, MiniBatchConfig
 from fedhubert.manifest import ManifestError, read_manifest
+from fedhubert.model.checkpoint import load_checkpoint, model_config_of, save_checkpoint
 from fedhubert.model.frames import mfcc_frames as num_frames
 
 
@@ -59,6 +60,29 @@ def damaged_manifest(small_partition: Path, tmp_path: Path, damage) -> Path:
     path = tmp_path / "train.tsv"
     path.write_text("\n".join([str(copy)] + [f"{r}\t{n}" for r, n in rows]) + "\n")
     return path
+
+
+def test_a_hubert_extractor_is_kept_per_process_until_its_checkpoint_changes(tiny_teacher, tmp_path):
+    checkpoint = tmp_path / "hubert.pt"
+    shutil.copy(tiny_teacher, checkpoint)
+    settings = FeaturesConfig(kind="hubert", checkpoint=checkpoint, layer=1)
+    first = extractor_for(settings)
+    assert extractor_for(settings) is first
+    wav = (np.random.default_rng(0).standard_normal(24000) * 0.1).astype(np.float32)
+    before = extract(first, wav)
+    assert before.shape == (first.frames(len(wav)), first.dims)
+    payload = load_checkpoint(checkpoint, kind="hubert")
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in payload["state_dict"].items()}
+    save_checkpoint(
+        checkpoint,
+        kind="hubert",
+        model=model_config_of(payload),
+        num_classes=payload["num_classes"],
+        state_dict=state,
+    )
+    changed = extractor_for(settings)
+    assert changed is not first and changed.checkpoint_sha256 != first.checkpoint_sha256
+    assert not np.allclose(extract(changed, wav), before)
 
 
 def test_length_disagreeing_with_the_manifest_stops_and_names_the_row(small_partition, tmp_path):

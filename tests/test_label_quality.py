@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedhubert.labels.config import KMeansConfig
-from fedhubert.labels.federated import ClientPaths
+from fedhubert.labels.federated import client_place
 from fedhubert.labels.quality import (
     METRICS,
     add_counts,
@@ -124,7 +124,7 @@ def test_label_files_are_read_with_the_speakers_of_their_manifest_rows(tmp_path)
 
 def test_against_a_superlink_the_record_is_null_with_the_reason(tmp_path):
     cfg = KMeansConfig(partition=tmp_path / "partition")
-    clients = [ClientPaths(i, tmp_path / "partition", tmp_path, tmp_path / "features") for i in range(3)]
+    clients = [client_place(cfg, tmp_path, i) for i in range(3)]
     record = _label_quality(cfg, tmp_path, clients, ["dev-clean"], simulation=False)
     assert set(record["splits"]) == {"train", "valid", "global/dev-clean"}
     assert all(value is None for split in record["splits"].values() for value in split.values())

@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fedhubert.labels.quality",
         "fedhubert.labels.speakers",
         "fedhubert.labels.settings",
+        "fedhubert.eval.speech_commands_format",
     ),
     "fl": ("fedhubert.fl",),  # the Flower library: round loop, client round, weights, records, federation runner
     "stages": (

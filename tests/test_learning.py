@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import PRETRAIN_FAST, SMALL_K, run_cli
+from common import PRETRAIN_FAST, SMALL_K, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.fl.config import StrategyConfig
 from fedhubert.fl.local import planned_local_steps
@@ -37,10 +37,6 @@ from fedhubert.train.loop import (
 from fedhubert.train.schedule import fit_schedule, schedule_record, schedule_warnings
 
 TINY = load_config(ModelConfig, None, ["preset=tiny"])
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 # ---------------------------------------------------------------------------------------------- the schedule

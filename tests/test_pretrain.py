@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import KMEANS_FAST, PRETRAIN_FAST as FAST, run_cli
+from common import KMEANS_FAST, PRETRAIN_FAST as FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import load_checkpoint
@@ -25,10 +25,6 @@ TINY = load_config(ModelConfig, None, ["preset=tiny"])
 
 def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
     return run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, *FAST, *args)
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 def messages(out: Path) -> list[dict]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from common import PRETRAIN_FAST, run_cli
+from common import PRETRAIN_FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import PrivacyConfig
@@ -198,10 +198,6 @@ ADAPTIVE = ["privacy.adaptive_clipping=true", "privacy.clipped_count_stddev=1.0"
 
 def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
     return run_cli("pretrain", "--partition", partition, "--kmeans", kmeans, "--out", out, *PRETRAIN_FAST, *args)
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 @pytest.mark.slow

@@ -13,12 +13,12 @@ import torch
 
 from common import run_cli
 from fedhubert.audio import audio_info
-from fedhubert.corpus.speech_commands_synth import NOISE_DIR, TRAIN_DIR
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher
 from fedhubert.eval.frozen_features import frozen_model, length_batches, pooled_features, read_payload
 from fedhubert.eval.keyword_clips import ProbeError, list_clips
 from fedhubert.eval.probe import fold_accuracies, speaker_folds
+from fedhubert.eval.speech_commands_format import NOISE_DIR, TRAIN_DIR
 from fedhubert.model.checkpoint import save_checkpoint
 from fedhubert.model.student import init_from_teacher
 

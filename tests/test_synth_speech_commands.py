@@ -11,7 +11,7 @@ import soundfile as sf
 import yaml
 
 from common import TINY_SPEECH_COMMANDS, run_cli
-from fedhubert.corpus.speech_commands_synth import KEYWORDS, split_of
+from fedhubert.eval.speech_commands_format import KEYWORDS, split_of
 from test_synth_librispeech import tree_digest
 
 AUX = ["bed", "cat", "marvin", "wow"]

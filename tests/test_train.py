@@ -4,6 +4,7 @@ trains, and `fedhubert train-local` end to end."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,25 @@ def test_labels_shorter_than_the_audio_allows_are_refused(small_partition, small
         load_utterances([(manifest, tmp_path / "few.km")], SMALL_K, FAST.data, MFCC_RATE)
     with pytest.raises(DataError, match=r"label ids must be in \[0, 5\)"):
         load_utterances([(manifest, labels)], 5, FAST.data, MFCC_RATE)
+
+
+def test_a_clients_parsed_data_is_reused_until_its_files_change(small_partition, small_labels, tmp_path):
+    from fedhubert.fl.local import utterances
+
+    manifest, labels = pairs(small_partition, small_labels, "train", clients=(0,))[0]
+    copy = tmp_path / "train.km"
+    copy.write_text(labels.read_text())
+    pair = (manifest, copy)
+    first = utterances(pair, SMALL_K, MFCC_RATE, FAST.data)
+    assert utterances(pair, SMALL_K, MFCC_RATE, FAST.data) is first
+    shifted = [" ".join(str((int(x) + 1) % SMALL_K) for x in line.split()) for line in labels.read_text().splitlines()]
+    copy.write_text("\n".join(shifted) + "\n")
+    stat = copy.stat()
+    os.utime(copy, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = utterances(pair, SMALL_K, MFCC_RATE, FAST.data)
+    assert again is not first
+    assert len(again) == len(first)
+    assert all(np.array_equal((a.labels + 1) % SMALL_K, b.labels) for a, b in zip(first, again, strict=True))
 
 
 def test_empty_manifest_is_refused(tmp_path):

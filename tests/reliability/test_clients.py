@@ -11,15 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import DISTILL_FAST, PRETRAIN_FAST, run_cli
+from common import DISTILL_FAST, PRETRAIN_FAST, rows, run_cli
 from fedhubert.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 HOSTILE_APP = Path(__file__).resolve().parent / "hostile_app"
-
-
-def rows(out: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
 
 
 @pytest.fixture

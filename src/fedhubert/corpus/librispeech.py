@@ -32,7 +32,7 @@ LIBRISPEECH_SUBSETS = (
     "test-clean",
     "test-other",
 )
-_UTT_NAME = re.compile(r"(\d+)-(\d+)-(\d+)\.flac")
+UTTERANCE_NAME = re.compile(r"(\d+)-(\d+)-(\d+)\.flac")  # <speaker>-<chapter>-<utterance>.flac
 _BATCH = 256
 
 
@@ -137,7 +137,7 @@ def _walk_subset(root: Path, subset: str, rejected: list[Rejection]) -> tuple[li
                 if entry.name == trans_name:
                     transcripts.update(_read_transcripts(Path(entry.path)))
                 elif entry.name.endswith(".flac") and entry.is_file():
-                    match = _UTT_NAME.fullmatch(entry.name)
+                    match = UTTERANCE_NAME.fullmatch(entry.name)
                     if not match or (match[1], match[2]) != (speaker_dir.name, chapter_dir.name):
                         rejected.append(Rejection(rel, "file name is not <speaker>-<chapter>-<n>.flac of its folders"))
                         continue

@@ -1,4 +1,5 @@
-"""A small synthetic Speech Commands v0.01 in the layout S3PRL's speech_commands downstream reads.
+"""A small synthetic Speech Commands v0.01 in the layout S3PRL's speech_commands downstream reads (the layout's
+names and split rule: `fedhubert.eval.speech_commands_format`).
 
 `<out>/speech_commands_v0.01/<word>/<speaker>_nohash_<n>.wav` (1 s, 16 kHz, 16-bit) for the ten keywords and the
 auxiliary words, `_background_noise_/*.wav` (long noise recordings, S3PRL's `_silence_` source),
@@ -12,7 +13,6 @@ the list files are written with the same rule, so both views of the split agree.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -27,12 +27,24 @@ from fedhubert.corpus.acoustics import apply_channel, coloured_noise, rms
 from fedhubert.corpus.espeak import Voice, espeak_binary, speak
 from fedhubert.corpus.voices import Channel, random_channel, random_voice
 from fedhubert.errors import ConfigError
+from fedhubert.eval.speech_commands_format import (
+    CLIP_SAMPLES,
+    KEYWORDS,
+    NOISE_DIR,
+    SILENCE,
+    SPEAKER_SEPARATOR,
+    SPLITS,
+    TEST_DIR,
+    TRAIN_DIR,
+    UNKNOWN,
+    list_file,
+    split_of,
+)
 from fedhubert.parallel import parallel_map
 from fedhubert.runlog import StageRun
 
 log = logging.getLogger(__name__)
 
-KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 AUXILIARY_WORDS = (
     "bed",
     "bird",
@@ -55,14 +67,9 @@ AUXILIARY_WORDS = (
     "wow",
     "zero",
 )
-TRAIN_DIR = "speech_commands_v0.01"
-TEST_DIR = "speech_commands_test_set_v0.01"
-NOISE_DIR = "_background_noise_"
 VOICES_FILE = "voices.json"
 OUTPUTS = (TRAIN_DIR, TEST_DIR, VOICES_FILE)  # replaced as a whole by --force
 NOISE_FILES = ("white_noise", "pink_noise", "brown_noise", "running_tap", "exercise_bike", "doing_the_dishes")
-CLIP = SAMPLE_RATE  # one second
-MAX_PER_CLASS = 2**27 - 1  # the constant of the dataset's (and S3PRL's) hash split
 
 
 @dataclass
@@ -95,18 +102,6 @@ class SpeechCommandsSynthConfig:
         bad = [w for w in self.auxiliary_words if not w.isalpha() or not w.islower()]
         if bad:
             raise ConfigError(f"key 'auxiliary_words' must be lower-case words (they become folder names), got {bad}")
-
-
-def split_percentage(file_name: str) -> float:
-    """The dataset's split rule, as S3PRL applies it: a hash of the speaker part of the name, in percent."""
-    speaker = file_name.split("_nohash_")[0]
-    digest = int(hashlib.sha1(speaker.encode("utf-8")).hexdigest(), 16)
-    return (digest % (MAX_PER_CLASS + 1)) * (100.0 / MAX_PER_CLASS)
-
-
-def split_of(file_name: str) -> str:
-    pct = split_percentage(file_name)
-    return "validation" if pct < 10 else "testing" if pct < 20 else "training"
 
 
 @dataclass(frozen=True)
@@ -153,7 +148,7 @@ def plan_jobs(cfg: SpeechCommandsSynthConfig, out: Path) -> list[SpeakerJob]:
         channel = random_channel(rng, tuple(cfg.snr_db), tuple(cfg.reverb_s))
         if test_set:
             unknown = str(rng.choice(cfg.auxiliary_words))
-            words = [(k, k, 0) for k in KEYWORDS] + [("_unknown_", unknown, 0), ("_silence_", "", 0)]
+            words = [(k, k, 0) for k in KEYWORDS] + [(UNKNOWN, unknown, 0), (SILENCE, "", 0)]
         else:
             words = [
                 (k, k, r)
@@ -180,18 +175,18 @@ def _trim_silence(wav: np.ndarray, threshold_db: float = -35.0) -> np.ndarray:
 def _clip(word: str, voice: Voice, channel: Channel, rng: np.random.Generator) -> np.ndarray:
     """One second holding the spoken word at a random offset, through the speaker's channel."""
     speech = _trim_silence(speak(word, voice))
-    while len(speech) > int(0.9 * CLIP):
+    while len(speech) > int(0.9 * CLIP_SAMPLES):
         voice = Voice(voice.language, voice.variant, voice.pitch, int(voice.rate * 1.25), voice.word_gap)
         speech = _trim_silence(speak(word, voice))
-    canvas = np.zeros(CLIP, dtype=np.float32)
-    offset = int(rng.integers(0, CLIP - len(speech) + 1))
+    canvas = np.zeros(CLIP_SAMPLES, dtype=np.float32)
+    offset = int(rng.integers(0, CLIP_SAMPLES - len(speech) + 1))
     canvas[offset : offset + len(speech)] = speech
     return apply_channel(canvas, channel, rng)
 
 
 def _silence_clip(rng: np.random.Generator) -> np.ndarray:
     colour = str(rng.choice(["white", "pink", "brown"]))
-    return coloured_noise(CLIP, colour, rng) * float(10 ** (rng.uniform(-60, -35) / 20))
+    return coloured_noise(CLIP_SAMPLES, colour, rng) * float(10 ** (rng.uniform(-60, -35) / 20))
 
 
 def record_speaker(job: SpeakerJob) -> list[str]:
@@ -199,8 +194,8 @@ def record_speaker(job: SpeakerJob) -> list[str]:
     rng = np.random.default_rng([job.seed, job.index])
     written = []
     for folder, word, repetition in job.words:
-        wav = _silence_clip(rng) if folder == "_silence_" else _clip(word, job.voice.with_jitter(rng), job.channel, rng)
-        relative = f"{folder}/{job.speaker}_nohash_{repetition}.wav"
+        wav = _silence_clip(rng) if folder == SILENCE else _clip(word, job.voice.with_jitter(rng), job.channel, rng)
+        relative = f"{folder}/{job.speaker}{SPEAKER_SEPARATOR}{repetition}.wav"
         write_audio(job.root / relative, wav)
         written.append(relative)
     return written
@@ -238,7 +233,7 @@ def synthesize_speech_commands(cfg: SpeechCommandsSynthConfig, out: Path, run: S
     train_files = sorted(p for job in jobs if not job.test_set for p in written[job.index])
     for split in ("validation", "testing"):
         lines = [p for p in train_files if split_of(Path(p).name) == split]
-        atomic_write_text(out / TRAIN_DIR / f"{split}_list.txt", "".join(f"{p}\n" for p in lines))
+        atomic_write_text(out / TRAIN_DIR / list_file(split), "".join(f"{p}\n" for p in lines))
     voices = {
         job.speaker: {
             "test_set": job.test_set,
@@ -250,7 +245,7 @@ def synthesize_speech_commands(cfg: SpeechCommandsSynthConfig, out: Path, run: S
     }
     atomic_write_text(out / VOICES_FILE, json.dumps(voices, indent=2) + "\n")
     test_files = [p for job in jobs if job.test_set for p in written[job.index]]
-    splits = {s: sum(split_of(Path(p).name) == s for p in train_files) for s in ("training", "validation", "testing")}
+    splits = {s: sum(split_of(Path(p).name) == s for p in train_files) for s in SPLITS}
     summary = {
         "train_clips": len(train_files),
         "split_clips": splits,

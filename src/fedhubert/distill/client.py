@@ -2,32 +2,36 @@
 the student learns them for one round (the round itself is `fedhubert.fl.local.local_round`).
 
 The teacher checkpoint is read from the run's `teacher` path, or from the node config's `teacher-checkpoint`
-on a deployment; it is loaded once per client process and never changes."""
+on a deployment; a client process loads it once and again only when the file changes."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
 from flwr.app import Context, Message
+from torchaudio.models.wav2vec2.model import HuBERTPretrainModel
 
 from fedhubert.distill.config import DistillConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.distill.objective import Distillation
 from fedhubert.fl.local import LocalTask, local_round
+from fedhubert.model.config import ModelConfig
 from fedhubert.model.student import LABEL_HEAD_KEYS, init_from_teacher
 from fedhubert.train.data import LabelRate
 from fedhubert.train.loop import resolve_device
 
-_TEACHERS: dict[tuple, tuple] = {}
+
+def teacher(path: Path) -> tuple[HuBERTPretrainModel, ModelConfig]:
+    """The teacher model and its config, kept in the client process while the checkpoint file is unchanged."""
+    stat = path.stat()
+    return _teacher(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def teacher(path: Path):
-    key = (str(path), path.stat().st_mtime_ns)
-    if key not in _TEACHERS:
-        _TEACHERS.clear()
-        _TEACHERS[key] = load_teacher(path)[:2]
-    return _TEACHERS[key]
+@functools.lru_cache(maxsize=1)
+def _teacher(path: str, mtime_ns: int, size: int) -> tuple[HuBERTPretrainModel, ModelConfig]:
+    return load_teacher(Path(path))[:2]
 
 
 def _task(cfg: DistillConfig, info, context: Context) -> LocalTask:

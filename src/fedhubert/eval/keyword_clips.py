@@ -9,10 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedhubert.corpus.speech_commands_synth import NOISE_DIR, TRAIN_DIR
 from fedhubert.errors import FedhubertError
-
-SPEAKER_SEPARATOR = "_nohash_"
+from fedhubert.eval.speech_commands_format import NOISE_DIR, SPEAKER_SEPARATOR, TRAIN_DIR
 
 
 class ProbeError(FedhubertError):

@@ -24,16 +24,15 @@ import yaml
 
 from fedhubert.atomic import atomic_write_text
 from fedhubert.audio import AudioError, audio_info
-from fedhubert.corpus.speech_commands_synth import KEYWORDS, NOISE_DIR, TEST_DIR, TRAIN_DIR, split_of
 from fedhubert.errors import FedhubertError
 from fedhubert.eval.config import SpeechCommandsConfig
 from fedhubert.eval.results import append_result, interval_text, intervals, result_markdown
+from fedhubert.eval.speech_commands_format import KEYWORDS, NOISE_DIR, TEST_CLASSES, TEST_DIR, TRAIN_DIR, split_of
 from fedhubert.manifest import file_sha256
 from fedhubert.runlog import StageRun, progress
 
 log = logging.getLogger(__name__)
 
-TEST_CLASSES = (*KEYWORDS, "_unknown_", "_silence_")
 _DEV = re.compile(r"New best on dev at step (\d+): ([0-9.]+)")
 _TEST = re.compile(r"test at step (\d+): ([0-9.]+)")
 

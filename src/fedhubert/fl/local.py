@@ -12,6 +12,7 @@ round, client), so a round's result does not depend on which process runs it or 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import re
 from collections.abc import Iterable
@@ -25,28 +26,13 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedhubert.atomic import atomic_write_bytes
 from fedhubert.config import layer_file
+from fedhubert.fl.place import ClientPlace
 from fedhubert.train.data import LabelRate, load_utterances
 
 T = TypeVar("T")
 _HEAD = re.compile(r"head_round_(\d+)\.pt")
 # Keys a client_configs/client_<i>.yaml may set for its client: how it trains, not what the federation learns.
 CLIENT_KEYS = ("local_steps", "train")
-
-
-@dataclass(frozen=True)
-class ClientPlace:
-    index: int
-    partition: Path
-    kmeans: Path | None  # no labels: distillation without the k-means term
-    work: Path
-
-    def pair(self, split: str) -> tuple[Path, Path | None]:
-        labels = self.kmeans / f"client_{self.index}" / f"{split}.km" if self.kmeans else None
-        return self.partition / f"client_{self.index}" / f"{split}.tsv", labels
-
-    def has(self, split: str) -> bool:
-        manifest = self.pair(split)[0]
-        return manifest.is_file() and len(manifest.read_text().splitlines()) > 1
 
 
 def client_place(cfg: Any, out: Path, context: Context, with_labels: bool = True) -> ClientPlace:
@@ -79,26 +65,34 @@ def planned_local_steps(cfg: Any, num_clients: int) -> int:
     return steps
 
 
-_CACHE: dict[tuple, list] = {}
+@dataclass(frozen=True)
+class _Parse:
+    """One parse of a manifest and its labels. Two are equal (one cache entry) when everything that shapes the
+    result is: the files' paths, modification times and sizes, the classes, the label rate and frame rule, and
+    the minimum length."""
+
+    pair: tuple[Path, Path | None]
+    stamps: tuple[tuple[int, int], ...]
+    num_classes: int
+    rate_hz: int
+    conv_layers: str
+    min_seconds: float
+    rate: LabelRate = dataclasses.field(compare=False)
+    data: Any = dataclasses.field(compare=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(parse: _Parse) -> list:
+    return load_utterances([parse.pair], parse.num_classes, parse.data, parse.rate)
 
 
 def utterances(pair: tuple[Path, Path | None], num_classes: int, rate: LabelRate, data) -> list:
     """Parsed and checked manifest + labels, kept in the client process across rounds while the files are
-    unchanged (the key holds their modification times and everything that shapes the result)."""
-    files = [p for p in pair if p is not None]
-    key = (
-        *pair,
-        *(p.stat().st_mtime_ns for p in files),
-        num_classes,
-        rate.rate,
-        repr(rate.model.conv_layers),
-        data.min_seconds,
+    unchanged."""
+    stamps = tuple((s.st_mtime_ns, s.st_size) for p in pair if p is not None for s in [p.stat()])
+    return _parsed(
+        _Parse(pair, stamps, num_classes, rate.rate, repr(rate.model.conv_layers), data.min_seconds, rate, data)
     )
-    if key not in _CACHE:
-        if len(_CACHE) >= 8:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = load_utterances([pair], num_classes, data, rate)
-    return _CACHE[key]
 
 
 def head_file(work: Path, round_: int) -> Path:

@@ -19,6 +19,7 @@ deviations of error), and the meta file records the hashes of the manifests pool
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from fedhubert.labels.mfcc import FEATURE_DIM, KaldiMfcc, MfccConstants, kaldi_c
 from fedhubert.labels.settings import FeaturesConfig
 from fedhubert.labels.speakers import SpeakerError, manifest_speakers
 from fedhubert.manifest import Manifest, file_sha256, read_manifest
-from fedhubert.model.frames import frame_count, mfcc_frames
+from fedhubert.model.frames import cnn_frames, mfcc_frames
 from fedhubert.parallel import parallel_map
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class Extractor:
     def frames(self, num_samples: int) -> int:
         if self.kind == "mfcc":
             return mfcc_frames(num_samples)
-        return frame_count(num_samples, [(kernel, stride) for _, kernel, stride in self.conv_layers])
+        return cnn_frames(num_samples, self.conv_layers)
 
     def meta(self) -> dict:
         return {
@@ -78,61 +79,63 @@ class Extractor:
         }
 
 
-_EXTRACTORS: dict[tuple, Extractor] = {}
-
-
 def extractor_for(settings: FeaturesConfig) -> Extractor:
-    """The extractor the settings describe (kept per process: it hashes the checkpoint)."""
+    """The extractor the settings describe (kept per process while the checkpoint file is unchanged: it hashes
+    the checkpoint)."""
     checkpoint = Path(settings.checkpoint) if settings.checkpoint else None
-    key = (
+    stat = checkpoint.stat() if checkpoint and checkpoint.is_file() else None
+    return _extractor(
         settings.kind,
-        str(checkpoint),
-        checkpoint.stat().st_mtime_ns if checkpoint and checkpoint.is_file() else 0,
+        str(checkpoint) if checkpoint else None,
+        (stat.st_mtime_ns, stat.st_size) if stat else None,
         settings.layer,
         settings.normalize,
     )
-    if key not in _EXTRACTORS:
-        _EXTRACTORS[key] = _new_extractor(settings)
-    return _EXTRACTORS[key]
 
 
-def _new_extractor(settings: FeaturesConfig) -> Extractor:
-    if settings.kind == "mfcc":
-        return Extractor("mfcc", FEATURE_DIM, 100, settings.normalize, mfcc=kaldi_constants())
+@functools.lru_cache(maxsize=8)
+def _extractor(
+    kind: str, checkpoint: str | None, stamp: tuple[int, int] | None, layer: int, normalize: str
+) -> Extractor:
+    if kind == "mfcc":
+        return Extractor("mfcc", FEATURE_DIM, 100, normalize, mfcc=kaldi_constants())
     from fedhubert.model.checkpoint import load_checkpoint, model_config_of
 
-    payload = load_checkpoint(settings.checkpoint, kind="hubert")
+    payload = load_checkpoint(checkpoint, kind="hubert")
     model = model_config_of(payload)
-    if not 1 <= settings.layer <= model.layers:
-        raise FeatureError(f"features.layer={settings.layer} but {settings.checkpoint} has {model.layers} layers")
+    if not 1 <= layer <= model.layers:
+        raise FeatureError(f"features.layer={layer} but {checkpoint} has {model.layers} layers")
     return Extractor(
         "hubert",
         model.embed_dim,
         50,
-        settings.normalize,
-        checkpoint=str(Path(settings.checkpoint).resolve()),
-        checkpoint_sha256=file_sha256(settings.checkpoint),
-        layer=settings.layer,
-        conv_layers=tuple(tuple(layer) for layer in model.conv_layers),
+        normalize,
+        checkpoint=str(Path(checkpoint).resolve()),
+        checkpoint_sha256=file_sha256(checkpoint),
+        layer=layer,
+        conv_layers=tuple(tuple(conv) for conv in model.conv_layers),
     )
 
 
-_MODELS: dict[str, object] = {}  # per process: the HuBERT a worker loaded, by checkpoint hash
+@functools.lru_cache(maxsize=2)
+def _hubert(checkpoint: str, sha256: str) -> tuple:
+    """The HuBERT a worker loaded, per process, by checkpoint hash: (model in eval mode, its ModelConfig)."""
+    from fedhubert.model.checkpoint import load_checkpoint, model_config_of
+    from fedhubert.model.hubert import build_hubert
+
+    payload = load_checkpoint(checkpoint, kind="hubert")
+    cfg = model_config_of(payload)
+    model = build_hubert(cfg, payload["num_classes"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval(), cfg
 
 
 def _hubert_features(extractor: Extractor, wav: np.ndarray) -> np.ndarray:
     import torch
 
-    from fedhubert.model.checkpoint import load_checkpoint, model_config_of
-    from fedhubert.model.hubert import build_hubert, hidden_states
+    from fedhubert.model.hubert import hidden_states
 
-    if extractor.checkpoint_sha256 not in _MODELS:
-        payload = load_checkpoint(extractor.checkpoint, kind="hubert")
-        cfg = model_config_of(payload)
-        model = build_hubert(cfg, payload["num_classes"])
-        model.load_state_dict(payload["state_dict"])
-        _MODELS[extractor.checkpoint_sha256] = (model.eval(), cfg)
-    model, cfg = _MODELS[extractor.checkpoint_sha256]
+    model, cfg = _hubert(extractor.checkpoint, extractor.checkpoint_sha256)
     with torch.no_grad():
         states = hidden_states(model, torch.from_numpy(wav)[None], None, cfg.normalize_waveform)
     return states[extractor.layer][0].numpy()

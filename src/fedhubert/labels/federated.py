@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
 from fedhubert.fl.nodes import wait_for_clients
+from fedhubert.fl.place import ClientPlace
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
 from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
 from fedhubert.fl.tasks import FederatedTask, ServerRun
@@ -55,42 +55,27 @@ LLOYD_KIND = "kmeans-lloyd"
 
 
 # ------------------------------------------------------------------------------------------------ client side
-@dataclass(frozen=True)
-class ClientPaths:
-    index: int
-    partition: Path
-    out: Path
-    features: Path
-
-    def manifest(self, split: str) -> Path:
-        return self.partition / f"client_{self.index}" / f"{split}.tsv"
-
-    def feature_prefix(self, split: str) -> Path:
-        return self.features / f"client_{self.index}" / split
-
-    def labels(self, split: str) -> Path:
-        return self.out / f"client_{self.index}" / f"{split}.km"
-
-
-def _client_setup(message: Message, context: Context) -> tuple[KMeansConfig, ClientPaths]:
+def _client_setup(message: Message, context: Context) -> tuple[KMeansConfig, ClientPlace]:
+    """The config and where this client's files are: the run's output folder (or the node config's `work-dir`)
+    takes the labels, and its features go to `feature_dir` or `<out>/features`, per client."""
     cfg = config_from_record(KMeansConfig, message.content["config"])
     run = message.content["run"]
     node = context.node_config
     out = Path(str(node.get("work-dir", run["out"])))
-    paths = ClientPaths(
-        index=int(node["partition-id"]),
-        partition=Path(str(node.get("partition-dir", cfg.partition))),
-        out=out,
-        features=Path(cfg.feature_dir) if cfg.feature_dir else out / "features",
-    )
-    return cfg, paths
+    return cfg, client_place(cfg, out, int(node["partition-id"]), Path(str(node.get("partition-dir", cfg.partition))))
 
 
-def _features(cfg: KMeansConfig, paths: ClientPaths, split: str) -> FeatureSet:
+def client_place(cfg: KMeansConfig, out: Path, index: int, partition: Path | None = None) -> ClientPlace:
+    """Where client `index` of a k-means run into `out` reads its manifests and writes its features and labels."""
+    features = Path(cfg.feature_dir) if cfg.feature_dir else out / "features"
+    return ClientPlace(index, partition or Path(cfg.partition), out, features / f"client_{index}")
+
+
+def _features(cfg: KMeansConfig, place: ClientPlace, split: str) -> FeatureSet:
     """This client's features, computed here if the stage did not compute them already (deployment). Both splits
     at once: under features.normalize=speaker a speaker's statistics pool over them."""
-    featurise([(paths.manifest(s), paths.feature_prefix(s)) for s in SPLITS], cfg.features, workers=1)
-    return load_features(paths.feature_prefix(split), paths.manifest(split), cfg.features)
+    featurise([(place.manifest(s), place.work / s) for s in SPLITS], cfg.features, workers=1)
+    return load_features(place.work / split, place.manifest(split), cfg.features)
 
 
 def _reply(message: Message, metrics: dict, **named: np.ndarray) -> Message:
@@ -100,25 +85,25 @@ def _reply(message: Message, metrics: dict, **named: np.ndarray) -> Message:
     return Message(content, reply_to=message)
 
 
-def _fit_local(cfg: KMeansConfig, paths: ClientPaths, feats: FeatureSet):
-    rng = np.random.default_rng([cfg.seed, paths.index])
+def _fit_local(cfg: KMeansConfig, place: ClientPlace, feats: FeatureSet):
+    rng = np.random.default_rng([cfg.seed, place.index])
     sample = sample_frames(feats.feats, cfg.sample_fraction, cfg.min_sample_frames, rng)
     model = fit_minibatch(
-        sample, cfg.num_clusters, cfg.minibatch, cfg.seed + paths.index, f"client {paths.index} ({feats.name})"
+        sample, cfg.num_clusters, cfg.minibatch, cfg.seed + place.index, f"client {place.index} ({feats.name})"
     )
     return model, len(sample)
 
 
 def client_init(message: Message, context: Context) -> Message:
-    cfg, paths = _client_setup(message, context)
-    feats = _features(cfg, paths, "train")
-    model, sampled = _fit_local(cfg, paths, feats)
+    cfg, place = _client_setup(message, context)
+    feats = _features(cfg, place, "train")
+    model, sampled = _fit_local(cfg, place, feats)
     counts = np.bincount(model.labels_, minlength=cfg.num_clusters)
     shared = counts >= cfg.lloyd.min_shared_count
     return _reply(
         message,
         {
-            "client": paths.index,
+            "client": place.index,
             "frames": feats.num_frames,
             "sample_frames": sampled,
             "shared_centroids": int(shared.sum()),
@@ -129,26 +114,26 @@ def client_init(message: Message, context: Context) -> Message:
 
 
 def client_stats(message: Message, context: Context) -> Message:
-    cfg, paths = _client_setup(message, context)
+    cfg, place = _client_setup(message, context)
     centroids = numpy_arrays(message.content["codebook"])["centroids"]
-    stats = cluster_stats(_features(cfg, paths, "train"), centroids)
+    stats = cluster_stats(_features(cfg, place, "train"), centroids)
     return _reply(
         message,
-        {"client": paths.index, "inertia": stats.inertia, "frames": stats.frames},
+        {"client": place.index, "inertia": stats.inertia, "frames": stats.frames},
         sums=stats.sums,
         sumsq=stats.sumsq,
         counts=stats.counts,
     )
 
 
-def _label(cfg: KMeansConfig, paths: ClientPaths, centroids: np.ndarray) -> tuple[dict, np.ndarray]:
-    metrics: dict = {"client": paths.index}
+def _label(cfg: KMeansConfig, place: ClientPlace, centroids: np.ndarray) -> tuple[dict, np.ndarray]:
+    metrics: dict = {"client": place.index}
     usage = np.zeros(len(centroids), dtype=np.int64)
     for split in SPLITS:
-        feats = _features(cfg, paths, split)
+        feats = _features(cfg, place, split)
         lines, split_usage, sse = label_lines(feats, centroids)
         write_label_file(
-            paths.labels(split), lines, read_manifest(paths.manifest(split)), extractor_for(cfg.features).frames
+            place.labels(split), lines, read_manifest(place.manifest(split)), extractor_for(cfg.features).frames
         )
         usage += split_usage
         metrics[f"{split}_frames"] = feats.num_frames
@@ -157,30 +142,30 @@ def _label(cfg: KMeansConfig, paths: ClientPaths, centroids: np.ndarray) -> tupl
 
 
 def client_labels(message: Message, context: Context) -> Message:
-    cfg, paths = _client_setup(message, context)
-    metrics, usage = _label(cfg, paths, numpy_arrays(message.content["codebook"])["centroids"])
+    cfg, place = _client_setup(message, context)
+    metrics, usage = _label(cfg, place, numpy_arrays(message.content["codebook"])["centroids"])
     reply = _reply(message, metrics, usage=usage)
-    reply.content["manifests"] = _manifest_hashes(paths)
+    reply.content["manifests"] = _manifest_hashes(place)
     return reply
 
 
 def client_own_codebook(message: Message, context: Context) -> Message:
     """Per-client mode: fit, keep and use this client's own codebook."""
-    cfg, paths = _client_setup(message, context)
-    model, sampled = _fit_local(cfg, paths, _features(cfg, paths, "train"))
+    cfg, place = _client_setup(message, context)
+    model, sampled = _fit_local(cfg, place, _features(cfg, place, "train"))
     centroids = model.cluster_centers_.astype(np.float32)
-    with atomic_path(paths.out / f"client_{paths.index}" / CODEBOOK_FILE) as tmp:
+    with atomic_path(place.kmeans / place.folder / CODEBOOK_FILE) as tmp:
         with open(tmp, "wb") as handle:
             np.save(handle, centroids)
-    metrics, usage = _label(cfg, paths, centroids)
+    metrics, usage = _label(cfg, place, centroids)
     metrics["sample_frames"] = sampled
     reply = _reply(message, metrics, usage=usage)
-    reply.content["manifests"] = _manifest_hashes(paths)
+    reply.content["manifests"] = _manifest_hashes(place)
     return reply
 
 
-def _manifest_hashes(paths: ClientPaths) -> ConfigRecord:
-    return ConfigRecord({f"{split}.tsv": file_sha256(paths.manifest(split)) for split in SPLITS})
+def _manifest_hashes(place: ClientPlace) -> ConfigRecord:
+    return ConfigRecord({f"{split}.tsv": file_sha256(place.manifest(split)) for split in SPLITS})
 
 
 # ------------------------------------------------------------------------------------------------ server side

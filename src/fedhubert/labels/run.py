@@ -20,9 +20,10 @@ from scipy.optimize import linear_sum_assignment
 from fedhubert.atomic import atomic_write_text
 from fedhubert.corpus.librispeech import CorpusError
 from fedhubert.fl.federation import run_flower_app
+from fedhubert.fl.place import ClientPlace
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import extractor_for, featurise, load_features
-from fedhubert.labels.federated import CODEBOOK_FILE, KMEANS_FILE, SPLITS, ClientPaths
+from fedhubert.labels.federated import CODEBOOK_FILE, KMEANS_FILE, SPLITS, client_place
 from fedhubert.labels.kmeans import (
     KMeansError,
     assign,
@@ -41,14 +42,9 @@ from fedhubert.runlog import CONFIG_FILE, StageRun
 log = logging.getLogger(__name__)
 
 
-def _client_paths(cfg: KMeansConfig, out: Path, num_clients: int) -> list[ClientPaths]:
-    features = Path(cfg.feature_dir) if cfg.feature_dir else out / "features"
-    return [ClientPaths(i, Path(cfg.partition), out, features) for i in range(num_clients)]
-
-
-def _reference(cfg: KMeansConfig, clients: list[ClientPaths]) -> dict:
+def _reference(cfg: KMeansConfig, clients: list[ClientPlace]) -> dict:
     """A centralized MiniBatchKMeans on the pooled training frames of all clients, for comparison."""
-    train = [load_features(p.feature_prefix("train"), p.manifest("train"), cfg.features) for p in clients]
+    train = [load_features(p.work / "train", p.manifest("train"), cfg.features) for p in clients]
     pooled = np.concatenate([np.asarray(f.feats, dtype=np.float32) for f in train])
     sample = sample_frames(pooled, cfg.sample_fraction, cfg.min_sample_frames, np.random.default_rng(cfg.seed))
     model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed, "the pooled clients")
@@ -56,13 +52,13 @@ def _reference(cfg: KMeansConfig, clients: list[ClientPaths]) -> dict:
     _, dists = assign(pooled, central)
     reference = {"inertia": float(dists.mean()), "frames": int(len(pooled))}
     if cfg.mode == "federated":
-        _, fed = assign(pooled, np.load(clients[0].out / CODEBOOK_FILE))
+        _, fed = assign(pooled, np.load(clients[0].kmeans / CODEBOOK_FILE))
         reference["federated_inertia"] = float(fed.mean())
         reference["relative_gap"] = float(fed.mean() / dists.mean() - 1)
     else:
         distances = []
         for p in clients:
-            own = np.load(p.out / f"client_{p.index}" / CODEBOOK_FILE)
+            own = np.load(p.kmeans / p.folder / CODEBOOK_FILE)
             cost = np.linalg.norm(own[:, None, :] - central[None, :, :], axis=2)
             rows, cols = linear_sum_assignment(cost)
             distances.append(float(cost[rows, cols].mean()))
@@ -95,7 +91,7 @@ def _label_heldout(cfg: KMeansConfig, partition: dict, out: Path, codebook: np.n
 
 
 def _quality_sets(
-    cfg: KMeansConfig, out: Path, clients: list[ClientPaths], heldout: list[str]
+    cfg: KMeansConfig, out: Path, clients: list[ClientPlace], heldout: list[str]
 ) -> list[tuple[str, list[tuple[Path, Path]], str | None]]:
     """(name, its (labels, manifest) files, the name of the training split it is compared with, or None for a
     training split) of every labelled split; training splits come first. Per-client codebooks: per client."""
@@ -124,7 +120,7 @@ def _quality_sets(
 
 
 def _label_quality(
-    cfg: KMeansConfig, out: Path, clients: list[ClientPaths], heldout: list[str], simulation: bool
+    cfg: KMeansConfig, out: Path, clients: list[ClientPlace], heldout: list[str], simulation: bool
 ) -> dict:
     """kmeans.json's label_quality: per split, how much its labels encode the speaker (see labels/quality.py)."""
     sets = _quality_sets(cfg, out, clients, heldout)
@@ -210,13 +206,13 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
     if not partition_file.is_file():
         raise CorpusError(f"{partition_file} not found: --partition must be a folder made by 'fedhubert partition'")
     partition = json.loads(partition_file.read_text())
-    clients = _client_paths(cfg, out, int(partition["num_clients"]))
+    clients = [client_place(cfg, out, i) for i in range(int(partition["num_clients"]))]
     simulation = cfg.federation.superlink is None
     if simulation:  # all clients' data is on this machine: featurise it in parallel before the Flower run
-        jobs = [(p.manifest(split), p.feature_prefix(split)) for p in clients for split in SPLITS]
+        jobs = [(p.manifest(split), p.work / split) for p in clients for split in SPLITS]
         run.summary["features"] = featurise(jobs, cfg.features, workers=cfg.workers)
         for p in clients:  # the clients would fail in the Flower run; say so before starting it
-            frames = load_features(p.feature_prefix("train"), p.manifest("train"), cfg.features).num_frames
+            frames = load_features(p.work / "train", p.manifest("train"), cfg.features).num_frames
             size = sample_size(frames, cfg.sample_fraction, cfg.min_sample_frames)
             if size < cfg.num_clusters:
                 raise KMeansError(

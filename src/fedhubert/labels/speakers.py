@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from fedhubert.corpus.librispeech import _UTT_NAME
+from fedhubert.corpus.librispeech import UTTERANCE_NAME
 from fedhubert.errors import FedhubertError
 from fedhubert.manifest import Manifest
 
@@ -20,7 +20,7 @@ def manifest_speakers(manifest: Manifest, manifest_path: Path) -> np.ndarray:
     """(utterances,) int64 speaker ids of the manifest's rows, in order."""
     speakers = np.empty(len(manifest), dtype=np.int64)
     for i, entry in enumerate(manifest.entries):
-        match = _UTT_NAME.fullmatch(PurePosixPath(entry.path).name)
+        match = UTTERANCE_NAME.fullmatch(PurePosixPath(entry.path).name)
         if match is None:
             raise SpeakerError(
                 f"{manifest_path}:{i + 2}: {entry.path!r} is not named <speaker>-<chapter>-<utterance>.flac, so its "

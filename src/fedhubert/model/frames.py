@@ -4,7 +4,7 @@ torch-free, so that featurising workers import it cheaply."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from fedhubert.model.config import ModelConfig
 
@@ -27,6 +27,11 @@ def mfcc_frames(num_samples: int) -> int:
     return frame_count(num_samples, [(MFCC_WINDOW, MFCC_HOP)])
 
 
+def cnn_frames(num_samples: int, conv_layers: Iterable[Sequence[int]]) -> int:
+    """Frames a CNN of (channels, kernel, stride) layers makes of `num_samples` samples."""
+    return frame_count(num_samples, [(kernel, stride) for _, kernel, stride in conv_layers])
+
+
 def feature_frames(num_samples: int, cfg: ModelConfig) -> int:
-    """Transformer frames the CNN makes of `num_samples` samples."""
-    return frame_count(num_samples, [(kernel, stride) for _, kernel, stride in cfg.conv_layers])
+    """Transformer frames the model's CNN makes of `num_samples` samples."""
+    return cnn_frames(num_samples, cfg.conv_layers)
