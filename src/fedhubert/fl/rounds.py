@@ -127,7 +127,7 @@ class FederatedRun:
     ):
         self.grid, self.cfg, self.out, self.task = grid, cfg, Path(out), task
         self.num_clients, self.resume, self.threads = num_clients, resume, threads
-        self.strategy = make_strategy(cfg.strategy, num_clients)
+        self.strategy = make_strategy(cfg.strategy)
         self.messages = MessageLog(self.out / "messages.jsonl")
         self.records = RoundLog(self.out)
         self.min_required = min(cfg.strategy.min_clients, num_clients)
