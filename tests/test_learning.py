@@ -214,9 +214,9 @@ def test_the_server_step_is_compared_with_the_clients_mean_change():
 
 def test_a_strategy_state_saved_before_the_first_aggregation_loads():
     """round_00000.pt, written when round 1 fails, holds a FedAdam state without moments."""
-    strategy = make_strategy(StrategyConfig(name="fedadam"), 3)
+    strategy = make_strategy(StrategyConfig(name="fedadam"))
     saved = {"name": "fedadam", **strategy.state()}
-    fresh = make_strategy(StrategyConfig(name="fedadam"), 3)
+    fresh = make_strategy(StrategyConfig(name="fedadam"))
     fresh.load_state(saved)
     assert fresh.m_t is None
 

@@ -288,7 +288,7 @@ def _stages() -> dict[str, Stage]:
                 ("--strategy", "strategy.name"),
                 ("--seed", "seed"),
             ),
-            resume_keys=("num_rounds", "federation"),
+            resume_keys=pretrain_config.PretrainConfig.RESUMABLE,
         ),
         Stage(
             command=("distill",),
@@ -306,7 +306,7 @@ def _stages() -> dict[str, Stage]:
                 ("--strategy", "strategy.name"),
                 ("--seed", "seed"),
             ),
-            resume_keys=("num_rounds", "federation"),
+            resume_keys=distill_config.DistillConfig.RESUMABLE,
         ),
         Stage(
             command=("evaluate", "speech-commands"),

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
-from fedhubert.fl.config import FederationConfig, PrivacyConfig, StrategyConfig
+from fedhubert.fl.config import RoundsConfig
 from fedhubert.train.config import OptimConfig, TrainConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force.
@@ -60,32 +59,18 @@ DISTILL_LR_SHARE = 0.4
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(RoundsConfig):
     teacher: Path | None = param(None, "the pretrained HuBERT checkpoint (fedhubert pretrain/train-local) (required)")
     partition: Path | None = param(None, "partition folder made by 'fedhubert partition' (required)")
     kmeans: Path | None = param(None, "k-means folder of that partition: needed only with loss.kmeans_weight > 0")
-    num_rounds: int = param(10, "federated rounds", ge=1)
-    local_steps: int = param(50, "optimizer updates per client per round", ge=1)
-    seed: int = param(0, "seed of the student, client sampling, crops, masks and dropout", ge=0)
-    transfer: Literal["float32", "bfloat16"] = param(
-        "float32",
-        "precision on the wire: the student's float32 weights, or bfloat16 weights out and bfloat16 "
-        "changes back (half the bytes; the server keeps float32)",
-    )
-    evaluate_every: int = param(1, "server-side distillation loss on the held-out set every this many rounds", ge=1)
-    eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
-    checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
-    round_timeout_s: float = param(3600.0, "stop waiting for a round's replies after this many seconds", gt=0)
     student: StudentConfig = param(StudentConfig(), "DistilHuBERT student")
     loss: DistillLossConfig = param(DistillLossConfig(), "distillation loss")
+    # RoundsConfig's key with DistilHuBERT's warm-up as its default.
     train: TrainConfig = param(
         TrainConfig(optim=OptimConfig(warmup_fraction=0.07)),
         "each client's local trainer (DistilHuBERT: 7% warm-up; an unset lr is DISTILL_LR_SHARE of the teacher "
         "preset's, which gives its 2e-4 for a Base teacher)",
     )
-    strategy: StrategyConfig = param(StrategyConfig(), "server aggregation of the student")
-    federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
-    privacy: PrivacyConfig = param(PrivacyConfig(), "client-level differential privacy of the released models")
 
     def validate(self) -> None:
         for key in ("teacher", "partition"):

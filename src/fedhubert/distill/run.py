@@ -17,39 +17,25 @@ from fedhubert.distill.server import read_inputs
 from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.fl.privacy import check_settings
-from fedhubert.fl.resources import simulation_resources
+from fedhubert.fl.resources import estimate_client_gpu_bytes, simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.runlog import StageRun
-from fedhubert.train.memory import estimate_activation_bytes
 
 log = logging.getLogger(__name__)
 
 
 def client_gpu_bytes(cfg: DistillConfig, teacher, teacher_cfg) -> int:
-    """One client's GPU memory by estimate: the teacher's weights (inference only), the student's weights,
-    gradients and AdamW moments, the student's activations for a batch of the longest crops (bounded by a
-    full HuBERT of the student's depth; twice its transformer with the k-means term, whose masked pass runs the
-    encoder again), and a CUDA context allowance."""
+    """One client's GPU memory by estimate: the teacher's weights (inference only), and the student it trains,
+    whose activations are bounded by a full HuBERT of the student's depth (twice its transformer with the k-means
+    term, whose masked pass runs the encoder again)."""
     layers = prediction_layers(cfg.student, teacher_cfg)
     student = build_student(distiller_config(cfg.student, teacher_cfg, layers, cfg.loss.cosine_weight), cfg.loss)
-    crop = int(cfg.train.data.max_seconds * 16000)
-    batch = max(1, int(cfg.train.data.batch_seconds * 16000) // crop)
     encoder_passes = 2 if cfg.loss.kmeans_weight > 0 else 1
-    shape = dataclasses.replace(teacher_cfg, layers=cfg.student.layers * encoder_passes)
-    activations = estimate_activation_bytes(
-        shape,
-        batch,
-        crop,
-        num_classes=0,
-        precision=cfg.train.precision,
-        checkpoint_layers=cfg.train.checkpoint_layers,
-        checkpoint_cnn=cfg.train.checkpoint_cnn,
-    )
-    return (
-        4 * sum(p.numel() for p in teacher.parameters())
-        + 16 * sum(p.numel() for p in student.parameters())
-        + activations
-        + 768 * 2**20
+    return estimate_client_gpu_bytes(
+        cfg.train,
+        dataclasses.replace(teacher_cfg, layers=cfg.student.layers * encoder_passes),
+        trained=sum(p.numel() for p in student.parameters()),
+        frozen=sum(p.numel() for p in teacher.parameters()),
     )
 
 

@@ -5,56 +5,30 @@ are needed)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from pathlib import Path
 
 import torch
 from flwr.serverapp import Grid
 
-from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
 from fedhubert.distill.config import DISTILL_LR_SHARE, DistillConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.distill.objective import Distillation
-from fedhubert.errors import ConfigError
-from fedhubert.fl.local import client_heads, planned_local_steps
-from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
+from fedhubert.fl.local import planned_local_steps
+from fedhubert.fl.rounds import RoundTask
 from fedhubert.fl.tasks import ServerRun
+from fedhubert.fl.training import held_out_evaluator, label_heads, read_task_inputs, serve_rounds
 from fedhubert.manifest import file_sha256
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.student import LABEL_HEAD_KEYS, init_from_teacher
-from fedhubert.train.data import LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import evaluate, resolve_device
-from fedhubert.train.memory import batch_cap
+from fedhubert.train.data import LabelRate
 
 log = logging.getLogger(__name__)
 
 
 def read_inputs(cfg: DistillConfig) -> tuple[dict, dict | None]:
     """partition.json, and kmeans.json when the k-means term is on (checked to label that partition)."""
-    for key in ("teacher", "partition", "kmeans"):
-        value = getattr(cfg, key)
-        if value is not None and not Path(value).is_absolute():
-            raise ConfigError(f"key '{key}' must be an absolute path when the ServerApp reads it ({value})")
-    partition_file = Path(cfg.partition) / "partition.json"
-    if not partition_file.is_file():
-        raise ConfigError(
-            f"{partition_file} not found: '{cfg.partition}' is not a folder made by 'fedhubert partition'"
-        )
-    partition = json.loads(partition_file.read_text())
-    if cfg.loss.kmeans_weight == 0:
-        return partition, None
-    kmeans_file = Path(cfg.kmeans) / "kmeans.json"
-    if not kmeans_file.is_file():
-        raise ConfigError(f"{kmeans_file} not found: '{cfg.kmeans}' is not a folder made by 'fedhubert kmeans'")
-    kmeans = json.loads(kmeans_file.read_text())
-    if Path(kmeans["partition"]["path"]).resolve() != Path(cfg.partition).resolve():
-        raise ConfigError(
-            f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}: make labels "
-            f"for this one with 'fedhubert kmeans --partition {cfg.partition} --out DIR', then pass --kmeans DIR"
-        )
-    return partition, kmeans
+    return read_task_inputs(cfg, ("teacher", "partition", "kmeans"), with_kmeans=cfg.loss.kmeans_weight > 0)
 
 
 def student_description(cfg: DistillConfig, teacher_cfg, layers: list[int]) -> dict:
@@ -66,24 +40,6 @@ def student_description(cfg: DistillConfig, teacher_cfg, layers: list[int]) -> d
         "mask_prob": cfg.loss.mask_prob,
         "mask_length": cfg.loss.mask_length,
     }
-
-
-def dev_evaluator(cfg: DistillConfig, objective: Distillation, rate: LabelRate, student):
-    manifest = Path(cfg.partition) / "global" / f"{cfg.eval_subset}.tsv"
-    if not manifest.is_file():
-        log.warning("no %s: no server-side evaluation", manifest)
-        return None
-    utts = load_utterances([(manifest, None)], 0, cfg.train.data, rate)
-    loader = batch_loader(utts, rate, cfg.train.data, cfg.seed, batch_cap(cfg.train, rate.model, 0))
-    device = resolve_device(cfg.train.device)
-    objective.teacher.to(device)
-    student.to(device)
-
-    def run(state: dict[str, torch.Tensor]) -> dict:
-        student.load_state_dict(state)
-        return evaluate(student, loader, cfg.train, objective=objective, device=device, seed=cfg.seed)
-
-    return run
 
 
 def serve_distill(grid: Grid, run: ServerRun) -> dict:
@@ -122,11 +78,7 @@ def serve_distill(grid: Grid, run: ServerRun) -> dict:
     )
     evaluation = Distillation(teacher, teacher_cfg, layers, dataclasses.replace(cfg.loss, kmeans_weight=0.0))
 
-    def heads(round_: int) -> dict:
-        if not local_head:
-            return {"label_head": "shared" if num_classes else "none"}
-        return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
-
+    heads = label_heads(kmeans["label_head"] if kmeans else "none", out, num_clients)
     task = RoundTask(
         name="distill",
         message_type="train.distill",
@@ -136,21 +88,12 @@ def serve_distill(grid: Grid, run: ServerRun) -> dict:
         state=state,
         shared_keys=shared,
         round_info={"num_classes": num_classes, "label_rate": rate.rate, "local_head": local_head},
-        evaluate=dev_evaluator(cfg, evaluation, LabelRate(100, teacher_cfg), student),
+        evaluate=held_out_evaluator(cfg, student, evaluation, LabelRate(100, teacher_cfg), frozen=(teacher,)),
         best_key="loss",
         higher_is_better=False,
         local_steps=planned_local_steps(cfg, num_clients),
         default_lr=DISTILL_LR_SHARE * PRESET_LR[teacher_cfg.preset],
         checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
     )
-    summary = FederatedRun(grid, cfg, out, task, num_clients, resume=run.resume, threads=run.threads).run()
-    summary.update(
-        {
-            "teacher_parameters": teacher_params,
-            "student_parameters": student_params,
-            "pred_layers": layers,
-            "clients": num_clients,
-        }
-    )
-    atomic_write_text(summary_path(out, "distill"), json.dumps(summary, indent=2) + "\n")
-    return summary
+    details = {"teacher_parameters": teacher_params, "student_parameters": student_params, "pred_layers": layers}
+    return serve_rounds(grid, run, cfg, task, num_clients, details)

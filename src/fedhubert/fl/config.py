@@ -1,14 +1,15 @@
-"""How a federated stage reaches its clients, and how the server aggregates (kept free of Flower imports: the CLI
-reads it for --help)."""
+"""What every federated training stage configures: its rounds, how it reaches its clients, how the server aggregates,
+and client-level privacy (kept free of Flower imports: the CLI reads it for --help)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from fedhubert.config import param
+from fedhubert.train.config import TrainConfig
 
 
 @dataclass
@@ -100,3 +101,29 @@ class PrivacyConfig:
         "the shared weights each round) in audit/round_<r>.npz, for audits and leakage studies; 0: none",
         ge=0,
     )
+
+
+@dataclass
+class RoundsConfig:
+    """The keys of a federated training stage that the round loop (`fedhubert.fl.rounds`) and the client round
+    (`fedhubert.fl.local`) read; a stage's config extends it with its inputs and its model."""
+
+    # Top-level keys that may change when a run is resumed (everything else must match the checkpoint's config).
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("num_rounds", "federation")
+
+    num_rounds: int = param(10, "federated rounds", ge=1)
+    local_steps: int = param(50, "optimizer updates per client per round", ge=1)
+    seed: int = param(0, "seed of the initial model, client sampling, crops, masks and dropout", ge=0)
+    transfer: Literal["float32", "bfloat16"] = param(
+        "float32",
+        "precision on the wire: float32 weights, or bfloat16 weights out and bfloat16 changes back (half "
+        "the bytes; the server keeps float32)",
+    )
+    evaluate_every: int = param(1, "server-side evaluation on the held-out set every this many rounds", ge=1)
+    eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
+    checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
+    round_timeout_s: float = param(3600.0, "stop waiting for a round's replies after this many seconds", gt=0)
+    train: TrainConfig = param(TrainConfig(), "each client's local trainer (its optim.lr is the client learning rate)")
+    strategy: StrategyConfig = param(StrategyConfig(), "server aggregation")
+    federation: FederationConfig = param(FederationConfig(), "how the clients are reached")
+    privacy: PrivacyConfig = param(PrivacyConfig(), "client-level differential privacy of the released models")

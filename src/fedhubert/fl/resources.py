@@ -14,9 +14,14 @@ import os
 from dataclasses import dataclass
 
 from fedhubert.fl.config import FederationConfig
+from fedhubert.model.config import ModelConfig
 from fedhubert.parallel import available_cpus
+from fedhubert.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
+
+# What a client's CUDA context and allocator take besides its tensors, by allowance.
+CUDA_CONTEXT_BYTES = 768 * 2**20
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,28 @@ def gpu_memory_bytes() -> int:
     import torch
 
     return int(torch.cuda.get_device_properties(0).total_memory)
+
+
+def estimate_client_gpu_bytes(
+    train: TrainConfig, shape: ModelConfig, *, trained: int, frozen: int = 0, num_classes: int = 0
+) -> int:
+    """One client's GPU memory by estimate: 16 bytes per trained parameter (weights, gradients, AdamW moments), 4
+    per frozen one (weights for inference only), the activations of a `shape` model for a batch of the longest
+    crops under `train`'s settings, and a CUDA context allowance."""
+    from fedhubert.train.memory import estimate_activation_bytes
+
+    crop = int(train.data.max_seconds * 16000)
+    batch = max(1, int(train.data.batch_seconds * 16000) // crop)
+    activations = estimate_activation_bytes(
+        shape,
+        batch,
+        crop,
+        num_classes=num_classes,
+        precision=train.precision,
+        checkpoint_layers=train.checkpoint_layers,
+        checkpoint_cnn=train.checkpoint_cnn,
+    )
+    return 16 * trained + 4 * frozen + activations + CUDA_CONTEXT_BYTES
 
 
 def simulation_resources(

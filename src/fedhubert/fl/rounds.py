@@ -39,6 +39,7 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
+from fedhubert.fl.config import RoundsConfig
 from fedhubert.fl.nodes import wait_for_clients
 from fedhubert.fl.privacy import (
     Accountant,
@@ -64,8 +65,6 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 STOP_FILE = "STOP"
 _ROUND_FILE = re.compile(r"round_(\d+)\.pt")
-# Keys whose change is allowed when a run is resumed (everything else must match the checkpoint's config).
-RESUMABLE_CHANGES = ("num_rounds", "federation")
 # The kind of checkpoint each training task writes (fedhubert.model.checkpoint).
 CHECKPOINT_KINDS = {"pretrain": "hubert", "distill": "distiller"}
 
@@ -133,11 +132,11 @@ def changed_keys(a: dict, b: dict, allowed: tuple[str, ...]) -> list[str]:
 
 class FederatedRun:
     def __init__(
-        self, grid: Grid, cfg: Any, out: Path, task: RoundTask, num_clients: int, *, resume: bool, threads: int
+        self, grid: Grid, cfg: RoundsConfig, out: Path, task: RoundTask, num_clients: int, *, resume: bool, threads: int
     ):
         self.grid, self.cfg, self.out, self.task = grid, cfg, Path(out), task
         self.num_clients, self.resume, self.threads = num_clients, resume, threads
-        self.strategy = make_strategy(cfg.strategy, num_clients)
+        self.strategy = make_strategy(cfg.strategy)
         self.messages = MessageLog(self.out / "messages.jsonl")
         self.records = RoundLog(self.out)
         self.min_required = min(cfg.strategy.min_clients, num_clients)
@@ -174,11 +173,11 @@ class FederatedRun:
             return 0, 0, state
         path, payload = found
         saved = payload["state"]
-        changed = changed_keys(saved["config"], config_to_dict(self.cfg), RESUMABLE_CHANGES)
+        changed = changed_keys(saved["config"], config_to_dict(self.cfg), self.cfg.RESUMABLE)
         if changed:
             raise RoundError(
                 f"cannot resume from {path}: the config differs in {changed}; only "
-                f"{', '.join(RESUMABLE_CHANGES)} may change when resuming"
+                f"{', '.join(self.cfg.RESUMABLE)} may change when resuming"
             )
         state.update(payload["state_dict"])
         self.strategy.load_state(saved["strategy"])

@@ -1,7 +1,9 @@
 """Flower's FedAvg, FedAdam and FedYogi as the aggregation step of fedhubert's server loop, made resumable.
 
-The loop (`fedhubert.pretrain.server`) samples clients by partition id and sends messages itself, then hands the
-replies of a round to the strategy's own `aggregate_train`. What these classes add:
+The loop (`fedhubert.fl.rounds.FederatedRun`) samples clients by partition id and sends messages itself, then hands
+the replies of a round to the strategy's own `aggregate_train`; Flower's sampling settings (`fraction_train`,
+`min_train_nodes`, ...) serve only its own `configure_train`/`configure_evaluate`, which the loop never calls, so
+they are left at Flower's defaults. What these classes add:
 - `begin_round(arrays)` records the arrays sent this round (what FedOpt's `configure_train` records), so that
   FedAdam/FedYogi compute the pseudo-gradient against them;
 - the result keeps each array's dtype: Flower's FedAdam/FedYogi multiply by a NumPy float64 scalar, which turns
@@ -63,12 +65,10 @@ class ResumableFedYogi(_Resumable, FedYogi):
     pass
 
 
-def make_strategy(cfg: StrategyConfig, num_clients: int) -> _Resumable:
-    # Sampling and federated evaluation are the loop's: only the strategy's aggregation is used.
-    common = dict(
-        fraction_train=cfg.fraction, min_train_nodes=min(cfg.min_clients, num_clients), min_available_nodes=num_clients
-    )
+def make_strategy(cfg: StrategyConfig) -> _Resumable:
+    """The configured strategy, used for its aggregation only (`strategy.fraction` and `strategy.min_clients` are
+    the loop's)."""
     if cfg.name == "fedavg":
-        return ResumableFedAvg(**common)
+        return ResumableFedAvg()
     cls = ResumableFedAdam if cfg.name == "fedadam" else ResumableFedYogi
-    return cls(**common, eta=cfg.eta, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)
+    return cls(eta=cfg.eta, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=cfg.tau)

@@ -15,7 +15,8 @@ A run starts in one of two ways:
 
 A client is identified by its node's `partition-id` (never by anything process-specific) and reads its own
 folder `client_<partition-id>` of the partition. Optional node config keys for deployments: `partition-dir`
-(where this node keeps the partition) and `work-dir` (where it writes features and labels).
+(where this node keeps the partition), `work-dir` (where it writes features, labels and local heads) and
+`kmeans-dir` (its k-means labels); `fedhubert.app` lists every key a stage's handlers read.
 """
 
 from __future__ import annotations

@@ -14,36 +14,21 @@ from pathlib import Path
 from fedhubert.fl.federation import check_stopped, run_training_task
 from fedhubert.fl.local import ClientPlace, with_client_overrides
 from fedhubert.fl.privacy import check_settings
-from fedhubert.fl.resources import simulation_resources
+from fedhubert.fl.resources import estimate_client_gpu_bytes, simulation_resources
 from fedhubert.fl.round_log import plot_rounds, read_rows
-from fedhubert.model.config import ModelConfig
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.pretrain.server import read_inputs
 from fedhubert.runlog import StageRun
-from fedhubert.train.config import TrainConfig
-from fedhubert.train.memory import estimate_activation_bytes
 
 log = logging.getLogger(__name__)
 
 
-def client_gpu_bytes(model: ModelConfig, train: TrainConfig, num_classes: int) -> int:
-    """One client's GPU memory by estimate: weights, gradients and AdamW moments (16 bytes per parameter, from
-    the shapes), one batch of the longest crops, and a CUDA context allowance."""
+def client_gpu_bytes(cfg: PretrainConfig, num_classes: int) -> int:
+    """One client's GPU memory by estimate: the HuBERT it trains."""
     from fedhubert.model.hubert import build_hubert
 
-    params = sum(p.numel() for p in build_hubert(model, num_classes).parameters())
-    crop = int(train.data.max_seconds * 16000)
-    batch = max(1, int(train.data.batch_seconds * 16000) // crop)
-    activations = estimate_activation_bytes(
-        model,
-        batch,
-        crop,
-        num_classes=num_classes,
-        precision=train.precision,
-        checkpoint_layers=train.checkpoint_layers,
-        checkpoint_cnn=train.checkpoint_cnn,
-    )
-    return 16 * params + activations + 768 * 2**20
+    params = sum(p.numel() for p in build_hubert(cfg.model, num_classes).parameters())
+    return estimate_client_gpu_bytes(cfg.train, cfg.model, trained=params, num_classes=num_classes)
 
 
 def plot_pretrain(cfg: PretrainConfig, out: Path, summary: dict) -> None:
@@ -65,7 +50,7 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     resources = None
     if cfg.federation.superlink is None:
         resources = simulation_resources(
-            cfg.federation, num_clients, client_gpu_bytes(cfg.model, cfg.train, int(kmeans["num_clusters"]))
+            cfg.federation, num_clients, client_gpu_bytes(cfg, int(kmeans["num_clusters"]))
         )
     summary = run_training_task(
         "pretrain", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force

@@ -11,45 +11,29 @@ labels to evaluate with, so only the clients' own validation metrics are reporte
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from flwr.serverapp import Grid
 
-from fedhubert.atomic import atomic_write_text
 from fedhubert.config import load_config
-from fedhubert.errors import ConfigError
-from fedhubert.fl.local import client_heads, planned_local_steps
-from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
+from fedhubert.fl.local import planned_local_steps
+from fedhubert.fl.rounds import RoundTask
 from fedhubert.fl.tasks import ServerRun
+from fedhubert.fl.training import held_out_evaluator, label_heads, read_task_inputs, serve_rounds
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
 from fedhubert.pretrain.config import PretrainConfig
-from fedhubert.train.data import LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import MaskedPrediction, evaluate, label_log_prior, resolve_device
-from fedhubert.train.memory import batch_cap
+from fedhubert.train.data import LabelRate
+from fedhubert.train.loop import MaskedPrediction, label_log_prior
 
 log = logging.getLogger(__name__)
 
 
 def read_inputs(cfg: PretrainConfig) -> tuple[dict, dict]:
     """partition.json and kmeans.json, checked to belong together."""
-    for key in ("partition", "kmeans"):
-        if not Path(getattr(cfg, key)).is_absolute():
-            raise ConfigError(f"key '{key}' must be an absolute path when the ServerApp reads it ({getattr(cfg, key)})")
-    partition_file, kmeans_file = Path(cfg.partition) / "partition.json", Path(cfg.kmeans) / "kmeans.json"
-    for path, stage in ((partition_file, "partition"), (kmeans_file, "kmeans")):
-        if not path.is_file():
-            raise ConfigError(f"{path} not found: '{path.parent}' is not a folder made by 'fedhubert {stage}'")
-    partition, kmeans = json.loads(partition_file.read_text()), json.loads(kmeans_file.read_text())
-    if Path(kmeans["partition"]["path"]).resolve() != Path(cfg.partition).resolve():
-        raise ConfigError(
-            f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}: make labels "
-            f"for this one with 'fedhubert kmeans --partition {cfg.partition} --out DIR', then pass --kmeans DIR"
-        )
-    return partition, kmeans
+    return read_task_inputs(cfg, ("partition", "kmeans"), with_kmeans=True)
 
 
 def dev_evaluator(cfg: PretrainConfig, kmeans: dict, rate: LabelRate):
@@ -57,24 +41,18 @@ def dev_evaluator(cfg: PretrainConfig, kmeans: dict, rate: LabelRate):
     if kmeans["label_head"] != "shared":
         log.info("per-client codebooks: no server-side evaluation (the server has no shared labels)")
         return None
-    manifest = Path(cfg.partition) / "global" / f"{cfg.eval_subset}.tsv"
-    labels = Path(cfg.kmeans) / "global" / f"{cfg.eval_subset}.km"
-    if not (manifest.is_file() and labels.is_file()):
-        log.warning("no %s / %s: no server-side evaluation", manifest, labels)
-        return None
-    utts = load_utterances([(manifest, labels)], kmeans["num_clusters"], cfg.train.data, rate)
-    loader = batch_loader(utts, rate, cfg.train.data, cfg.seed, batch_cap(cfg.train, cfg.model, kmeans["num_clusters"]))
-    device = resolve_device(cfg.train.device)
-    model = build_hubert(cfg.model, kmeans["num_clusters"]).to(device)
+    num_classes = kmeans["num_clusters"]
     # The frequency baseline: the clients' label distribution, from the cluster counts that federated k-means
     # gathered (statistics that already left the clients).
     objective = MaskedPrediction(cfg.loss, cfg.model.normalize_waveform, label_log_prior(kmeans["cluster_usage"]))
-
-    def run(state: dict[str, torch.Tensor]) -> dict:
-        model.load_state_dict(state)
-        return evaluate(model, loader, cfg.train, objective=objective, device=device, seed=cfg.seed)
-
-    return run
+    return held_out_evaluator(
+        cfg,
+        build_hubert(cfg.model, num_classes),
+        objective,
+        rate,
+        labels=Path(cfg.kmeans) / "global" / f"{cfg.eval_subset}.km",
+        num_classes=num_classes,
+    )
 
 
 def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
@@ -97,11 +75,7 @@ def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
         cfg.local_steps,
     )
 
-    def heads(round_: int) -> dict:
-        if not local_head:
-            return {"label_head": "shared"}
-        return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
-
+    heads = label_heads(kmeans["label_head"], out, num_clients)
     task = RoundTask(
         name="pretrain",
         message_type="train",
@@ -118,14 +92,5 @@ def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
         default_lr=PRESET_LR[cfg.model.preset],
         checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
     )
-    summary = FederatedRun(grid, cfg, out, task, num_clients, resume=run.resume, threads=run.threads).run()
-    summary.update(
-        {
-            "label_head": "local" if local_head else "shared",
-            "num_classes": num_classes,
-            "label_rate": rate.rate,
-            "clients": num_clients,
-        }
-    )
-    atomic_write_text(summary_path(out, "pretrain"), json.dumps(summary, indent=2) + "\n")
-    return summary
+    details = {"label_head": kmeans["label_head"], "num_classes": num_classes, "label_rate": rate.rate}
+    return serve_rounds(grid, run, cfg, task, num_clients, details)

@@ -1,0 +1,105 @@
+"""What the ServerApps of the federated training tasks (pretraining, distillation) share around the round loop:
+reading their inputs, the server-side evaluation on the partition's held-out set, what a checkpoint records of
+the label heads, and running the rounds to the summary that the stage's command reads back."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from flwr.serverapp import Grid
+
+from fedhubert.atomic import atomic_write_text
+from fedhubert.errors import ConfigError
+from fedhubert.fl.config import RoundsConfig
+from fedhubert.fl.local import client_heads
+from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
+from fedhubert.fl.tasks import ServerRun
+from fedhubert.train.data import LabelRate, batch_loader, load_utterances
+from fedhubert.train.loop import Objective, evaluate, resolve_device
+from fedhubert.train.memory import batch_cap
+
+log = logging.getLogger(__name__)
+
+
+def read_task_inputs(cfg: RoundsConfig, path_keys: Sequence[str], with_kmeans: bool) -> tuple[dict, dict | None]:
+    """partition.json, and with `with_kmeans` the kmeans.json of the config's `kmeans` folder, checked to label
+    that partition. The config's `path_keys` that are set must be absolute: the ServerApp may run elsewhere."""
+    for key in path_keys:
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).is_absolute():
+            raise ConfigError(f"key '{key}' must be an absolute path when the ServerApp reads it ({value})")
+    files = [(Path(cfg.partition) / "partition.json", "partition")]
+    if with_kmeans:
+        files.append((Path(cfg.kmeans) / "kmeans.json", "kmeans"))
+    for path, stage in files:
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: '{path.parent}' is not a folder made by 'fedhubert {stage}'")
+    partition = json.loads(files[0][0].read_text())
+    if not with_kmeans:
+        return partition, None
+    kmeans_file = files[1][0]
+    kmeans = json.loads(kmeans_file.read_text())
+    if Path(kmeans["partition"]["path"]).resolve() != Path(cfg.partition).resolve():
+        raise ConfigError(
+            f"{kmeans_file} labels the partition {kmeans['partition']['path']}, not {cfg.partition}: make labels "
+            f"for this one with 'fedhubert kmeans --partition {cfg.partition} --out DIR', then pass --kmeans DIR"
+        )
+    return partition, kmeans
+
+
+def held_out_evaluator(
+    cfg: RoundsConfig,
+    model: torch.nn.Module,
+    objective: Objective,
+    rate: LabelRate,
+    *,
+    labels: Path | None = None,
+    num_classes: int = 0,
+    frozen: Sequence[torch.nn.Module] = (),
+) -> Callable[[dict[str, torch.Tensor]], dict] | None:
+    """Server-side evaluation of a global state on the partition's `eval_subset` (with `labels`, its k-means labels
+    of `num_classes` clusters), on the trainer's device, where the objective's `frozen` modules (a teacher) go too.
+    None, with a warning, when the held-out files are missing."""
+    manifest = Path(cfg.partition) / "global" / f"{cfg.eval_subset}.tsv"
+    missing = [str(path) for path in (manifest, labels) if path is not None and not path.is_file()]
+    if missing:
+        log.warning("no %s: no server-side evaluation", " / ".join(missing))
+        return None
+    utts = load_utterances([(manifest, labels)], num_classes, cfg.train.data, rate)
+    loader = batch_loader(utts, rate, cfg.train.data, cfg.seed, batch_cap(cfg.train, rate.model, num_classes))
+    device = resolve_device(cfg.train.device)
+    for module in (*frozen, model):
+        module.to(device)
+
+    def run(state: dict[str, torch.Tensor]) -> dict:
+        model.load_state_dict(state)
+        return evaluate(model, loader, cfg.train, objective=objective, device=device, seed=cfg.seed)
+
+    return run
+
+
+def label_heads(label_head: str, out: Path, num_clients: int) -> Callable[[int], dict]:
+    """What a checkpoint of a round records of the label head: `label_head` (shared, local or none), and with local
+    heads each client's newest head file up to that round (the heads never leave the clients' folders)."""
+
+    def record(round_: int) -> dict:
+        if label_head != "local":
+            return {"label_head": label_head}
+        return {"label_head": "local", "client_heads": client_heads(out, num_clients, round_)}
+
+    return record
+
+
+def serve_rounds(
+    grid: Grid, run: ServerRun, cfg: RoundsConfig, task: RoundTask, num_clients: int, details: dict
+) -> dict:
+    """The task's rounds; their summary, with the stage's `details` and the number of clients, is written where the
+    stage's command reads it back."""
+    summary = FederatedRun(grid, cfg, run.out, task, num_clients, resume=run.resume, threads=run.threads).run()
+    summary.update({**details, "clients": num_clients})
+    atomic_write_text(summary_path(run.out, task.name), json.dumps(summary, indent=2) + "\n")
+    return summary
