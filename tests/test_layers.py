@@ -44,7 +44,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fedhubert.eval",
         "fedhubert.report",
     ),
-    "roots": ("fedhubert.cli", "fedhubert.__main__", "fedhubert.app"),  # composition roots
+    "roots": ("fedhubert.cli", "fedhubert.__main__", "fedhubert.app", "fedhubert.secagg_app"),  # composition roots
 }
 ORDER = list(LAYERS)
 

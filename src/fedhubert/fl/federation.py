@@ -196,16 +196,20 @@ def run_flower_app(
     federation: FederationConfig,
     resources: SimulationResources | None = None,
     stop_file: Path | None = None,
+    managed: bool = True,
 ) -> str:
     """Run fedhubert's Flower app with `run_config` (flat scalars); returns the run id once it has completed.
     `resources` (for a simulation) defaults to the machine's cores shared out over the clients. The Flower app is
-    `federation.app` (the repository root works too) or else a minimal one made in the run's FLWR_HOME.
+    `federation.app` (the repository root works too) or else a minimal one made in the run's FLWR_HOME. `managed`
+    adds `managed=true` to the run config (this command keeps the records); another app (apps/secagg) may not
+    declare that key.
 
     SIGTERM or Ctrl-C: with `stop_file` (a task that checkpoints per round), the first one writes that file, which
     the ServerApp reads after the current round to save its state and end; a second one, or the first without
     `stop_file`, ends the run at once."""
     out_dir = Path(out_dir).resolve()
-    run_config = {**run_config, "managed": True}  # this command keeps the run's records (fedhubert.fl.tasks)
+    if managed:
+        run_config = {**run_config, "managed": True}  # this command keeps the run's records (fedhubert.fl.tasks)
     flwr_home = out_dir / "flwr"
     log_dir = out_dir / "logs"
     app = Path(federation.app).resolve() if federation.app else _app_dir(flwr_home, sorted(run_config))
