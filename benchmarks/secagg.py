@@ -3,7 +3,8 @@ app (apps/secagg) against the same app without SecAgg+ (`secagg=false`: Flower's
 same training), side by side on one machine.
 
 Each run: the tiny preset, 4 clients (all sampled each round), `--rounds` rounds of `--local-steps` updates, on a
-local Flower simulation; `--repeats` runs of each mode, alternated. Measured by the ServerApp (secagg.json in each run folder):
+local Flower simulation; `--repeats` runs of each mode, alternated. Measured by the ServerApp (secagg.json in each
+run folder):
 - time per round: the wall time of the round's fit workflow on the server (sending, the clients' training, the
   SecAgg+ stages, unmasking and aggregation), the median over rounds 2.. of a mode's runs (round 1 also starts
   the simulated clients' processes: reported apart); the clients' own training time beside it, which shows the

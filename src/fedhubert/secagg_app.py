@@ -192,7 +192,7 @@ class MeasuredGrid:
         self.grid = grid
         self.exchanges: list[dict] = []
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> object:
         return getattr(self.grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
