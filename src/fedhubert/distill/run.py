@@ -14,10 +14,8 @@ from pathlib import Path
 from fedhubert.distill.config import DistillConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.distill.server import read_inputs
-from fedhubert.fl.federation import check_stopped, run_training_task
-from fedhubert.fl.local import ClientPlace, with_client_overrides
-from fedhubert.fl.privacy import check_settings
-from fedhubert.fl.resources import estimate_client_gpu_bytes, simulation_resources
+from fedhubert.fl.federation import run_training_stage
+from fedhubert.fl.resources import estimate_client_gpu_bytes
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.runlog import StageRun
 
@@ -51,22 +49,20 @@ def plot_distill(cfg: DistillConfig, out: Path, summary: dict) -> None:
 
 def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
-    partition, kmeans = read_inputs(cfg)
+    partition, _ = read_inputs(cfg)
     teacher, teacher_cfg, _ = load_teacher(cfg.teacher)  # a missing or wrong teacher stops here, before Flower
     prediction_layers(cfg.student, teacher_cfg)
-    num_clients = int(partition["num_clients"])
-    check_settings(cfg.privacy, num_clients, cfg.strategy.sample_size(num_clients))  # before Flower starts
-    for client in range(num_clients):
-        with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), None, out))
-    resources = None
-    if cfg.federation.superlink is None:
-        resources = simulation_resources(cfg.federation, num_clients, client_gpu_bytes(cfg, teacher, teacher_cfg))
-    summary = run_training_task(
-        "distill", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force
+    summary = run_training_stage(
+        "distill",
+        cfg,
+        out,
+        run,
+        num_clients=int(partition["num_clients"]),
+        checkpoint_kind="distiller",
+        kmeans=None,
+        gpu_bytes=lambda: client_gpu_bytes(cfg, teacher, teacher_cfg),
+        plot=lambda summary: plot_distill(cfg, out, summary),
     )
-    plot_distill(cfg, out, summary)
-    run.summary.update(summary)
-    check_stopped("distill", summary, out)
     log.info(
         "distillation done: %d rounds, a student with %.1f%% of the teacher's parameters; final checkpoint %s",
         summary["rounds"],

@@ -19,12 +19,13 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import ConfigError, FedhubertError, StageStopped
-from fedhubert.fl.config import FederationConfig
+from fedhubert.fl.config import FederationConfig, RoundsConfig
 from fedhubert.fl.deploy import (
     CONNECTION,
     Daemon,
@@ -36,10 +37,12 @@ from fedhubert.fl.deploy import (
     start_superlink,
     write_connection,
 )
+from fedhubert.fl.local import ClientPlace, with_client_overrides
+from fedhubert.fl.privacy import check_settings
 from fedhubert.fl.reaper import Reaper
 from fedhubert.fl.resources import SimulationResources, simulation_resources
-from fedhubert.fl.rounds import CHECKPOINT_KINDS, CHECKPOINTS, STOP_FILE, newest_checkpoint, summary_path
-from fedhubert.runlog import CONFIG_FILE
+from fedhubert.fl.rounds import CHECKPOINTS, STOP_FILE, newest_checkpoint, summary_path
+from fedhubert.runlog import CONFIG_FILE, StageRun
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,44 @@ def _run_status(flwr_home: Path, run_id: str, timeout: float = 60.0) -> tuple[st
     return status, details
 
 
+def run_training_stage(
+    stage: str,
+    cfg: RoundsConfig,
+    out: Path,
+    run: StageRun,
+    *,
+    num_clients: int,
+    checkpoint_kind: str,
+    kmeans: Path | None,
+    gpu_bytes: Callable[[], int],
+    plot: Callable[[dict], None],
+) -> dict:
+    """The command's side of a federated training stage (pretrain, distill) once its inputs are read: the privacy
+    settings and every client's overrides (`kmeans`: the labels its clients read) checked before Flower starts, the
+    simulation's resources (`gpu_bytes`: one client's estimate), the Flower run, the plot, the run record's
+    summary, and StageStopped when the run ended early."""
+    check_settings(cfg.privacy, num_clients, cfg.strategy.sample_size(num_clients))
+    for client in range(num_clients):  # a bad client_configs file fails here, not inside a round
+        with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), kmeans, out))
+    resources = (
+        simulation_resources(cfg.federation, num_clients, gpu_bytes()) if cfg.federation.superlink is None else None
+    )
+    summary = run_training_task(
+        stage,
+        out,
+        num_clients,
+        cfg.federation,
+        resources,
+        checkpoint_kind=checkpoint_kind,
+        resume=run.resume,
+        force=run.force,
+    )
+    plot(summary)
+    run.summary.update(summary)
+    check_stopped(stage, summary, out)
+    return summary
+
+
 def run_training_task(
     task: str,
     out: Path,
@@ -137,14 +178,16 @@ def run_training_task(
     federation: FederationConfig,
     resources: SimulationResources | None,
     *,
+    checkpoint_kind: str,
     resume: bool,
     force: bool = False,
 ) -> dict:
     """Run a round-based training task (pretrain, distill) of the ServerApp on the stage's saved config and return
     the summary it wrote, with the Flower run id. SIGTERM ends it after a round (see `run_flower_app`). `resume`
-    with no readable checkpoint is an error, unless `force`: then the run starts over in the same folder."""
+    with no readable checkpoint (of `checkpoint_kind`) is an error, unless `force`: then the run starts over in the
+    same folder."""
     out = Path(out)
-    if resume and newest_checkpoint(out, CHECKPOINT_KINDS[task]) is None:
+    if resume and newest_checkpoint(out, checkpoint_kind) is None:
         if not force:
             raise ConfigError(
                 f"--resume {out}: no readable checkpoint in {out / CHECKPOINTS} to continue from. Start "

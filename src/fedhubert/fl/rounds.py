@@ -66,7 +66,6 @@ CHECKPOINTS = "checkpoints"
 STOP_FILE = "STOP"
 _ROUND_FILE = re.compile(r"round_(\d+)\.pt")
 # The kind of checkpoint each training task writes (fedhubert.model.checkpoint).
-CHECKPOINT_KINDS = {"pretrain": "hubert", "distill": "distiller"}
 
 
 class RoundError(FedhubertError):

@@ -11,10 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedhubert.fl.federation import check_stopped, run_training_task
-from fedhubert.fl.local import ClientPlace, with_client_overrides
-from fedhubert.fl.privacy import check_settings
-from fedhubert.fl.resources import estimate_client_gpu_bytes, simulation_resources
+from fedhubert.fl.federation import run_training_stage
+from fedhubert.fl.resources import estimate_client_gpu_bytes
 from fedhubert.fl.round_log import plot_rounds, read_rows
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.pretrain.server import read_inputs
@@ -43,21 +41,17 @@ def plot_pretrain(cfg: PretrainConfig, out: Path, summary: dict) -> None:
 def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
     out = Path(out).resolve()
     partition, kmeans = read_inputs(cfg)
-    num_clients = int(partition["num_clients"])
-    check_settings(cfg.privacy, num_clients, cfg.strategy.sample_size(num_clients))  # before Flower starts
-    for client in range(num_clients):  # a bad client_configs file fails here, not inside a round
-        with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), Path(cfg.kmeans), out))
-    resources = None
-    if cfg.federation.superlink is None:
-        resources = simulation_resources(
-            cfg.federation, num_clients, client_gpu_bytes(cfg, int(kmeans["num_clusters"]))
-        )
-    summary = run_training_task(
-        "pretrain", out, num_clients, cfg.federation, resources, resume=run.resume, force=run.force
+    summary = run_training_stage(
+        "pretrain",
+        cfg,
+        out,
+        run,
+        num_clients=int(partition["num_clients"]),
+        checkpoint_kind="hubert",
+        kmeans=Path(cfg.kmeans),
+        gpu_bytes=lambda: client_gpu_bytes(cfg, int(kmeans["num_clusters"])),
+        plot=lambda summary: plot_pretrain(cfg, out, summary),
     )
-    plot_pretrain(cfg, out, summary)
-    run.summary.update(summary)
-    check_stopped("pretrain", summary, out)
     best = summary.get("best")
     log.info(
         "pretraining done: %d rounds%s; final checkpoint %s",
