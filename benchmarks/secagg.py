@@ -35,7 +35,7 @@ import yaml
 
 from _common import run_cli, write_results
 from fedhubert.fl.config import FederationConfig
-from fedhubert.fl.federation import run_flower_app
+from fedhubert.fl.runtime.federation import run_flower_app
 from fedhubert.model.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "secagg"

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from fedhubert.config import load_config
-from fedhubert.fl.deploy import flower_bin, free_port
+from fedhubert.fl.runtime.deploy import flower_bin, free_port
 from fedhubert.pretrain.config import PretrainConfig
 
 pytestmark = pytest.mark.slow

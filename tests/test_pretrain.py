@@ -191,7 +191,7 @@ def test_flwr_run_of_the_repository_works_as_flower_users_expect(small_partition
     """`flwr run .` on the repository (its pyproject declares the app), against a simulation SuperLink."""
     from fedhubert.config import absolute_paths, save_config
     from fedhubert.fl.config import FederationConfig
-    from fedhubert.fl.federation import run_flower_app
+    from fedhubert.fl.runtime.federation import run_flower_app
     from fedhubert.pretrain.config import PretrainConfig
 
     repo = Path(__file__).resolve().parents[1]

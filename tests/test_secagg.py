@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from fedhubert.fl.config import FederationConfig
-from fedhubert.fl.federation import run_flower_app
+from fedhubert.fl.runtime.federation import run_flower_app
 from fedhubert.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow

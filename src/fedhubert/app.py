@@ -1,6 +1,6 @@
 """fedhubert's Flower app, the composition root of the federated stages: a ServerApp and a ClientApp carrying
 every stage's task. pyproject.toml's [tool.flwr.app.components], and the app folder each run gets
-(`fedhubert.fl.federation`), name `serverapp` and `clientapp` here.
+(`fedhubert.fl.runtime.federation`), name `serverapp` and `clientapp` here.
 
 The node config keys the ClientApp reads: `partition-id` (which client a node is; required), and on deployments,
 optionally, `partition-dir` (where the node keeps the partition), `work-dir` (where it writes features, labels

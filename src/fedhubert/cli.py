@@ -479,7 +479,7 @@ def _add_deployment(stages: argparse._SubParsersAction) -> None:
 
 
 def _superlink(args: argparse.Namespace) -> int:
-    from fedhubert.fl.deploy import serve_superlink
+    from fedhubert.fl.runtime.deploy import serve_superlink
 
     return serve_superlink(
         host=args.host,
@@ -493,7 +493,7 @@ def _superlink(args: argparse.Namespace) -> int:
 
 
 def _supernode(args: argparse.Namespace) -> int:
-    from fedhubert.fl.deploy import serve_supernode
+    from fedhubert.fl.runtime.deploy import serve_supernode
 
     node_config = {
         key.removeprefix("node_"): str(Path(value).resolve())

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, run_cli
-from fedhubert.fl import reaper
+from fedhubert.fl.runtime import reaper
 from fedhubert.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow

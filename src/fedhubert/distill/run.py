@@ -14,9 +14,9 @@ from pathlib import Path
 from fedhubert.distill.config import DistillConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.distill.server import read_inputs
-from fedhubert.fl.federation import run_training_stage
-from fedhubert.fl.resources import estimate_client_gpu_bytes
 from fedhubert.fl.round_log import plot_rounds, read_rows
+from fedhubert.fl.runtime.federation import run_training_stage
+from fedhubert.fl.runtime.resources import estimate_client_gpu_bytes
 from fedhubert.runlog import StageRun
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,8 @@ from scipy.optimize import linear_sum_assignment
 
 from fedhubert.atomic import atomic_write_text
 from fedhubert.corpus.librispeech import CorpusError
-from fedhubert.fl.federation import run_flower_app
 from fedhubert.fl.place import ClientPlace
+from fedhubert.fl.runtime.federation import run_flower_app
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import extractor_for, featurise, load_features
 from fedhubert.labels.federated import CODEBOOK_FILE, KMEANS_FILE, SPLITS, client_place

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedhubert.fl.federation import run_training_stage
-from fedhubert.fl.resources import estimate_client_gpu_bytes
 from fedhubert.fl.round_log import plot_rounds, read_rows
+from fedhubert.fl.runtime.federation import run_training_stage
+from fedhubert.fl.runtime.resources import estimate_client_gpu_bytes
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.pretrain.server import read_inputs
 from fedhubert.runlog import StageRun

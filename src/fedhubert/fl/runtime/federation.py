@@ -4,7 +4,7 @@ A run gets its own FLWR_HOME under the stage's output folder (`flwr/`), with a `
 SuperLink connection, and a minimal app folder whose pyproject declares fedhubert's ServerApp and ClientApp (the
 code itself is the installed package). For a simulation, a SuperLink in simulation mode is started on a free
 loopback port and stopped afterwards, whatever happens: even if the stage is killed, the SuperLink gets SIGTERM
-from the kernel and a watchdog (`fl.reaper`) ends the simulation it started. `flwr run --stream` follows the
+from the kernel and a watchdog (`fl.runtime.reaper`) ends the simulation it started. `flwr run --stream` follows the
 run; since it exits 0 even when the ServerApp fails, the run's final status is then read with `flwr ls` and
 anything but `finished:completed` is an error that points at the logs.
 """
@@ -26,7 +26,10 @@ from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import ConfigError, FedhubertError, StageStopped
 from fedhubert.fl.config import FederationConfig, RoundsConfig
-from fedhubert.fl.deploy import (
+from fedhubert.fl.local import ClientPlace, with_client_overrides
+from fedhubert.fl.privacy import check_settings
+from fedhubert.fl.rounds import CHECKPOINTS, STOP_FILE, newest_checkpoint, summary_path
+from fedhubert.fl.runtime.deploy import (
     CONNECTION,
     Daemon,
     DeploymentError,
@@ -37,11 +40,8 @@ from fedhubert.fl.deploy import (
     start_superlink,
     write_connection,
 )
-from fedhubert.fl.local import ClientPlace, with_client_overrides
-from fedhubert.fl.privacy import check_settings
-from fedhubert.fl.reaper import Reaper
-from fedhubert.fl.resources import SimulationResources, simulation_resources
-from fedhubert.fl.rounds import CHECKPOINTS, STOP_FILE, newest_checkpoint, summary_path
+from fedhubert.fl.runtime.reaper import Reaper
+from fedhubert.fl.runtime.resources import SimulationResources, simulation_resources
 from fedhubert.runlog import CONFIG_FILE, StageRun
 
 log = logging.getLogger(__name__)

@@ -74,7 +74,7 @@ class Reaper:
 
     def __init__(self, flwr_home: Path):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedhubert.fl.reaper", str(Path(flwr_home).resolve())],
+            [sys.executable, "-m", "fedhubert.fl.runtime.reaper", str(Path(flwr_home).resolve())],
             stdin=subprocess.PIPE,
             start_new_session=True,
         )
