@@ -175,18 +175,7 @@ def test_settings_that_make_no_sense_are_refused(keys, message):
 
 def test_the_command_refuses_them_before_flower_starts(small_partition, small_kmeans, tmp_path, capsys):
     out = tmp_path / "run"
-    code = run_cli(
-        "pretrain",
-        "--partition",
-        small_partition,
-        "--kmeans",
-        small_kmeans,
-        "--out",
-        out,
-        *PRETRAIN_FAST,
-        "privacy.mode=server",
-        "privacy.noise_multiplier=1.0",
-    )
+    code = pretrain(small_partition, small_kmeans, out, "privacy.mode=server", "privacy.noise_multiplier=1.0")
     assert code == 2 and "needs privacy.clip_norm" in capsys.readouterr().err
     assert not (out / "flwr").exists()
 
