@@ -112,3 +112,29 @@ def test_a_key_the_task_does_not_read_is_refused(flower_user, small_partition, t
     )
     stream = result.stdout + result.stderr
     assert "teacher='/x/teacher.pt': not read by task 'pretrain'" in stream, stream[-3000:]
+
+
+def test_the_secagg_app_runs_as_the_readme_runs_it(flower_user, small_partition, small_kmeans, tmp_path):
+    """README's `flwr run apps/secagg ...` from the checkout, on Flower's local SuperLink: the SecAgg+ stages run
+    every round and the final model is written."""
+    app, env = flower_user
+    shutil.copytree(REPO / "apps" / "secagg", app / "apps" / "secagg")
+    config = tmp_path / "fast.yaml"
+    config.write_text(yaml.safe_dump(FAST))
+    out = tmp_path / "secagg"
+    run_config = (
+        f"num-server-rounds=2 local-steps=1 preset='tiny' partition='{small_partition}' kmeans='{small_kmeans}' "
+        f"out='{out}' config='{config}'"
+    )
+    command = [flower_bin("flwr"), "run", "apps/secagg", "--stream", "--federation-config", "num-supernodes=3"]
+    result = subprocess.run(
+        [*command, "--run-config", run_config], cwd=app, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert (out / "secagg.json").is_file(), (result.stdout + result.stderr)[-3000:]
+    summary = json.loads((out / "secagg.json").read_text())
+    assert summary["secagg"] is True and summary["clients"] == 3
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(
+        list(r["stages"]) == ["setup", "share_keys", "collect_masked_vectors", "unmask"] for r in summary["rounds"]
+    )
+    assert (out / "final.pt").is_file() and (out / "logs" / "secagg.log").is_file()
