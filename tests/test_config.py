@@ -323,3 +323,27 @@ def test_evaluate_still_refuses_an_eval_step_set_above_the_steps(tmp_path):
     shipped = REPO / "configs" / "evaluate_speech_commands.yaml"
     with pytest.raises(ConfigError, match=r"eval_step \(4000\) is above total_steps \(40\)"):
         load_config(SpeechCommandsConfig, shipped, ["dataset=/d", "baseline=fbank", "total_steps=40"])
+
+
+def test_the_flower_apps_flat_keys_are_each_read_and_each_declared():
+    """Every key of [tool.flwr.app.config] is read (by a task, or by the app for every task), and every task's keys
+    are declared there (Flower refuses a --run-config key the app does not declare), mapping onto real config
+    keys."""
+    import tomllib
+
+    from fedhubert.app import TASKS
+    from fedhubert.fl.tasks import APP_RUN_KEYS, flat_overrides
+
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = set(declared["tool"]["flwr"]["app"]["config"])
+    tasks = [t for t in TASKS if t.config_cls is not None]
+    read_by_tasks = {key for t in tasks for key in t.run_keys}
+    assert declared == read_by_tasks | set(APP_RUN_KEYS)
+    for task in tasks:
+        overrides = flat_overrides(task, dict.fromkeys(task.run_keys, "x"), Path("/repo"))
+        for override in overrides:
+            key = override.split("=", 1)[0]
+            node = task.config_cls()
+            for part in key.split("."):
+                assert dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}, key
+                node = getattr(node, part)

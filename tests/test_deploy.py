@@ -1,6 +1,7 @@
 """Flower's deployment engine on loopback, as processes: `fedhubert superlink` with TLS and SuperNode
 authentication, two `fedhubert supernode`s, federated k-means and a 2-round pretraining through them, a refused
-unregistered node, and a clean shutdown that leaves no process behind."""
+unregistered node, a clean shutdown that leaves no process behind, and SuperNodes whose partition ids do not fit the
+partition."""
 
 from __future__ import annotations
 
@@ -216,6 +217,47 @@ def test_stopping_the_daemons_is_clean_and_leaves_no_process(federation):
     time.sleep(1.0)
     assert flower_processes(str(federation.root)) == []
     assert not federation.ready.exists(), "the ready file goes with the SuperLink"
+
+
+def test_supernodes_that_do_not_fit_the_partition_are_named(two_clients, tmp_path):
+    """Two SuperNodes started as client 0 of 3 for a 2-client partition (an insecure SuperLink): the run stops
+    before its first round, naming both nodes and the partition-id they share, and says which --num-partitions fits."""
+    ready = tmp_path / "superlink.ready"
+    home = tmp_path / "superlink-home"
+    daemons = [start("superlink", "--flwr-home", home, "--ready-file", ready, log=tmp_path / "superlink.out")]
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.is_file():
+            assert daemons[0].poll() is None and time.monotonic() < deadline, (tmp_path / "superlink.out").read_text()
+            time.sleep(0.3)
+        address = "127.0.0.1:" + ready.read_text().strip().rsplit(":", 1)[1]
+        for key in ("a", "b"):
+            daemons.append(
+                start(
+                    *("supernode", "--superlink", address, "--partition-id", "0", "--num-partitions", "3"),
+                    *("--flwr-home", tmp_path / f"supernode-{key}-home", "--max-wait-time", "60"),
+                    log=tmp_path / f"supernode-{key}.out",
+                )
+            )
+        out = tmp_path / "kmeans"
+        keys = [f"federation.superlink={address}", "federation.connect_timeout_s=60", "reference=false"]
+        assert run_cli("kmeans", "--partition", two_clients, "--out", out, *KMEANS_FAST, *keys) != 0
+        error = json.loads((out / "run.json").read_text())["error"]
+        assert "both say partition-id=0" in error and "--partition-id I" in error, error
+        log = (out / "logs" / "kmeans.log").read_text()
+        assert "was started with partition-id=0, num-partitions=3, but the partition has 2 clients" in log
+        assert "--num-partitions 2" in log
+    finally:
+        for process in daemons:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in daemons:
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+        for process in flower_processes(str(tmp_path)):
+            process.kill()
 
 
 def test_daemon_commands_name_their_mistakes(tmp_path, capsys):

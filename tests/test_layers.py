@@ -42,9 +42,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fedhubert.pretrain",
         "fedhubert.distill",
         "fedhubert.eval",
-        "fedhubert.report",
     ),
-    "roots": ("fedhubert.cli", "fedhubert.__main__", "fedhubert.app", "fedhubert.secagg_app"),  # composition roots
+    # Wiring (../shared/ARCHITECTURE.md): the composition roots, and the report, which reads every stage's files.
+    "top": ("fedhubert.cli", "fedhubert.__main__", "fedhubert.app", "fedhubert.secagg_app", "fedhubert.report"),
 }
 ORDER = list(LAYERS)
 

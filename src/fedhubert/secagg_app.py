@@ -55,18 +55,17 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import absolute_paths, load_config
 from fedhubert.errors import ConfigError
-from fedhubert.fl.local import client_place, client_seed, planned_local_steps, utterances, with_client_overrides
+from fedhubert.fl.local import client_place, planned_local_steps, train_locally, with_client_overrides
 from fedhubert.fl.tasks import app_root
 from fedhubert.model.checkpoint import save_checkpoint
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.hubert import build_hubert
-from fedhubert.pretrain.client import _task
+from fedhubert.pretrain.client import local_task
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.pretrain.server import read_inputs
 from fedhubert.runlog import setup_logging
-from fedhubert.train.data import LabelRate, batch_loader, label_counts
-from fedhubert.train.loop import cycle_batches, label_log_prior, make_optimizer, resolve_device, train
-from fedhubert.train.memory import batch_cap
+from fedhubert.train.data import LabelRate
+from fedhubert.train.loop import resolve_device
 from fedhubert.train.schedule import fit_schedule
 
 log = logging.getLogger("fedhubert.secagg")
@@ -131,39 +130,22 @@ class PretrainClient(NumPyClient):
         cfg = with_client_overrides(fitted(cfg, int(config["planned_updates"])), place)
         round_, num_classes = int(config["round"]), int(config["num_classes"])
         info = {"num_classes": num_classes, "label_rate": int(config["label_rate"]), "local_head": False}
-        task = _task(cfg, info, self.context)
+        task = local_task(cfg, info, self.context)
         model = task.model
         keys = list(model.state_dict())
         model.load_state_dict({k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, parameters, strict=True)})
         device = resolve_device(cfg.train.device)
         model.to(device)
-        seed = client_seed(cfg.seed, round_, place.index)
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        cap = batch_cap(cfg.train, task.rate.model, num_classes)
-        train_utts = utterances(place.pair("train"), num_classes, task.rate, cfg.train.data)
-        task.objective.log_prior = label_log_prior(label_counts(train_utts, num_classes))
-        started = time.perf_counter()
-        result = train(
-            model,
-            cycle_batches(batch_loader(train_utts, task.rate, cfg.train.data, seed, cap)),
-            cfg.train,
-            objective=task.objective,
-            steps=cfg.local_steps,
-            global_step=int(config["global_step"]),
-            optimizer=make_optimizer(model, cfg.train.optim),
-            device=device,
-        )
-        seconds = time.perf_counter() - started
+        local = train_locally(model, task, cfg, place, round_, int(config["global_step"]), device)
         trained = [v.detach().cpu().numpy() for v in model.state_dict().values()]
         if self.context.run_config["keep-client-weights"]:
             place.work.mkdir(parents=True, exist_ok=True)
             np.savez(place.work / f"round_{round_:05d}.npz", **dict(zip(keys, trained, strict=True)))
         limit = float(config["clipping_range"])
-        metrics = {f"train_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        metrics = dict(local.metrics)
         metrics.update(
             client=place.index,
-            train_time_s=seconds,
+            train_time_s=local.seconds,
             out_of_range=sum(int((np.abs(a) > limit).sum()) for a in trained),
         )
         return trained, 1, metrics  # equal weights: the plain mean (see the module's docstring)
@@ -287,7 +269,7 @@ def main(grid: Grid, context: Context) -> None:
     check_supported(cfg, kmeans)
     num_clients, num_classes = int(partition["num_clients"]), int(kmeans["num_clusters"])
     rate = LabelRate(int(kmeans.get("label_rate", 100)), cfg.model)
-    torch.manual_seed(cfg.seed)  # the initial model of `fedhubert pretrain` (and of each client's _task)
+    torch.manual_seed(cfg.seed)  # the initial model of `fedhubert pretrain` (and of each client's local_task)
     state = build_hubert(cfg.model, num_classes).state_dict()
     initial = [v.numpy() for v in state.values()]
     clipping_range = float(run_config["clipping-range"]) or 2 * max(float(np.abs(a).max()) for a in initial)

@@ -34,7 +34,7 @@ def _teacher(path: str, mtime_ns: int, size: int) -> tuple[HuBERTPretrainModel, 
     return load_teacher(Path(path))[:2]
 
 
-def _task(cfg: DistillConfig, info, context: Context) -> LocalTask:
+def local_task(cfg: DistillConfig, info, context: Context) -> LocalTask:
     path = Path(str(context.node_config.get("teacher-checkpoint", cfg.teacher)))
     model, teacher_cfg = teacher(path)
     model.to(resolve_device(cfg.train.device))
@@ -58,4 +58,4 @@ def _task(cfg: DistillConfig, info, context: Context) -> LocalTask:
 
 
 def train_round(message: Message, context: Context) -> Message:
-    return local_round(message, context, DistillConfig, _task)
+    return local_round(message, context, DistillConfig, local_task)

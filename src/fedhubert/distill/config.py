@@ -61,7 +61,6 @@ DISTILL_LR_SHARE = 0.4
 @dataclass
 class DistillConfig(RoundsConfig):
     teacher: Path | None = param(None, "the pretrained HuBERT checkpoint (fedhubert pretrain/train-local) (required)")
-    partition: Path | None = param(None, "partition folder made by 'fedhubert partition' (required)")
     kmeans: Path | None = param(None, "k-means folder of that partition: needed only with loss.kmeans_weight > 0")
     student: StudentConfig = param(StudentConfig(), "DistilHuBERT student")
     loss: DistillLossConfig = param(DistillLossConfig(), "distillation loss")

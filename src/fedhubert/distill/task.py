@@ -6,18 +6,10 @@ from fedhubert.distill.client import train_round
 from fedhubert.distill.config import OUTPUTS, DistillConfig
 from fedhubert.distill.run import plot_distill
 from fedhubert.distill.server import serve_distill
-from fedhubert.fl.tasks import FederatedTask
+from fedhubert.fl.tasks import ROUNDS_RUN_KEYS, FederatedTask
 
 # `flwr run` keys (pyproject.toml's [tool.flwr.app.config]) -> config keys.
-RUN_KEYS = {
-    "teacher": "teacher",
-    "partition": "partition",
-    "kmeans": "kmeans",
-    "num-server-rounds": "num_rounds",
-    "local-steps": "local_steps",
-    "fraction-train": "strategy.fraction",
-    "strategy": "strategy.name",
-}
+RUN_KEYS = {"teacher": "teacher", **ROUNDS_RUN_KEYS}
 
 TASK = FederatedTask(
     "distill",

@@ -111,6 +111,8 @@ class RoundsConfig:
     # Top-level keys that may change when a run is resumed (everything else must match the checkpoint's config).
     RESUMABLE: ClassVar[tuple[str, ...]] = ("num_rounds", "federation")
 
+    partition: Path | None = param(None, "partition folder made by 'fedhubert partition' (required)")
+    kmeans: Path | None = param(None, "k-means folder made by 'fedhubert kmeans' on that partition")
     num_rounds: int = param(10, "federated rounds", ge=1)
     local_steps: int = param(50, "optimizer updates per client per round", ge=1)
     seed: int = param(0, "seed of the initial model, client sampling, crops, masks and dropout", ge=0)

@@ -15,7 +15,8 @@ import dataclasses
 import functools
 import io
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedhubert.atomic import atomic_write_bytes
 from fedhubert.config import layer_file
+from fedhubert.fl.config import RoundsConfig
 from fedhubert.fl.place import ClientPlace
 from fedhubert.train.data import LabelRate, load_utterances
 
@@ -35,7 +37,7 @@ _HEAD = re.compile(r"head_round_(\d+)\.pt")
 CLIENT_KEYS = ("local_steps", "train")
 
 
-def client_place(cfg: Any, out: Path, context: Context, with_labels: bool = True) -> ClientPlace:
+def client_place(cfg: RoundsConfig, out: Path, context: Context, with_labels: bool = True) -> ClientPlace:
     """Where this node's data is: the run's paths, unless its node config says otherwise (deployments:
     `partition-dir`, `kmeans-dir`, `work-dir`)."""
     node = context.node_config
@@ -55,7 +57,7 @@ def with_client_overrides(cfg: T, place: ClientPlace) -> T:
     return layer_file(cfg, path, CLIENT_KEYS) if path.is_file() else cfg
 
 
-def planned_local_steps(cfg: Any, num_clients: int) -> int:
+def planned_local_steps(cfg: RoundsConfig, num_clients: int) -> int:
     """The most updates a client runs per round: the config's `local_steps`, or a client override's when larger
     (read from the partition's client_configs where this machine has them)."""
     steps = cfg.local_steps
@@ -130,10 +132,13 @@ def client_seed(seed: int, round_: int, index: int) -> int:
 
 
 def identify(message: Message, context: Context) -> Message:
-    """Which client this node is (its partition id)."""
-    return Message(
-        RecordDict({"metrics": MetricRecord({"client": int(context.node_config["partition-id"])})}), reply_to=message
-    )
+    """Which client this node is (its partition id), and of how many (its `num-partitions`, where the node config
+    has it: Flower's simulation and `fedhubert supernode` set it)."""
+    node = context.node_config
+    said = {"client": int(node["partition-id"])}
+    if "num-partitions" in node:
+        said["num_partitions"] = int(node["num-partitions"])
+    return Message(RecordDict({"metrics": MetricRecord(said)}), reply_to=message)
 
 
 @dataclass
@@ -148,27 +153,69 @@ class LocalTask:
     with_labels: bool
 
 
+@dataclass(frozen=True)
+class LocalTraining:
+    """What `train_locally` did: the mean training metrics (keys `train_*`), the utterances it trained on, the batch
+    cap it used (for a validation pass alike) and its wall time."""
+
+    metrics: dict[str, float]
+    utterances: list
+    batch_cap: int
+    seconds: float
+
+
+def train_locally(
+    model: torch.nn.Module,
+    task: LocalTask,
+    cfg: RoundsConfig,
+    place: ClientPlace,
+    round_: int,
+    global_step: int,
+    device: torch.device,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> LocalTraining:
+    """`cfg.local_steps` updates of `model` (already on `device`) on this client's training split: crops, masks and
+    dropout seeded by (seed, round, client), a fresh optimizer, masked prediction scored against this client's
+    label-frequency baseline, the learning rate of global step `global_step` on. Every client round of every app
+    trains through here (fedhubert's round loop and the SecAgg+ app)."""
+    from fedhubert.train.data import batch_loader, label_counts
+    from fedhubert.train.loop import MaskedPrediction, cycle_batches, label_log_prior, make_optimizer, train
+    from fedhubert.train.memory import batch_cap
+
+    seed = client_seed(cfg.seed, round_, place.index)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    cap = batch_cap(cfg.train, task.rate.model, task.num_classes)
+    train_utts = utterances(place.pair("train"), task.num_classes, task.rate, cfg.train.data)
+    if isinstance(task.objective, MaskedPrediction):  # this client's label-frequency baseline
+        task.objective.log_prior = label_log_prior(label_counts(train_utts, task.num_classes))
+    started = time.perf_counter()
+    result = train(
+        model,
+        cycle_batches(batch_loader(train_utts, task.rate, cfg.train.data, seed, cap)),
+        cfg.train,
+        objective=task.objective,
+        steps=cfg.local_steps,
+        global_step=global_step,
+        optimizer=make_optimizer(model, cfg.train.optim),
+        device=device,
+        on_step=on_step,
+    )
+    metrics = {f"train_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    return LocalTraining(metrics, train_utts, cap, time.perf_counter() - started)
+
+
 def local_round(message: Message, context: Context, config_cls: type, build) -> Message:
     """One round of local training: from the received weights (and this client's own head), `local_steps`
     updates on this client's data, a validation pass, and the reply with the shared weights and the metrics.
     `build(cfg, info, context)` gives the task's LocalTask."""
     import logging
-    import time
 
     from fedhubert.fl.privacy import privatise_change
     from fedhubert.fl.records import config_from_record
     from fedhubert.fl.weights import decode, encode
-    from fedhubert.train.data import batch_loader, label_counts
-    from fedhubert.train.loop import (
-        MaskedPrediction,
-        cycle_batches,
-        evaluate,
-        label_log_prior,
-        make_optimizer,
-        resolve_device,
-        train,
-    )
-    from fedhubert.train.memory import batch_cap
+    from fedhubert.train.data import batch_loader
+    from fedhubert.train.loop import evaluate, resolve_device
 
     log = logging.getLogger(__name__)
     info = message.content["round"]
@@ -176,7 +223,7 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     cfg = config_from_record(config_cls, message.content["config"])
     if int(info["threads"]) > 0:
         torch.set_num_threads(int(info["threads"]))
-    place = client_place(cfg, out, context, with_labels=getattr(cfg, "kmeans", None) is not None)
+    place = client_place(cfg, out, context, with_labels=cfg.kmeans is not None)
     cfg = with_client_overrides(cfg, place)
     task: LocalTask = build(cfg, info, context)
     if not task.with_labels:
@@ -193,32 +240,12 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     device = resolve_device(cfg.train.device)
     model.to(device)
 
-    seed = client_seed(cfg.seed, round_, place.index)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    cap = batch_cap(cfg.train, task.rate.model, task.num_classes)
-    train_utts = utterances(place.pair("train"), task.num_classes, task.rate, cfg.train.data)
-    if isinstance(task.objective, MaskedPrediction):  # this client's label-frequency baseline
-        task.objective.log_prior = label_log_prior(label_counts(train_utts, task.num_classes))
-    loader = batch_loader(train_utts, task.rate, cfg.train.data, seed, cap)
-
     def progress(step: int, metrics: dict) -> None:
         log.info("client %d, round %d, update %d: loss %.3f", place.index, round_, step, metrics["loss"])
 
-    started = time.perf_counter()
-    result = train(
-        model,
-        cycle_batches(loader),
-        cfg.train,
-        objective=task.objective,
-        steps=cfg.local_steps,
-        global_step=int(info["global_step"]),
-        optimizer=make_optimizer(model, cfg.train.optim),
-        device=device,
-        on_step=progress,
-    )
-    seconds = time.perf_counter() - started
-    metrics = {f"train_{k}": float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    trained = train_locally(model, task, cfg, place, round_, int(info["global_step"]), device, progress)
+    train_utts, cap, seconds = trained.utterances, trained.batch_cap, trained.seconds
+    metrics = dict(trained.metrics)
     if place.has("valid"):
         valid_utts = utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data)
         valid = evaluate(

@@ -40,7 +40,7 @@ from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.config import RoundsConfig
-from fedhubert.fl.nodes import wait_for_clients
+from fedhubert.fl.nodes import identify_clients
 from fedhubert.fl.privacy import (
     Accountant,
     ClipBound,
@@ -213,23 +213,6 @@ class FederatedRun:
         log.info("resuming from %s: round %d done, global step %d", path.name, round_, global_step)
         return round_, global_step, state
 
-    def _identify(self) -> dict[int, int]:
-        """partition id -> node id, once all clients are connected."""
-        nodes = wait_for_clients(self.grid, self.num_clients, self.cfg.federation.connect_timeout_s)
-        messages = [
-            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.identify")
-            for n in nodes
-        ]
-        mapping: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout_s):
-            if reply.has_error():
-                raise RoundError(f"node {reply.metadata.src_node_id} did not identify: {reply.error.reason}")
-            mapping[int(reply.content["metrics"]["client"])] = reply.metadata.src_node_id
-        missing = sorted(set(range(self.num_clients)) - set(mapping))
-        if missing:
-            raise RoundError(f"no node is client(s) {missing}: check the SuperNodes' partition-id")
-        return mapping
-
     def _sample(self, round_: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.seed, round_])
         return sorted(int(c) for c in rng.choice(self.num_clients, size=self.sampled, replace=False))
@@ -400,7 +383,9 @@ class FederatedRun:
         start, global_step, state = self._restore()
         arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
         self.task.state.update(state)
-        nodes = self._identify()
+        nodes = identify_clients(
+            self.grid, self.num_clients, self.cfg.federation.connect_timeout_s, self.cfg.round_timeout_s
+        )
         started = time.monotonic()
         clock = RoundClock(start + 1, self.cfg.num_rounds)
         stopped, stop_reason = None, None

@@ -40,6 +40,18 @@ log = logging.getLogger("fedhubert")
 
 # Flat run config keys of `flwr run` that hold paths (resolved against `app_root()` when relative).
 PATH_KEYS = ("config", "out", "partition", "kmeans", "teacher")
+# The flat run config keys the app reads for every task (the stage's own keys are its `run_keys`).
+APP_RUN_KEYS = ("task", "config", "out", "resume", "force", "threads", "managed")
+# The flat run config keys of every federated training stage (RoundsConfig's) -> config keys; a stage's
+# `run_keys` extend them with its own.
+ROUNDS_RUN_KEYS = {
+    "partition": "partition",
+    "kmeans": "kmeans",
+    "num-server-rounds": "num_rounds",
+    "local-steps": "local_steps",
+    "fraction-train": "strategy.fraction",
+    "strategy": "strategy.name",
+}
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,7 @@ def _is_set(value: object) -> bool:
 def flat_overrides(task: FederatedTask, run_config: Mapping[str, object], root: Path) -> list[str]:
     """KEY=VALUE overrides of the task's config from the flat run config keys that are set; a key set that this
     task does not read is an error (it would be silently ignored)."""
-    known = {*task.run_keys, "task", "config", "out", "resume", "force", "threads", "managed"}
+    known = {*task.run_keys, *APP_RUN_KEYS}
     overrides, unused = [], []
     for key, value in run_config.items():
         if not _is_set(value):

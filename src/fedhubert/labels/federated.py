@@ -24,7 +24,7 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
-from fedhubert.fl.nodes import wait_for_clients
+from fedhubert.fl.nodes import identify_clients
 from fedhubert.fl.place import ClientPlace
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
 from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
@@ -176,7 +176,7 @@ class _Server:
         self.out = out
         self.num_clients = num_clients
         self.messages = MessageLog(out / "messages.jsonl")
-        self.nodes = wait_for_clients(grid, num_clients, timeout_s)
+        self.nodes = list(identify_clients(grid, num_clients, timeout_s, None).values())
 
     def ask(self, action: str, round_: int | None = None, **records) -> dict[int, RecordDict]:
         """Send `action` with the config (and `records`) to every client; return the replies by client index."""

@@ -13,7 +13,9 @@ from fedhubert.train.data import LabelRate
 from fedhubert.train.loop import MaskedPrediction
 
 
-def _task(cfg: PretrainConfig, info, context: Context) -> LocalTask:
+def local_task(cfg: PretrainConfig, info, context: Context) -> LocalTask:
+    """A client's pretraining task for one round: the initial HuBERT (its weights are replaced by the received
+    ones), masked prediction of the client's labels, and its label head kept local when the codebooks are."""
     num_classes = int(info["num_classes"])
     torch.manual_seed(cfg.seed)  # the server's initial model: a new client's head starts from the same one
     model = build_hubert(cfg.model, num_classes)
@@ -29,4 +31,4 @@ def _task(cfg: PretrainConfig, info, context: Context) -> LocalTask:
 
 
 def train_round(message: Message, context: Context) -> Message:
-    return local_round(message, context, PretrainConfig, _task)
+    return local_round(message, context, PretrainConfig, local_task)

@@ -26,7 +26,6 @@ OUTPUTS = (
 
 @dataclass
 class PretrainConfig(RoundsConfig):
-    partition: Path | None = param(None, "partition folder made by 'fedhubert partition' (required)")
     kmeans: Path | None = param(None, "k-means folder made by 'fedhubert kmeans' on that partition (required)")
     model: ModelConfig = param(ModelConfig(), "HuBERT architecture")
     loss: LossConfig = param(LossConfig(), "masked-prediction loss")

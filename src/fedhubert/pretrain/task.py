@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from fedhubert.fl.tasks import FederatedTask
+from fedhubert.fl.tasks import ROUNDS_RUN_KEYS, FederatedTask
 from fedhubert.pretrain.client import train_round
 from fedhubert.pretrain.config import OUTPUTS, PretrainConfig
 from fedhubert.pretrain.run import plot_pretrain
 from fedhubert.pretrain.server import serve_pretrain
 
 # `flwr run` keys (pyproject.toml's [tool.flwr.app.config]) -> config keys.
-RUN_KEYS = {
-    "partition": "partition",
-    "kmeans": "kmeans",
-    "num-server-rounds": "num_rounds",
-    "local-steps": "local_steps",
-    "fraction-train": "strategy.fraction",
-    "strategy": "strategy.name",
-    "preset": "model.preset",
-}
+RUN_KEYS = {**ROUNDS_RUN_KEYS, "preset": "model.preset"}
 
 TASK = FederatedTask(
     "pretrain",
