@@ -79,9 +79,12 @@ def check_settings(privacy: PrivacyConfig, num_clients: int, sampled: int) -> No
         )
 
 
-def clip_update(change: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], float]:
-    """The change scaled to an L2 norm of at most `clip_norm` over all its tensors, and its norm before."""
-    norm = update_norm(change)
+def clip_update(
+    change: dict[str, torch.Tensor], clip_norm: float, norm: float | None = None
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The change scaled to an L2 norm of at most `clip_norm` over all its tensors, and its norm before (`norm`:
+    that norm, when the caller has it already)."""
+    norm = update_norm(change) if norm is None else norm
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: t * scale for k, t in change.items()}, norm
 
@@ -124,15 +127,16 @@ def privatise_change(
     round_: int,
     client: int,
     per_layer: bool = False,
+    norm: float | None = None,
 ) -> tuple[dict[str, torch.Tensor], float, bool]:
     """One client's change clipped to `clip` (as a whole, or `per_layer`) plus its share of the round's noise (one
-    of `sampled` replies, noise `noise_multiplier * clip` on their sum); its norm before clipping; whether it was
-    clipped."""
+    of `sampled` replies, noise `noise_multiplier * clip` on their sum); its norm before clipping (`norm`: given
+    when the caller has computed it); whether it was clipped."""
     if per_layer:
-        norm = update_norm(change)
+        norm = update_norm(change) if norm is None else norm
         clipped, was_clipped = clip_per_layer(change, clip)
     else:
-        clipped, norm = clip_update(change, clip)
+        clipped, norm = clip_update(change, clip, norm)
         was_clipped = norm > clip
     share_std = noise_multiplier * clip / math.sqrt(sampled)
     if share_std > 0:

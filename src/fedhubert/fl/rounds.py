@@ -241,6 +241,7 @@ class FederatedRun:
                     round_,
                     client,
                     self.privacy.per_layer_clipping,
+                    norm=float(metrics["received_norm"]),  # the norm of this change, from _check
                 )
                 extra = {"update_norm": norm, "clipped": int(was_clipped)}
             else:
