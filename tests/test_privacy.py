@@ -4,6 +4,7 @@ clip, account every round, stop at the target epsilon and resume exactly."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 from pathlib import Path
@@ -30,6 +31,7 @@ from fedhubert.fl.privacy import (
     update_norm,
 )
 from fedhubert.model.checkpoint import load_checkpoint
+from fedhubert.pretrain.config import OUTPUTS as PRETRAIN_OUTPUTS
 from fedhubert.report import write_report
 
 
@@ -265,6 +267,9 @@ def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tm
         assert on_the_wire == [c["update_norm"] for c in clients], "the server saw them unclipped"
     assert all("privacy_epsilon" not in r for r in train), "no noise, no epsilon"
     assert json.loads((out / "run.json").read_text())["summary"]["privacy"]["epsilon"] == math.inf
+    owned = [*PRETRAIN_OUTPUTS, "config.yaml", "run.json", "logs"]
+    unowned = [p.name for p in out.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in owned)]
+    assert unowned == [], "everything the run wrote is the stage's own (so --force replaces it)"
 
 
 @pytest.mark.slow

@@ -7,20 +7,11 @@ from pathlib import Path
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
-from fedhubert.fl.config import RoundsConfig
+from fedhubert.fl.config import ROUNDS_OUTPUTS, RoundsConfig
 from fedhubert.train.config import OptimConfig, TrainConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force.
-OUTPUTS = (
-    "checkpoints",
-    "clients",
-    "metrics.jsonl",
-    "messages.jsonl",
-    "tensorboard",
-    "distill.png",
-    "flwr",
-    "distill.json",
-)
+OUTPUTS = (*ROUNDS_OUTPUTS, "distill.png", "distill.json")
 
 
 @dataclass

@@ -11,6 +11,10 @@ from typing import ClassVar, Literal
 from fedhubert.config import param
 from fedhubert.train.config import TrainConfig
 
+# What the round loop and Flower write into a training stage's output folder (a stage adds its plot and summary);
+# --force replaces them as a whole.
+ROUNDS_OUTPUTS = ("checkpoints", "clients", "metrics.jsonl", "messages.jsonl", "tensorboard", "flwr", "audit")
+
 
 @dataclass
 class FederationConfig:

@@ -7,21 +7,12 @@ from pathlib import Path
 
 from fedhubert.config import param
 from fedhubert.errors import ConfigError
-from fedhubert.fl.config import RoundsConfig
+from fedhubert.fl.config import ROUNDS_OUTPUTS, RoundsConfig
 from fedhubert.model.config import ModelConfig
 from fedhubert.train.config import LossConfig
 
 # What the stage writes into its output folder, replaced as a whole by --force.
-OUTPUTS = (
-    "checkpoints",
-    "clients",
-    "metrics.jsonl",
-    "messages.jsonl",
-    "tensorboard",
-    "pretrain.png",
-    "flwr",
-    "pretrain.json",
-)
+OUTPUTS = (*ROUNDS_OUTPUTS, "pretrain.png", "pretrain.json")
 
 
 @dataclass
