@@ -59,7 +59,6 @@ def run_distill(cfg: DistillConfig, out: Path, run: StageRun) -> dict:
         run,
         num_clients=int(partition["num_clients"]),
         checkpoint_kind="distiller",
-        kmeans=None,
         gpu_bytes=lambda: client_gpu_bytes(cfg, teacher, teacher_cfg),
         plot=lambda summary: plot_distill(cfg, out, summary),
     )

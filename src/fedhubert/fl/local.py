@@ -32,6 +32,7 @@ from fedhubert.fl.place import ClientPlace
 from fedhubert.train.data import LabelRate, load_utterances
 
 T = TypeVar("T")
+R = TypeVar("R", bound=RoundsConfig)
 _HEAD = re.compile(r"head_round_(\d+)\.pt")
 # Keys a client_configs/client_<i>.yaml may set for its client: how it trains, not what the federation learns.
 CLIENT_KEYS = ("local_steps", "train")
@@ -57,14 +58,16 @@ def with_client_overrides(cfg: T, place: ClientPlace) -> T:
     return layer_file(cfg, path, CLIENT_KEYS) if path.is_file() else cfg
 
 
+def client_configs(cfg: R, num_clients: int) -> list[R]:
+    """Every client's config: `cfg` with the client's overrides laid over it (read from the partition's
+    client_configs where this machine has them); a bad override file fails here."""
+    partition = Path(cfg.partition)
+    return [with_client_overrides(cfg, ClientPlace(i, partition, None, Path("."))) for i in range(num_clients)]
+
+
 def planned_local_steps(cfg: RoundsConfig, num_clients: int) -> int:
-    """The most updates a client runs per round: the config's `local_steps`, or a client override's when larger
-    (read from the partition's client_configs where this machine has them)."""
-    steps = cfg.local_steps
-    for index in range(num_clients):
-        place = ClientPlace(index, Path(cfg.partition), None, Path("."))
-        steps = max(steps, with_client_overrides(cfg, place).local_steps)
-    return steps
+    """The most updates a client runs per round: the config's `local_steps`, or a client override's when larger."""
+    return max([cfg.local_steps, *(c.local_steps for c in client_configs(cfg, num_clients))])
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,6 @@ def run_pretrain(cfg: PretrainConfig, out: Path, run: StageRun) -> dict:
         run,
         num_clients=int(partition["num_clients"]),
         checkpoint_kind="hubert",
-        kmeans=Path(cfg.kmeans),
         gpu_bytes=lambda: client_gpu_bytes(cfg, int(kmeans["num_clusters"])),
         plot=lambda summary: plot_pretrain(cfg, out, summary),
     )

@@ -26,7 +26,7 @@ from fedhubert import __version__
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import ConfigError, FedhubertError, StageStopped
 from fedhubert.fl.config import FederationConfig, RoundsConfig
-from fedhubert.fl.local import ClientPlace, with_client_overrides
+from fedhubert.fl.local import client_configs
 from fedhubert.fl.privacy import check_settings
 from fedhubert.fl.rounds import CHECKPOINTS, STOP_FILE, newest_checkpoint, summary_path
 from fedhubert.fl.runtime.deploy import (
@@ -141,17 +141,15 @@ def run_training_stage(
     *,
     num_clients: int,
     checkpoint_kind: str,
-    kmeans: Path | None,
     gpu_bytes: Callable[[], int],
     plot: Callable[[dict], None],
 ) -> dict:
     """The command's side of a federated training stage (pretrain, distill) once its inputs are read: the privacy
-    settings and every client's overrides (`kmeans`: the labels its clients read) checked before Flower starts, the
-    simulation's resources (`gpu_bytes`: one client's estimate), the Flower run, the plot, the run record's
-    summary, and StageStopped when the run ended early."""
+    settings and every client's overrides checked before Flower starts, the simulation's resources (`gpu_bytes`:
+    one client's estimate), the Flower run, the plot, the run record's summary, and StageStopped when the run
+    ended early."""
     check_settings(cfg.privacy, num_clients, cfg.strategy.sample_size(num_clients))
-    for client in range(num_clients):  # a bad client_configs file fails here, not inside a round
-        with_client_overrides(cfg, ClientPlace(client, Path(cfg.partition), kmeans, out))
+    client_configs(cfg, num_clients)  # a bad client_configs file fails here, not inside a round
     resources = (
         simulation_resources(cfg.federation, num_clients, gpu_bytes()) if cfg.federation.superlink is None else None
     )
