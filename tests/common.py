@@ -59,6 +59,8 @@ EVAL_SHORT = ["--steps", "4", "--eval-step", "2", "log_step=2", "batch_size=8", 
 
 SMALL_K = 20
 KMEANS_FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", "minibatch.max_iter=30"]
+# The exchanges of one SecAgg+ round, as the SecAgg+ app's secagg.json names them.
+SECAGG_STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
 
 
 def run_cli(*args: str | Path) -> int:

@@ -48,6 +48,30 @@ def flower_processes(marker: str) -> list[psutil.Process]:
     return found
 
 
+def superlink_address(superlink: subprocess.Popen, ready: Path, output: Path) -> str:
+    """The loopback address of a `fedhubert superlink` once its ready file appears (within 60 s)."""
+    deadline = time.monotonic() + 60
+    while not ready.is_file():
+        assert superlink.poll() is None, output.read_text()
+        assert time.monotonic() < deadline, "the SuperLink did not get ready within 60 s"
+        time.sleep(0.3)
+    return "127.0.0.1:" + ready.read_text().strip().rsplit(":", 1)[1]
+
+
+def stop_daemons(processes: list[subprocess.Popen]) -> list[int | None]:
+    """SIGTERM to each daemon still running, then their exit codes (None: killed after 60 s)."""
+    codes = []
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            codes.append(process.wait(timeout=60))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            codes.append(None)
+    return codes
+
+
 class Federation:
     def __init__(self, root: Path):
         self.root = root
@@ -73,12 +97,7 @@ class Federation:
             self.ready,
             log=root / "superlink.out",
         )
-        deadline = time.monotonic() + 60
-        while not self.ready.is_file():
-            assert self.superlink.poll() is None, (root / "superlink.out").read_text()
-            assert time.monotonic() < deadline, "the SuperLink did not get ready within 60 s"
-            time.sleep(0.3)
-        self.address = "127.0.0.1:" + self.ready.read_text().strip().rsplit(":", 1)[1]
+        self.address = superlink_address(self.superlink, self.ready, root / "superlink.out")
         self.supernodes = [self.supernode(i, f"client_{i}") for i in range(2)]
 
     def supernode(self, index: int, key: str) -> subprocess.Popen:
@@ -111,16 +130,7 @@ class Federation:
         ]
 
     def stop(self) -> list[int | None]:
-        codes = []
-        for process in [*self.supernodes, self.superlink]:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                codes.append(process.wait(timeout=60))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                codes.append(None)
-        return codes
+        return stop_daemons([*self.supernodes, self.superlink])
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +236,7 @@ def test_supernodes_that_do_not_fit_the_partition_are_named(two_clients, tmp_pat
     home = tmp_path / "superlink-home"
     daemons = [start("superlink", "--flwr-home", home, "--ready-file", ready, log=tmp_path / "superlink.out")]
     try:
-        deadline = time.monotonic() + 60
-        while not ready.is_file():
-            assert daemons[0].poll() is None and time.monotonic() < deadline, (tmp_path / "superlink.out").read_text()
-            time.sleep(0.3)
-        address = "127.0.0.1:" + ready.read_text().strip().rsplit(":", 1)[1]
+        address = superlink_address(daemons[0], ready, tmp_path / "superlink.out")
         for key in ("a", "b"):
             daemons.append(
                 start(
@@ -248,14 +254,7 @@ def test_supernodes_that_do_not_fit_the_partition_are_named(two_clients, tmp_pat
         assert "was started with partition-id=0, num-partitions=3, but the partition has 2 clients" in log
         assert "--num-partitions 2" in log
     finally:
-        for process in daemons:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in daemons:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_daemons(daemons[::-1])  # the SuperNodes first, as Federation.stop does
         for process in flower_processes(str(tmp_path)):
             process.kill()
 

@@ -16,6 +16,7 @@ import psutil
 import pytest
 import yaml
 
+from common import SECAGG_STAGES
 from fedhubert.config import load_config
 from fedhubert.fl.runtime.deploy import flower_bin, free_port
 from fedhubert.pretrain.config import PretrainConfig
@@ -53,8 +54,9 @@ def flower_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path
             os.killpg(os.getpgid(process.pid), signal.SIGTERM)
 
 
-def flwr_run(app: Path, env: dict, run_config: str, supernodes: int) -> subprocess.CompletedProcess:
-    command = [flower_bin("flwr"), "run", ".", "--stream", "--run-config", run_config]
+def flwr_run(app: Path, env: dict, run_config: str, supernodes: int, folder: str = ".") -> subprocess.CompletedProcess:
+    """`flwr run FOLDER --stream` in the user's copy of the repository (FOLDER: the Flower app, `.` by default)."""
+    command = [flower_bin("flwr"), "run", folder, "--stream", "--run-config", run_config]
     command += ["--federation-config", f"num-supernodes={supernodes}"]
     return subprocess.run(command, cwd=app, env=env, capture_output=True, text=True, timeout=600)
 
@@ -126,15 +128,10 @@ def test_the_secagg_app_runs_as_the_readme_runs_it(flower_user, small_partition,
         f"num-server-rounds=2 local-steps=1 preset='tiny' partition='{small_partition}' kmeans='{small_kmeans}' "
         f"out='{out}' config='{config}'"
     )
-    command = [flower_bin("flwr"), "run", "apps/secagg", "--stream", "--federation-config", "num-supernodes=3"]
-    result = subprocess.run(
-        [*command, "--run-config", run_config], cwd=app, env=env, capture_output=True, text=True, timeout=600
-    )
+    result = flwr_run(app, env, run_config, supernodes=3, folder="apps/secagg")
     assert (out / "secagg.json").is_file(), (result.stdout + result.stderr)[-3000:]
     summary = json.loads((out / "secagg.json").read_text())
     assert summary["secagg"] is True and summary["clients"] == 3
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
-    assert all(
-        list(r["stages"]) == ["setup", "share_keys", "collect_masked_vectors", "unmask"] for r in summary["rounds"]
-    )
+    assert all(list(r["stages"]) == SECAGG_STAGES for r in summary["rounds"])
     assert (out / "final.pt").is_file() and (out / "logs" / "secagg.log").is_file()

@@ -33,6 +33,7 @@ from fedhubert.fl.privacy import (
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.pretrain.config import OUTPUTS as PRETRAIN_OUTPUTS
 from fedhubert.report import write_report
+from fedhubert.runlog import CONFIG_FILE, LOG_DIR, RUN_FILE
 
 
 def privacy(**keys: object) -> PrivacyConfig:
@@ -267,7 +268,7 @@ def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tm
         assert on_the_wire == [c["update_norm"] for c in clients], "the server saw them unclipped"
     assert all("privacy_epsilon" not in r for r in train), "no noise, no epsilon"
     assert json.loads((out / "run.json").read_text())["summary"]["privacy"]["epsilon"] == math.inf
-    owned = [*PRETRAIN_OUTPUTS, "config.yaml", "run.json", "logs"]
+    owned = [*PRETRAIN_OUTPUTS, CONFIG_FILE, RUN_FILE, LOG_DIR]
     unowned = [p.name for p in out.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in owned)]
     assert unowned == [], "everything the run wrote is the stage's own (so --force replaces it)"
 

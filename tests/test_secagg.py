@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from common import SECAGG_STAGES
 from fedhubert.fl.config import FederationConfig
 from fedhubert.fl.runtime.federation import run_flower_app
 from fedhubert.model.checkpoint import load_checkpoint
@@ -24,7 +25,6 @@ FAST = {
         "data": {"min_seconds": 1, "max_seconds": 3, "batch_seconds": 12},
     }
 }
-SECAGG_STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
 
 
 def run_app(partition: Path, kmeans: Path, out: Path, **keys: object) -> dict:
