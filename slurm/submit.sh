@@ -17,7 +17,8 @@
 #   FEDHUBERT_MEM         memory per node: 64G (pretrain, distill, multinode: 256G)
 #   FEDHUBERT_GPUS        GPUs per node (pretrain, distill: 4; evaluate: 1); per task for multinode (1); 0 = none
 #                         TYPE:N asks for a GPU type, e.g. h100:4 (--gpus-per-node=h100:4)
-#   FEDHUBERT_NODES, FEDHUBERT_TASKS   multinode: nodes (2) and tasks = clients (8)
+#   FEDHUBERT_NODES, FEDHUBERT_TASKS   multinode: nodes (2) and tasks = clients (8), or with
+#                         FEDHUBERT_VIRTUAL_CLIENTS=1 tasks = SuperNodes serving all the clients
 #   FEDHUBERT_CLIENTS     kmeans: clients in the partition (default: read from PARTITION/partition.json)
 #   FEDHUBERT_FEATURES    kmeans: feature cache (default: OUT.features, beside OUT)
 #   FEDHUBERT_LOGS        where Slurm writes job output (default: logs/slurm in the checkout)
@@ -26,8 +27,8 @@
 #   FEDHUBERT_VENV        fedhubert's venv (default: .venv in the checkout), here and in the jobs
 #   FEDHUBERT_MAX_REQUEUES  pretrain, distill, kmeans: how often a job stopped at its time limit requeues itself
 #                         to continue the run (default 5; 0 = never)
-# The batch scripts also read FEDHUBERT_MODULES (slurm/env.sh) and, for multinode, FEDHUBERT_TLS_DIR and
-# FEDHUBERT_SUPERLINK_HOST (slurm/multinode.sbatch).
+# The batch scripts also read FEDHUBERT_MODULES (slurm/env.sh) and, for multinode, FEDHUBERT_TLS_DIR,
+# FEDHUBERT_SUPERLINK_HOST and FEDHUBERT_VIRTUAL_CLIENTS (slurm/multinode.sbatch).
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")

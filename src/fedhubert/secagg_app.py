@@ -126,7 +126,7 @@ class PretrainClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: Mapping) -> tuple[list[np.ndarray], int, Metrics]:
         cfg, out = settings(self.context.run_config)
-        place = client_place(cfg, out, self.context)
+        place = client_place(cfg, out, self.context, int(self.context.node_config["partition-id"]), virtual=False)
         cfg = with_client_overrides(fitted(cfg, int(config["planned_updates"])), place)
         round_, num_classes = int(config["round"]), int(config["num_classes"])
         info = {"num_classes": num_classes, "label_rate": int(config["label_rate"]), "local_head": False}

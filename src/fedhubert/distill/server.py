@@ -17,7 +17,7 @@ from fedhubert.distill.objective import Distillation
 from fedhubert.fl.local import planned_local_steps
 from fedhubert.fl.rounds import RoundTask
 from fedhubert.fl.tasks import ServerRun
-from fedhubert.fl.training import held_out_evaluator, label_heads, read_task_inputs, serve_rounds
+from fedhubert.fl.training import client_seconds, held_out_evaluator, label_heads, read_task_inputs, serve_rounds
 from fedhubert.manifest import file_sha256
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.student import LABEL_HEAD_KEYS, init_from_teacher
@@ -94,6 +94,7 @@ def serve_distill(grid: Grid, run: ServerRun) -> dict:
         local_steps=planned_local_steps(cfg, num_clients),
         default_lr=DISTILL_LR_SHARE * PRESET_LR[teacher_cfg.preset],
         checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
+        client_seconds=client_seconds(partition),
     )
     details = {"teacher_parameters": teacher_params, "student_parameters": student_params, "pred_layers": layers}
     return serve_rounds(grid, run, cfg, task, num_clients, details)

@@ -34,12 +34,29 @@ class FederationConfig:
     connect_timeout_s: float = param(
         300.0, "give up when not every client's SuperNode has connected after this many seconds", gt=0
     )
+    virtual_clients: bool | None = param(
+        None,
+        "SuperNodes serve any client of the partition, each message naming its client (every node reads every "
+        "client's data: a simulation, or a cluster with shared storage); false: each SuperNode is one client, its "
+        "partition-id, as in a real federation; null: true in simulation, false against a SuperLink",
+    )
+    supernodes: int | None = param(
+        None,
+        "with virtual clients, the pool of SuperNodes serving the partition's clients: in simulation how many are "
+        "started (null: twice the clients that train at once, at most the partition's clients); against a SuperLink "
+        "how many to wait for before the first round (null: the first to connect and any that join within 1 s)",
+        ge=1,
+    )
     app: Path | None = param(
         None,
         "a Flower app folder to run instead of fedhubert's own (its pyproject.toml names the ServerApp and "
         "ClientApp, which may wrap fedhubert's, e.g. a customised client, and declares the run config keys "
         "task, config, out, resume, threads and managed); null: fedhubert's",
     )
+
+    def virtual(self) -> bool:
+        """Whether messages name their client (`virtual_clients`, resolved for a simulation or a SuperLink)."""
+        return self.superlink is None if self.virtual_clients is None else self.virtual_clients
 
 
 @dataclass
@@ -129,6 +146,12 @@ class RoundsConfig:
     eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
     round_timeout_s: float = param(3600.0, "stop waiting for a round's replies after this many seconds", gt=0)
+    valid_seconds: float = param(
+        120.0,
+        "each client validates on at most this many seconds of its validation split after training (the same "
+        "utterances every round); 0: no client validation",
+        ge=0,
+    )
     train: TrainConfig = param(TrainConfig(), "each client's local trainer (its optim.lr is the client learning rate)")
     strategy: StrategyConfig = param(StrategyConfig(), "server aggregation")
     federation: FederationConfig = param(FederationConfig(), "how the clients are reached")

@@ -28,6 +28,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from fedhubert.atomic import atomic_write_bytes
 from fedhubert.config import layer_file
 from fedhubert.fl.config import RoundsConfig
+from fedhubert.fl.nodes import served_client
 from fedhubert.fl.place import ClientPlace
 from fedhubert.train.data import LabelRate, load_utterances
 
@@ -38,17 +39,22 @@ _HEAD = re.compile(r"head_round_(\d+)\.pt")
 CLIENT_KEYS = ("local_steps", "train")
 
 
-def client_place(cfg: RoundsConfig, out: Path, context: Context, with_labels: bool = True) -> ClientPlace:
-    """Where this node's data is: the run's paths, unless its node config says otherwise (deployments:
-    `partition-dir`, `kmeans-dir`, `work-dir`)."""
+def client_place(
+    cfg: RoundsConfig, out: Path, context: Context, index: int, virtual: bool, with_labels: bool = True
+) -> ClientPlace:
+    """Where client `index`'s data is: the run's paths, unless the node config says otherwise (deployments:
+    `partition-dir`, `kmeans-dir`, and `work-dir`, which is the client's own folder, or with virtual clients the
+    folder that holds every served client's `client_<i>`)."""
     node = context.node_config
-    index = int(node["partition-id"])
     kmeans = node.get("kmeans-dir", cfg.kmeans) if with_labels else None
+    work = out / "clients" / f"client_{index}"
+    if "work-dir" in node:
+        work = Path(str(node["work-dir"])) / (f"client_{index}" if virtual else "")
     return ClientPlace(
         index=index,
         partition=Path(str(node.get("partition-dir", cfg.partition))),
         kmeans=Path(str(kmeans)) if kmeans else None,
-        work=Path(str(node.get("work-dir", out / "clients" / f"client_{index}"))),
+        work=work,
     )
 
 
@@ -86,7 +92,9 @@ class _Parse:
     data: Any = dataclasses.field(compare=False)
 
 
-@functools.lru_cache(maxsize=8)
+# Parsed manifests and labels kept per client process: enough for every client of a LibriSpeech-scale study (a
+# 25-minute speaker's labels are ~300 KB as int16, so 2,048 of them ~600 MB at most; the synthetic ones far less).
+@functools.lru_cache(maxsize=2048)
 def _parsed(parse: _Parse) -> list:
     return load_utterances([parse.pair], parse.num_classes, parse.data, parse.rate)
 
@@ -208,10 +216,67 @@ def train_locally(
     return LocalTraining(metrics, train_utts, cap, time.perf_counter() - started)
 
 
+# The round's scalars that change from round to round or client to client: not part of what a LocalTask is built for.
+_PER_ROUND = ("round", "global_step", "client", "clip_norm", "noise_multiplier", "sampled", "threads")
+
+
+@dataclass
+class _Built:
+    task: LocalTask
+    initial: dict[str, torch.Tensor]  # the built model's values of what the server does not send (a new head)
+
+
+_BUILT: dict[str, _Built] = {}
+_BUILT_MAX = 2  # models kept per client process (client overrides of the trainer make more than one)
+
+
+def reused_task(cfg: RoundsConfig, info, context: Context, build, received: set[str]) -> tuple[LocalTask, dict]:
+    """The LocalTask `build(cfg, info, context)` gives, built once per client process and reused by every client
+    and round it serves (a HuBERT Base takes seconds to build), with the built model's values of the keys not in
+    `received` (so that a client without a head of its own starts from the initial one, as a fresh build would).
+    Kept by everything the build depends on: the config, the round's task scalars and the node config."""
+    from fedhubert.config import config_to_dict
+
+    key = repr(
+        (
+            getattr(build, "__qualname__", repr(build)),
+            config_to_dict(cfg),
+            sorted((k, info[k]) for k in info if k not in _PER_ROUND),
+            sorted(context.node_config.items()),
+            sorted(received),
+        )
+    )
+    built = _BUILT.pop(key, None)
+    if built is None:
+        task = build(cfg, info, context)
+        initial = {k: v.detach().clone() for k, v in task.model.state_dict().items() if k not in received}
+        built = _Built(task, initial)
+        while len(_BUILT) >= _BUILT_MAX:
+            _BUILT.pop(next(iter(_BUILT)))
+    else:
+        for parameter in built.task.model.parameters():
+            parameter.grad = None
+    _BUILT[key] = built
+    return built.task, built.initial
+
+
+def validation_subset(utts: list, seconds: float) -> list:
+    """The first utterances of a client's validation split, up to `seconds` of audio (at least one): the same ones
+    every round, so the client's validation curve stays comparable and its cost bounded."""
+    kept, total = [], 0.0
+    for utt in utts:
+        if kept and total + utt.num_samples / 16000 > seconds:
+            break
+        kept.append(utt)
+        total += utt.num_samples / 16000
+    return kept
+
+
 def local_round(message: Message, context: Context, config_cls: type, build) -> Message:
     """One round of local training: from the received weights (and this client's own head), `local_steps`
-    updates on this client's data, a validation pass, and the reply with the shared weights and the metrics.
-    `build(cfg, info, context)` gives the task's LocalTask."""
+    updates on this client's data, a validation pass on at most `valid_seconds` of its validation split, and the
+    reply with the shared weights and the metrics. `build(cfg, info, context)` gives the task's LocalTask, built
+    once per client process (`reused_task`)."""
     import logging
 
     from fedhubert.fl.privacy import privatise_change
@@ -226,15 +291,15 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     cfg = config_from_record(config_cls, message.content["config"])
     if int(info["threads"]) > 0:
         torch.set_num_threads(int(info["threads"]))
-    place = client_place(cfg, out, context, with_labels=cfg.kmeans is not None)
+    index, virtual = served_client(message, context, "round")
+    place = client_place(cfg, out, context, index, virtual, with_labels=cfg.kmeans is not None)
     cfg = with_client_overrides(cfg, place)
-    task: LocalTask = build(cfg, info, context)
+    received = decode(message.content["arrays"], cfg.transfer)
+    task, initial = reused_task(cfg, info, context, build, set(received))
     if not task.with_labels:
         place = dataclasses.replace(place, kmeans=None)
     model = task.model
-    state = model.state_dict()
-    received = decode(message.content["arrays"], cfg.transfer)
-    state.update(received)
+    state = {**initial, **received}
     if task.head_keys:
         head = latest_head(place.work, round_ - 1)
         if head is not None:
@@ -249,8 +314,10 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     trained = train_locally(model, task, cfg, place, round_, int(info["global_step"]), device, progress)
     train_utts, cap, seconds = trained.utterances, trained.batch_cap, trained.seconds
     metrics = dict(trained.metrics)
-    if place.has("valid"):
-        valid_utts = utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data)
+    if cfg.valid_seconds > 0 and place.has("valid"):
+        valid_utts = validation_subset(
+            utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data), cfg.valid_seconds
+        )
         valid = evaluate(
             model,
             batch_loader(valid_utts, task.rate, cfg.train.data, cfg.seed + 1, cap),

@@ -1,13 +1,25 @@
-"""Waiting for the clients' SuperNodes and learning which client each is: the server says what it waits for, and
-for how long, instead of sitting silent (a simulation with fewer SuperNodes than the partition has clients would
-otherwise wait until its timeout), and a node config that does not fit the partition is named."""
+"""Which SuperNode serves which client.
+
+Two ways (`federation.virtual_clients`):
+- Virtual clients (simulation, or a cluster with shared storage): a pool of SuperNodes serves every client of the
+  partition; each message names its client. A round's clients go to the nodes longest first, each to the node
+  with the least audio so far (greedy LPT scheduling, as pfl-research schedules users onto workers), and are
+  dispatched in that order, so that no node, and in simulation no worker, straggles with the longest clients at the
+  end. The pool is read again every round: a node that joins serves the next round, one that left is not used.
+- One SuperNode per client (a real federation): each node is the client of its node config's `partition-id`,
+  learned once by asking every node (`identify_clients`).
+The server says what it waits for, and for how long, instead of sitting silent, and a node config that does not
+fit the partition is named."""
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedhubert.errors import FedhubertError
@@ -21,30 +33,37 @@ class ClientsMissing(FedhubertError):
 
 def waiting_message(needed: int, connected: int) -> str:
     return (
-        f"waiting for {needed} clients, {connected} connected: a simulation needs one SuperNode per client of the "
-        f'partition (flwr run ... --federation-config "num-supernodes={needed}"); a deployment needs a SuperNode for '
-        f"each partition-id 0..{needed - 1}"
+        f"waiting for {needed} clients, {connected} connected: without virtual clients a simulation needs one "
+        f'SuperNode per client of the partition (flwr run ... --federation-config "num-supernodes={needed}"); a '
+        f"deployment needs a SuperNode for each partition-id 0..{needed - 1}"
     )
 
 
-def wait_for_clients(grid: Grid, needed: int, wait_s: float, *, every_s: float = 10.0) -> list[int]:
-    """The connected node ids, once at least `needed` are connected. Says within 2 s, and then every `every_s`,
-    how many are; after `wait_s` (federation.connect_timeout_s) gives up with that message."""
+def wait_for_clients(
+    grid: Grid, needed: int, wait_s: float, *, every_s: float = 10.0, what: str | None = None
+) -> list[int]:
+    """The connected node ids, once at least `needed` are connected (`what`: of a pool of virtual clients' nodes;
+    None: the clients' own). Says within 2 s, and then every `every_s`, how many are; after `wait_s`
+    (federation.connect_timeout_s) gives up with that message."""
     start = time.monotonic()
     said = None
+
+    def waiting(connected: int) -> str:
+        if what is None:
+            return waiting_message(needed, connected)
+        return f"waiting for {needed} {what}, {connected} connected (federation.supernodes)"
+
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= needed:
             if said is not None:
-                log.info("all %d clients connected after %.0f s", needed, time.monotonic() - start)
+                log.info("all %d %s connected after %.0f s", needed, what or "clients", time.monotonic() - start)
             return nodes
         waited = time.monotonic() - start
         if waited > wait_s:
-            raise ClientsMissing(
-                f"gave up after {wait_s:.0f} s (federation.connect_timeout_s): {waiting_message(needed, len(nodes))}"
-            )
+            raise ClientsMissing(f"gave up after {wait_s:.0f} s (federation.connect_timeout_s): {waiting(len(nodes))}")
         if (said is None and waited >= 2.0) or (said is not None and waited - said >= every_s):
-            log.warning("%s; giving up in %.0f s", waiting_message(needed, len(nodes)), wait_s - waited)
+            log.warning("%s; giving up in %.0f s", waiting(len(nodes)), wait_s - waited)
             said = waited
         time.sleep(0.5)
 
@@ -94,3 +113,76 @@ def identify_clients(grid: Grid, needed: int, wait_s: float, timeout_s: float | 
     if missing:
         raise NodesMisconfigured(f"no node is client(s) {missing}: check the SuperNodes' partition-id")
     return mapping
+
+
+@dataclass
+class ClientNodes:
+    """The nodes that serve a run's clients: a pool that serves any client (`virtual`), or one node per client
+    (`mapping`: partition id -> node id)."""
+
+    grid: Grid
+    virtual: bool
+    mapping: dict[int, int]
+
+    def pool(self) -> list[int]:
+        """The nodes connected now (virtual clients)."""
+        return sorted(self.grid.get_node_ids())
+
+    def describe(self, num_clients: int) -> str:
+        if self.virtual:
+            return f"{num_clients} clients served by a pool of {len(self.pool())} SuperNode(s)"
+        return f"{num_clients} clients, one SuperNode each"
+
+    def assign(self, clients: Sequence[int], seconds: Mapping[int, float] | Sequence[float]) -> list[tuple[int, int]]:
+        """(client, node) for each of `clients`, in the order to dispatch them. Virtual: longest first (by
+        `seconds`, the client's audio), each to the pool's node with the least audio so far; else each client's own
+        node, in client order."""
+        if not self.virtual:
+            return [(client, self.mapping[client]) for client in sorted(clients)]
+        nodes = self.pool()
+        if not nodes:
+            raise ClientsMissing("no SuperNode is connected to serve the round's clients")
+        load = [(0.0, rank, node) for rank, node in enumerate(nodes)]
+        plan = []
+        for client in sorted(clients, key=lambda c: (-float(seconds[c]), c)):
+            total, rank, node = heapq.heappop(load)
+            plan.append((client, node))
+            heapq.heappush(load, (total + float(seconds[client]), rank, node))
+        return plan
+
+
+def connect_clients(
+    grid: Grid,
+    num_clients: int,
+    virtual: bool,
+    wait_s: float,
+    timeout_s: float | None,
+    *,
+    pool: int | None = None,
+    settle_s: float = 1.0,
+) -> ClientNodes:
+    """The run's ClientNodes. Virtual: once `pool` nodes (at most one per client) are connected
+    (`federation.supernodes`), or without it
+    once at least one is and no other has joined for `settle_s` (a simulation registers its whole pool at once);
+    else every client's node (`identify_clients`)."""
+    if not virtual:
+        return ClientNodes(grid, False, identify_clients(grid, num_clients, wait_s, timeout_s))
+    nodes = wait_for_clients(grid, min(pool or 1, num_clients), wait_s, what="SuperNodes of the pool")
+    while pool is None:
+        time.sleep(settle_s)
+        now = sorted(grid.get_node_ids())
+        if len(now) == len(nodes):
+            break
+        nodes = now
+    found = ClientNodes(grid, True, {})
+    log.info("%s", found.describe(num_clients))
+    return found
+
+
+def served_client(message: Message, context: Context, record: str) -> tuple[int, bool]:
+    """Which client a message is for, and whether it named it: the client its `record` names (virtual clients:
+    any node serves any client), else the node's own `partition-id`."""
+    info = message.content[record]
+    if "client" in info:
+        return int(info["client"]), True
+    return int(context.node_config["partition-id"]), False

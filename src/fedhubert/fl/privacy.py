@@ -260,12 +260,13 @@ class UpdateAudit:
         flat = torch.cat([change[k].reshape(-1).float() for k in self.keys])
         return flat[self.index].numpy()
 
-    def write(self, round_: int, changes: dict[int, dict[str, torch.Tensor]]) -> None:
+    def write(self, round_: int, coordinates: dict[int, np.ndarray]) -> None:
+        """One round's file from each client's `coordinates` (taken from its change as it arrived)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        clients = sorted(changes)
+        clients = sorted(coordinates)
         with (self.folder / f"round_{round_:05d}.npz").open("wb") as handle:
             np.savez(
                 handle,
                 clients=np.asarray(clients, dtype=np.int64),
-                changes=np.stack([self.coordinates(changes[c]) for c in clients]),
+                changes=np.stack([coordinates[c] for c in clients]),
             )

@@ -1,14 +1,16 @@
 """The server's round loop for federated training tasks (pretraining, distillation).
 
 Each round: sample clients by partition id (seeded by the round, so a resumed run samples the same clients),
-send the shared weights and the config, take the replies that pass the checks (no error, the expected
-parameters and shapes, finite values), aggregate them in client order with a Flower strategy, log per-client and
-aggregated metrics, evaluate on the server every `evaluate_every` rounds, and checkpoint every
-`checkpoint_every` rounds and after the last. A failed client is logged and left out; a round with fewer replies
-than `strategy.min_clients` stops the run with an error, after making sure the last completed round is
-checkpointed. A `STOP` file in the run folder (written by the stage's command on SIGTERM) ends the run after the
-current round, checkpointed. `resume` continues from the newest readable checkpoint (a corrupt one is skipped with
-a warning; none at all is an error).
+send the shared weights and the config to the nodes that serve them (`fedhubert.fl.nodes`: with virtual clients
+each message names its client), take each reply as it arrives (`fedhubert.fl.exchange`), and fold the ones that
+pass the checks (no error, the expected parameters and shapes, finite values) into a running weighted mean
+(`fedhubert.fl.aggregation`: the server holds a few model copies whatever the number of replies), to which the
+Flower strategy's server update is applied; log per-client and aggregated metrics, evaluate on the server every
+`evaluate_every` rounds, and checkpoint every `checkpoint_every` rounds and after the last. A failed client is
+logged and left out; a round with fewer replies than `strategy.min_clients` stops the run with an error, after
+making sure the last completed round is checkpointed. A `STOP` file in the run folder (written by the stage's
+command on SIGTERM) ends the run after the current round, checkpointed. `resume` continues from the newest
+readable checkpoint (a corrupt one is skipped with a warning; none at all is an error).
 
 The clients get the config with the learning-rate schedule fitted to the run (`fedhubert.train.schedule`). With
 `transfer=bfloat16` the server sends its weights rounded to bfloat16 and the clients reply with their change
@@ -26,7 +28,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,15 +41,15 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
+from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
 from fedhubert.fl.config import RoundsConfig
-from fedhubert.fl.nodes import identify_clients
+from fedhubert.fl.exchange import exchange
+from fedhubert.fl.nodes import ClientNodes, connect_clients
 from fedhubert.fl.privacy import (
     Accountant,
     ClipBound,
-    RoundPrivacy,
     UpdateAudit,
     check_settings,
-    privatise_change,
     update_noise_multiplier,
     update_norm,
 )
@@ -90,6 +92,8 @@ class RoundTask:
     local_steps: int | None = None  # the most updates any client runs a round (client overrides); None: the config's
     default_lr: float = 5e-4  # the client learning rate where train.optim.lr is null (the model preset's)
     checkpoint_extra: Callable[[int], dict] = field(default=lambda round_: {})
+    # Each client's audio in seconds, by partition id: a round's clients go to the nodes longest first.
+    client_seconds: Sequence[float] = ()
 
 
 def stop_requested(out: Path) -> str | None:
@@ -149,6 +153,7 @@ class FederatedRun:
         )
         self.privacy = cfg.privacy
         self.audit: UpdateAudit | None = None
+        self.clients: ClientNodes | None = None
         self.sampled = cfg.strategy.sample_size(num_clients)
         check_settings(self.privacy, num_clients, self.sampled)
         self.clip = ClipBound(self.privacy, self.sampled) if self.privacy.mode != "none" else None
@@ -217,102 +222,96 @@ class FederatedRun:
         rng = np.random.default_rng([self.cfg.seed, round_])
         return sorted(int(c) for c in rng.choice(self.num_clients, size=self.sampled, replace=False))
 
-    def _privatise(
-        self,
-        accepted: dict[int, tuple[dict, MetricRecord]],
-        reference: dict[str, torch.Tensor],
-        round_: int,
-        sampled: int,
-    ) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[str, float]]:
-        """The round's privacy step (fedhubert.fl.privacy). Mode server: each client's change clipped to clip_norm and
-        its share of the noise added here; mode client: the clients did both. Returns the replies to aggregate and
-        the round's record."""
-        clip, replied = self.clip.value, len(accepted)
-        private, norms, clipped = {}, [], []
-        for client, (tensors, metrics) in sorted(accepted.items()):
-            change = {k: tensors[k] - reference[k] for k in reference}
-            if self.privacy.mode == "server":
-                change, norm, was_clipped = privatise_change(
-                    change,
-                    clip,
-                    self.update_noise,
-                    replied,
-                    self.cfg.seed,
-                    round_,
-                    client,
-                    self.privacy.per_layer_clipping,
-                    norm=float(metrics["received_norm"]),  # the norm of this change, from _check
-                )
-                extra = {"update_norm": norm, "clipped": int(was_clipped)}
-            else:
-                norm, was_clipped, extra = float(metrics["update_norm"]), bool(metrics["clipped"]), {}
-            norms.append(norm)
-            clipped.append(was_clipped)
-            record = MetricRecord({**dict(metrics), **extra})
-            private[client] = ({k: reference[k] + change[k] for k in change}, record)
-        # The noise on the mean: m shares of std z C / sqrt(m) summed, over the k replies (k = m in mode server).
-        shares = replied if self.privacy.mode == "server" else sampled
-        report = RoundPrivacy(
-            clip_norm=clip,
-            clipped_fraction=sum(clipped) / replied,
-            update_norm_median=float(np.median(norms)),
-            update_norm_max=max(norms),
-            noise_std=self.update_noise * clip * math.sqrt(replied / shares) / replied,
-        )
-        record = report.record()
-        if self.privacy.adaptive_clipping:
-            record["privacy_unclipped_share_noised"] = self.clip.update(
-                [n > clip for n in norms], self.cfg.seed, round_
+    def _round(
+        self, round_: int, arrays: dict[str, torch.Tensor], global_step: int
+    ) -> tuple[StreamingMean, dict[int, dict], dict[int, str], int, int]:
+        """Send the round's clients the weights and fold each reply into a StreamingMean as it arrives. Returns it,
+        the accepted clients' metrics, the failed clients with the reason, how many were sampled and how many nodes
+        served them."""
+        chosen = self._sample(round_)
+        plan = self.clients.assign(chosen, self.task.client_seconds)
+        payload = encode(arrays, self.cfg.transfer)
+        config = config_to_record(self.sent_cfg)
+        outgoing = []
+        for client, node in plan:
+            info = self._round_info(round_, global_step, client)
+            message = Message(
+                RecordDict({"arrays": payload, "config": config, "round": info}),
+                dst_node_id=node,
+                message_type=self.task.message_type,
+                group_id=str(round_),
             )
-            record["privacy_next_clip_norm"] = self.clip.value
-        return private, record
+            self.messages.record("to_client", message, round_, client)
+            outgoing.append((client, message))
+        stream = StreamingMean(
+            arrays,
+            self.privacy,
+            clip=self.clip.value if self.clip is not None else None,
+            noise_multiplier=self.update_noise,
+            seed=self.cfg.seed,
+            round_=round_,
+            audit=self.audit,
+        )
+        accepted: dict[int, dict] = {}
+        failed: dict[int, str] = {}
 
-    # ------------------------------------------------------------------------------------------- a round
-    def _check(
-        self,
-        replies: list[Message],
-        chosen: list[int],
-        nodes: dict[int, int],
-        round_: int,
-        reference: dict[str, torch.Tensor],
-    ) -> tuple[dict[int, tuple[dict, MetricRecord]], dict[int, str]]:
-        by_node = {node: client for client, node in nodes.items()}
-        accepted, failed = {}, {}
-        for reply in replies:
-            client = by_node.get(reply.metadata.src_node_id, -1)
+        def take(client: int, reply: Message) -> None:
             self.messages.record("from_client", reply, round_, client)
             if reply.has_error():
                 failed[client] = f"client error: {reply.error.reason}"
-                continue
+                return
             try:
                 if "arrays" not in reply.content or "metrics" not in reply.content:
                     raise WeightsError("reply lacks 'arrays' or 'metrics'")
                 if self.privacy.mode == "client" and "update_norm" not in reply.content["metrics"]:
                     raise WeightsError("no update_norm: the client did not clip its update (privacy.mode=client)")
                 tensors = decode(reply.content["arrays"], self.cfg.transfer)
-                check_update(tensors, reference, self.task.shared_keys)
-                if self.cfg.transfer == "bfloat16":  # a change against what was sent: rebuild the weights
-                    tensors = {k: reference[k] + tensors[k] for k in tensors}
+                check_update(tensors, arrays, self.task.shared_keys)
             except WeightsError as err:
                 failed[client] = f"rejected update: {err}"
-                continue
+                return
+            if self.cfg.transfer == "float32":  # weights: the change against what was sent
+                tensors = {k: tensors[k] - arrays[k] for k in arrays}
             # What the server can see of each client: the length of its change (what clip_norm is chosen from).
-            received = update_norm({k: tensors[k] - reference[k] for k in reference})
-            accepted[client] = (tensors, MetricRecord({**dict(reply.content["metrics"]), "received_norm": received}))
-        for client in chosen:
-            if client not in accepted and client not in failed:
-                failed[client] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
+            received = update_norm(tensors)
+            metrics = {**dict(reply.content["metrics"]), "received_norm": received}
+            metrics.update(stream.add(client, tensors, metrics, received))
+            accepted[client] = metrics
+
+        missing = exchange(
+            self.grid,
+            outgoing,
+            take,
+            timeout_s=self.cfg.round_timeout_s,
+            label=f"round {round_}",
+        )
+        for client in missing:
+            failed[client] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
         for client, reason in sorted(failed.items()):
             log.warning("round %d: client %d left out: %s", round_, client, reason)
             self.records.write({"kind": "failure", "round": round_, "client": client, "reason": reason})
-        return accepted, failed
+        return stream, accepted, failed, len(chosen), len({node for _, node in plan})
 
-    def _round_info(self, round_: int, global_step: int, sampled: int) -> ConfigRecord:
+    def _privacy_row(self, stream: StreamingMean, round_: int, sampled: int) -> dict[str, float]:
+        """The round's privacy record (fedhubert.fl.privacy); adaptive clipping moves the bound here."""
+        if self.privacy.mode == "none":
+            return {}
+        clip = self.clip.value
+        record = stream.privacy_report(sampled).record()
+        if self.privacy.adaptive_clipping:
+            record["privacy_unclipped_share_noised"] = self.clip.update(
+                [n > clip for n in stream.norms], self.cfg.seed, round_
+            )
+            record["privacy_next_clip_norm"] = self.clip.value
+        return record
+
+    def _round_info(self, round_: int, global_step: int, client: int) -> ConfigRecord:
         return ConfigRecord(
             {
                 "round": round_,
                 "global_step": global_step,
-                "sampled": sampled,
+                "sampled": self.sampled,
+                **({"client": client} if self.clients.virtual else {}),
                 **(
                     {"clip_norm": self.clip.value, "noise_multiplier": self.update_noise}
                     if self.privacy.mode == "client"
@@ -384,9 +383,16 @@ class FederatedRun:
         start, global_step, state = self._restore()
         arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
         self.task.state.update(state)
-        nodes = identify_clients(
-            self.grid, self.num_clients, self.cfg.federation.connect_timeout_s, self.cfg.round_timeout_s
+        self.clients = connect_clients(
+            self.grid,
+            self.num_clients,
+            self.cfg.federation.virtual(),
+            self.cfg.federation.connect_timeout_s,
+            self.cfg.round_timeout_s,
+            pool=self.cfg.federation.supernodes,
         )
+        if self.privacy.audit_coordinates:
+            self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
         started = time.monotonic()
         clock = RoundClock(start + 1, self.cfg.num_rounds)
         stopped, stop_reason = None, None
@@ -411,66 +417,48 @@ class FederatedRun:
                 )
                 stopped, stop_reason = round_ - 1, "privacy budget"
                 break
-            chosen = self._sample(round_)
-            self.strategy.begin_round(encode(arrays, "float32"))
-            payload = encode(arrays, self.cfg.transfer)
-            outgoing = []
-            for client in chosen:
-                message = Message(
-                    RecordDict(
-                        {
-                            "arrays": payload,
-                            "config": config_to_record(self.sent_cfg),
-                            "round": self._round_info(round_, global_step, len(chosen)),
-                        }
-                    ),
-                    dst_node_id=nodes[client],
-                    message_type=self.task.message_type,
-                    group_id=str(round_),
-                )
-                self.messages.record("to_client", message, round_, client)
-                outgoing.append(message)
             round_started = time.monotonic()
-            replies = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout_s))
-            accepted, failed = self._check(replies, chosen, nodes, round_, arrays)
+            stream, accepted, failed, sampled, served_by = self._round(round_, arrays, global_step)
             if len(accepted) < self.min_required:
                 if self.saved_round < round_ - 1:
                     self._checkpoint(round_checkpoint(self.out, round_ - 1), round_ - 1, global_step, arrays)
                 raise RoundError(
-                    f"round {round_}: {len(accepted)} of {len(chosen)} clients replied usable updates, fewer than "
+                    f"round {round_}: {len(accepted)} of {sampled} clients replied usable updates, fewer than "
                     f"strategy.min_clients={self.min_required} "
-                    f"({'; '.join(f'client {c}: {r}' for c, r in failed.items())}). "
+                    f"({'; '.join(f'client {c}: {r}' for c, r in sorted(failed.items()))}). "
                     f"The state after round {round_ - 1} is checkpointed; fix the clients and continue with --resume"
                 )
-            if self.privacy.audit_coordinates:
-                if self.audit is None:
-                    self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
-                self.audit.write(round_, {c: {k: t[k] - arrays[k] for k in arrays} for c, (t, _) in accepted.items()})
-            privacy_row: dict[str, float] = {}
-            if self.privacy.mode != "none":
-                accepted, privacy_row = self._privatise(accepted, arrays, round_, len(chosen))
-            # Equal weights under privacy: weighting by examples would let one client's weight exceed the bound.
-            weigh = (lambda m: MetricRecord({**dict(m), "num-examples": 1})) if privacy_row else (lambda m: m)
-            ordered = [
-                Message(
-                    RecordDict({"arrays": encode(t, "float32"), "metrics": weigh(m)}),
-                    dst_node_id=0,
-                    message_type="train",
-                )
-                for _, (t, m) in sorted(accepted.items())
-            ]
-            new, aggregated = self.strategy.aggregate(round_, ordered, {k: np.dtype(np.float32) for k in arrays})
+            if self.audit is not None:
+                self.audit.write(round_, stream.audited)
+            privacy_row = self._privacy_row(stream, round_, sampled)
+            aggregate = stream.result()
+            del stream
+            mean = {k: arrays[k] + aggregate.change[k] for k in arrays}
+            self.strategy.begin_round(encode(arrays, "float32"))
+            new, _ = self.strategy.aggregate(
+                round_,
+                [
+                    Message(
+                        RecordDict({"arrays": encode(mean, "float32"), "metrics": MetricRecord({WEIGHT_KEY: 1.0})}),
+                        dst_node_id=0,
+                        message_type="train",
+                    )
+                ],
+                {k: np.dtype(np.float32) for k in arrays},
+            )
+            del mean
             new_arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
-            step_stats = server_step(arrays, new_arrays, [(t, float(m["num-examples"])) for t, m in accepted.values()])
+            del new
+            step_stats = server_step(arrays, new_arrays, aggregate.change)
             arrays = new_arrays
             if self.accountant is not None:
                 # Mode client: only the clients that replied added their noise shares.
                 shares = len(accepted) if self.privacy.mode == "client" else None
                 epsilon = self.accountant.spend_round(shares)
                 privacy_row.update(privacy_epsilon=epsilon, privacy_delta=self.privacy.delta)
-            global_step += max(int(m.get("train_steps", self.cfg.local_steps)) for _, m in accepted.values())
-            for _client, (_, metrics) in sorted(accepted.items()):  # metrics carry the client's index
-                self.records.write({"kind": "client", "round": round_, **dict(metrics)})
+            global_step += max(int(m.get("train_steps", self.cfg.local_steps)) for m in accepted.values())
+            for _client, metrics in sorted(accepted.items()):  # metrics carry the client's index
+                self.records.write({"kind": "client", "round": round_, **metrics})
             row = {
                 "kind": "train",
                 "round": round_,
@@ -482,18 +470,20 @@ class FederatedRun:
                 **privacy_row,
                 **{
                     k: v
-                    for k, v in dict(aggregated).items()
+                    for k, v in aggregate.metrics.items()
                     if k not in ("client", "update_norm", "clipped", "received_norm")
                 },
             }
             self.records.write(row)
             log.info(
-                "round %d/%d (%s): %d clients, %s",
+                "round %d/%d (%s): %d of %d clients on %d node(s), %s",
                 round_,
                 self.cfg.num_rounds,
                 clock.status(round_),
                 len(accepted),
-                _brief({**dict(aggregated), **step_stats, **privacy_row}),
+                sampled,
+                served_by,
+                _brief({**aggregate.metrics, **step_stats, **privacy_row}),
             )
             if self.task.evaluate is not None and (
                 round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds
@@ -545,16 +535,15 @@ class FederatedRun:
 
 
 def server_step(
-    sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor], clients: list[tuple[dict[str, torch.Tensor], float]]
+    sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor], mean_change: dict[str, torch.Tensor]
 ) -> dict[str, float]:
-    """How the server's step (new - sent) compares with the clients' mean change (weighted by their examples, the
-    step FedAvg would take): both norms, their ratio and the cosine between them. FedAvg gives ratio 1, cosine 1;
+    """How the server's step (new - sent) compares with the clients' mean change (with the aggregation's weights:
+    the step FedAvg takes): both norms, their ratio and the cosine between them. FedAvg gives ratio 1, cosine 1;
     a server optimizer far from that is not following its clients."""
-    total = sum(weight for _, weight in clients) or 1.0
     step_sq = mean_sq = dot = 0.0
     for key, before in sent.items():
         step = (new[key] - before).double()
-        mean = sum((t[key] - before).double() * (weight / total) for t, weight in clients)
+        mean = mean_change[key].double()
         step_sq += float((step * step).sum())
         mean_sq += float((mean * mean).sum())
         dot += float((step * mean).sum())

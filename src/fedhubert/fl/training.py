@@ -51,6 +51,14 @@ def read_task_inputs(cfg: RoundsConfig, path_keys: Sequence[str], with_kmeans: b
     return partition, kmeans
 
 
+def client_seconds(partition: dict) -> list[float]:
+    """Each client's audio in seconds (training and validation splits), by partition id, from partition.json."""
+    return [
+        3600.0 * (float(c["hours"]["train"]) + float(c["hours"]["valid"]))
+        for c in sorted(partition["clients"], key=lambda c: int(c["client"]))
+    ]
+
+
 def held_out_evaluator(
     cfg: RoundsConfig,
     model: torch.nn.Module,

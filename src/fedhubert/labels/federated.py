@@ -24,11 +24,13 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
-from fedhubert.fl.nodes import identify_clients
+from fedhubert.fl.exchange import exchange
+from fedhubert.fl.nodes import connect_clients, served_client
 from fedhubert.fl.place import ClientPlace
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
 from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
 from fedhubert.fl.tasks import FederatedTask, ServerRun
+from fedhubert.fl.training import client_seconds
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import FeatureSet, extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
@@ -62,7 +64,8 @@ def _client_setup(message: Message, context: Context) -> tuple[KMeansConfig, Cli
     run = message.content["run"]
     node = context.node_config
     out = Path(str(node.get("work-dir", run["out"])))
-    return cfg, client_place(cfg, out, int(node["partition-id"]), Path(str(node.get("partition-dir", cfg.partition))))
+    index, _ = served_client(message, context, "run")
+    return cfg, client_place(cfg, out, index, Path(str(node.get("partition-dir", cfg.partition))))
 
 
 def client_place(cfg: KMeansConfig, out: Path, index: int, partition: Path | None = None) -> ClientPlace:
@@ -170,43 +173,50 @@ def _manifest_hashes(place: ClientPlace) -> ConfigRecord:
 
 # ------------------------------------------------------------------------------------------------ server side
 class _Server:
-    def __init__(self, grid: Grid, cfg: KMeansConfig, out: Path, num_clients: int, timeout_s: float):
+    def __init__(self, grid: Grid, cfg: KMeansConfig, out: Path, partition: dict):
         self.grid = grid
         self.cfg = cfg
         self.out = out
-        self.num_clients = num_clients
+        self.num_clients = int(partition["num_clients"])
+        self.seconds = client_seconds(partition)
         self.messages = MessageLog(out / "messages.jsonl")
-        self.nodes = list(identify_clients(grid, num_clients, timeout_s, None).values())
+        federation = cfg.federation
+        self.clients = connect_clients(
+            grid, self.num_clients, federation.virtual(), federation.connect_timeout_s, None, pool=federation.supernodes
+        )
 
     def ask(self, action: str, round_: int | None = None, **records) -> dict[int, RecordDict]:
         """Send `action` with the config (and `records`) to every client; return the replies by client index."""
         outgoing = []
-        for node in self.nodes:
-            content = RecordDict(
-                {"config": config_to_record(self.cfg), "run": ConfigRecord({"out": str(self.out)}), **records}
-            )
+        config = config_to_record(self.cfg)
+        plan = self.clients.assign(range(self.num_clients), self.seconds)
+        for client, node in plan:
+            run = {"out": str(self.out), **({"client": client} if self.clients.virtual else {})}
+            content = RecordDict({"config": config, "run": ConfigRecord(run), **records})
             message = Message(
                 content,
                 dst_node_id=node,
                 message_type=f"query.{action}",
                 group_id=str(round_ if round_ is not None else action),
             )
-            self.messages.record("to_client", message, round_, None)
-            outgoing.append(message)
+            self.messages.record("to_client", message, round_, client)
+            outgoing.append((client, message))
         replies: dict[int, RecordDict] = {}
-        for reply in self.grid.send_and_receive(outgoing):
-            if reply.has_error():
-                self.messages.record("from_client", reply, round_, None)
-                raise KMeansError(
-                    f"client on node {reply.metadata.src_node_id} failed in {action}: {reply.error.reason}"
-                )
-            client = int(reply.content["metrics"]["client"])
+
+        def take(client: int, reply: Message) -> None:
             self.messages.record("from_client", reply, round_, client)
+            if reply.has_error():
+                raise KMeansError(
+                    f"client {client} (node {reply.metadata.src_node_id}) failed in {action}: {reply.error.reason}"
+                )
+            said = int(reply.content["metrics"]["client"])
+            if said != client:
+                raise KMeansError(f"{action}: the reply for client {client} came from client {said}")
             replies[client] = reply.content
-        if sorted(replies) != list(range(self.num_clients)):
-            raise KMeansError(
-                f"{action}: replies came from clients {sorted(replies)}, expected 0..{self.num_clients - 1}"
-            )
+
+        # A few messages in flight per node: Flower's simulation dispatcher scans every stored message for each node.
+        window = max(16, 4 * len({node for _, node in plan}))
+        exchange(self.grid, outgoing, take, timeout_s=None, label=f"k-means {action}", window=window)
         return replies
 
 
@@ -315,7 +325,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
 def serve_kmeans(grid: Grid, run: ServerRun) -> None:
     cfg, out = load_config(KMeansConfig, run.config), run.out
     partition = json.loads((Path(cfg.partition) / "partition.json").read_text())
-    server = _Server(grid, cfg, out, int(partition["num_clients"]), cfg.federation.connect_timeout_s)
+    server = _Server(grid, cfg, out, partition)
     started = time.monotonic()
     history: list[dict] = []
     if cfg.mode == "per-client":

@@ -41,7 +41,7 @@ from fedhubert.fl.runtime.deploy import (
     write_connection,
 )
 from fedhubert.fl.runtime.reaper import Reaper
-from fedhubert.fl.runtime.resources import SimulationResources, simulation_resources
+from fedhubert.fl.runtime.resources import SimulationResources, simulation_resources, supernodes
 from fedhubert.runlog import CONFIG_FILE, StageRun
 
 log = logging.getLogger(__name__)
@@ -259,23 +259,35 @@ def run_flower_app(
     try:
         if federation.superlink is None:
             resources = resources or simulation_resources(federation, num_clients)
+            nodes = supernodes(federation, num_clients, resources)
             superlink, port = _start_simulation_superlink(flwr_home, log_dir)
             write_connection(flwr_home, f"127.0.0.1:{port}", None)
             log.info(
-                "Flower simulation SuperLink on 127.0.0.1:%d: %d virtual clients, %d CPU(s) and %.2f GPU each",
+                "Flower simulation SuperLink on 127.0.0.1:%d: %d clients served by %d SuperNode(s)%s, %d training at "
+                "once with %d CPU(s) and %.2f GPU each",
                 port,
                 num_clients,
+                nodes,
+                "" if federation.virtual() else " (one per client: federation.virtual_clients=false)",
+                resources.workers,
                 resources.cpus_per_client,
                 resources.gpus_per_client,
             )
         else:
             write_connection(flwr_home, federation.superlink, federation.root_certificates)
-            log.info("Flower deployment: SuperLink %s, expecting %d clients", federation.superlink, num_clients)
+            log.info(
+                "Flower deployment: SuperLink %s, %d clients%s",
+                federation.superlink,
+                num_clients,
+                ", served by whichever SuperNodes connect (federation.virtual_clients=true: shared storage)"
+                if federation.virtual()
+                else ", one SuperNode per partition-id",
+            )
         command = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream"]
         for key, value in run_config.items():
             command += ["--run-config", f"{key}={_toml_value(value)}"]
         if federation.superlink is None:
-            command += ["--federation-config", resources.federation_config(num_clients)]
+            command += ["--federation-config", resources.federation_config(nodes)]
         if stop_file is not None:
             Path(stop_file).unlink(missing_ok=True)  # a request left over from an earlier run of this folder
         return _follow(command, flwr_home, log_dir / "flower.log", federation.timeout_s, stop_file)

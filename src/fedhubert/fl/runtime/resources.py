@@ -30,11 +30,12 @@ class SimulationResources:
     gpus_per_client: float
     total_cpus: int
     total_gpus: int
+    workers: int  # clients that train at once (Flower's client actors)
 
-    def federation_config(self, num_clients: int) -> str:
+    def federation_config(self, num_supernodes: int) -> str:
         """The `flwr run --federation-config` value for this simulation."""
         return (
-            f"num-supernodes={num_clients} client-resources-num-cpus={self.cpus_per_client} "
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={self.cpus_per_client} "
             f"client-resources-num-gpus={self.gpus_per_client} init-args-num-cpus={self.total_cpus} "
             f"init-args-num-gpus={self.total_gpus}"
         )
@@ -106,4 +107,15 @@ def simulation_resources(
         log.info("about %.1f GiB per client: %d client(s) per GPU", client_gpu_bytes / 2**30, fit)
     concurrent = num_clients if gpu_share == 0 else max(1, min(num_clients, int(math.floor(gpus / gpu_share + 1e-9))))
     cpu_share = federation.cpus_per_client or max(1, cpus // max(1, min(concurrent, cpus)))
-    return SimulationResources(cpu_share, round(gpu_share, 4), cpus, gpus)
+    workers = max(1, min(concurrent, cpus // cpu_share))
+    return SimulationResources(cpu_share, round(gpu_share, 4), cpus, gpus, workers)
+
+
+def supernodes(federation: FederationConfig, num_clients: int, resources: SimulationResources) -> int:
+    """How many SuperNodes a simulation starts: one per client without virtual clients; with them
+    `federation.supernodes`, or twice the clients that train at once (Flower's dispatcher hands each node one
+    message per 0.1 s, so a few nodes keep every worker fed while its cost per sweep stays small), at most the
+    clients."""
+    if not federation.virtual():
+        return num_clients
+    return min(num_clients, federation.supernodes or 2 * resources.workers)

@@ -1,0 +1,82 @@
+"""Sending messages to clients and taking each reply as it arrives, with bounded memory and a progress line.
+
+Flower's `Grid.send_and_receive` keeps every reply of an exchange until the last one has arrived. Here messages
+are pushed (at most `window` in flight, so the SuperLink holds a bounded number of them), replies are pulled in
+small batches of message ids (a pull returns every reply ready for the ids it is given, and the SuperLink drops a
+message once it is pulled), and each reply is handed to `take` at once, so the caller can fold it into a running
+result and let it go. Every `every_s` seconds the exchange says how many replies have come of how many sent, how
+long it has waited and how long it will still wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger(__name__)
+
+K = TypeVar("K", bound=Hashable)
+PULL_BATCH = 4  # message ids per pull: at most this many replies are held at once before `take` sees them
+
+
+def exchange(
+    grid: Grid,
+    outgoing: Sequence[tuple[K, Message]],
+    take: Callable[[K, Message], None],
+    *,
+    timeout_s: float | None,
+    label: str,
+    window: int | None = None,
+    every_s: float = 30.0,
+    poll_s: float = 0.1,
+) -> list[K]:
+    """Send each (key, message) of `outgoing` in order and call `take(key, reply)` for each reply as it is pulled.
+    Returns the keys whose reply did not come within `timeout_s` (None: wait as long as it takes) of the start."""
+    start = time.monotonic()
+    deadline = None if timeout_s is None else start + timeout_s
+    window = len(outgoing) if window is None else max(1, window)
+    pending: dict[str, K] = {}
+    next_out, received, said = 0, 0, start
+    while True:
+        if next_out < len(outgoing) and len(pending) < window:
+            batch = outgoing[next_out : next_out + window - len(pending)]
+            ids = list(grid.push_messages([message for _, message in batch]))
+            pending.update(zip(ids, (key for key, _ in batch), strict=True))
+            next_out += len(batch)
+        ids = list(pending)
+        got = 0
+        for first in range(0, len(ids), PULL_BATCH):
+            replies = list(grid.pull_messages(ids[first : first + PULL_BATCH]))
+            while replies:  # each reply is let go once taken
+                reply = replies.pop()
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is not None:
+                    got += 1
+                    take(key, reply)
+            reply = None
+        received += got
+        now = time.monotonic()
+        if not pending and next_out == len(outgoing):
+            return []
+        if deadline is not None and now >= deadline:
+            missing = list(pending.values()) + [key for key, _ in outgoing[next_out:]]
+            log.warning(
+                "%s: %d of %d replies after %.0f s; giving up on the other %d",
+                label,
+                received,
+                len(outgoing),
+                now - start,
+                len(missing),
+            )
+            return missing
+        if now - said >= every_s:
+            left = "" if deadline is None else f", waiting at most {deadline - now:.0f} s more"
+            log.info("%s: %d of %d replies after %.0f s%s", label, received, len(outgoing), now - start, left)
+            said = now
+        if not got:
+            time.sleep(poll_s)
