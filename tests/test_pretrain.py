@@ -89,28 +89,6 @@ def test_a_resumed_run_ends_with_the_same_weights(four_rounds, small_partition, 
     assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 2
 
 
-def test_a_pool_of_supernodes_trains_as_one_supernode_per_client(small_partition, small_kmeans, tmp_path, caplog):
-    """Virtual clients: one SuperNode serves all three clients (each message names its client, the node's model is
-    built once and reused) and ends with exactly the weights of one SuperNode per client, each its partition-id."""
-    runs = {}
-    for name, federation in (("own", "federation.virtual_clients=false"), ("pool", "federation.supernodes=1")):
-        out = tmp_path / name
-        caplog.clear()
-        args = ("--rounds", "2", "strategy.fraction=0.6", "strategy.name=fedadam", federation)
-        assert pretrain(small_partition, small_kmeans, out, *args) == 0
-        runs[name] = out
-        said = "3 clients served by 1 SuperNode(s)" if name == "pool" else "3 clients served by 3 SuperNode(s) (one"
-        assert said in caplog.text
-    a = load_checkpoint(runs["own"] / "checkpoints" / "final.pt")["state_dict"]
-    b = load_checkpoint(runs["pool"] / "checkpoints" / "final.pt")["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    for kind in ("client", "eval"):
-        strip = [{k: v for k, v in r.items() if k != "train_time_s"} for r in rows(runs["own"], kind)]
-        assert strip == [{k: v for k, v in r.items() if k != "train_time_s"} for r in rows(runs["pool"], kind)]
-    sent = [m for m in messages(runs["pool"]) if m["direction"] == "to_client" and m["type"] == "train"]
-    assert len({m["node"] for m in sent}) == 1 and len({m["client"] for m in sent}) >= 2
-
-
 def test_resume_keeps_the_config(four_rounds, capsys):
     assert run_cli("pretrain", "--resume", four_rounds, "seed=5") == 2
     assert "only num_rounds, federation may be overridden" in capsys.readouterr().err
