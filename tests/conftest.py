@@ -22,6 +22,17 @@ from common import (
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
 
+@pytest.fixture
+def task_identity():
+    """Messages are made by a task: here, as the ServerApp's, in this process (Flower reads its identity)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_librispeech(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("corpora") / "LibriSpeech"

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedhubert.config import load_config
 from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
@@ -23,13 +22,7 @@ from fedhubert.fl.weights import decode, encode
 SEED, ROUND = 3, 7
 
 
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Messages are made by a task: here, as the ServerApp's, in this process."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def model(rng: np.random.Generator) -> dict[str, torch.Tensor]:

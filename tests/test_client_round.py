@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common import SMALL_K
 from fedhubert.config import load_config
@@ -22,13 +21,7 @@ from fedhubert.pretrain.client import train_round
 from fedhubert.pretrain.config import PretrainConfig
 from fedhubert.train.data import LabelRate, load_utterances
 
-
-@pytest.fixture(autouse=True)
-def identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def settings(partition: Path, labels: Path, *extra: str) -> PretrainConfig:
