@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, run_cli
+from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, rows, run_cli
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +255,68 @@ def test_supernodes_that_do_not_fit_the_partition_are_named(two_clients, tmp_pat
         assert "--num-partitions 2" in log
     finally:
         stop_daemons(daemons[::-1])  # the SuperNodes first, as Federation.stop does
+        for process in flower_processes(str(tmp_path)):
+            process.kill()
+
+
+def test_a_pool_node_that_dies_mid_round_costs_only_the_clients_it_serves(small_partition, small_kmeans, tmp_path):
+    """Virtual clients on the deployment engine: 2 SuperNodes serve the partition's 3 clients. One is killed as
+    round 1 is sent: exactly the clients it was given fail (after round_timeout_s), the round completes from the
+    others, and the run ends its 2 rounds on the node that is left."""
+    ready = tmp_path / "superlink.ready"
+    daemons = [
+        start("superlink", "--flwr-home", tmp_path / "superlink-home", "--ready-file", ready, log=tmp_path / "sl.out")
+    ]
+    out = tmp_path / "pretrain"
+    try:
+        address = superlink_address(daemons[0], ready, tmp_path / "sl.out")
+        for index in range(2):
+            daemons.append(
+                start(
+                    *("supernode", "--superlink", address, "--partition-id", index, "--num-partitions", 2),
+                    *("--flwr-home", tmp_path / f"supernode-{index}-home", "--max-wait-time", "60"),
+                    log=tmp_path / f"supernode-{index}.out",
+                )
+            )
+        keys = [
+            f"federation.superlink={address}",
+            "federation.virtual_clients=true",
+            "federation.supernodes=2",
+            "federation.connect_timeout_s=60",
+            "federation.timeout_s=600",
+            "round_timeout_s=30",
+            "strategy.min_clients=1",
+        ]
+        args = ("--partition", small_partition, "--kmeans", small_kmeans, "--out", out, "--rounds", "2")
+        stage = subprocess.Popen(
+            [FEDHUBERT, "pretrain", *map(str, args), *PRETRAIN_FAST, *keys],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "FEDHUBERT_PROGRESS": "0"},
+        )
+        sent: list[dict] = []
+        deadline = time.monotonic() + 300
+        while not sent:
+            assert stage.poll() is None and time.monotonic() < deadline, "round 1 was never sent"
+            time.sleep(0.2)
+            log = out / "messages.jsonl"
+            lines = log.read_text().splitlines() if log.is_file() else []
+            logged = [json.loads(line) for line in lines[:-1]]  # the last line may be half-written
+            sent = [m for m in logged if m["direction"] == "to_client" and m["type"] == "train"]
+        os.killpg(daemons[2].pid, signal.SIGKILL)
+        assert stage.wait(timeout=600) == 0
+        messages = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+        round_one = [m for m in messages if m["direction"] == "to_client" and m["type"] == "train" and m["round"] == 1]
+        assert len(round_one) == 3 and len({m["node"] for m in round_one}) == 2, round_one
+        failed = {f["client"] for f in rows(out, "failure") if f["round"] == 1}
+        by_node: dict[int, set[int]] = {}
+        for m in round_one:
+            by_node.setdefault(m["node"], set()).add(m["client"])
+        assert failed in by_node.values(), (failed, by_node)
+        train = rows(out, "train")
+        assert [r["round"] for r in train] == [1, 2] and train[0]["clients"] == 3 - len(failed)
+    finally:
+        stop_daemons(daemons[::-1])
         for process in flower_processes(str(tmp_path)):
             process.kill()
 

@@ -88,9 +88,12 @@ def test_flwr_run_with_flat_keys_writes_the_stage_records(flower_user, small_par
 
 
 def test_too_few_supernodes_are_named_and_the_wait_is_bounded(flower_user, small_partition, small_kmeans, tmp_path):
+    """With one SuperNode per client (`federation.virtual_clients=false`) a federation of 2 SuperNodes cannot serve
+    3 clients: the wait names the count and the fix, and ends at connect_timeout_s. (With virtual clients, the
+    default in simulation, 2 SuperNodes serve all 3.)"""
     app, env = flower_user
     config = tmp_path / "fast.yaml"
-    config.write_text(yaml.safe_dump(FAST))
+    config.write_text(yaml.safe_dump({**FAST, "federation": {**FAST["federation"], "virtual_clients": False}}))
     out = tmp_path / "run"
     result = flwr_run(
         app,

@@ -203,11 +203,13 @@ def test_a_briefly_trained_tiny_model_beats_the_frequency_baseline_on_held_out_f
 # -------------------------------------------------------------------------------------------- the server step
 def test_the_server_step_is_compared_with_the_clients_mean_change():
     sent = {"w": torch.zeros(4)}
-    clients = [({"w": torch.tensor([1.0, 0, 0, 0])}, 1.0), ({"w": torch.tensor([0.0, 1, 0, 0])}, 3.0)]
+    mean_change = {"w": torch.tensor([0.25, 0.75, 0, 0])}
     fedavg = {"w": torch.tensor([0.25, 0.75, 0, 0])}
-    stats = server_step(sent, fedavg, clients)
+    stats = server_step(sent, fedavg, mean_change)
     assert stats["step_ratio"] == pytest.approx(1.0) and stats["step_cosine"] == pytest.approx(1.0)
-    sideways = server_step(sent, {"w": torch.tensor([0.0, 0, 0.1, 0])}, clients)
+    doubled = server_step(sent, {"w": torch.tensor([0.5, 1.5, 0, 0])}, mean_change)
+    assert doubled["step_ratio"] == pytest.approx(2.0) and doubled["step_cosine"] == pytest.approx(1.0)
+    sideways = server_step(sent, {"w": torch.tensor([0.0, 0, 0.1, 0])}, mean_change)
     assert sideways["step_cosine"] == pytest.approx(0.0)
     assert sideways["step_ratio"] == pytest.approx(0.1 / math.hypot(0.25, 0.75))
 

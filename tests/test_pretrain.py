@@ -89,6 +89,45 @@ def test_a_resumed_run_ends_with_the_same_weights(four_rounds, small_partition, 
     assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 2
 
 
+TIMING = ("time_s", "per_second", "peak_memory")
+
+
+def client_rows(run: Path) -> list[dict]:
+    """The client rows of a run without what depends on the machine's speed, in (round, client) order."""
+    untimed = [{k: v for k, v in r.items() if not any(t in k for t in TIMING)} for r in rows(run, "client")]
+    return sorted(untimed, key=lambda r: (r["round"], r["client"]))
+
+
+def test_one_supernode_serving_every_client_trains_as_the_pool(
+    four_rounds, small_partition, small_kmeans, tmp_path, caplog
+):
+    """Virtual clients: one SuperNode (one client process, its model built once and reused) serves all 3 clients
+    in turn and ends with the same weights, evaluations and client rows as the default pool of 3."""
+    out = tmp_path / "one-node"
+    caplog.set_level("INFO", logger="fedhubert")
+    assert (
+        pretrain(
+            small_partition,
+            small_kmeans,
+            out,
+            "--rounds",
+            "4",
+            "strategy.fraction=0.6",
+            "strategy.name=fedadam",
+            "federation.supernodes=1",
+        )
+        == 0
+    )
+    assert "3 clients served by 1 SuperNode(s)" in caplog.text
+    a = load_checkpoint(four_rounds / "checkpoints" / "final.pt")["state_dict"]
+    b = load_checkpoint(out / "checkpoints" / "final.pt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["loss"] for r in rows(four_rounds, "eval")] == [r["loss"] for r in rows(out, "eval")]
+    assert client_rows(four_rounds) == client_rows(out)
+    nodes = {m["node"] for m in messages(out) if m["type"] == "train"}
+    assert len(nodes) == 1, nodes
+
+
 def test_resume_keeps_the_config(four_rounds, capsys):
     assert run_cli("pretrain", "--resume", four_rounds, "seed=5") == 2
     assert "only num_rounds, federation may be overridden" in capsys.readouterr().err

@@ -35,7 +35,8 @@ def waiting_message(needed: int, connected: int) -> str:
     return (
         f"waiting for {needed} clients, {connected} connected: without virtual clients a simulation needs one "
         f'SuperNode per client of the partition (flwr run ... --federation-config "num-supernodes={needed}"); a '
-        f"deployment needs a SuperNode for each partition-id 0..{needed - 1}"
+        f"deployment needs a SuperNode for each partition-id 0..{needed - 1}; with federation.virtual_clients=true "
+        "any number of SuperNodes serves every client"
     )
 
 

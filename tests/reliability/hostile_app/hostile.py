@@ -1,10 +1,10 @@
 """fedhubert's real ClientApp, except that a client misbehaves when the plan says so: the JSON file named by
 $FEDHUBERT_DRILL_PLAN (the simulation's processes inherit the environment of the stage's command).
 
-The plan maps a partition id to {round: behaviour}: `raise` (the client raises), `nan` (a NaN in its update),
-`shape` (a parameter of the wrong shape), `missing` (a parameter left out), `exit` (the client's process dies
-mid-round), `stall` (a slow client: 60 s before it trains, so that a drill can kill the server mid-round; its
-update is unchanged). Everything else is fedhubert's own client.
+The plan maps a client (the one a message names, as fedhubert's client resolves it) to {round: behaviour}:
+`raise` (the client raises), `nan` (a NaN in its update), `shape` (a parameter of the wrong shape), `missing` (a
+parameter left out), `exit` (the client's process dies mid-round), `stall` (a slow client: 60 s before it trains, so
+that a drill can kill the server mid-round; its update is unchanged). Everything else is fedhubert's own client.
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ from flwr.clientapp import ClientApp
 
 from fedhubert.distill.client import train_round as distill_round
 from fedhubert.fl.local import identify
+from fedhubert.fl.nodes import served_client
 from fedhubert.pretrain.client import train_round as pretrain_round
 
 app = ClientApp()
 
 
 def _behaviour(message: Message, context: Context) -> str | None:
-    info = message.content["round"]
     plan = os.environ.get("FEDHUBERT_DRILL_PLAN")
     if not plan:
         return None
-    by_client = json.loads(Path(plan).read_text()).get(str(int(context.node_config["partition-id"])), {})
-    return by_client.get(str(int(info["round"])))
+    client, _ = served_client(message, context, "round")
+    by_client = json.loads(Path(plan).read_text()).get(str(client), {})
+    return by_client.get(str(int(message.content["round"]["round"])))
 
 
 def _tamper(reply: Message, behaviour: str) -> Message:
