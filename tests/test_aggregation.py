@@ -53,7 +53,7 @@ def privacy(mode: str, **keys: object) -> PrivacyConfig:
 def list_based(strategy_cfg, reference, accepted, privacy_cfg, clip, noise):
     """Today's aggregation: privatise each reply (mode server), then Flower's strategy over all of them."""
     strategy = make_strategy(strategy_cfg)
-    strategy.begin_round(encode(reference, "float32"))
+    strategy.begin_round(reference)
     messages = []
     for client, (weights, metrics) in sorted(accepted.items()):
         change = {k: weights[k] - reference[k] for k in reference}
@@ -82,7 +82,7 @@ def streamed(strategy_cfg, reference, accepted, privacy_cfg, clip, noise, order,
         stream.add(client, change, dict(metrics), update_norm(change))
     result = stream.result()
     strategy = make_strategy(strategy_cfg)
-    strategy.begin_round(encode(reference, "float32"))
+    strategy.begin_round(reference)
     mean = encode({k: reference[k] + result.change[k] for k in reference}, "float32")
     message = Message(
         RecordDict({"arrays": mean, "metrics": MetricRecord({WEIGHT_KEY: 1.0})}), dst_node_id=0, message_type="train"

@@ -78,8 +78,8 @@ def node(partition_id: int) -> Context:
     )
 
 
-def reply_of(cfg: PretrainConfig, out: Path, client: int, local_head: bool) -> tuple[dict, dict]:
-    reply = train_round(message(cfg, out, client, 1, local_head), node(partition_id=0))
+def reply_of(cfg: PretrainConfig, out: Path, client: int, local_head: bool, partition_id: int = 0) -> tuple[dict, dict]:
+    reply = train_round(message(cfg, out, client, 1, local_head), node(partition_id))
     measured = ("time_s", "per_second", "peak_memory")  # how fast and how big, not what was computed
     metrics = {k: v for k, v in reply.content["metrics"].items() if not any(m in k for m in measured)}
     return decode(reply.content["arrays"], "float32"), metrics
@@ -91,9 +91,10 @@ def test_a_reused_model_replies_as_a_fresh_one(small_partition, small_labels, tm
     local._BUILT.clear()
     fresh_arrays, fresh_metrics = reply_of(cfg, tmp_path / "fresh", 1, local_head)
     local._BUILT.clear()
-    reply_of(cfg, tmp_path / "reused", 0, local_head)  # the node serves client 0 first, then client 1
+    reply_of(cfg, tmp_path / "reused", 0, local_head)  # the process serves client 0 first, then client 1
     assert len(local._BUILT) == 1
-    reused_arrays, reused_metrics = reply_of(cfg, tmp_path / "reused", 1, local_head)
+    # ... the second through another node of the pool (another partition-id): still the same model
+    reused_arrays, reused_metrics = reply_of(cfg, tmp_path / "reused", 1, local_head, partition_id=1)
     assert len(local._BUILT) == 1  # built once for both clients
     assert reused_metrics == fresh_metrics and reused_metrics["client"] == 1
     assert fresh_arrays.keys() == reused_arrays.keys()

@@ -83,6 +83,8 @@ def test_a_client_override_file_is_one_more_config_layer(tmp_path):
     place = ClientPlace(0, tmp_path, None, tmp_path)
     assert with_client_overrides(cfg, place) == cfg, "no file: the run's config"
     path = tmp_path / "client_configs" / "client_0.yaml"
+    path.write_text("# what the partitioner writes for every client\n{}\n")
+    assert with_client_overrides(cfg, place) is cfg, "an empty override file: the run's config, not rebuilt"
     path.write_text("train:\n  device: cpu\n  data:\n    batch_seconds: 30\n")
     mine = with_client_overrides(cfg, place)
     assert (mine.train.device, mine.train.data.batch_seconds, mine.train.optim.lr) == ("cpu", 30.0, 0.01)

@@ -1,8 +1,8 @@
 """The batch scripts in slurm/ on a real one-node Slurm cluster (tests/slurm_cluster.py): a tiny pipeline
 submitted with slurm/submit.sh (partition, the k-means features array and k-means job, pretraining, distillation,
-evaluation), the multi-node job with TLS and authenticated SuperNodes, a SIGTERM stop that a second submission
-continues, a time-limit warning after which the job requeues itself and completes the run, and a pre-flight failure
-that a second submission replaces instead. Skipped, with the reason, where Slurm cannot run."""
+evaluation), the multi-node job with TLS, authenticated SuperNodes and virtual clients, a SIGTERM stop that a second
+submission continues, a time-limit warning after which the job requeues itself and completes the run, and a
+pre-flight failure that a second submission replaces instead. Skipped, with the reason, where Slurm cannot run."""
 
 from __future__ import annotations
 
@@ -125,7 +125,9 @@ def test_pretrain_distill_and_evaluate_jobs(cluster, work, partition, kmeans, ti
     assert result["upstream"] == "distiller_local" and 0 <= result["test_acc"] <= 1
 
 
-def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work, partition, kmeans):
+def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work, small_partition, small_kmeans):
+    """TLS and authenticated SuperNodes, one per srun task, and virtual clients (FEDHUBERT_VIRTUAL_CLIENTS=1):
+    the job's 2 SuperNodes serve the partition's 3 clients, each message naming its client; both nodes train."""
     certs = work / "certs"
     subprocess.run(
         ["bash", REPO / "scripts" / "make_certificates.sh", certs, "--nodes", "2", socket.gethostname()],
@@ -139,10 +141,10 @@ def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work
         work,
         "multinode",
         "pretrain",
-        partition,
+        small_partition,
         out,
         "--kmeans",
-        kmeans,
+        small_kmeans,
         *PRETRAIN_FAST,
         "--rounds",
         "2",
@@ -151,14 +153,18 @@ def test_multinode_job_runs_superlink_and_authenticated_supernodes(cluster, work
         FEDHUBERT_CPUS="1",
         FEDHUBERT_TLS_DIR=str(certs),
         FEDHUBERT_FLOWER_DIR=str(flower),
+        FEDHUBERT_VIRTUAL_CLIENTS="1",
     )
     assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["clients"] for r in rows if r["kind"] == "train"] == [2, 2]
+    assert [r["clients"] for r in rows if r["kind"] == "train"] == [3, 3]
+    assert {r["client"] for r in rows if r["kind"] == "client"} == {0, 1, 2}
+    output = (work / "logs" / f"fedhubert-multinode-{job}.out").read_text()
+    assert "virtual clients: 2 SuperNodes serve the partition's 3 clients" in output
     logs = flower / f"flower-{job}"
     for task in (0, 1):  # each SuperNode ran as its own srun task and served its rounds
         assert "Receiving: train message" in (logs / f"supernode-{task}.log").read_text()
-    assert "SuperNodes and SuperLink stopped" in (work / "logs" / f"fedhubert-multinode-{job}.out").read_text()
+    assert "SuperNodes and SuperLink stopped" in output
     leftover = cluster.run("pgrep", "-f", str(logs)).stdout.split()
     assert leftover == [], "no SuperLink, SuperNode or ClientApp process outlives the job"
 

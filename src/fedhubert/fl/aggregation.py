@@ -119,14 +119,20 @@ class StreamingMean:
         return self.noise_multiplier * self.clip * math.sqrt(self.replies / shares) / self.replies
 
     def result(self) -> Aggregate:
-        """The mean change and metrics of the replies folded in (at least one)."""
+        """The mean change and metrics of the replies folded in (at least one). It consumes the sums, one layer at a
+        time (so that at most one float64 copy of the model is held), and can be asked once."""
+        if self.sum is None:
+            raise RuntimeError("StreamingMean.result() was already taken")
         scale = 1.0 / self.weight
-        change = {k: t * scale for k, t in self.sum.items()}
-        if self.noise is not None:
-            share_std = self.noise_multiplier * self.clip / math.sqrt(self.replies)
-            for key, total in self.noise.items():
-                change[key] += total * (share_std * scale)
-        change = {k: t.to(torch.float32) for k, t in change.items()}
+        share_std = self.noise_multiplier * self.clip / math.sqrt(self.replies) if self.noise is not None else 0.0
+        change = {}
+        for key in list(self.sum):
+            total = self.sum.pop(key).mul_(scale)
+            if self.noise is not None:
+                total += self.noise.pop(key) * (share_std * scale)
+            change[key] = total.to(torch.float32)
+            del total
+        self.sum = None
         metrics = {
             k: [v * scale for v in value] if isinstance(value, list) else value * scale
             for k, value in self.metric_sums.items()

@@ -59,9 +59,28 @@ def client_place(
 
 
 def with_client_overrides(cfg: T, place: ClientPlace) -> T:
-    """`cfg` with this client's `client_configs/client_<i>.yaml` of the partition laid over it, when there is one."""
+    """`cfg` with this client's `client_configs/client_<i>.yaml` of the partition laid over it, when there is one
+    that sets something (the partitioner writes an empty one, `{}`, for every client)."""
     path = place.partition / "client_configs" / f"client_{place.index}.yaml"
-    return layer_file(cfg, path, CLIENT_KEYS) if path.is_file() else cfg
+    try:
+        stat = path.stat()
+    except OSError:
+        return cfg
+    if _sets_nothing(str(path), stat.st_mtime_ns, stat.st_size):
+        return cfg
+    return layer_file(cfg, path, CLIENT_KEYS)
+
+
+@functools.lru_cache(maxsize=8192)
+def _sets_nothing(path: str, mtime_ns: int, size: int) -> bool:
+    """Whether the override file (as of this modification time and size) is empty or `{}`; one that does not parse
+    is left to `layer_file`, whose error names it."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8")) in (None, {})
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
 
 
 def client_configs(cfg: R, num_clients: int) -> list[R]:
@@ -218,6 +237,7 @@ def train_locally(
 
 # The round's scalars that change from round to round or client to client: not part of what a LocalTask is built for.
 _PER_ROUND = ("round", "global_step", "client", "clip_norm", "noise_multiplier", "sampled", "threads")
+_NODE_IDENTITY = ("partition-id", "num-partitions")
 
 
 @dataclass
@@ -234,7 +254,8 @@ def reused_task(cfg: RoundsConfig, info, context: Context, build, received: set[
     """The LocalTask `build(cfg, info, context)` gives, built once per client process and reused by every client
     and round it serves (a HuBERT Base takes seconds to build), with the built model's values of the keys not in
     `received` (so that a client without a head of its own starts from the initial one, as a fresh build would).
-    Kept by everything the build depends on: the config, the round's task scalars and the node config."""
+    Kept by everything the build depends on: the config, the round's task scalars and the node config (less the
+    node's partition-id, which no build reads: a process serving a pool of virtual clients' nodes keeps one model)."""
     from fedhubert.config import config_to_dict
 
     key = repr(
@@ -242,7 +263,7 @@ def reused_task(cfg: RoundsConfig, info, context: Context, build, received: set[
             getattr(build, "__qualname__", repr(build)),
             config_to_dict(cfg),
             sorted((k, info[k]) for k in info if k not in _PER_ROUND),
-            sorted(context.node_config.items()),
+            sorted((k, v) for k, v in context.node_config.items() if k not in _NODE_IDENTITY),
             sorted(received),
         )
     )
@@ -258,6 +279,24 @@ def reused_task(cfg: RoundsConfig, info, context: Context, build, received: set[
             parameter.grad = None
     _BUILT[key] = built
     return built.task, built.initial
+
+
+_RECEIVED: dict[str, Any] = {}
+
+
+def received_config(config_cls: type[T], record) -> T:
+    """The stage config a message carries, parsed once per process for each distinct record (every client of a
+    round gets the same one). The config is never modified after it is built, so the parsed object is shared."""
+    from fedhubert.fl.records import config_from_record
+
+    key = repr((config_cls.__qualname__, sorted(record.items())))
+    cfg = _RECEIVED.pop(key, None)
+    if cfg is None:
+        cfg = config_from_record(config_cls, record)
+        while len(_RECEIVED) >= 4:
+            _RECEIVED.pop(next(iter(_RECEIVED)))
+    _RECEIVED[key] = cfg
+    return cfg
 
 
 def validation_subset(utts: list, seconds: float) -> list:
@@ -280,7 +319,6 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     import logging
 
     from fedhubert.fl.privacy import privatise_change
-    from fedhubert.fl.records import config_from_record
     from fedhubert.fl.weights import decode, encode
     from fedhubert.train.data import batch_loader
     from fedhubert.train.loop import evaluate, resolve_device
@@ -288,7 +326,7 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     log = logging.getLogger(__name__)
     info = message.content["round"]
     out, round_ = Path(str(info["out"])), int(info["round"])
-    cfg = config_from_record(config_cls, message.content["config"])
+    cfg = received_config(config_cls, message.content["config"])
     if int(info["threads"]) > 0:
         torch.set_num_threads(int(info["threads"]))
     index, virtual = served_client(message, context, "round")

@@ -270,8 +270,9 @@ class FederatedRun:
             except WeightsError as err:
                 failed[client] = f"rejected update: {err}"
                 return
-            if self.cfg.transfer == "float32":  # weights: the change against what was sent
-                tensors = {k: tensors[k] - arrays[k] for k in arrays}
+            if self.cfg.transfer == "float32":  # weights: the change against what was sent (in place: one copy)
+                for key in arrays:
+                    tensors[key].sub_(arrays[key])
             # What the server can see of each client: the length of its change (what clip_norm is chosen from).
             received = update_norm(tensors)
             metrics = {**dict(reply.content["metrics"]), "received_norm": received}
@@ -433,13 +434,13 @@ class FederatedRun:
             privacy_row = self._privacy_row(stream, round_, sampled)
             aggregate = stream.result()
             del stream
-            mean = {k: arrays[k] + aggregate.change[k] for k in arrays}
-            self.strategy.begin_round(encode(arrays, "float32"))
+            mean = encode({k: arrays[k] + aggregate.change[k] for k in arrays}, "float32")
+            self.strategy.begin_round(arrays)
             new, _ = self.strategy.aggregate(
                 round_,
                 [
                     Message(
-                        RecordDict({"arrays": encode(mean, "float32"), "metrics": MetricRecord({WEIGHT_KEY: 1.0})}),
+                        RecordDict({"arrays": mean, "metrics": MetricRecord({WEIGHT_KEY: 1.0})}),
                         dst_node_id=0,
                         message_type="train",
                     )
@@ -451,6 +452,8 @@ class FederatedRun:
             del new
             step_stats = server_step(arrays, new_arrays, aggregate.change)
             arrays = new_arrays
+            round_metrics = aggregate.metrics
+            del aggregate  # the mean change goes before the evaluation and the checkpoints
             if self.accountant is not None:
                 # Mode client: only the clients that replied added their noise shares.
                 shares = len(accepted) if self.privacy.mode == "client" else None
@@ -470,7 +473,7 @@ class FederatedRun:
                 **privacy_row,
                 **{
                     k: v
-                    for k, v in aggregate.metrics.items()
+                    for k, v in round_metrics.items()
                     if k not in ("client", "update_norm", "clipped", "received_norm")
                 },
             }
@@ -483,7 +486,7 @@ class FederatedRun:
                 len(accepted),
                 sampled,
                 served_by,
-                _brief({**aggregate.metrics, **step_stats, **privacy_row}),
+                _brief({**round_metrics, **step_stats, **privacy_row}),
             )
             if self.task.evaluate is not None and (
                 round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds

@@ -26,9 +26,10 @@ from fedhubert.fl.config import StrategyConfig
 
 
 class _Resumable:
-    def begin_round(self, arrays: ArrayRecord) -> None:
+    def begin_round(self, arrays: dict[str, torch.Tensor]) -> None:
+        """`arrays`: the float32 weights sent this round, shared (not copied) with FedOpt, which never writes them."""
         if isinstance(self, FedOpt):
-            self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+            self.current_arrays = {k: t.numpy() for k, t in arrays.items()}
 
     def aggregate(
         self, server_round: int, replies: Iterable[Message], dtypes: dict[str, np.dtype]

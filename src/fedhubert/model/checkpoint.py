@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedhubert.atomic import atomic_write_bytes, atomic_write_text
+from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_from_dict, config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.model.config import LABEL_RATE, ModelConfig
@@ -54,20 +55,50 @@ def save_checkpoint(
         "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
         "state": state or {},
     }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
-    digest = hashlib.sha256(data).hexdigest()
+    sink = None
     try:
-        atomic_write_bytes(Path(path), data)
+        with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+            sink = _HashingFile(handle)  # streamed to disk: no in-memory copy of the serialized model
+            torch.save(payload, sink)
+            handle.flush()
+            os.fsync(handle.fileno())
+        digest = sink.sha256.hexdigest()
         atomic_write_text(sidecar(path), f"{digest}  {Path(path).name}\n")
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        cause = sink.error if sink is not None and sink.error is not None else err
+        if not isinstance(cause, OSError):
+            raise
+        written = f"{sink.size / 2**20:.1f} MiB written" if sink is not None else "not started"
         raise CheckpointError(
-            f"cannot write checkpoint {path} ({len(data) / 2**20:.1f} MiB): {err.strerror}. "
+            f"cannot write checkpoint {path} ({written}): {cause.strerror}. "
             f"Earlier checkpoints are intact (writes are atomic); free space in {Path(path).parent} "
             f"or move the run, then continue with --resume"
         ) from None
     return digest
+
+
+class _HashingFile:
+    """A binary file that hashes what is written through it. torch.save runs the write from C++, which reports a
+    failed write as a RuntimeError: the OSError is kept so that the message can say what went wrong."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            written = self.handle.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+        self.sha256.update(data)
+        self.size += len(memoryview(data).cast("B"))
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
 
 
 def load_checkpoint(path: Path, kind: str | None = None, verify: bool = True) -> dict:
