@@ -131,7 +131,6 @@ class StreamingMean:
             if self.noise is not None:
                 total += self.noise.pop(key) * (share_std * scale)
             change[key] = total.to(torch.float32)
-            del total
         self.sum = None
         metrics = {
             k: [v * scale for v in value] if isinstance(value, list) else value * scale

@@ -94,7 +94,7 @@ class _HashingFile:
             self.error = err
             raise
         self.sha256.update(data)
-        self.size += len(memoryview(data).cast("B"))
+        self.size += memoryview(data).nbytes
         return written
 
     def flush(self) -> None:
