@@ -207,11 +207,13 @@ def test_kmeans_pretraining_and_distillation_run_through_tls_and_authenticated_s
         == 0
     )
     assert (distill / "checkpoints" / "final.pt").is_file()
-    # The clients were the SuperNodes: each one's Flower log shows the rounds' messages arriving over TLS.
+    # The clients were the SuperNodes: each one's Flower log shows the rounds' messages arriving over TLS, all
+    # run by the node's one long-lived executor (no flwr-clientapp process per message).
     for key in ("client_0", "client_1"):
         said = (federation.root / f"flower-{key}.log").read_text()
         for message in ("query.kmeans_stats", "train", "train.distill"):
             assert f"Receiving: {message} message" in said
+        assert said.count("fedhubert executor: serving") == 1 and "Start `flwr-clientapp` process" not in said
 
 
 def test_a_supernode_without_a_registered_key_is_refused(federation):
@@ -349,3 +351,25 @@ def test_daemon_commands_name_their_mistakes(tmp_path, capsys):
     assert "--authorized-keys needs --tls DIR" in capsys.readouterr().err
     assert run_cli("superlink", "--tls", tmp_path) == 2
     assert f"TLS file {tmp_path / 'ca.crt'} does not exist" in capsys.readouterr().err
+
+
+def test_a_supernode_helper_that_dies_is_started_again_and_one_that_cannot_start_is_an_error(tmp_path):
+    """wait_forever with real processes: the SuperNode's ClientApp executor (here a process that exits at once, or
+    once and then runs) is started again when it exits; one that exits within seconds 3 times in a row stops the
+    node with an error naming it, instead of a restart loop."""
+    from fedhubert.fl.runtime.deploy import Daemon, DeploymentError, wait_forever
+
+    node = Daemon("node", [sys.executable, "-c", "import time; time.sleep(120)"], tmp_path / "home", None)
+    try:
+        with pytest.raises(DeploymentError, match="exited with code 3 3 times in a row"):
+            wait_forever(node, restart=lambda: Daemon("helper", [sys.executable, "-c", "exit(3)"], tmp_path, None))
+        assert node.alive(), "the caller stops the node"
+    finally:
+        node.stop()
+    starts = tmp_path / "starts"
+    script = f"import pathlib, time; p = pathlib.Path({str(starts)!r}); p.write_text(p.read_text() + 'x')\n"
+    script += "if len(p.read_text()) == 1: exit(9)\ntime.sleep(120)"
+    starts.write_text("")
+    node = Daemon("node", [sys.executable, "-c", "import time; time.sleep(4)"], tmp_path / "home", None)
+    assert wait_forever(node, restart=lambda: Daemon("helper", [sys.executable, "-c", script], tmp_path, None)) == 0
+    assert starts.read_text() == "xx", "started, exited with 9, started again, stopped with the node"

@@ -439,7 +439,8 @@ def _add_deployment(stages: argparse._SubParsersAction) -> None:
         description="Run a Flower SuperNode for client --partition-id of --num-partitions (under srun: SLURM_PROCID "
         "and SLURM_NTASKS) until it is stopped or its SuperLink goes away. The client reads "
         "client_<id>/ of the partition; the --*-dir flags say where this node keeps its data when "
-        "that differs from the paths in the run's config.",
+        "that differs from the paths in the run's config. One long-lived process runs every message the node "
+        "receives (model and data caches built once), not a process per message.",
     )
     supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
     supernode.add_argument("--partition-id", type=int, help="this client's index (default: $SLURM_PROCID)")
@@ -464,7 +465,7 @@ def _add_deployment(stages: argparse._SubParsersAction) -> None:
         help="this node's private key (its KEY.pub registered with the SuperLink)",
     )
     supernode.add_argument(
-        "--port", type=int, default=0, help="port of this SuperNode's own runtime API (default: a free one)"
+        "--port", type=int, default=0, help="loopback port of this SuperNode's runtime API (default: a free one)"
     )
     supernode.add_argument(
         "--max-wait-time",

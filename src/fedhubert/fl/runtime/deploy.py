@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -49,6 +50,8 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # superexec, serverapp
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # A SuperExec asks for its next task every second by default: a run's ServerApp waited 0.5 s on average to start.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.05")
     return env
 
 
@@ -277,7 +280,9 @@ def supernode_command(
         raise DeploymentError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
     pairs = {"partition-id": partition_id, "num-partitions": num_partitions, **(node_config or {})}
     config = " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={json.dumps(str(v))}" for k, v in pairs.items())
-    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", config, "--port", str(port)]
+    command = [flower_bin("flower-supernode"), "--superlink", superlink, "--node-config", config]
+    # The ClientApp runs in fedhubert's long-lived executor (fl/runtime/executor.py), not a process per message.
+    command += ["--host", "127.0.0.1", "--port", str(port), "--isolation", "process"]
     ca = _existing(root_certificates, "CA certificate")
     command += ["--root-certificates", str(ca)] if ca else ["--insecure"]
     key = _existing(auth_key, "SuperNode private key")
@@ -288,21 +293,48 @@ def supernode_command(
     return command
 
 
-def wait_forever(daemon: Daemon) -> int:
+# A helper that exits this many times in a row, each within HELPER_QUICK_EXIT_S of its start, is broken, not unlucky.
+HELPER_RESTARTS, HELPER_QUICK_EXIT_S = 3, 20.0
+
+
+def executor_command(runtime_port: int, flwr_home: Path) -> list[str]:
+    """The long-lived ClientApp executor of a SuperNode whose Runtime API listens on loopback `runtime_port`."""
+    address = f"127.0.0.1:{runtime_port}"
+    module = "fedhubert.fl.runtime.executor"
+    return [sys.executable, "-m", module, "--runtime-api-address", address, "--flwr-home", str(flwr_home)]
+
+
+def wait_forever(daemon: Daemon, restart: Callable[[], Daemon] | None = None) -> int:
     """Run until the daemon exits or this process gets SIGTERM/SIGINT/SIGHUP (then stop it cleanly); the
-    daemon's exit code, or 0 after a clean stop."""
+    daemon's exit code, or 0 after a clean stop. `restart` (a SuperNode's executor) starts a helper process now
+    and again whenever it exits (a ClientApp that killed its process costs that message only); it is stopped
+    first."""
     stopping = []
 
     def request_stop(signum, _frame):
         stopping.append(signum)
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    helper = restart() if restart else None
+    started, quick_exits = time.monotonic(), 0
     try:
         while daemon.alive() and not stopping:
+            if helper is not None and not helper.alive():
+                code = helper.process.returncode
+                quick_exits = quick_exits + 1 if time.monotonic() - started < HELPER_QUICK_EXIT_S else 0
+                if quick_exits >= HELPER_RESTARTS:
+                    raise DeploymentError(
+                        f"{helper.name} exited with code {code} {quick_exits} times in a row, each within "
+                        f"{HELPER_QUICK_EXIT_S:.0f} s of starting; {daemon.where()}"
+                    )
+                log.warning("%s exited with code %s; starting it again", helper.name, code)
+                helper, started = restart(), time.monotonic()
             time.sleep(0.5)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if helper is not None:
+            helper.stop()
     if stopping:
         log.info("%s: stopping %s (signal %d)", daemon.name, daemon.name, stopping[0])
         daemon.stop()
@@ -377,16 +409,18 @@ def serve_supernode(
     max_wait_s: float | None,
 ) -> int:
     """`fedhubert supernode`: one SuperNode for client `partition_id`, in the foreground until it exits or is
-    stopped. Under Slurm (`srun`), the partition id and count default to SLURM_PROCID and SLURM_NTASKS."""
+    stopped, with its ClientApp executor beside it (one process for all its messages: fl/runtime/executor.py).
+    Under Slurm (`srun`), the partition id and count default to SLURM_PROCID and SLURM_NTASKS."""
     if partition_id is None:
         partition_id = _slurm_int("SLURM_PROCID", "--partition-id")
     if num_partitions is None:
         num_partitions = _slurm_int("SLURM_NTASKS", "--num-partitions")
+    port = port or free_port()
     command = supernode_command(
         superlink=superlink,
         partition_id=partition_id,
         num_partitions=num_partitions,
-        port=port or free_port(),
+        port=port,
         node_config=node_config,
         root_certificates=root_certificates,
         auth_key=auth_key,
@@ -403,8 +437,13 @@ def serve_supernode(
         ", authenticated" if auth_key else "",
     )
     daemon = Daemon(f"SuperNode {partition_id}", command, home, log_path)
+
+    def executor() -> Daemon:
+        name = f"the ClientApp executor of SuperNode {partition_id}"
+        return Daemon(name, executor_command(port, home), home, log_path)
+
     try:
-        code = wait_forever(daemon)
+        code = wait_forever(daemon, restart=executor)
     finally:
         daemon.stop()
         if temporary:
