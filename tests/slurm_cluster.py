@@ -93,7 +93,8 @@ class SlurmCluster:
                     f"SlurmdPort={_free_port()}",
                     "AuthType=auth/munge",
                     "CredType=cred/munge",
-                    f"AuthInfo=socket={socket_path}",
+                    # cred_expire is also how long a requeued job waits before it may start again (default 120 s)
+                    f"AuthInfo=socket={socket_path},cred_expire=30",
                     f"StateSaveLocation={self.root / 'spool' / 'ctld'}",
                     f"SlurmdSpoolDir={self.root / 'spool' / 'd'}",
                     f"SlurmctldPidFile={self.root / 'run' / 'slurmctld.pid'}",
@@ -109,6 +110,9 @@ class SlurmCluster:
                     "ReturnToService=2",
                     "MailProg=/bin/true",
                     "KillWait=10",
+                    # sbatch --wait polls every 2 s only while MinJobAge / 2 > 2 s is false; with the default (300 s) it
+                    # sleeps 2, 8, then 32 s between polls, so a 20 s job was seen ended 22 s late
+                    "MinJobAge=4",
                     f"NodeName={self.host} CPUs={cpus} RealMemory={int(memory_mb * 0.8)} State=UNKNOWN",
                     "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
                     "",

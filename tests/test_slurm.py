@@ -20,6 +20,8 @@ from slurm_cluster import SlurmCluster
 REPO = Path(__file__).resolve().parents[1]
 SUBMIT = REPO / "slurm" / "submit.sh"
 _WHY_NOT = SlurmCluster.unavailable()
+# Rounds of the runs that are stopped after their first round: enough that the stop lands mid-run.
+LONG = 16
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")]
 
 
@@ -196,7 +198,16 @@ def train_rounds(out: Path) -> list[int]:
 def test_a_sigterm_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
     out = work / "long"
     job = submit(
-        cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40", FEDHUBERT_SBATCH_ARGS=""
+        cluster,
+        work,
+        "pretrain",
+        partition,
+        kmeans,
+        out,
+        *PRETRAIN_FAST,
+        "--rounds",
+        str(LONG),
+        FEDHUBERT_SBATCH_ARGS="",
     )  # no --wait: returns once submitted
     wait_for_a_round(cluster, work, job, out)
     # SIGTERM to the batch shell only (scancel --batch; a script's --signal=B:TERM@...): a stop without requeue.
@@ -206,23 +217,32 @@ def test_a_sigterm_stop_is_checkpointed_and_a_second_submission_finishes(cluster
     assert "batch job: SIGTERM, passing it to fedhubert" in output and "requeueing" not in output
     assert status(out) == "stopped", output
     stopped = json.loads((out / "run.json").read_text())["summary"]["stopped_after_round"]
-    assert 1 <= stopped < 40 and (out / "checkpoints" / f"round_{stopped:05d}.pt").is_file()
+    assert 1 <= stopped < LONG and (out / "checkpoints" / f"round_{stopped:05d}.pt").is_file()
     assert not (out / "checkpoints" / "final.pt").exists()
-    again = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40")
+    again = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", str(LONG))
     assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
     assert "continuing the run in" in (work / "logs" / f"fedhubert-pretrain-{again}.out").read_text()
-    assert train_rounds(out) == list(range(1, 41))
+    assert train_rounds(out) == list(range(1, LONG + 1))
 
 
 def test_a_job_warned_of_its_time_limit_requeues_itself_and_completes_the_run(cluster, work, partition, kmeans):
     out = work / "requeued"
     job = submit(
-        cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", "40", FEDHUBERT_SBATCH_ARGS=""
+        cluster,
+        work,
+        "pretrain",
+        partition,
+        kmeans,
+        out,
+        *PRETRAIN_FAST,
+        "--rounds",
+        str(LONG),
+        FEDHUBERT_SBATCH_ARGS="",
     )
     wait_for_a_round(cluster, work, job, out)
     # What Slurm sends at the script's --signal=B:USR1@600 before the time limit: SIGUSR1 to the batch shell only.
     assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-    wait_until_gone(cluster, work, job, 900)  # Slurm holds a requeued job about two minutes before it starts again
+    wait_until_gone(cluster, work, job, 600)  # a requeued job waits cred_expire (30 s here) before it starts again
     output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()  # both starts: --open-mode=append
     assert "batch job: SIGUSR1, the time limit is near, passing it to fedhubert" in output
     assert f"requeueing job {job} (requeue 1 of at most 5, FEDHUBERT_MAX_REQUEUES)" in output
@@ -230,7 +250,7 @@ def test_a_job_warned_of_its_time_limit_requeues_itself_and_completes_the_run(cl
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "completed" and record["resumed"], output
     assert (out / "checkpoints" / "final.pt").is_file()
-    assert train_rounds(out) == list(range(1, 41))
+    assert train_rounds(out) == list(range(1, LONG + 1))
 
 
 def test_a_submission_after_a_pre_flight_failure_starts_afresh_with_its_arguments(cluster, work, partition, kmeans):
