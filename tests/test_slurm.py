@@ -195,20 +195,15 @@ def train_rounds(out: Path) -> list[int]:
     return [r["round"] for r in rows if r["kind"] == "train"]
 
 
+def submit_long(cluster: SlurmCluster, work: Path, partition: Path, kmeans: Path, out: Path) -> str:
+    """A pretraining job of LONG rounds, without --wait: its id once it is submitted."""
+    args = ("pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", str(LONG))
+    return submit(cluster, work, *args, FEDHUBERT_SBATCH_ARGS="")
+
+
 def test_a_sigterm_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
     out = work / "long"
-    job = submit(
-        cluster,
-        work,
-        "pretrain",
-        partition,
-        kmeans,
-        out,
-        *PRETRAIN_FAST,
-        "--rounds",
-        str(LONG),
-        FEDHUBERT_SBATCH_ARGS="",
-    )  # no --wait: returns once submitted
+    job = submit_long(cluster, work, partition, kmeans, out)
     wait_for_a_round(cluster, work, job, out)
     # SIGTERM to the batch shell only (scancel --batch; a script's --signal=B:TERM@...): a stop without requeue.
     assert cluster.run("scancel", "--batch", "--signal=TERM", job).returncode == 0
@@ -227,18 +222,7 @@ def test_a_sigterm_stop_is_checkpointed_and_a_second_submission_finishes(cluster
 
 def test_a_job_warned_of_its_time_limit_requeues_itself_and_completes_the_run(cluster, work, partition, kmeans):
     out = work / "requeued"
-    job = submit(
-        cluster,
-        work,
-        "pretrain",
-        partition,
-        kmeans,
-        out,
-        *PRETRAIN_FAST,
-        "--rounds",
-        str(LONG),
-        FEDHUBERT_SBATCH_ARGS="",
-    )
+    job = submit_long(cluster, work, partition, kmeans, out)
     wait_for_a_round(cluster, work, job, out)
     # What Slurm sends at the script's --signal=B:USR1@600 before the time limit: SIGUSR1 to the batch shell only.
     assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
