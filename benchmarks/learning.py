@@ -223,6 +223,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
             "--force",
             batch,
             "train.log_every=1000",
+            "checkpoint_keep=null",  # the probe curve reads every probe_every-th round's checkpoint
             *fraction,
             *run.overrides,
         ]

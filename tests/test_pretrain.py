@@ -13,6 +13,7 @@ import torch
 
 from common import KMEANS_FAST, PRETRAIN_FAST as FAST, rows, run_cli
 from fedhubert.config import load_config
+from fedhubert.fl.local import heads_to_keep, save_head
 from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -45,8 +46,9 @@ def test_the_global_model_trains_and_dev_accuracy_is_reported(four_rounds):
     clients = rows(four_rounds, "client")
     assert [len([r for r in clients if r["round"] == n]) for n in range(1, 5)] == [2, 2, 2, 2], "60% of 3 clients"
     assert all("valid_acc_masked" in r and r["train_time_s"] > 0 for r in clients)
-    names = {p.name for p in (four_rounds / "checkpoints").glob("*.pt")}
-    assert {"round_00001.pt", "round_00004.pt", "best.pt", "final.pt"} <= names
+    names = {p.name for p in (four_rounds / "checkpoints").iterdir()}
+    kept = {f"round_0000{r}.pt" for r in (2, 3, 4)} | {"best.pt", "final.pt"}
+    assert names == kept | {f"{name}.sha256" for name in kept}, "checkpoint_keep=3: round 1's went with its sidecar"
     assert list((four_rounds / "tensorboard").glob("events.out.tfevents.*"))
     assert (four_rounds / "pretrain.png").is_file()
     summary = json.loads((four_rounds / "run.json").read_text())["summary"]
@@ -131,7 +133,7 @@ def test_one_supernode_serving_every_client_trains_as_one_supernode_per_client(
 
 def test_resume_keeps_the_config(four_rounds, capsys):
     assert run_cli("pretrain", "--resume", four_rounds, "seed=5") == 2
-    assert "only num_rounds, federation may be overridden" in capsys.readouterr().err
+    assert "only num_rounds, federation, checkpoint_keep may be overridden" in capsys.readouterr().err
 
 
 def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
@@ -154,7 +156,13 @@ def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
         == 0
     )
     out = tmp_path / "pretrain"
-    assert pretrain(small_partition, kmeans, out, "--rounds", "2", "transfer=bfloat16") == 0
+    assert pretrain(small_partition, kmeans, out, "--rounds", "3", "transfer=bfloat16", "checkpoint_keep=1") == 0
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["final.pt", "round_00003.pt"]
+    for i in range(3):  # each client kept the heads the kept checkpoint (round 3) and its successor can resume from
+        assert sorted(p.name for p in (out / "clients" / f"client_{i}").glob("head_round_*.pt")) == [
+            "head_round_00002.pt",
+            "head_round_00003.pt",
+        ]
     size = sum(v.numel() * 4 for k, v in build_hubert(TINY, 16).state_dict().items() if k not in LABEL_HEAD_KEYS)
     for message in (m for m in messages(out) if m["type"] == "train"):
         names = {n.split(".", 1)[1] for n in message["arrays"]}
@@ -168,7 +176,22 @@ def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
     assert not torch.equal(heads[0]["logit_generator.label_embeddings"], heads[1]["logit_generator.label_embeddings"])
     final = load_checkpoint(out / "checkpoints" / "final.pt")
     assert final["state"]["label_head"] == "local" and set(final["state"]["client_heads"]) == {"0", "1", "2"}
+    assert all((out / head).is_file() for head in final["state"]["client_heads"].values())
     assert rows(out, "eval") == [], "no shared labels: no server-side evaluation"
+
+
+def test_a_client_keeps_the_heads_that_the_kept_checkpoints_resume_from(tmp_path):
+    """With checkpoint_keep the server names its round checkpoints; a client that trained in rounds 1, 2, 5 and 7
+    keeps its newest head and, for checkpoints 4 and 6, the newest head up to each (2 and 5)."""
+    assert heads_to_keep([1, 2, 5, 7], [4, 6]) == {2, 5, 7}
+    assert heads_to_keep([3], []) == {3}
+    state = {"w": torch.ones(2)}
+    for r in (1, 2, 5):
+        save_head(tmp_path, r, state, ["w"], keep_every=1, checkpoint_rounds=[1, 2, 4])
+    save_head(tmp_path, 7, state, ["w"], keep_every=1, checkpoint_rounds=[4, 6])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"head_round_0000{r}.pt" for r in (2, 5, 7)]
+    save_head(tmp_path, 8, state, ["w"], keep_every=3)  # without checkpoint_keep: the last two and multiples of 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"head_round_0000{r}.pt" for r in (7, 8)]
 
 
 def test_a_failing_client_is_left_out_and_too_few_stop_with_a_checkpoint(

@@ -93,6 +93,23 @@ def test_a_flipped_byte_is_caught_by_the_checksum(tmp_path):
         load_checkpoint(path)
 
 
+def test_only_the_newest_round_checkpoints_are_kept_with_their_sidecars(tmp_path):
+    """checkpoint_keep: round checkpoints beyond the newest k go with their .sha256; best.pt and final.pt stay;
+    None keeps every one."""
+    from fedhubert.fl.rounds import CHECKPOINTS, newest_checkpoint, prune_round_checkpoints
+
+    folder = tmp_path / CHECKPOINTS
+    for name in [f"round_{r:05d}.pt" for r in (0, 1, 2, 10, 11)] + ["best.pt", "final.pt"]:
+        save_checkpoint(folder / name, kind="hubert", model=TINY, num_classes=4, state_dict={"w": torch.ones(2)})
+    assert prune_round_checkpoints(tmp_path, None) == []
+    gone = prune_round_checkpoints(tmp_path, 3)
+    assert [p.name for p in gone] == ["round_00000.pt", "round_00001.pt"], "by round number, oldest first"
+    kept = ["best.pt", "final.pt", "round_00002.pt", "round_00010.pt", "round_00011.pt"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(kept + [f"{k}.sha256" for k in kept])
+    assert newest_checkpoint(tmp_path, "hubert")[0].name == "round_00011.pt"
+    assert prune_round_checkpoints(tmp_path, 3) == []
+
+
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(small_disk, intact):
     disk = small_disk(4096)
     path = disk / "round_00001.pt"

@@ -130,7 +130,7 @@ class RoundsConfig:
     (`fedhubert.fl.local`) read; a stage's config extends it with its inputs and its model."""
 
     # Top-level keys that may change when a run is resumed (everything else must match the checkpoint's config).
-    RESUMABLE: ClassVar[tuple[str, ...]] = ("num_rounds", "federation")
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("num_rounds", "federation", "checkpoint_keep")
 
     partition: Path | None = param(None, "partition folder made by 'fedhubert partition' (required)")
     kmeans: Path | None = param(None, "k-means folder made by 'fedhubert kmeans' on that partition")
@@ -145,6 +145,12 @@ class RoundsConfig:
     evaluate_every: int = param(1, "server-side evaluation on the held-out set every this many rounds", ge=1)
     eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
+    checkpoint_keep: int | None = param(
+        3,
+        "round checkpoints kept: the newest this many (older ones are deleted as new ones are written; best.pt and "
+        "final.pt are kept besides); null: keep every one",
+        ge=1,
+    )
     round_timeout_s: float = param(3600.0, "stop waiting for a round's replies after this many seconds", gt=0)
     valid_seconds: float = param(
         120.0,

@@ -147,14 +147,39 @@ def client_heads(out: Path, num_clients: int, up_to_round: int) -> dict[str, str
     }
 
 
-def save_head(work: Path, round_: int, state: dict[str, torch.Tensor], keys: Iterable[str], keep_every: int) -> None:
+def heads_to_keep(rounds: list[int], checkpoint_rounds: list[int]) -> set[int]:
+    """Of a client's head rounds (sorted; the last is this round's), those some checkpoint may resume from: the
+    newest, and for each round checkpoint on the server's disk the newest head up to its round."""
+    keep = {rounds[-1]}
+    for checkpoint in checkpoint_rounds:
+        below = [r for r in rounds if r <= checkpoint]
+        if below:
+            keep.add(below[-1])
+    return keep
+
+
+def save_head(
+    work: Path,
+    round_: int,
+    state: dict[str, torch.Tensor],
+    keys: Iterable[str],
+    keep_every: int,
+    checkpoint_rounds: list[int] | None = None,
+) -> None:
+    """This round's head, then the client's older heads that no checkpoint can resume from go: with
+    `checkpoint_rounds` (the server's round checkpoints, under checkpoint_keep) all but those `heads_to_keep`
+    names; without, all but the last two and those at multiples of `keep_every` (every checkpoint is kept)."""
     buffer = io.BytesIO()
     torch.save({k: state[k].detach().cpu() for k in keys}, buffer)
     atomic_write_bytes(head_file(work, round_), buffer.getvalue())
     rounds = sorted(int(m[1]) for p in work.glob("head_round_*.pt") if (m := _HEAD.fullmatch(p.name)))
-    for old in rounds[:-2]:  # keep the last two, and those at checkpoint rounds (for resuming from them)
-        if old % keep_every:
-            head_file(work, old).unlink(missing_ok=True)
+    if checkpoint_rounds is not None:
+        keep = heads_to_keep(rounds, checkpoint_rounds)
+        old = [r for r in rounds if r not in keep]
+    else:
+        old = [r for r in rounds[:-2] if r % keep_every]
+    for r in old:
+        head_file(work, r).unlink(missing_ok=True)
 
 
 def client_seed(seed: int, round_: int, index: int) -> int:
@@ -235,8 +260,17 @@ def train_locally(
     return LocalTraining(metrics, train_utts, cap, time.perf_counter() - started)
 
 
-# The round's scalars that change from round to round or client to client: not part of what a LocalTask is built for.
-_PER_ROUND = ("round", "global_step", "client", "clip_norm", "noise_multiplier", "sampled", "threads")
+# The round's values that change from round to round or client to client: not part of what a LocalTask is built for.
+_PER_ROUND = (
+    "round",
+    "global_step",
+    "client",
+    "clip_norm",
+    "noise_multiplier",
+    "sampled",
+    "threads",
+    "checkpoint_rounds",
+)
 _NODE_IDENTITY = ("partition-id", "num-partitions")
 
 
@@ -367,7 +401,8 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
         metrics.update({f"valid_{k}": float(v) for k, v in valid.items() if isinstance(v, (int, float))})
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if task.head_keys:
-        save_head(place.work, round_, new_state, task.head_keys, cfg.checkpoint_every)
+        kept = list(info["checkpoint_rounds"]) if "checkpoint_rounds" in info else None
+        save_head(place.work, round_, new_state, task.head_keys, cfg.checkpoint_every, kept)
     if cfg.privacy.mode == "client":  # clipped and noised here, before anything leaves the client
         clip = float(info["clip_norm"])  # this round's bound (adaptive clipping moves it)
         change, norm, was_clipped = privatise_change(

@@ -57,7 +57,7 @@ from fedhubert.fl.records import MessageLog, config_to_record
 from fedhubert.fl.round_log import RoundLog, read_rows
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.fl.weights import WeightsError, check_update, decode, encode
-from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sidecar
 from fedhubert.runlog import RoundClock
 from fedhubert.train.learning import learning_check, log_verdict
 from fedhubert.train.schedule import describe, fit_schedule, schedule_record, schedule_warnings
@@ -114,13 +114,27 @@ def round_checkpoint(out: Path, round_: int) -> Path:
     return Path(out) / CHECKPOINTS / f"round_{round_:05d}.pt"
 
 
+def _round_files(out: Path) -> list[tuple[int, Path]]:
+    """The run's round checkpoints, oldest first."""
+    found = (Path(out) / CHECKPOINTS).glob("round_*.pt")
+    return sorted((int(m[1]), p) for p in found if (m := _ROUND_FILE.fullmatch(p.name)))
+
+
+def prune_round_checkpoints(out: Path, keep: int | None) -> list[Path]:
+    """Delete all but the newest `keep` round checkpoints, with their .sha256 sidecars (best.pt and final.pt are
+    not round checkpoints); None keeps all. What was deleted, oldest first."""
+    if keep is None:
+        return []
+    old = [path for _, path in _round_files(out)[:-keep]]
+    for path in old:
+        path.unlink(missing_ok=True)
+        sidecar(path).unlink(missing_ok=True)
+    return old
+
+
 def newest_checkpoint(out: Path, kind: str) -> tuple[Path, dict] | None:
     """The newest round checkpoint that loads and matches its checksum; corrupt ones are skipped with a warning."""
-    files = sorted(
-        ((int(m[1]), p) for p in (Path(out) / CHECKPOINTS).glob("round_*.pt") if (m := _ROUND_FILE.fullmatch(p.name))),
-        reverse=True,
-    )
-    for _, path in files:
+    for _, path in reversed(_round_files(out)):
         try:
             return path, load_checkpoint(path, kind=kind)
         except CheckpointError as err:
@@ -232,9 +246,10 @@ class FederatedRun:
         plan = self.clients.assign(chosen, self.task.client_seconds)
         payload = encode(arrays, self.cfg.transfer)
         config = config_to_record(self.sent_cfg)
+        kept = [r for r, _ in _round_files(self.out)] if self.cfg.checkpoint_keep is not None else None
         outgoing = []
         for client, node in plan:
-            info = self._round_info(round_, global_step, client)
+            info = self._round_info(round_, global_step, client, kept)
             message = Message(
                 RecordDict({"arrays": payload, "config": config, "round": info}),
                 dst_node_id=node,
@@ -306,10 +321,13 @@ class FederatedRun:
             record["privacy_next_clip_norm"] = self.clip.value
         return record
 
-    def _round_info(self, round_: int, global_step: int, client: int) -> ConfigRecord:
+    def _round_info(self, round_: int, global_step: int, client: int, kept: list[int] | None) -> ConfigRecord:
+        """What a client needs of this round besides the config; `kept`: the rounds of the checkpoints on disk
+        (with checkpoint_keep), so that a client with a local head keeps only the heads they can resume from."""
         return ConfigRecord(
             {
                 "round": round_,
+                **({"checkpoint_rounds": kept} if kept is not None else {}),
                 "global_step": global_step,
                 "sampled": self.sampled,
                 **({"client": client} if self.clients.virtual else {}),
@@ -323,6 +341,13 @@ class FederatedRun:
                 **self.task.round_info,
             }
         )
+
+    def _round_checkpoint(self, round_: int, global_step: int, arrays: dict[str, torch.Tensor]) -> None:
+        """round_<r>.pt, then the round checkpoints beyond `checkpoint_keep` go (only once the new one is whole)."""
+        self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
+        self.saved_round = round_
+        for path in prune_round_checkpoints(self.out, self.cfg.checkpoint_keep):
+            log.debug("deleted %s (checkpoint_keep=%s)", path.name, self.cfg.checkpoint_keep)
 
     def _checkpoint(self, name: Path, round_: int, global_step: int, arrays: dict[str, torch.Tensor]) -> None:
         state = {**self.task.state, **arrays}
@@ -404,8 +429,7 @@ class FederatedRun:
         for round_ in range(start + 1, self.cfg.num_rounds + 1):
             if self.accountant is not None and self.accountant.next_round_exceeds():
                 if self.saved_round < round_ - 1:
-                    self._checkpoint(round_checkpoint(self.out, round_ - 1), round_ - 1, global_step, arrays)
-                    self.saved_round = round_ - 1
+                    self._round_checkpoint(round_ - 1, global_step, arrays)
                 log.warning(
                     "stopping after round %d of %d: round %d would take epsilon above privacy.target_epsilon=%g "
                     "(spent: %.3f at delta %g); the state is checkpointed",
@@ -422,7 +446,7 @@ class FederatedRun:
             stream, accepted, failed, sampled, served_by = self._round(round_, arrays, global_step)
             if len(accepted) < self.min_required:
                 if self.saved_round < round_ - 1:
-                    self._checkpoint(round_checkpoint(self.out, round_ - 1), round_ - 1, global_step, arrays)
+                    self._round_checkpoint(round_ - 1, global_step, arrays)
                 raise RoundError(
                     f"round {round_}: {len(accepted)} of {sampled} clients replied usable updates, fewer than "
                     f"strategy.min_clients={self.min_required} "
@@ -501,14 +525,12 @@ class FederatedRun:
                     }
                     self._checkpoint(self.out / CHECKPOINTS / "best.pt", round_, global_step, arrays)
             if round_ % self.cfg.checkpoint_every == 0 or round_ == self.cfg.num_rounds:
-                self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
-                self.saved_round = round_
+                self._round_checkpoint(round_, global_step, arrays)
             if round_ == self.cfg.num_rounds:
                 self._checkpoint(self.out / CHECKPOINTS / "final.pt", round_, global_step, arrays)
             elif (reason := stop_requested(self.out)) is not None:
                 if self.saved_round < round_:
-                    self._checkpoint(round_checkpoint(self.out, round_), round_, global_step, arrays)
-                    self.saved_round = round_
+                    self._round_checkpoint(round_, global_step, arrays)
                 log.warning(
                     "stopping after round %d of %d at request (%s); the state is in %s",
                     round_,

@@ -30,7 +30,7 @@ from flwr.cli.install import install_from_fab
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore import log
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -44,8 +44,9 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 POLL_S = 0.05
 
 
-class _Stop(Exception):
-    """SIGTERM: finish nothing more and exit."""
+class _Stop(BaseException):
+    """SIGTERM: finish nothing more and exit (a BaseException, so that a task's error handling does not take it
+    for the ClientApp's own error)."""
 
 
 def _client(address: str, *interceptors) -> RuntimeHttpClient:
@@ -97,7 +98,7 @@ class Executor:
         except KeyboardInterrupt:  # Flower's task heartbeat failed: the SuperNode gave the task up
             details = "ClientApp task stopped: its heartbeat failed"
             log(WARNING, "%s", details)
-        except Exception as error:  # pylint: disable=broad-exception-caught
+        except Exception as error:  # the ClientApp's error becomes an error reply, as in flwr-clientapp
             code, reason = ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{type(error)}:<'{error}'>"
             if isinstance(error, LoadClientAppError):
                 code, reason = ErrorCode.LOAD_CLIENT_APP_EXCEPTION, "An exception was raised when loading `ClientApp`"
@@ -109,7 +110,7 @@ class Executor:
             try:
                 if reply is not None and context is not None:
                     push_message(client, reply, context)
-            except Exception as error:  # pylint: disable=broad-exception-caught
+            except Exception as error:  # the task's status is still pushed below
                 log(ERROR, "Failed to push the reply", exc_info=error)
             push_task_output(client=client, context=context, sub_status=status, details=details)
             if heartbeat.is_running:
