@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from fedhubert.fl.exchange import Exchanged, FittedTimeout
 from fedhubert.labels.features import FeatureError, FeatureSet, extract, extractor_for, featurise, load_features
+from fedhubert.labels.federated import sampling_error
 from fedhubert.labels.kmeans import (
+    ClusterStats,
     KMeansError,
     cluster_stats,
     fit_minibatch,
@@ -235,6 +238,49 @@ def test_initial_codebook_weights_local_centroids_and_needs_enough_of_them():
     assert np.all(distances < 1.0)
     with pytest.raises(KMeansError, match="shared 3 local centroids, fewer than num_clusters=4"):
         initial_codebook([(points[:3], np.ones(3))], 4, seed=0)
+
+
+def test_sampling_error_is_the_spread_of_the_clients_inertia_per_frame():
+    """A Lloyd round on a sample of clients estimates the inertia per frame of all of them: over many samples of 50
+    of 2,000 clients the estimates spread as sampling_error says (times the finite-population correction)."""
+    rng = np.random.default_rng(0)
+    frames = rng.integers(200, 5000, size=2000)
+    per_frame = rng.lognormal(0.0, 0.4, size=2000)
+    population = [
+        ClusterStats(np.zeros(0), np.zeros(0), np.zeros(0), float(p * f), int(f))
+        for p, f in zip(per_frame, frames, strict=True)
+    ]
+    truth = float((per_frame * frames).sum() / frames.sum())
+    estimates, errors = [], []
+    for _ in range(400):
+        sample = [population[i] for i in rng.choice(2000, size=50, replace=False)]
+        estimates.append(sum(s.inertia for s in sample) / sum(s.frames for s in sample))
+        errors.append(sampling_error(sample))
+    spread = np.std(estimates) / truth
+    predicted = np.mean(errors) * np.sqrt(1 - 50 / 2000)
+    assert abs(np.mean(estimates) / truth - 1) < 0.01
+    assert 0.8 < spread / predicted < 1.25, (spread, predicted)
+    assert sampling_error(population[:1]) == 0.0
+    same = [ClusterStats(np.zeros(0), np.zeros(0), np.zeros(0), 2.0 * f, int(f)) for f in frames[:10]]
+    assert sampling_error(same) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_fitted_timeout_waits_the_cap_until_measured_then_about_the_rounds_pace():
+    timeout = FittedTimeout(3600.0)
+    assert timeout.seconds() == 3600.0
+    timeout.observe(Exchanged(["late"], 3600.0))  # a round that timed out says nothing of the clients' pace
+    assert timeout.seconds() == 3600.0
+    timeout.observe(Exchanged([], 10.0))
+    assert timeout.seconds() == 3 * 10.0 + 60
+    timeout.observe(Exchanged([7], 2.0))
+    assert timeout.seconds() == 90.0
+    capped = FittedTimeout(50.0)
+    capped.observe(Exchanged([], 10.0))
+    assert capped.seconds() == 50.0
+    unbounded = FittedTimeout(None)
+    assert unbounded.seconds() is None
+    unbounded.observe(Exchanged([], 100.0))
+    assert unbounded.seconds() == 360.0
 
 
 def test_too_few_frames_for_k_is_a_clear_error():

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import DISTILL_FAST, PRETRAIN_FAST, rows, run_cli
+from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, rows, run_cli
 from fedhubert.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -185,3 +185,58 @@ def test_a_run_stopped_in_round_one_resumes(small_partition, small_kmeans, tmp_p
         and "m_t" in final["state"]["strategy"]
         and finite(out / "checkpoints" / "final.pt")
     )
+
+
+def test_kmeans_leaves_out_a_client_that_sends_garbage_or_hangs_and_training_never_samples_it(
+    small_partition, kmeans_features, tmp_path, plan, monkeypatch
+):
+    """Client 1 sends NaN statistics in Lloyd round 1 and client 2 hangs while labelling: each is left out of the
+    rest of the stage with its reason (the hang after lloyd.timeout_s, not forever), the stage ends with client 0's
+    labels, and pretraining on them never samples the other two."""
+    plan({1: {"stats:1": "garbage"}, 2: {"labels": "stall"}})
+    monkeypatch.setenv("FEDHUBERT_DRILL_STALL_S", "45")
+    out = tmp_path / "kmeans-hostile"
+    assert (
+        run_cli(
+            "kmeans",
+            "--partition",
+            small_partition,
+            "--out",
+            out,
+            *KMEANS_FAST,
+            f"feature_dir={kmeans_features}",
+            "lloyd.timeout_s=15",
+            f"federation.app={HOSTILE_APP}",
+        )
+        == 0
+    )
+    record = json.loads((out / "kmeans.json").read_text())
+    failed = {f["client"]: f for f in record["failed_clients"]}
+    assert set(failed) == {1, 2}, failed
+    assert failed[1]["stage"] == "kmeans_stats" and failed[1]["round"] == 1 and "not finite" in failed[1]["reason"]
+    assert failed[2]["stage"] == "kmeans_labels" and failed[2]["reason"] == "no reply within 15 s"
+    assert [c["client"] for c in record["clients"]] == [0]
+    assert [h["clients"] for h in record["history"]] == [2] * len(record["history"])
+    assert (out / "client_0" / "train.km").is_file()  # (a hung client may still write its own later, unrecorded)
+    monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
+    pretrain = tmp_path / "pretrain-on-one"
+    assert (
+        run_cli(
+            "pretrain",
+            "--partition",
+            small_partition,
+            "--kmeans",
+            out,
+            "--out",
+            pretrain,
+            *PRETRAIN_FAST,
+            "--rounds",
+            "2",
+            "strategy.min_clients=1",
+        )
+        == 0
+    )
+    messages = [json.loads(line) for line in (pretrain / "messages.jsonl").read_text().splitlines()]
+    assert {m["client"] for m in messages if m["direction"] == "to_client" and m["type"] == "train"} == {0}
+    log = (pretrain / "logs" / "server-pretrain.log").read_text()
+    assert "2 of 3 clients are never sampled: client 1: no k-means labels (it failed in kmeans_stats" in log

@@ -17,7 +17,14 @@ from fedhubert.distill.objective import Distillation
 from fedhubert.fl.local import planned_local_steps
 from fedhubert.fl.rounds import RoundTask
 from fedhubert.fl.tasks import ServerRun
-from fedhubert.fl.training import client_seconds, held_out_evaluator, label_heads, read_task_inputs, serve_rounds
+from fedhubert.fl.training import (
+    client_seconds,
+    held_out_evaluator,
+    label_heads,
+    read_task_inputs,
+    serve_rounds,
+    unlabelled_clients,
+)
 from fedhubert.manifest import file_sha256
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.student import LABEL_HEAD_KEYS, init_from_teacher
@@ -95,6 +102,7 @@ def serve_distill(grid: Grid, run: ServerRun) -> dict:
         default_lr=DISTILL_LR_SHARE * PRESET_LR[teacher_cfg.preset],
         checkpoint_extra=lambda round_: {"pred_layers": layers, **heads(round_)},
         client_seconds=client_seconds(partition),
+        unavailable=unlabelled_clients(kmeans),
     )
     details = {"teacher_parameters": teacher_params, "student_parameters": student_params, "pred_layers": layers}
     return serve_rounds(grid, run, cfg, task, num_clients, details)

@@ -151,7 +151,12 @@ class RoundsConfig:
         "final.pt are kept besides); null: keep every one",
         ge=1,
     )
-    round_timeout_s: float = param(3600.0, "stop waiting for a round's replies after this many seconds", gt=0)
+    round_timeout_s: float = param(
+        3600.0,
+        "longest wait for a round's replies; once a round has had every reply, the next waits 3x that round's "
+        "time + 60 s (at most this), so a dead or hung client costs a round little more than the round needs",
+        gt=0,
+    )
     valid_seconds: float = param(
         120.0,
         "each client validates on at most this many seconds of its validation split after training (the same "

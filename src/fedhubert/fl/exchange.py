@@ -6,6 +6,9 @@ small batches of message ids (a pull returns every reply ready for the ids it is
 message once it is pulled), and each reply is handed to `take` at once, so the caller can fold it into a running
 result and let it go. Every `every_s` seconds the exchange says how many replies have come of how many sent, how
 long it has waited and how long it will still wait.
+
+A dead or hung client should cost a round no more than the round needs: `FittedTimeout` waits the configured cap
+until it has seen an exchange complete, then `factor` times the last complete exchange's time plus a slack.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from flwr.app import Message
@@ -26,6 +30,37 @@ PULL_BATCH = 4  # message ids per pull: at most this many replies are held at on
 POLL_MIN_S, POLL_MAX_S = 0.02, 0.1
 
 
+@dataclass
+class Exchanged:
+    """How an exchange ended: the keys whose reply did not come in time, and when (seconds after the start) the
+    last reply was taken (0 if none came)."""
+
+    missing: list = field(default_factory=list)
+    last_reply_s: float = 0.0
+
+
+@dataclass
+class FittedTimeout:
+    """How long the next exchange of a kind waits: `cap_s` (None: no limit) until one has completed with every
+    reply, then `factor` x that exchange's time + `slack_s`, never above the cap. An exchange with missing replies
+    does not refit it (its time is the timeout itself, not the clients' pace)."""
+
+    cap_s: float | None
+    factor: float = 3.0
+    slack_s: float = 60.0
+    measured_s: float | None = None
+
+    def seconds(self) -> float | None:
+        if self.measured_s is None:
+            return self.cap_s
+        fitted = self.factor * self.measured_s + self.slack_s
+        return fitted if self.cap_s is None else min(self.cap_s, fitted)
+
+    def observe(self, done: Exchanged) -> None:
+        if not done.missing:
+            self.measured_s = done.last_reply_s
+
+
 def exchange(
     grid: Grid,
     outgoing: Sequence[tuple[K, Message]],
@@ -35,16 +70,17 @@ def exchange(
     label: str,
     window: int | None = None,
     every_s: float = 30.0,
-) -> list[K]:
+) -> Exchanged:
     """Send each (key, message) of `outgoing` in order and call `take(key, reply)` for each reply as it is pulled.
-    Returns the keys whose reply did not come within `timeout_s` (None: wait as long as it takes) of the start.
+    Returns the keys whose reply did not come within `timeout_s` (None: wait as long as it takes) of the start,
+    and when the last reply came.
     When a pass pulls nothing it waits 20 ms, up to 100 ms when many replies are pending (one pull per 4 ids), so a
     round's last reply is taken within tens of milliseconds without flooding a remote SuperLink with pulls."""
     start = time.monotonic()
     deadline = None if timeout_s is None else start + timeout_s
     window = len(outgoing) if window is None else max(1, window)
     pending: dict[str, K] = {}
-    next_out, received, said = 0, 0, start
+    next_out, received, said, last_reply = 0, 0, start, 0.0
     while True:
         if next_out < len(outgoing) and len(pending) < window:
             batch = outgoing[next_out : next_out + window - len(pending)]
@@ -64,8 +100,10 @@ def exchange(
             reply = None
         received += got
         now = time.monotonic()
+        if got:
+            last_reply = now - start
         if not pending and next_out == len(outgoing):
-            return []
+            return Exchanged([], last_reply)
         if deadline is not None and now >= deadline:
             missing = list(pending.values()) + [key for key, _ in outgoing[next_out:]]
             log.warning(
@@ -76,7 +114,7 @@ def exchange(
                 now - start,
                 len(missing),
             )
-            return missing
+            return Exchanged(missing, last_reply)
         if now - said >= every_s:
             left = "" if deadline is None else f", waiting at most {deadline - now:.0f} s more"
             log.info("%s: %d of %d replies after %.0f s%s", label, received, len(outgoing), now - start, left)

@@ -28,7 +28,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
 from fedhubert.fl.config import RoundsConfig
-from fedhubert.fl.exchange import exchange
+from fedhubert.fl.exchange import FittedTimeout, exchange
 from fedhubert.fl.nodes import ClientNodes, connect_clients
 from fedhubert.fl.privacy import (
     Accountant,
@@ -94,6 +94,8 @@ class RoundTask:
     checkpoint_extra: Callable[[int], dict] = field(default=lambda round_: {})
     # Each client's audio in seconds, by partition id: a round's clients go to the nodes longest first.
     client_seconds: Sequence[float] = ()
+    # Clients that can never take part (e.g. k-means left them without labels), with the reason: never sampled.
+    unavailable: Mapping[int, str] = field(default_factory=dict)
 
 
 def stop_requested(out: Path) -> str | None:
@@ -156,7 +158,19 @@ class FederatedRun:
         self.strategy = make_strategy(cfg.strategy)
         self.messages = MessageLog(self.out / "messages.jsonl")
         self.records = RoundLog(self.out)
-        self.min_required = min(cfg.strategy.min_clients, num_clients)
+        self.available = [client for client in range(num_clients) if client not in task.unavailable]
+        if task.unavailable:
+            log.warning(
+                "%d of %d clients are never sampled: %s",
+                len(task.unavailable),
+                num_clients,
+                "; ".join(f"client {c}: {why}" for c, why in sorted(task.unavailable.items())[:10])
+                + (f"; and {len(task.unavailable) - 10} more" if len(task.unavailable) > 10 else ""),
+            )
+        if not self.available:
+            raise RoundError(f"none of the {num_clients} clients can take part: {dict(task.unavailable)}")
+        self.min_required = min(cfg.strategy.min_clients, len(self.available))
+        self.timeout = FittedTimeout(cfg.round_timeout_s)
         self.best: dict | None = None
         self.saved_round = -1
         self.planned = cfg.num_rounds * (task.local_steps or cfg.local_steps)
@@ -168,12 +182,12 @@ class FederatedRun:
         self.privacy = cfg.privacy
         self.audit: UpdateAudit | None = None
         self.clients: ClientNodes | None = None
-        self.sampled = cfg.strategy.sample_size(num_clients)
-        check_settings(self.privacy, num_clients, self.sampled)
+        self.sampled = cfg.strategy.sample_size(len(self.available))
+        check_settings(self.privacy, len(self.available), self.sampled)
         self.clip = ClipBound(self.privacy, self.sampled) if self.privacy.mode != "none" else None
         self.update_noise = update_noise_multiplier(self.privacy, self.sampled)
         self.accountant = (
-            Accountant(self.privacy, num_clients, self.sampled)
+            Accountant(self.privacy, len(self.available), self.sampled)
             if self.privacy.mode != "none" and self.privacy.noise_multiplier > 0
             else None
         )
@@ -234,7 +248,7 @@ class FederatedRun:
 
     def _sample(self, round_: int) -> list[int]:
         rng = np.random.default_rng([self.cfg.seed, round_])
-        return sorted(int(c) for c in rng.choice(self.num_clients, size=self.sampled, replace=False))
+        return sorted(int(c) for c in rng.choice(self.available, size=self.sampled, replace=False))
 
     def _round(
         self, round_: int, arrays: dict[str, torch.Tensor], global_step: int
@@ -294,15 +308,11 @@ class FederatedRun:
             metrics.update(stream.add(client, tensors, metrics, received))
             accepted[client] = metrics
 
-        missing = exchange(
-            self.grid,
-            outgoing,
-            take,
-            timeout_s=self.cfg.round_timeout_s,
-            label=f"round {round_}",
-        )
-        for client in missing:
-            failed[client] = f"no reply within {self.cfg.round_timeout_s:.0f} s"
+        wait_s = self.timeout.seconds()
+        done = exchange(self.grid, outgoing, take, timeout_s=wait_s, label=f"round {round_}")
+        self.timeout.observe(done)
+        for client in done.missing:
+            failed[client] = f"no reply within {wait_s:.0f} s"
         for client, reason in sorted(failed.items()):
             log.warning("round %d: client %d left out: %s", round_, client, reason)
             self.records.write({"kind": "failure", "round": round_, "client": client, "reason": reason})

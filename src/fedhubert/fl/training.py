@@ -51,6 +51,17 @@ def read_task_inputs(cfg: RoundsConfig, path_keys: Sequence[str], with_kmeans: b
     return partition, kmeans
 
 
+def unlabelled_clients(kmeans: dict | None) -> dict[int, str]:
+    """The clients k-means left without labels (kmeans.json's failed_clients), with why: training never samples
+    them."""
+    if kmeans is None:
+        return {}
+    return {
+        int(failed["client"]): f"no k-means labels (it failed in {failed['stage']}: {failed['reason']})"
+        for failed in kmeans.get("failed_clients", [])
+    }
+
+
 def client_seconds(partition: dict) -> list[float]:
     """Each client's audio in seconds (training and validation splits), by partition id, from partition.json."""
     return [

@@ -33,6 +33,31 @@ class LloydConfig:
         "a client's local centroid is shared for the initial codebook only if it stands for this many frames",
         ge=1,
     )
+    fraction: float = param(
+        1.0,
+        "share of the clients asked for statistics each Lloyd round (a new seeded sample each round); "
+        "the inertia a round reports is then an estimate, and convergence allows for its sampling noise",
+        gt=0,
+        le=1,
+    )
+    init_clients: int = param(
+        200,
+        "most clients whose local centroids seed the initial codebook (a seeded sample; the initial clustering "
+        "then works on at most init_clients x num_clusters points)",
+        ge=1,
+    )
+    min_clients: int = param(
+        1,
+        "stop with an error when fewer clients than this are left to ask (clients that fail or time out are "
+        "left out of the rest of the stage)",
+        ge=1,
+    )
+    timeout_s: float = param(
+        1800.0,
+        "longest wait for a client's reply in any exchange; once a Lloyd round has completed, a round waits "
+        "3x the last one's time + 60 s (at most this)",
+        gt=0,
+    )
 
 
 @dataclass
@@ -54,6 +79,12 @@ class KMeansConfig:
         True,
         "also fit a centralized codebook on the pooled frames and report the gap to it (simulation only: "
         "it reads every client's features)",
+    )
+    reference_frames: int = param(
+        2_000_000,
+        "most frames the reference codebook is fitted on: a uniform sample over all clients' training frames, "
+        "held as float32 (2 M x 39 dims: 312 MB); both inertias are then summed over every frame, client by client",
+        ge=1,
     )
     feature_dir: Path | None = param(None, "feature cache folder (null: <out>/features; kept by --force)")
     workers: int = param(0, "processes for featurising; 0 means one per CPU core", ge=0)

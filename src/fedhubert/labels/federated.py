@@ -5,7 +5,13 @@ for at least `lloyd.min_shared_count` frames, with their counts; the server clus
 initial codebook. Then, each round, clients return per-cluster sums, sums of squares and counts for the current
 codebook, and the server recomputes the centroids, until the relative change in inertia is below `lloyd.tol`.
 Finally clients label their own frames; labels never leave a client. The server checkpoints its state after every
-Lloyd round (`checkpoints/round_<n>.pt`: centroids, RNG, history), so a killed run resumes where it was.
+Lloyd round (`checkpoints/round_<n>.pt`: centroids, RNG, history, the clients left out), so a killed run resumes
+where it was.
+
+At thousands of clients not every client takes part: the initial codebook comes from a seeded sample of at most
+`lloyd.init_clients` clients, each Lloyd round asks `lloyd.fraction` of them, and a client that fails (an error, a
+reply that does not pass its checks, no reply within the fitted timeout) is left out of the rest of the stage and
+named in kmeans.json's `failed_clients`; training never samples a client without labels.
 
 Per-client mode: each client fits its own codebook, keeps it (`client_<i>/codebook.npy`) and labels its frames.
 """
@@ -14,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +32,17 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
-from fedhubert.fl.exchange import exchange
+from fedhubert.fl.exchange import FittedTimeout, exchange
 from fedhubert.fl.nodes import connect_clients, served_client
 from fedhubert.fl.place import ClientPlace
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
-from fedhubert.fl.rounds import CHECKPOINTS, changed_keys, newest_checkpoint, round_checkpoint
+from fedhubert.fl.rounds import (
+    CHECKPOINTS,
+    changed_keys,
+    newest_checkpoint,
+    prune_round_checkpoints,
+    round_checkpoint,
+)
 from fedhubert.fl.tasks import FederatedTask, ServerRun
 from fedhubert.fl.training import client_seconds
 from fedhubert.labels.config import KMeansConfig
@@ -54,6 +68,7 @@ SPLITS = ("train", "valid")
 KMEANS_FILE = "kmeans.json"
 CODEBOOK_FILE = "codebook.npy"
 LLOYD_KIND = "kmeans-lloyd"
+LLOYD_KEEP = 3  # Lloyd checkpoints kept (each is K x D floats and the state)
 
 
 # ------------------------------------------------------------------------------------------------ client side
@@ -172,7 +187,54 @@ def _manifest_hashes(place: ClientPlace) -> ConfigRecord:
 
 
 # ------------------------------------------------------------------------------------------------ server side
+def _arrays_of(content: RecordDict, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    if "stats" not in content or "metrics" not in content:
+        raise KMeansError("the reply lacks 'stats' or 'metrics'")
+    got = numpy_arrays(content["stats"])
+    missing = [name for name in names if name not in got]
+    if missing:
+        raise KMeansError(f"the reply lacks {', '.join(missing)}")
+    for name in names:
+        if not np.all(np.isfinite(got[name])):
+            raise KMeansError(f"{name} holds values that are not finite")
+    return got
+
+
+def _check_init(content: RecordDict, cfg: KMeansConfig) -> None:
+    got = _arrays_of(content, ("centroids", "counts"))
+    centroids, counts = got["centroids"], got["counts"]
+    dims = extractor_for(cfg.features).dims
+    if centroids.ndim != 2 or centroids.shape[1] != dims or len(centroids) > cfg.num_clusters:
+        raise KMeansError(f"centroids of shape {centroids.shape}, not (at most {cfg.num_clusters}, {dims})")
+    if counts.shape != (len(centroids),) or np.any(counts < 0):
+        raise KMeansError(f"counts of shape {counts.shape} (or negative) for {len(centroids)} centroids")
+
+
+def _check_stats(content: RecordDict, cfg: KMeansConfig, centroids: np.ndarray) -> None:
+    got = _arrays_of(content, ("sums", "sumsq", "counts"))
+    for name, shape in (("sums", centroids.shape), ("sumsq", centroids.shape), ("counts", (len(centroids),))):
+        if got[name].shape != shape:
+            raise KMeansError(f"{name} of shape {got[name].shape}, not {shape}")
+    metrics = content["metrics"]
+    inertia, frames = float(metrics.get("inertia", np.nan)), int(metrics.get("frames", -1))
+    if not np.isfinite(inertia) or inertia < 0 or frames != int(got["counts"].sum()) or np.any(got["counts"] < 0):
+        raise KMeansError(f"inertia {inertia} or frames {frames} do not match its counts ({int(got['counts'].sum())})")
+
+
+def _check_labels(content: RecordDict, cfg: KMeansConfig) -> None:
+    usage = _arrays_of(content, ("usage",))["usage"]
+    if usage.shape != (cfg.num_clusters,):
+        raise KMeansError(f"usage of shape {usage.shape}, not ({cfg.num_clusters},)")
+    if "manifests" not in content or any(f"{split}_frames" not in content["metrics"] for split in SPLITS):
+        raise KMeansError("the reply lacks its manifests' hashes or frame counts")
+
+
 class _Server:
+    """The server's side of the stage: which clients are still in it, and one exchange with a sample of them.
+    A client whose reply is an error, does not pass its checks or does not come in time is left out of the rest
+    of the stage (it gets no labels, so training never samples it); the stage stops once fewer than
+    `lloyd.min_clients` are left."""
+
     def __init__(self, grid: Grid, cfg: KMeansConfig, out: Path, partition: dict):
         self.grid = grid
         self.cfg = cfg
@@ -180,16 +242,42 @@ class _Server:
         self.num_clients = int(partition["num_clients"])
         self.seconds = client_seconds(partition)
         self.messages = MessageLog(out / "messages.jsonl")
+        self.failed: dict[int, dict] = {}  # client -> {"stage", "round", "reason"}
+        self.timeouts: dict[str, FittedTimeout] = {}
         federation = cfg.federation
         self.clients = connect_clients(
             grid, self.num_clients, federation.virtual(), federation.connect_timeout_s, None, pool=federation.supernodes
         )
 
-    def ask(self, action: str, round_: int | None = None, **records) -> dict[int, RecordDict]:
-        """Send `action` with the config (and `records`) to every client; return the replies by client index."""
+    def active(self) -> list[int]:
+        return [client for client in range(self.num_clients) if client not in self.failed]
+
+    def sample(self, round_: int, share: float = 1.0, most: int | None = None) -> list[int]:
+        """A seeded sample (by seed and round) of `share` of the clients still in the stage, at most `most`."""
+        active = self.active()
+        size = min(len(active), max(1, math.ceil(share * len(active))), most or len(active))
+        if size == len(active):
+            return active
+        rng = np.random.default_rng([self.cfg.seed, round_])
+        return sorted(int(c) for c in rng.choice(active, size=size, replace=False))
+
+    def _fail(self, client: int, action: str, round_: int | None, reason: str) -> None:
+        self.failed[client] = {"stage": action, "round": round_, "reason": reason}
+        log.warning("k-means %s: client %d is left out of the rest of the stage: %s", action, client, reason)
+
+    def ask(
+        self,
+        action: str,
+        clients: list[int],
+        round_: int | None = None,
+        check: Callable[[RecordDict], None] | None = None,
+        **records,
+    ) -> dict[int, RecordDict]:
+        """Send `action` with the config (and `records`) to `clients`; return the replies that passed `check`,
+        by client index."""
         outgoing = []
         config = config_to_record(self.cfg)
-        plan = self.clients.assign(range(self.num_clients), self.seconds)
+        plan = self.clients.assign(clients, self.seconds)
         for client, node in plan:
             run = {"out": str(self.out), **({"client": client} if self.clients.virtual else {})}
             content = RecordDict({"config": config, "run": ConfigRecord(run), **records})
@@ -206,18 +294,50 @@ class _Server:
         def take(client: int, reply: Message) -> None:
             self.messages.record("from_client", reply, round_, client)
             if reply.has_error():
-                raise KMeansError(
-                    f"client {client} (node {reply.metadata.src_node_id}) failed in {action}: {reply.error.reason}"
+                self._fail(
+                    client, action, round_, f"client error (node {reply.metadata.src_node_id}): {reply.error.reason}"
                 )
-            said = int(reply.content["metrics"]["client"])
-            if said != client:
-                raise KMeansError(f"{action}: the reply for client {client} came from client {said}")
+                return
+            try:
+                said = int(reply.content["metrics"]["client"])
+                if said != client:
+                    raise KMeansError(f"the reply for client {client} came from client {said}")
+                if check is not None:
+                    check(reply.content)
+            except (KMeansError, KeyError, TypeError, ValueError) as err:
+                self._fail(client, action, round_, f"rejected reply: {err}")
+                return
             replies[client] = reply.content
 
+        timeout = self.timeouts.setdefault(action, FittedTimeout(self.cfg.lloyd.timeout_s))
+        wait_s = timeout.seconds()
         # A few messages in flight per node: Flower's simulation dispatcher scans every stored message for each node.
         window = max(16, 4 * len({node for _, node in plan}))
-        exchange(self.grid, outgoing, take, timeout_s=None, label=f"k-means {action}", window=window)
+        done = exchange(self.grid, outgoing, take, timeout_s=wait_s, label=f"k-means {action}", window=window)
+        timeout.observe(done)
+        for client in done.missing:
+            self._fail(client, action, round_, f"no reply within {wait_s:.0f} s")
+        left = len(self.active())
+        if not replies or left < self.cfg.lloyd.min_clients:
+            raise KMeansError(
+                f"k-means {action}: {len(replies)} of {len(clients)} clients replied and {left} are left in the "
+                f"stage (lloyd.min_clients={self.cfg.lloyd.min_clients}); see the warnings above for why"
+            )
         return replies
+
+
+def sampling_error(stats: list[ClusterStats]) -> float:
+    """The relative standard error of a round's inertia per frame (sum of inertias / sum of frames, a ratio
+    estimator over the sampled clients) as an estimate of the same ratio over all clients: the spread of the
+    clients' inertia per frame, weighted by their frames, over sqrt(n). 0 for fewer than 2 clients."""
+    if len(stats) < 2:
+        return 0.0
+    inertia = np.array([s.inertia for s in stats])
+    frames = np.array([s.frames for s in stats], dtype=np.float64)
+    ratio = inertia.sum() / frames.sum()
+    residual = inertia - ratio * frames
+    se = np.sqrt(np.sum(residual**2) / (len(stats) * (len(stats) - 1))) / frames.mean()
+    return float(se / ratio) if ratio > 0 else 0.0
 
 
 def _save_lloyd(
@@ -229,8 +349,10 @@ def _save_lloyd(
     previous: float | None,
     converged: bool,
     cfg: KMeansConfig,
+    failed: dict[int, dict],
 ) -> None:
-    """The server's whole state after a Lloyd round (round 0: the initial codebook), so a killed run resumes it."""
+    """The server's whole state after a Lloyd round (round 0: the initial codebook), so a killed run resumes it;
+    only the newest LLOYD_KEEP are kept."""
     save_checkpoint(
         round_checkpoint(out, round_),
         kind=LLOYD_KIND,
@@ -243,13 +365,15 @@ def _save_lloyd(
             "history": history,
             "previous": previous,
             "converged": converged,
+            "failed": {str(client): why for client, why in failed.items()},
             "config": config_to_dict(cfg),
         },
     )
+    prune_round_checkpoints(out, LLOYD_KEEP)
 
 
 def _restore_lloyd(
-    out: Path, cfg: KMeansConfig, rng: np.random.Generator
+    out: Path, cfg: KMeansConfig, rng: np.random.Generator, server: _Server
 ) -> tuple[int, np.ndarray, list, float | None, bool] | None:
     found = newest_checkpoint(out, LLOYD_KIND)
     if found is None:
@@ -263,6 +387,7 @@ def _restore_lloyd(
             f"{path} was written with other settings ({', '.join(changed)}); resume with the run's own config.yaml"
         )
     rng.bit_generator.state = state["rng"]
+    server.failed.update({int(client): why for client, why in state.get("failed", {}).items()})
     log.info("resuming federated k-means after Lloyd round %d (%s)", state["round"], path.name)
     return (
         int(state["round"]),
@@ -273,28 +398,49 @@ def _restore_lloyd(
     )
 
 
+def _initial(server: _Server, cfg: KMeansConfig) -> np.ndarray:
+    """The initial codebook from the shared local centroids of a sample of at most `lloyd.init_clients` clients."""
+    asked = server.sample(0, most=cfg.lloyd.init_clients)
+    replies = server.ask("kmeans_init", asked, 0, lambda content: _check_init(content, cfg))
+    local = [
+        (numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"]) for _, r in sorted(replies.items())
+    ]
+    centroids = initial_codebook(local, cfg.num_clusters, cfg.seed)
+    log.info(
+        "initial codebook from %d shared local centroids of %d clients (of %d)",
+        sum(len(c) for c, _ in local),
+        len(replies),
+        server.num_clients,
+    )
+    return centroids
+
+
 def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple[np.ndarray, list]:
-    """The federated codebook: initial centroids from the clients' local ones, then Lloyd rounds on their statistics.
-    Every round is checkpointed; `resume` continues from the newest readable checkpoint."""
+    """The federated codebook: initial centroids from a sample of the clients' local ones, then Lloyd rounds on the
+    statistics of `lloyd.fraction` of the clients each. Every round is checkpointed; `resume` continues from the
+    newest readable checkpoint. With a sample per round the inertia is an estimate: the rounds stop once its change
+    is below `lloyd.tol` plus twice the standard error of a difference of two such estimates."""
     rng = np.random.default_rng(cfg.seed)
-    restored = _restore_lloyd(out, cfg, rng) if resume else None
+    restored = _restore_lloyd(out, cfg, rng, server) if resume else None
     if restored is None:
-        replies_init = server.ask("kmeans_init")
-        local = [
-            (numpy_arrays(r["stats"])["centroids"], numpy_arrays(r["stats"])["counts"])
-            for _, r in sorted(replies_init.items())
-        ]
-        centroids = initial_codebook(local, cfg.num_clusters, cfg.seed)
-        log.info("initial codebook from %d shared local centroids", sum(len(c) for c, _ in local))
+        centroids = _initial(server, cfg)
         start, history, previous, converged = 0, [], None, False
-        _save_lloyd(out, 0, centroids, rng, history, previous, converged, cfg)
+        _save_lloyd(out, 0, centroids, rng, history, previous, converged, cfg, server.failed)
     else:
         start, centroids, history, previous, converged = restored
     clock = RoundClock(start + 1, cfg.lloyd.max_rounds)
     for round_ in range(start + 1, cfg.lloyd.max_rounds + 1):
         if converged:
             break
-        replies_stats = server.ask("kmeans_stats", round_, codebook=arrays(centroids=centroids.astype(np.float32)))
+        asked = server.sample(round_, cfg.lloyd.fraction)
+        sent = centroids.astype(np.float32)
+        replies_stats = server.ask(
+            "kmeans_stats",
+            asked,
+            round_,
+            lambda content, sent=sent: _check_stats(content, cfg, sent),
+            codebook=arrays(centroids=sent),
+        )
         stats = [
             ClusterStats(
                 **{k: v for k, v in numpy_arrays(r["stats"]).items()},
@@ -304,21 +450,34 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
             for _, r in sorted(replies_stats.items())
         ]
         inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
+        unseen = 1 - len(stats) / max(len(server.active()), len(stats))  # the finite-population correction
+        noise = 2 * np.sqrt(2) * sampling_error(stats) * np.sqrt(unseen)
         centroids, reseeded = lloyd_update(stats, centroids, rng)
         change = abs(previous - inertia) / previous if previous else float("inf")
-        history.append({"round": round_, "inertia": inertia, "relative_change": change, "reseeded": reseeded})
+        history.append(
+            {
+                "round": round_,
+                "inertia": inertia,
+                "relative_change": change,
+                "sampling_noise": float(noise),
+                "clients": len(stats),
+                "reseeded": reseeded,
+            }
+        )
         log.info(
-            "k-means round %d/%d (%s): inertia %.4f per frame (change %.2e), %d clusters re-seeded",
+            "k-means round %d/%d (%s): inertia %.4f per frame over %d clients (change %.2e%s), %d clusters re-seeded",
             round_,
             cfg.lloyd.max_rounds,
             clock.status(round_, bound=True),
             inertia,
+            len(stats),
             change,
+            f", sampling noise {noise:.1e}" if noise else "",
             len(reseeded),
         )
         previous = inertia
-        converged = change < cfg.lloyd.tol and not reseeded
-        _save_lloyd(out, round_, centroids, rng, history, previous, converged, cfg)
+        converged = change < cfg.lloyd.tol + noise and not reseeded
+        _save_lloyd(out, round_, centroids, rng, history, previous, converged, cfg, server.failed)
     return centroids.astype(np.float32), history
 
 
@@ -329,18 +488,29 @@ def serve_kmeans(grid: Grid, run: ServerRun) -> None:
     started = time.monotonic()
     history: list[dict] = []
     if cfg.mode == "per-client":
-        replies = server.ask("kmeans_own_codebook")
+        replies = server.ask("kmeans_own_codebook", server.active(), check=lambda content: _check_labels(content, cfg))
     else:
         codebook, history = _lloyd(server, cfg, out, run.resume)
         with atomic_path(out / CODEBOOK_FILE) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, codebook)
-        replies = server.ask("kmeans_labels", codebook=arrays(centroids=codebook))
-    write_record(cfg, out, partition, replies, history, time.monotonic() - started)
+        replies = server.ask(
+            "kmeans_labels",
+            server.active(),
+            check=lambda content: _check_labels(content, cfg),
+            codebook=arrays(centroids=codebook),
+        )
+    write_record(cfg, out, partition, replies, history, time.monotonic() - started, server.failed)
 
 
 def write_record(
-    cfg: KMeansConfig, out: Path, partition: dict, replies: dict[int, RecordDict], history: list, seconds: float
+    cfg: KMeansConfig,
+    out: Path,
+    partition: dict,
+    replies: dict[int, RecordDict],
+    history: list,
+    seconds: float,
+    failed: dict[int, dict],
 ) -> dict:
     clients, usage_total = [], np.zeros(cfg.num_clusters, dtype=np.int64)
     for index, content in sorted(replies.items()):
@@ -375,6 +545,7 @@ def write_record(
         "cluster_usage": usage_total.tolist(),
         "unused_clusters": int(np.sum(usage_total == 0)),
         "clients": clients,
+        "failed_clients": [{"client": client, **failed[client]} for client in sorted(failed)],
         "partition": {"path": str(cfg.partition), "scheme": partition["scheme"], "seed": partition["seed"]},
         "seconds": round(seconds, 2),
         "config": config_to_dict(cfg),

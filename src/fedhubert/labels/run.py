@@ -29,7 +29,6 @@ from fedhubert.labels.kmeans import (
     assign,
     fit_minibatch,
     label_lines,
-    sample_frames,
     sample_size,
     write_label_file,
 )
@@ -43,18 +42,31 @@ log = logging.getLogger(__name__)
 
 
 def _reference(cfg: KMeansConfig, clients: list[ClientPlace]) -> dict:
-    """A centralized MiniBatchKMeans on the pooled training frames of all clients, for comparison."""
+    """A centralized MiniBatchKMeans for comparison, fitted on a uniform sample of all clients' training frames (the
+    clients' own share, `sample_fraction`, of the pool, at most `reference_frames`), and the inertia of it and of
+    the federated codebook over every training frame, summed client by client (memory: the sample, not the pool)."""
     train = [load_features(p.work / "train", p.manifest("train"), cfg.features) for p in clients]
-    pooled = np.concatenate([np.asarray(f.feats, dtype=np.float32) for f in train])
-    sample = sample_frames(pooled, cfg.sample_fraction, cfg.min_sample_frames, np.random.default_rng(cfg.seed))
+    bounds = np.concatenate([[0], np.cumsum([f.num_frames for f in train])])
+    total = int(bounds[-1])
+    size = min(sample_size(total, cfg.sample_fraction, cfg.min_sample_frames), cfg.reference_frames)
+    chosen = np.sort(np.random.default_rng(cfg.seed).choice(total, size=size, replace=False))
+    cuts = np.searchsorted(chosen, bounds)
+    sample = np.concatenate(
+        [np.asarray(f.feats[chosen[cuts[i] : cuts[i + 1]] - bounds[i]], dtype=np.float32) for i, f in enumerate(train)]
+    )
     model = fit_minibatch(sample, cfg.num_clusters, cfg.minibatch, cfg.seed, "the pooled clients")
+    del sample
     central = model.cluster_centers_.astype(np.float32)
-    _, dists = assign(pooled, central)
-    reference = {"inertia": float(dists.mean()), "frames": int(len(pooled))}
-    if cfg.mode == "federated":
-        _, fed = assign(pooled, np.load(clients[0].kmeans / CODEBOOK_FILE))
-        reference["federated_inertia"] = float(fed.mean())
-        reference["relative_gap"] = float(fed.mean() / dists.mean() - 1)
+    federated = np.load(clients[0].kmeans / CODEBOOK_FILE) if cfg.mode == "federated" else None
+    sse, fed_sse = 0.0, 0.0
+    for f in train:
+        sse += float(assign(f.feats, central, f.name)[1].sum())
+        if federated is not None:
+            fed_sse += float(assign(f.feats, federated, f.name)[1].sum())
+    reference = {"inertia": sse / total, "frames": total, "sample_frames": size}
+    if federated is not None:
+        reference["federated_inertia"] = fed_sse / total
+        reference["relative_gap"] = fed_sse / sse - 1
     else:
         distances = []
         for p in clients:
@@ -228,11 +240,20 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
     )
     record = json.loads((out / KMEANS_FILE).read_text())
     record["flower_run_id"] = run_id
+    left_out = {int(failed["client"]) for failed in record["failed_clients"]}
+    labelled = [p for p in clients if p.index not in left_out]
+    if left_out:
+        log.warning(
+            "%d of %d clients were left out of k-means and have no labels (kmeans.json failed_clients); training "
+            "never samples them",
+            len(left_out),
+            len(clients),
+        )
     if cfg.mode == "federated":
         record["global"] = _label_heldout(cfg, partition, out, np.load(out / CODEBOOK_FILE))
-    record["label_quality"] = _label_quality(cfg, out, clients, list(record.get("global", {})), simulation)
+    record["label_quality"] = _label_quality(cfg, out, labelled, list(record.get("global", {})), simulation)
     if cfg.reference and simulation:
-        record["reference"] = _reference(cfg, clients)
+        record["reference"] = _reference(cfg, labelled)
         ref = record["reference"]
         if cfg.mode == "federated":
             log.info(
@@ -256,7 +277,7 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
         cfg.mode,
         cfg.num_clusters,
         record["inertia"],
-        len(clients),
+        len(labelled),
         out,
     )
     run.summary.update({k: record[k] for k in ("mode", "num_clusters", "inertia", "rounds", "unused_clusters")})

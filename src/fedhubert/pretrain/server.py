@@ -21,7 +21,14 @@ from fedhubert.config import load_config
 from fedhubert.fl.local import planned_local_steps
 from fedhubert.fl.rounds import RoundTask
 from fedhubert.fl.tasks import ServerRun
-from fedhubert.fl.training import client_seconds, held_out_evaluator, label_heads, read_task_inputs, serve_rounds
+from fedhubert.fl.training import (
+    client_seconds,
+    held_out_evaluator,
+    label_heads,
+    read_task_inputs,
+    serve_rounds,
+    unlabelled_clients,
+)
 from fedhubert.model.config import PRESET_LR
 from fedhubert.model.hubert import LABEL_HEAD_KEYS, build_hubert
 from fedhubert.pretrain.config import PretrainConfig
@@ -92,6 +99,7 @@ def serve_pretrain(grid: Grid, run: ServerRun) -> dict:
         default_lr=PRESET_LR[cfg.model.preset],
         checkpoint_extra=lambda round_: {"label_rate": rate.rate, **heads(round_)},
         client_seconds=client_seconds(partition),
+        unavailable=unlabelled_clients(kmeans),
     )
     details = {"label_head": kmeans["label_head"], "num_classes": num_classes, "label_rate": rate.rate}
     return serve_rounds(grid, run, cfg, task, num_clients, details)
