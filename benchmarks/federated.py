@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from _common import run_cli, write_results
+from fedhubert.fl.records import read_messages
 from fedhubert.parallel import available_cpus
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "federated"
@@ -50,7 +51,7 @@ def rows(out: Path, kind: str) -> list[dict]:
 
 
 def bytes_per_client_round(out: Path) -> float:
-    messages = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    messages = read_messages(out / "messages.jsonl")
     train = [m for m in messages if m["type"] == "train"]
     pairs = len(train) / 2  # one message each way per client and round
     return sum(m["bytes"] for m in train) / pairs / 2  # per direction

@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, rows, run_cli
+from fedhubert.fl.records import read_messages
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -304,10 +305,10 @@ def test_a_pool_node_that_dies_mid_round_costs_only_the_clients_it_serves(small_
             log = out / "messages.jsonl"
             lines = log.read_text().splitlines() if log.is_file() else []
             logged = [json.loads(line) for line in lines[:-1]]  # the last line may be half-written
-            sent = [m for m in logged if m["direction"] == "to_client" and m["type"] == "train"]
+            sent = [m for m in logged if m.get("direction") == "to_client" and m["type"] == "train"]
         os.killpg(daemons[2].pid, signal.SIGKILL)
         assert stage.wait(timeout=600) == 0
-        messages = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+        messages = read_messages(out / "messages.jsonl")
         round_one = [m for m in messages if m["direction"] == "to_client" and m["type"] == "train" and m["round"] == 1]
         assert len(round_one) == 3 and len({m["node"] for m in round_one}) == 2, round_one
         failed = {f["client"] for f in rows(out, "failure") if f["round"] == 1}

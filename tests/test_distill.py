@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 
@@ -16,6 +15,7 @@ from fedhubert.config import load_config
 from fedhubert.distill.config import DistillLossConfig, StudentConfig
 from fedhubert.distill.models import build_student, distiller_config, load_teacher, prediction_layers
 from fedhubert.errors import ConfigError
+from fedhubert.fl.records import read_messages
 from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_config_of, save_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -95,7 +95,7 @@ def test_federated_distillation_lowers_the_loss_and_changes_only_the_student(dis
     init_from_teacher(initial, teacher.state_dict())
     changed = [k for k, v in initial.state_dict().items() if not torch.equal(v, final["state_dict"][k])]
     assert len(changed) > 0.8 * len(final["state_dict"]), "the student learned"
-    for message in map(json.loads, (distilled / "messages.jsonl").read_text().splitlines()):
+    for message in read_messages(distilled / "messages.jsonl"):
         if message["type"] == "train.distill":
             assert all(name.split(".", 1)[1].startswith("distiller.") for name in message["arrays"]), (
                 "only the student travels"

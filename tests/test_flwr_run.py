@@ -18,6 +18,7 @@ import yaml
 
 from common import SECAGG_STAGES
 from fedhubert.config import load_config
+from fedhubert.fl.records import read_messages
 from fedhubert.fl.runtime.deploy import flower_bin, free_port
 from fedhubert.pretrain.config import PretrainConfig
 
@@ -87,26 +88,47 @@ def test_flwr_run_with_flat_keys_writes_the_stage_records(flower_user, small_par
     assert (out / "logs" / "pretrain.log").is_file()
 
 
-def test_too_few_supernodes_are_named_and_the_wait_is_bounded(flower_user, small_partition, small_kmeans, tmp_path):
-    """With one SuperNode per client (`federation.virtual_clients=false`) a federation of 2 SuperNodes cannot serve
-    3 clients: the wait names the count and the fix, and ends at connect_timeout_s. (With virtual clients, the
-    default in simulation, 2 SuperNodes serve all 3.)"""
+def test_a_client_whose_supernode_never_connects_is_named_and_never_sampled(
+    flower_user, small_partition, small_kmeans, tmp_path
+):
+    """With one SuperNode per client (`federation.virtual_clients=false`) a federation of 2 SuperNodes serves 2 of
+    the 3 clients: the wait names the count and the fix, ends at connect_timeout_s, and the run starts without
+    client 2 (named once, never sampled). With strategy.min_clients=3 the same wait is an error. (With virtual
+    clients, the default in simulation, 2 SuperNodes serve all 3.)"""
     app, env = flower_user
-    config = tmp_path / "fast.yaml"
-    config.write_text(yaml.safe_dump({**FAST, "federation": {**FAST["federation"], "virtual_clients": False}}))
-    out = tmp_path / "run"
-    result = flwr_run(
-        app,
-        env,
-        f"num-server-rounds=1 preset='tiny' partition='{small_partition}' kmeans='{small_kmeans}' out='{out}' "
-        f"config='{config}'",
-        supernodes=2,
-    )
-    stream = result.stdout + result.stderr
-    assert "waiting for 3 clients, 2 connected" in stream and "num-supernodes=3" in stream, stream[-3000:]
-    assert "gave up after 20 s (federation.connect_timeout_s)" in stream, stream[-3000:]
-    record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "failed" and "gave up after 20 s" in record["error"]
+    for min_clients, status in ((2, "completed"), (3, "failed")):
+        config = tmp_path / f"fast-{min_clients}.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    **FAST,
+                    "federation": {**FAST["federation"], "virtual_clients": False},
+                    "strategy": {"min_clients": min_clients},
+                }
+            )
+        )
+        out = tmp_path / f"run-{min_clients}"
+        result = flwr_run(
+            app,
+            env,
+            f"num-server-rounds=2 local-steps=2 preset='tiny' partition='{small_partition}' "
+            f"kmeans='{small_kmeans}' out='{out}' config='{config}'",
+            supernodes=2,
+        )
+        stream = result.stdout + result.stderr
+        assert "waiting for 3 clients, 2 connected" in stream and "num-supernodes=3" in stream, stream[-3000:]
+        record = json.loads((out / "run.json").read_text())
+        assert record["status"] == status, record.get("error")
+        if status == "failed":
+            assert "gave up after 20 s (federation.connect_timeout_s)" in record["error"]
+            continue
+        log = (out / "logs" / "pretrain.log").read_text()
+        assert log.count("no SuperNode serves 1 of the 3 clients (client(s) 2)") == 1, log
+        assert "client 2: its SuperNode did not connect within 20 s" in log
+        rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["clients"] for r in rounds if r["kind"] == "train"] == [2, 2]
+        messages = read_messages(out / "messages.jsonl")
+        assert {m["client"] for m in messages if m["type"] == "train"} == {0, 1}
 
 
 def test_a_key_the_task_does_not_read_is_refused(flower_user, small_partition, tmp_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from common import KMEANS_FAST as FAST, run_cli
+from fedhubert.fl.records import read_messages
 from fedhubert.manifest import read_manifest
 from fedhubert.model.frames import mfcc_frames as num_frames
 
@@ -107,7 +108,7 @@ def test_label_quality_is_recorded_per_split_and_agrees_with_the_label_files(fed
 
 
 def test_only_cluster_statistics_cross_the_wire(federated):
-    messages = [json.loads(line) for line in (federated / "messages.jsonl").read_text().splitlines()]
+    messages = read_messages(federated / "messages.jsonl")
     frames = [sum(c["frames"].values()) for c in json.loads((federated / "kmeans.json").read_text())["clients"]]
     received = [m for m in messages if m["direction"] == "from_client"]
     assert {m["type"] for m in received} == {"query.kmeans_init", "query.kmeans_stats", "query.kmeans_labels"}
@@ -170,7 +171,7 @@ def test_per_client_codebooks_stay_with_their_clients(small_partition, features,
     assert not np.allclose(codebooks[0], codebooks[1]), "each client fits its own codebook"
     distances = record["reference"]["matched_centroid_distance"]
     assert len(distances) == 3 and all(d > 0 for d in distances)
-    messages = [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    messages = read_messages(out / "messages.jsonl")
     assert all(set(m["arrays"]) <= {"stats.usage"} for m in messages if m["direction"] == "from_client")
     quality = record["label_quality"]["splits"]
     assert set(quality) == {f"client_{i}/{split}" for i in range(3) for split in ("train", "valid")}, "per codebook"

@@ -14,6 +14,7 @@ import torch
 from common import KMEANS_FAST, PRETRAIN_FAST as FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.fl.local import heads_to_keep, save_head
+from fedhubert.fl.records import read_messages
 from fedhubert.manifest import read_manifest
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -29,7 +30,7 @@ def pretrain(partition: Path, kmeans: Path, out: Path, *args: str) -> int:
 
 
 def messages(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "messages.jsonl").read_text().splitlines()]
+    return read_messages(out / "messages.jsonl")
 
 
 def test_the_global_model_trains_and_dev_accuracy_is_reported(four_rounds):
@@ -62,7 +63,11 @@ def test_weights_travel_as_float32_and_weigh_the_model(four_rounds):
     for message in train:
         assert {a["dtype"] for a in message["arrays"].values()} == {"float32"}
         headers = 128 * len(message["arrays"])  # each array travels as a .npy with a 128-byte header
-        assert size <= message["bytes"] <= size + headers
+        assert size <= message["bytes"] <= size + headers and message["num_arrays"] == len(message["arrays"])
+    lines = [json.loads(line) for line in (four_rounds / "messages.jsonl").read_text().splitlines()]
+    schemas = [line for line in lines if line["kind"] == "schema"]
+    assert len({s["schema"] for s in schemas}) == len(schemas) <= 4, "each schema once (to and from, per type)"
+    assert all(len(json.dumps(line)) < 400 for line in lines if line["kind"] == "message"), "rows carry totals"
 
 
 def test_a_resumed_run_ends_with_the_same_weights(four_rounds, small_partition, small_kmeans, tmp_path):

@@ -13,6 +13,7 @@ import dp_accounting
 import numpy as np
 import pytest
 import torch
+from flwr.serverapp import RdpAccountant
 from scipy.stats import norm
 
 from common import PRETRAIN_FAST, rows, run_cli
@@ -94,6 +95,28 @@ def test_a_resumed_accountant_continues_exactly():
     second = Accountant(settings, 20, 5)
     second.load_state(json.loads(json.dumps(first.state())))
     assert (second.spend_round(), second.rounds) == (first.spend_round(), first.rounds)
+
+
+def test_the_accountant_adds_a_round_in_constant_time_and_equals_a_replay():
+    """The spent total and the one-round-ahead total give what Flower's RdpAccountant gives by replaying every
+    round (rounds with fewer noise shares included), and a saved ledger (or Flower's own saved state, from earlier
+    versions) resumes to the same epsilon."""
+    settings = privacy(clip_norm=1.0, noise_multiplier=0.9, delta=1e-5, target_epsilon=40.0)
+    ours = Accountant(settings, 200, 20)
+    replay = RdpAccountant(ours.config)
+    for round_ in range(30):
+        shares = 17 if round_ % 7 == 3 else None
+        ours.spend_round(shares)
+        replay.compose(ours._event(1.0 if shares is None else math.sqrt(shares / 20)))
+        assert ours.epsilon() == pytest.approx(replay.get_privacy_spent().epsilon, rel=1e-12)
+        assert ours.next_round_exceeds() == replay.would_exceed(ours.event)
+    assert ours.rounds == 30 and len(ours.ledger) == 9, "runs of equal rounds are merged"
+    for saved in (ours.state(), replay.state_dict()):
+        resumed = Accountant(settings, 200, 20)
+        resumed.load_state(json.loads(json.dumps(saved)))
+        assert (resumed.rounds, resumed.epsilon()) == (30, pytest.approx(ours.epsilon(), rel=1e-12))
+    with pytest.raises(ConfigError, match="same clients available"):
+        Accountant(settings, 199, 20).load_state(ours.state())
 
 
 def test_missing_noise_shares_are_accounted_as_less_noise():

@@ -1,5 +1,5 @@
-"""Matplotlib without a display, one way to write a figure (atomically, as PNG), and integer ticks for axes that
-count rounds."""
+"""Matplotlib without a display, one way to write a figure (atomically, as PNG), integer ticks for axes that
+count rounds, and the client count above which figures draw distributions instead of one mark per client."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedhubert.atomic import atomic_path  # noqa: E402
 
-__all__ = ["integer_ticks", "plt", "save_figure"]
+__all__ = ["MANY_CLIENTS", "integer_ticks", "plt", "save_figure"]
+
+# Above this many clients a figure shows distributions (ranks, histograms, quantile bands), not a bar or line each:
+# at 2,000 one-speaker clients one mark per client is unreadable (and a bar chart 1,000 inches wide).
+MANY_CLIENTS = 40
 
 
 def integer_ticks(ax: Axes) -> None:

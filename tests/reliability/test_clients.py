@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from common import DISTILL_FAST, KMEANS_FAST, PRETRAIN_FAST, rows, run_cli
+from fedhubert.fl.records import read_messages
 from fedhubert.model.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -236,7 +237,7 @@ def test_kmeans_leaves_out_a_client_that_sends_garbage_or_hangs_and_training_nev
         )
         == 0
     )
-    messages = [json.loads(line) for line in (pretrain / "messages.jsonl").read_text().splitlines()]
+    messages = read_messages(pretrain / "messages.jsonl")
     assert {m["client"] for m in messages if m["direction"] == "to_client" and m["type"] == "train"} == {0}
     log = (pretrain / "logs" / "server-pretrain.log").read_text()
     assert "2 of 3 clients are never sampled: client 1: no k-means labels (it failed in kmeans_stats" in log

@@ -42,7 +42,8 @@ def stalled(tmp_path, monkeypatch):
 
 def _messages(out: Path) -> list[dict]:
     path = out / "messages.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    return [row for row in rows if row.get("kind", "message") == "message"]
 
 
 def sent(kind: str, round_: int) -> Callable[[Path], bool]:

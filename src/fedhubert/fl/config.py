@@ -32,7 +32,11 @@ class FederationConfig:
     )
     timeout_s: float = param(7200.0, "stop a run that has not finished after this many seconds", gt=0)
     connect_timeout_s: float = param(
-        300.0, "give up when not every client's SuperNode has connected after this many seconds", gt=0
+        300.0,
+        "wait this long for every client's SuperNode (one per client), then start without those not connected "
+        "(named, never sampled) if at least the stage's minimum of clients are; a pool of virtual clients' "
+        "SuperNodes that has not connected by then is an error",
+        gt=0,
     )
     virtual_clients: bool | None = param(
         None,

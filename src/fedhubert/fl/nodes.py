@@ -7,7 +7,9 @@ Two ways (`federation.virtual_clients`):
   dispatched in that order, so that no node, and in simulation no worker, straggles with the longest clients at the
   end. The pool is read again every round: a node that joins serves the next round, one that left is not used.
 - One SuperNode per client (a real federation): each node is the client of its node config's `partition-id`,
-  learned once by asking every node (`identify_clients`).
+  learned once by asking every node (`identify_clients`). A client whose node has not connected (or identified)
+  within `federation.connect_timeout_s` is named once and never sampled: the run starts without it, as long as at
+  least the stage's minimum of clients are there.
 The server says what it waits for, and for how long, instead of sitting silent, and a node config that does not
 fit the partition is named."""
 
@@ -41,11 +43,18 @@ def waiting_message(needed: int, connected: int) -> str:
 
 
 def wait_for_clients(
-    grid: Grid, needed: int, wait_s: float, *, every_s: float = 10.0, what: str | None = None
+    grid: Grid,
+    needed: int,
+    wait_s: float,
+    *,
+    every_s: float = 10.0,
+    what: str | None = None,
+    least: int | None = None,
 ) -> list[int]:
     """The connected node ids, once at least `needed` are connected (`what`: of a pool of virtual clients' nodes;
     None: the clients' own). Says within 2 s, and then every `every_s`, how many are; after `wait_s`
-    (federation.connect_timeout_s) gives up with that message."""
+    (federation.connect_timeout_s) returns those connected if they are at least `least`, else gives up with that
+    message."""
     start = time.monotonic()
     said = None
 
@@ -61,10 +70,16 @@ def wait_for_clients(
                 log.info("all %d %s connected after %.0f s", needed, what or "clients", time.monotonic() - start)
             return nodes
         waited = time.monotonic() - start
+        if waited > wait_s and least is not None and len(nodes) >= least:
+            log.warning(
+                "%s after %.0f s (federation.connect_timeout_s): starting with those", waiting(len(nodes)), waited
+            )
+            return nodes
         if waited > wait_s:
             raise ClientsMissing(f"gave up after {wait_s:.0f} s (federation.connect_timeout_s): {waiting(len(nodes))}")
         if (said is None and waited >= 2.0) or (said is not None and waited - said >= every_s):
-            log.warning("%s; giving up in %.0f s", waiting(len(nodes)), wait_s - waited)
+            then = "giving up" if least is None else f"then starting with those connected (if at least {least})"
+            log.warning("%s; %s in %.0f s", waiting(len(nodes)), then, wait_s - waited)
             said = waited
         time.sleep(0.5)
 
@@ -73,12 +88,16 @@ class NodesMisconfigured(FedhubertError):
     """The SuperNodes' partition ids do not cover the partition's clients once each."""
 
 
-def identify_clients(grid: Grid, needed: int, wait_s: float, timeout_s: float | None) -> dict[int, int]:
-    """partition id -> node id of every client, once `needed` nodes are connected (`wait_for_clients`). Each node
-    answers `query.identify` with its node config's `partition-id` and `num-partitions`. Two nodes with one
-    partition id, or a client no node serves, stop the run; a node whose partition id is beyond the partition's
-    clients is named and left idle. `timeout_s`: how long to wait for the answers (None: Flower's default)."""
-    nodes = wait_for_clients(grid, needed, wait_s)
+def identify_clients(
+    grid: Grid, needed: int, wait_s: float, timeout_s: float | None, least: int | None = None
+) -> dict[int, int]:
+    """partition id -> node id of the clients, once `needed` nodes are connected or, after `wait_s`, at least `least`
+    (`wait_for_clients`; None: all). Each node answers `query.identify` with its node config's `partition-id` and
+    `num-partitions`. Two nodes with one partition id stop the run; clients no node serves are named once and left
+    out, unless fewer than `least` are left (None: any is missing); a node whose partition id is beyond the
+    partition's clients is named and left idle. `timeout_s`: how long to wait for the answers (None: Flower's
+    default)."""
+    nodes = wait_for_clients(grid, needed, wait_s, least=least)
     messages = [
         Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.identify") for n in nodes
     ]
@@ -111,9 +130,22 @@ def identify_clients(grid: Grid, needed: int, wait_s: float, timeout_s: float | 
             continue
         mapping[client] = node
     missing = sorted(set(range(needed)) - set(mapping))
-    if missing:
+    if missing and (least is None or len(mapping) < least):
         raise NodesMisconfigured(f"no node is client(s) {missing}: check the SuperNodes' partition-id")
+    if missing:
+        log.warning(
+            "no SuperNode serves %d of the %d clients (%s): they are never sampled; start a SuperNode with "
+            "--partition-id I for each to include them",
+            len(missing),
+            needed,
+            _ids(missing),
+        )
     return mapping
+
+
+def _ids(clients: Sequence[int], most: int = 20) -> str:
+    shown = ", ".join(map(str, clients[:most]))
+    return f"client(s) {shown}" + (f" and {len(clients) - most} more" if len(clients) > most else "")
 
 
 @dataclass
@@ -124,6 +156,11 @@ class ClientNodes:
     grid: Grid
     virtual: bool
     mapping: dict[int, int]
+    num_clients: int = 0
+
+    def missing(self) -> list[int]:
+        """The clients no node serves (one node per client); none with virtual clients."""
+        return [] if self.virtual else [c for c in range(self.num_clients) if c not in self.mapping]
 
     def pool(self) -> list[int]:
         """The nodes connected now (virtual clients)."""
@@ -132,7 +169,7 @@ class ClientNodes:
     def describe(self, num_clients: int) -> str:
         if self.virtual:
             return f"{num_clients} clients served by a pool of {len(self.pool())} SuperNode(s)"
-        return f"{num_clients} clients, one SuperNode each"
+        return f"{len(self.mapping)} of {num_clients} clients, one SuperNode each"
 
     def assign(self, clients: Sequence[int], seconds: Mapping[int, float] | Sequence[float]) -> list[tuple[int, int]]:
         """(client, node) for each of `clients`, in the order to dispatch them. Virtual: longest first (by
@@ -161,13 +198,17 @@ def connect_clients(
     *,
     pool: int | None = None,
     settle_s: float = 1.0,
+    least: int | None = None,
 ) -> ClientNodes:
     """The run's ClientNodes. Virtual: once `pool` nodes (at most one per client) are connected
     (`federation.supernodes`), or without it
     once at least one is and no other has joined for `settle_s` (a simulation registers its whole pool at once);
-    else every client's node (`identify_clients`)."""
+    else every client's node, or after `wait_s` those of at least `least` clients (`identify_clients`)."""
     if not virtual:
-        return ClientNodes(grid, False, identify_clients(grid, num_clients, wait_s, timeout_s))
+        mapping = identify_clients(grid, num_clients, wait_s, timeout_s, least)
+        found = ClientNodes(grid, False, mapping, num_clients)
+        log.info("%s", found.describe(num_clients))
+        return found
     nodes = wait_for_clients(grid, min(pool or 1, num_clients), wait_s, what="SuperNodes of the pool")
     while pool is None:
         time.sleep(settle_s)

@@ -2,11 +2,15 @@
 
 The audit log (`messages.jsonl` in the run folder) lists, for each message to or from a client, the names,
 shapes, dtypes and bytes of its arrays and the keys of its configs and metrics, so anyone can check what left
-a client (for k-means: per-cluster statistics only, never frames or labels).
+a client (for k-means: per-cluster statistics only, never frames or labels). What a message carries is written
+once per schema (a `schema` row: its arrays, configs and metrics, named by a hash); each `message` row names its
+schema and carries the totals (arrays, bytes), so a row stays ~200 bytes however many arrays a model has.
+`read_messages` joins them back.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -90,15 +94,17 @@ def describe(content: RecordDict) -> dict:
 
 
 class MessageLog:
-    """Appends one JSON line per message sent to or received from a client."""
+    """Appends one JSON line per message sent to or received from a client, and one per new schema."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._schemas: set[str] = set()  # written by this log (a resumed run writes a schema again, once)
 
     def record(self, direction: str, message: Message, round_: int | None, client: int | None) -> None:
         entry = {
+            "kind": "message",
             "time": round(time.time(), 3),
             "direction": direction,
             "type": message.metadata.message_type,
@@ -106,9 +112,37 @@ class MessageLog:
             "client": client,
             "node": message.metadata.dst_node_id if direction == "to_client" else message.metadata.src_node_id,
         }
+        schema = None
         if message.has_error():
             entry["error"] = message.error.reason
         else:
-            entry.update(describe(message.content))
-        with self._lock, open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(entry) + "\n")
+            described = describe(message.content)
+            schema = {key: described[key] for key in SCHEMA_KEYS}
+            name = hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
+            entry.update(schema=name, num_arrays=len(schema["arrays"]), bytes=described["bytes"])
+        with self._lock:
+            lines = []
+            if schema is not None and entry["schema"] not in self._schemas:
+                self._schemas.add(entry["schema"])
+                lines.append(json.dumps({"kind": "schema", "schema": entry["schema"], **schema}))
+            lines.append(json.dumps(entry))
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write("".join(line + "\n" for line in lines))
+
+
+SCHEMA_KEYS = ("arrays", "configs", "metrics")
+
+
+def read_messages(path: Path) -> list[dict]:
+    """The message rows of a messages.jsonl, each with its schema's arrays, configs and metrics joined in."""
+    schemas: dict[str, dict] = {}
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        if row.get("kind") == "schema":
+            schemas[row["schema"]] = {key: row[key] for key in SCHEMA_KEYS}
+        elif "schema" in row:
+            rows.append({**row, **schemas[row["schema"]]})
+        else:
+            rows.append(row)
+    return rows

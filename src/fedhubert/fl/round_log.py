@@ -6,16 +6,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
-from fedhubert.plots import integer_ticks, plt, save_figure
+from fedhubert.plots import MANY_CLIENTS, integer_ticks, plt, save_figure
 
 
 class RoundLog:
-    def __init__(self, out: Path):
+    """metrics.jsonl and the TensorBoard log. TensorBoard gets a tag per client only in a federation of at most
+    MANY_CLIENTS clients; in a larger one each round's client rows become quantiles over its clients
+    (`clients_p10|p50|p90/<metric>`), written with the round's aggregated row, so the tags do not grow with N."""
+
+    def __init__(self, out: Path, num_clients: int = 0):
         self.path = Path(out) / "metrics.jsonl"
         self.board_dir = Path(out) / "tensorboard"
         self._writer = None
+        self.per_client = num_clients <= MANY_CLIENTS
+        self._round_clients: dict[str, list[float]] = {}
 
     @property
     def writer(self):
@@ -29,11 +36,26 @@ class RoundLog:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
         step = row["round"]
+        scalars = {
+            key: value
+            for key, value in row.items()
+            if key not in ("kind", "round", "client")
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        }
+        if row["kind"] == "client" and not self.per_client:
+            for key, value in scalars.items():
+                self._round_clients.setdefault(key, []).append(float(value))
+            return
+        if row["kind"] == "train" and self._round_clients:
+            for key, values in self._round_clients.items():
+                for q in (10, 50, 90):
+                    self.writer.add_scalar(f"clients_p{q}/{key}", float(np.percentile(values, q)), step)
+            self._round_clients = {}
         prefix = {"client": f"client_{row.get('client')}", "train": "clients", "eval": "server_eval"}.get(row["kind"])
         if prefix:
-            for key, value in row.items():
-                if key not in ("kind", "round", "client") and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{prefix}/{key}", value, step)
+            for key, value in scalars.items():
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -69,7 +91,8 @@ def plot_rounds(
 def rounds_figure(
     rows: list[dict], title: str, loss_key: str = "train_loss", acc_key: str | None = "train_acc_masked"
 ) -> Figure:
-    """Loss per round (clients, their weighted mean, the server's evaluation); with `acc_key` also masked accuracy,
+    """Loss per round (each client, or above MANY_CLIENTS their 10-90% band and median; their weighted mean; the
+    server's evaluation); with `acc_key` also masked accuracy,
     and, where evaluations report it, the gain over the label-frequency baseline (held-out, in nats). The round
     axes have integer ticks. `round_panels` names the panels."""
     aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
@@ -79,9 +102,18 @@ def rounds_figure(
     panels = round_panels(rows, loss_key, acc_key)
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     ax_loss = axes[0][0]
-    clients = sorted({r["client"] for r in rows if r["kind"] == "client"})
-    for client in clients:
-        points = [r for r in rows if r["kind"] == "client" and r["client"] == client and loss_key in r]
+    client_rows = [r for r in rows if r["kind"] == "client" and loss_key in r]
+    clients = sorted({r["client"] for r in client_rows})
+    if len(clients) > MANY_CLIENTS:
+        by_round: dict[int, list[float]] = {}
+        for r in client_rows:
+            by_round.setdefault(r["round"], []).append(r[loss_key])
+        rounds = sorted(by_round)
+        low, median, high = (np.array([np.quantile(by_round[n], q) for n in rounds]) for q in (0.1, 0.5, 0.9))
+        ax_loss.fill_between(rounds, low, high, alpha=0.25, label=f"clients 10-90% ({len(clients)} clients)")
+        ax_loss.plot(rounds, median, alpha=0.6, label="clients' median")
+    for client in clients if len(clients) <= MANY_CLIENTS else []:
+        points = [r for r in client_rows if r["client"] == client]
         ax_loss.plot([r["round"] for r in points], [r[loss_key] for r in points], alpha=0.4, label=f"client {client}")
     ax_loss.plot([r["round"] for r in aggregated], [r[loss_key] for r in aggregated], "k-o", label="weighted mean")
     if evals and "loss" in evals[0]:

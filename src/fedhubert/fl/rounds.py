@@ -157,19 +157,7 @@ class FederatedRun:
         self.num_clients, self.resume, self.threads = num_clients, resume, threads
         self.strategy = make_strategy(cfg.strategy)
         self.messages = MessageLog(self.out / "messages.jsonl")
-        self.records = RoundLog(self.out)
-        self.available = [client for client in range(num_clients) if client not in task.unavailable]
-        if task.unavailable:
-            log.warning(
-                "%d of %d clients are never sampled: %s",
-                len(task.unavailable),
-                num_clients,
-                "; ".join(f"client {c}: {why}" for c, why in sorted(task.unavailable.items())[:10])
-                + (f"; and {len(task.unavailable) - 10} more" if len(task.unavailable) > 10 else ""),
-            )
-        if not self.available:
-            raise RoundError(f"none of the {num_clients} clients can take part: {dict(task.unavailable)}")
-        self.min_required = min(cfg.strategy.min_clients, len(self.available))
+        self.records = RoundLog(self.out, num_clients)
         self.timeout = FittedTimeout(cfg.round_timeout_s)
         self.best: dict | None = None
         self.saved_round = -1
@@ -182,7 +170,25 @@ class FederatedRun:
         self.privacy = cfg.privacy
         self.audit: UpdateAudit | None = None
         self.clients: ClientNodes | None = None
-        self.sampled = cfg.strategy.sample_size(len(self.available))
+        self._population(dict(task.unavailable))
+
+    def _population(self, unavailable: dict[int, str]) -> None:
+        """Who can be sampled, and what follows from their number: how many a round samples and needs, the clipping
+        bound, the noise and the accountant (sampling rate: sampled / available)."""
+        self.unavailable = unavailable
+        self.available = [client for client in range(self.num_clients) if client not in unavailable]
+        if unavailable:
+            log.warning(
+                "%d of %d clients are never sampled: %s",
+                len(unavailable),
+                self.num_clients,
+                "; ".join(f"client {c}: {why}" for c, why in sorted(unavailable.items())[:10])
+                + (f"; and {len(unavailable) - 10} more" if len(unavailable) > 10 else ""),
+            )
+        if not self.available:
+            raise RoundError(f"none of the {self.num_clients} clients can take part: {unavailable}")
+        self.min_required = min(self.cfg.strategy.min_clients, len(self.available))
+        self.sampled = self.cfg.strategy.sample_size(len(self.available))
         check_settings(self.privacy, len(self.available), self.sampled)
         self.clip = ClipBound(self.privacy, self.sampled) if self.privacy.mode != "none" else None
         self.update_noise = update_noise_multiplier(self.privacy, self.sampled)
@@ -416,9 +422,6 @@ class FederatedRun:
         }
 
     def run(self) -> dict:
-        start, global_step, state = self._restore()
-        arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
-        self.task.state.update(state)
         self.clients = connect_clients(
             self.grid,
             self.num_clients,
@@ -426,7 +429,15 @@ class FederatedRun:
             self.cfg.federation.connect_timeout_s,
             self.cfg.round_timeout_s,
             pool=self.cfg.federation.supernodes,
+            least=self.min_required,
         )
+        missing = [c for c in self.clients.missing() if c not in self.unavailable]
+        if missing:
+            reason = f"its SuperNode did not connect within {self.cfg.federation.connect_timeout_s:.0f} s"
+            self._population({**self.unavailable, **{client: reason for client in missing}})
+        start, global_step, state = self._restore()
+        arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
+        self.task.state.update(state)
         if self.privacy.audit_coordinates:
             self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
         started = time.monotonic()

@@ -244,10 +244,23 @@ class _Server:
         self.messages = MessageLog(out / "messages.jsonl")
         self.failed: dict[int, dict] = {}  # client -> {"stage", "round", "reason"}
         self.timeouts: dict[str, FittedTimeout] = {}
+        self.exchange_seconds: dict[str, float] = {}  # by action, over the stage
         federation = cfg.federation
         self.clients = connect_clients(
-            grid, self.num_clients, federation.virtual(), federation.connect_timeout_s, None, pool=federation.supernodes
+            grid,
+            self.num_clients,
+            federation.virtual(),
+            federation.connect_timeout_s,
+            None,
+            pool=federation.supernodes,
+            least=min(cfg.lloyd.min_clients, self.num_clients),
         )
+        for client in self.clients.missing():
+            self.failed[client] = {
+                "stage": "connect",
+                "round": None,
+                "reason": f"its SuperNode did not connect within {federation.connect_timeout_s:.0f} s",
+            }
 
     def active(self) -> list[int]:
         return [client for client in range(self.num_clients) if client not in self.failed]
@@ -313,7 +326,9 @@ class _Server:
         wait_s = timeout.seconds()
         # A few messages in flight per node: Flower's simulation dispatcher scans every stored message for each node.
         window = max(16, 4 * len({node for _, node in plan}))
+        started = time.monotonic()
         done = exchange(self.grid, outgoing, take, timeout_s=wait_s, label=f"k-means {action}", window=window)
+        self.exchange_seconds[action] = self.exchange_seconds.get(action, 0.0) + time.monotonic() - started
         timeout.observe(done)
         for client in done.missing:
             self._fail(client, action, round_, f"no reply within {wait_s:.0f} s")
@@ -433,6 +448,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         if converged:
             break
         asked = server.sample(round_, cfg.lloyd.fraction)
+        round_started = time.monotonic()
         sent = centroids.astype(np.float32)
         replies_stats = server.ask(
             "kmeans_stats",
@@ -462,6 +478,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
                 "sampling_noise": float(noise),
                 "clients": len(stats),
                 "reseeded": reseeded,
+                "seconds": round(time.monotonic() - round_started, 3),
             }
         )
         log.info(
@@ -500,7 +517,7 @@ def serve_kmeans(grid: Grid, run: ServerRun) -> None:
             check=lambda content: _check_labels(content, cfg),
             codebook=arrays(centroids=codebook),
         )
-    write_record(cfg, out, partition, replies, history, time.monotonic() - started, server.failed)
+    write_record(cfg, out, partition, replies, history, time.monotonic() - started, server)
 
 
 def write_record(
@@ -510,7 +527,7 @@ def write_record(
     replies: dict[int, RecordDict],
     history: list,
     seconds: float,
-    failed: dict[int, dict],
+    server: _Server,
 ) -> dict:
     clients, usage_total = [], np.zeros(cfg.num_clusters, dtype=np.int64)
     for index, content in sorted(replies.items()):
@@ -545,9 +562,10 @@ def write_record(
         "cluster_usage": usage_total.tolist(),
         "unused_clusters": int(np.sum(usage_total == 0)),
         "clients": clients,
-        "failed_clients": [{"client": client, **failed[client]} for client in sorted(failed)],
+        "failed_clients": [{"client": client, **server.failed[client]} for client in sorted(server.failed)],
         "partition": {"path": str(cfg.partition), "scheme": partition["scheme"], "seed": partition["seed"]},
         "seconds": round(seconds, 2),
+        "exchange_seconds": {action: round(s, 2) for action, s in server.exchange_seconds.items()},
         "config": config_to_dict(cfg),
     }
     atomic_write_text(out / KMEANS_FILE, json.dumps(record, indent=2) + "\n")

@@ -35,7 +35,7 @@ from fedhubert.labels.kmeans import (
 from fedhubert.labels.quality import add_counts, read_speaker_counts, speaker_warning, split_quality, unavailable
 from fedhubert.labels.speakers import SpeakerError
 from fedhubert.manifest import read_manifest
-from fedhubert.plots import integer_ticks, plt, save_figure
+from fedhubert.plots import MANY_CLIENTS, integer_ticks, plt, save_figure
 from fedhubert.runlog import CONFIG_FILE, StageRun
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,12 @@ def inertia_gap_text(relative_gap: float) -> str:
 
 def kmeans_caption(record: dict) -> str:
     """What `kmeans_figure(record)` shows, for a caption."""
-    left = "inertia per Lloyd round" if record["history"] else "inertia of each client's codebook"
+    left = (
+        "inertia per Lloyd round"
+        if record["history"]
+        else "inertia of each client's codebook"
+        + (" (histogram over clients)" if len(record["clients"]) > MANY_CLIENTS else "")
+    )
     return f"k-means: {left}, and cluster usage"
 
 
@@ -202,6 +207,11 @@ def kmeans_figure(record: dict) -> Figure:
         ax_rounds.plot([h["round"] for h in record["history"]], [h["inertia"] for h in record["history"]], marker="o")
         ax_rounds.set(xlabel="Lloyd round", ylabel="inertia per frame", title="federated k-means")
         integer_ticks(ax_rounds)
+    elif len(record["clients"]) > MANY_CLIENTS:
+        ax_rounds.hist([c["inertia"] for c in record["clients"]], bins=30)
+        ax_rounds.set(
+            xlabel="inertia per frame", ylabel="clients", title=f"per-client codebooks ({len(record['clients'])})"
+        )
     else:
         inertia = [c["inertia"] for c in record["clients"]]
         ax_rounds.bar([str(c["client"]) for c in record["clients"]], inertia)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedhubert.plots import plt, save_figure
+import numpy as np
+
+from fedhubert.plots import MANY_CLIENTS, plt, save_figure
 
 
 def summary_table(partition: dict) -> str:
@@ -38,7 +40,12 @@ def summary_table(partition: dict) -> str:
 
 
 def plot_clients(partition: dict, path: Path) -> None:
+    """Audio (by subset) and sex mix per client: a bar each, or above MANY_CLIENTS the clients ranked by audio
+    (subsets stacked) and a histogram of their female share."""
     clients = partition["clients"]
+    if len(clients) > MANY_CLIENTS:
+        save_figure(_many_clients_figure(partition), path)
+        return
     labels = [str(c["client"]) for c in clients]
     subsets = sorted({s for c in clients for s in c["subset_mix"]})
     hours = [c["hours"]["train"] + c["hours"]["valid"] for c in clients]
@@ -56,3 +63,23 @@ def plot_clients(partition: dict, path: Path) -> None:
     ax_sex.set(xlabel="client", ylabel="share of audio", ylim=(0, 1), title="sex mix per client")
     ax_sex.legend(fontsize="small")
     save_figure(fig, path)
+
+
+def _many_clients_figure(partition: dict):
+    clients = sorted(partition["clients"], key=lambda c: -(c["hours"]["train"] + c["hours"]["valid"]))
+    subsets = sorted({s for c in clients for s in c["subset_mix"]})
+    hours = np.array([c["hours"]["train"] + c["hours"]["valid"] for c in clients])
+    rank = np.arange(1, len(clients) + 1)
+    fig, (ax_hours, ax_sex) = plt.subplots(1, 2, figsize=(11, 4))
+    parts = [hours * np.array([c["subset_mix"].get(s, 0.0) for c in clients]) for s in subsets]
+    ax_hours.stackplot(rank, *parts, labels=subsets, step="post")
+    ax_hours.set(
+        xlabel="client rank (most audio first)",
+        ylabel="hours",
+        title=f"audio per client ({partition['scheme']}, {len(clients)} clients; median {np.median(hours):.3g} h)",
+    )
+    ax_hours.legend(fontsize="small")
+    female = [c["sex_mix"].get("F", 0.0) for c in clients]
+    ax_sex.hist(female, bins=np.linspace(0, 1, 21), color="tab:red", edgecolor="white")
+    ax_sex.set(xlabel="female share of a client's audio", ylabel="clients", title="sex mix across clients")
+    return fig
