@@ -4,6 +4,7 @@ silently wrong result; the inputs themselves are never modified."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -88,7 +89,11 @@ def test_damaged_audio_stops_kmeans_with_the_file_named(damage, corpus_copy, tmp
 
 
 @pytest.mark.slow
-def test_nan_in_cached_features_is_an_error_not_a_label(small_partition, kmeans_features, tmp_path, capsys, intact):
+def test_nan_in_cached_features_leaves_the_client_out_named_with_its_file(
+    small_partition, small_kmeans, kmeans_features, tmp_path, capsys, intact
+):
+    """A corrupt client is a counted, logged skip (partial participation), never a label: its reason is the
+    client's own message, without Ray's traceback around it."""
     features = tmp_path / "features"
     shutil.copytree(kmeans_features, features)
     feats = next(features.glob("client_1/train.feats.npy"))
@@ -97,10 +102,15 @@ def test_nan_in_cached_features_is_an_error_not_a_label(small_partition, kmeans_
     array.flush()
     del array
     intact(small_partition)
-    assert kmeans(small_partition, tmp_path / "km", f"feature_dir={features}") == 2
+    assert kmeans(small_partition, tmp_path / "km", f"feature_dir={features}") == 0
     err = capsys.readouterr().err
-    assert "frame 5 holds NaN or infinite values" in err and str(feats) in err
-    assert not (tmp_path / "km" / "codebook.npy").exists()
+    assert "1 of 3 clients were left out of k-means" in err
+    (failed,) = json.loads((tmp_path / "km" / "kmeans.json").read_text())["failed_clients"]
+    assert failed["client"] == 1 and failed["stage"] == "kmeans_init"
+    assert "frame 5 holds NaN or infinite values" in failed["reason"] and str(feats) in failed["reason"]
+    assert "Traceback" not in failed["reason"] and "ray::" not in failed["reason"]
+    assert not list((tmp_path / "km" / "client_1").glob("*.km"))
+    assert (tmp_path / "km" / "client_0" / "train.km").exists()
 
 
 def test_nan_samples_in_a_float_wav_are_refused(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 PULL_BATCH = 4  # message ids per pull: at most this many replies are held at once before `take` sees them
 POLL_MIN_S, POLL_MAX_S = 0.02, 0.1
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def client_error(reply: Message) -> str:
+    """The client's own error message from an error reply. Flower's reason wraps it in the exception's type and, in
+    simulation, in Ray's traceback; the message that the client raised is its last "Message: " part."""
+    reason = ANSI.sub("", reply.error.reason)
+    said = reason.rpartition("Message: ")[2] if "Message: " in reason else reason.partition(":<'")[2] or reason
+    return said.removesuffix("'>").strip()
 
 
 @dataclass

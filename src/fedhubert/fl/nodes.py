@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fedhubert.errors import FedhubertError
+from fedhubert.fl.exchange import client_error
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def identify_clients(
     for reply in grid.send_and_receive(messages, timeout=timeout_s):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            raise NodesMisconfigured(f"node {node} did not identify: {reply.error.reason}")
+            raise NodesMisconfigured(f"node {node} did not identify: {client_error(reply)}")
         said = reply.content["metrics"]
         client = int(said["client"])
         told = f"partition-id={client}" + (

@@ -43,7 +43,7 @@ from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
 from fedhubert.fl.config import RoundsConfig
-from fedhubert.fl.exchange import FittedTimeout, exchange
+from fedhubert.fl.exchange import FittedTimeout, client_error, exchange
 from fedhubert.fl.nodes import ClientNodes, connect_clients
 from fedhubert.fl.privacy import (
     Accountant,
@@ -293,7 +293,7 @@ class FederatedRun:
         def take(client: int, reply: Message) -> None:
             self.messages.record("from_client", reply, round_, client)
             if reply.has_error():
-                failed[client] = f"client error: {reply.error.reason}"
+                failed[client] = f"client error: {client_error(reply)}"
                 return
             try:
                 if "arrays" not in reply.content or "metrics" not in reply.content:

@@ -32,7 +32,7 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
-from fedhubert.fl.exchange import FittedTimeout, exchange
+from fedhubert.fl.exchange import FittedTimeout, client_error, exchange
 from fedhubert.fl.nodes import connect_clients, served_client
 from fedhubert.fl.place import ClientPlace
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
@@ -308,7 +308,7 @@ class _Server:
             self.messages.record("from_client", reply, round_, client)
             if reply.has_error():
                 self._fail(
-                    client, action, round_, f"client error (node {reply.metadata.src_node_id}): {reply.error.reason}"
+                    client, action, round_, f"client error (node {reply.metadata.src_node_id}): {client_error(reply)}"
                 )
                 return
             try:
@@ -379,7 +379,7 @@ def _save_lloyd(
             "rng": rng.bit_generator.state,
             "history": history,
             "previous": previous,
-            "converged": converged,
+            "converged": bool(converged),
             "failed": {str(client): why for client, why in failed.items()},
             "config": config_to_dict(cfg),
         },
@@ -467,7 +467,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         ]
         inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
         unseen = 1 - len(stats) / max(len(server.active()), len(stats))  # the finite-population correction
-        noise = 2 * np.sqrt(2) * sampling_error(stats) * np.sqrt(unseen)
+        noise = float(2 * np.sqrt(2) * sampling_error(stats) * np.sqrt(unseen))  # numpy scalars fail weights_only loads
         centroids, reseeded = lloyd_update(stats, centroids, rng)
         change = abs(previous - inertia) / previous if previous else float("inf")
         history.append(
@@ -475,7 +475,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
                 "round": round_,
                 "inertia": inertia,
                 "relative_change": change,
-                "sampling_noise": float(noise),
+                "sampling_noise": noise,
                 "clients": len(stats),
                 "reseeded": reseeded,
                 "seconds": round(time.monotonic() - round_started, 3),
