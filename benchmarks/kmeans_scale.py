@@ -3,7 +3,8 @@ codebook, with every client in every Lloyd round, with 10% sampled per round, an
 
 Inputs: the corpus, partitions and feature caches of `benchmarks/scale.py` (build/bench/scale/<N>/, made once: one
 client per speaker, 0.2 min each). Every run is `fedhubert kmeans` with the recipe's K = 100, one MiniBatchKMeans
-initialisation per client, at most 30 Lloyd rounds at lloyd.tol = 1e-4, the initial codebook from at most 200
+initialisation per client, at most 30 Lloyd rounds at lloyd.tol = 1e-4 (sampled rounds: mini-batch k-means stopped
+after lloyd.patience = 10 rounds without improvement of the smoothed inertia), the initial codebook from at most 200
 clients (lloyd.init_clients), the features reused from the cache, and the centralized reference (`reference=true`,
 fitted on a uniform sample of at most reference_frames of the pooled frames; both inertias over every frame):
 
@@ -200,8 +201,8 @@ def main() -> None:
     notes = [
         "QUICK CHECK (shrunk sizes, no verdicts)" if args.quick else "",
         "one-speaker clients of benchmarks/scale.py's synthetic corpus (0.2 min each); K=100, one MiniBatchKMeans "
-        f"init per client, at most {MAX_ROUNDS} Lloyd rounds (tol 1e-4 plus the sampling noise of the round's "
-        "inertia), initial codebook from at most 200 clients, features from the cache; stage time = kmeans.json "
+        f"init per client, at most {MAX_ROUNDS} Lloyd rounds (tol 1e-4; sampled rounds: mini-batch k-means, "
+        "patience 10), initial codebook from at most 200 clients, features from the cache; stage time = kmeans.json "
         "seconds (the ServerApp's, connect to record); inertia gap = federated over centralized - 1 on every "
         "training frame",
         f"the full run at N={large} stops after {FULL_ROUNDS} rounds (its cost per round, not its convergence)"

@@ -15,11 +15,13 @@ from fedhubert.labels.federated import sampling_error
 from fedhubert.labels.kmeans import (
     ClusterStats,
     KMeansError,
+    centred,
     cluster_stats,
     fit_minibatch,
     initial_codebook,
     label_lines,
     lloyd_update,
+    uncentred,
     write_label_file,
 )
 from fedhubert.labels.mfcc import KaldiMfcc
@@ -215,6 +217,43 @@ def test_lloyd_update_from_split_statistics_equals_a_pooled_update():
     filled = pooled.counts > 0
     np.testing.assert_allclose(new[filled], pooled.sums[filled] / pooled.counts[filled, None], rtol=1e-10)
     assert reseeded == list(np.flatnonzero(~filled))
+
+
+def test_lloyd_update_with_seen_counts_is_the_running_mean_of_every_round():
+    """Mini-batch rounds over samples of clients: with fixed assignments, the centroid after two rounds is the
+    mean of both rounds' frames, not only the last round's."""
+    points, _ = blobs()
+    centroids = points[:6].astype(np.float64)
+    first, second = points[::2], points[1::2]
+    seen = np.zeros(len(centroids))
+    after_first, _ = lloyd_update([cluster_stats(whole(first), centroids)], centroids, np.random.default_rng(0), seen)
+    stats_second = cluster_stats(whole(second), centroids)  # assigned by the same centroids, for a closed form
+    after_second, _ = lloyd_update([stats_second], after_first, np.random.default_rng(0), seen)
+    pooled = cluster_stats(whole(points), centroids)
+    filled = pooled.counts > 0
+    np.testing.assert_allclose(after_second[filled], pooled.sums[filled] / pooled.counts[filled, None], rtol=1e-10)
+    np.testing.assert_array_equal(seen, pooled.counts)
+
+
+def test_centred_float32_statistics_keep_the_lloyd_update_of_float64_ones():
+    """HuBERT-sized statistics (768 dims, frames far from the origin, 100,000 frames): the centred float32 wire
+    form gives the float64 centroids and squared errors, where raw sums cast to float32 would not."""
+    rng = np.random.default_rng(0)
+    centroids = rng.normal(50.0, 5.0, size=(4, 768))
+    x = (np.repeat(centroids, 25_000, axis=0) + rng.normal(0, 0.5, size=(100_000, 768))).astype(np.float32)
+    exact = cluster_stats(whole(x), centroids)
+    wire = centred(exact, centroids)
+    assert all(a.dtype == np.float32 for a in wire)
+    back = uncentred(*wire, exact.counts, centroids, exact.inertia, exact.frames)
+    new_exact, _ = lloyd_update([exact], centroids, np.random.default_rng(0))
+    new_wire, _ = lloyd_update([back], centroids, np.random.default_rng(0))
+    np.testing.assert_allclose(new_wire, new_exact, rtol=0, atol=1e-5)
+    sse = lambda s: (s.sumsq - np.square(s.sums) / s.counts[:, None]).sum()  # noqa: E731
+    assert sse(back) == pytest.approx(sse(exact), rel=1e-4)
+    raw = ClusterStats(
+        exact.sums.astype(np.float32), exact.sumsq.astype(np.float32), exact.counts, exact.inertia, exact.frames
+    )
+    assert abs(sse(raw) - sse(exact)) > 100 * abs(sse(back) - sse(exact)), "float32 raw sums lose the spread"
 
 
 def test_empty_clusters_are_reseeded_by_splitting_the_worst():

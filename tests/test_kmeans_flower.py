@@ -121,6 +121,12 @@ def test_only_cluster_statistics_cross_the_wire(federated):
             ), name
             assert array["shape"][0] not in frames
         assert message["bytes"] <= 16 * 39 * 8 * 3 + 1024
+    for message in (m for m in received if m["type"] == "query.kmeans_stats"):
+        assert {name: a["dtype"] for name, a in message["arrays"].items()} == {
+            "stats.centred_sums": "float32",
+            "stats.centred_sumsq": "float32",
+            "stats.counts": "int64",
+        }, "a Lloyd round's statistics travel centred, in float32"
     sent = [m for m in messages if m["direction"] == "to_client"]
     assert all(set(m["arrays"]) <= {"codebook.centroids"} for m in sent)
 
@@ -228,3 +234,30 @@ def test_features_computed_per_client_ahead_are_reused_by_kmeans(small_partition
     assert "--out must be FEATURE_DIR/client_1 (not elsewhere)" in capsys.readouterr().err
     assert run_cli("features", "--partition", small_partition, "--client", 7, "--out", cache / "client_7") == 2
     assert "client 7 does not exist: the partition has clients 0..2" in capsys.readouterr().err
+
+
+def test_sampled_lloyd_rounds_are_mini_batch_k_means_stopped_by_patience(small_partition, features, tmp_path):
+    """With lloyd.fraction < 1 each round asks a seeded sample, the centroids are running means and the stage
+    stops once the smoothed inertia has not improved for `patience` rounds (or at max_rounds)."""
+    out = tmp_path / "sampled"
+    args = ["lloyd.fraction=0.5", "lloyd.patience=2", "lloyd.tol=0.01", "lloyd.max_rounds=12", "reference=false"]
+    assert run_cli("kmeans", "--partition", small_partition, "--out", out, *FAST, f"feature_dir={features}", *args) == 0
+    history = json.loads((out / "kmeans.json").read_text())["history"]
+    assert {row["clients"] for row in history} == {2}, "half of the 3 clients, rounded up, each round"
+    assert all("smoothed_inertia" in row for row in history)
+    stale = _stale_counts(history, 0.01)
+    assert stale[-1] == 2 or len(history) == 12, "stopped by patience, else by max_rounds"
+    assert all(count < 2 for count in stale[:-1]), "not before patience ran out"
+    for client in range(3):
+        assert (out / f"client_{client}" / "train.km").exists()
+
+
+def _stale_counts(history: list[dict], tol: float) -> list[int]:
+    best, stale, counts = math.inf, 0, []
+    for row in history:
+        if row["smoothed_inertia"] < best * (1 - tol):
+            best, stale = row["smoothed_inertia"], 0
+        else:
+            stale += 1
+        counts.append(stale)
+    return counts

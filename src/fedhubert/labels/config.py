@@ -27,7 +27,12 @@ OUTPUTS = (
 @dataclass
 class LloydConfig:
     max_rounds: int = param(50, "most Lloyd rounds (each: clients send per-cluster sums and counts)", ge=1)
-    tol: float = param(1e-4, "stop when the relative change in inertia falls below this", ge=0)
+    tol: float = param(
+        1e-4,
+        "stop when the relative change in inertia falls below this (with fraction < 1: the least relative "
+        "improvement of the smoothed inertia that resets `patience`)",
+        ge=0,
+    )
     min_shared_count: int = param(
         10,
         "a client's local centroid is shared for the initial codebook only if it stands for this many frames",
@@ -35,10 +40,17 @@ class LloydConfig:
     )
     fraction: float = param(
         1.0,
-        "share of the clients asked for statistics each Lloyd round (a new seeded sample each round); "
-        "the inertia a round reports is then an estimate, and convergence allows for its sampling noise",
+        "share of the clients asked for statistics each Lloyd round (a new seeded sample each round); below 1 "
+        "the rounds are mini-batch k-means over the sampled clients (each centroid the running mean of all the "
+        "frames assigned to it so far) and stop by `patience`",
         gt=0,
         le=1,
+    )
+    patience: int = param(
+        10,
+        "with fraction < 1: stop once the smoothed inertia (an exponentially weighted mean of the rounds' sampled "
+        "estimates, as scikit-learn's MiniBatchKMeans) has not improved by a relative tol for this many rounds",
+        ge=1,
     )
     init_clients: int = param(
         200,

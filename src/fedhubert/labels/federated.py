@@ -50,12 +50,14 @@ from fedhubert.labels.features import FeatureSet, extractor_for, featurise, load
 from fedhubert.labels.kmeans import (
     ClusterStats,
     KMeansError,
+    centred,
     cluster_stats,
     fit_minibatch,
     initial_codebook,
     label_lines,
     lloyd_update,
     sample_frames,
+    uncentred,
     write_label_file,
 )
 from fedhubert.manifest import file_sha256, read_manifest
@@ -135,11 +137,12 @@ def client_stats(message: Message, context: Context) -> Message:
     cfg, place = _client_setup(message, context)
     centroids = numpy_arrays(message.content["codebook"])["centroids"]
     stats = cluster_stats(_features(cfg, place, "train"), centroids)
+    dsums, dsumsq = centred(stats, centroids)
     return _reply(
         message,
         {"client": place.index, "inertia": stats.inertia, "frames": stats.frames},
-        sums=stats.sums,
-        sumsq=stats.sumsq,
+        centred_sums=dsums,
+        centred_sumsq=dsumsq,
         counts=stats.counts,
     )
 
@@ -211,8 +214,12 @@ def _check_init(content: RecordDict, cfg: KMeansConfig) -> None:
 
 
 def _check_stats(content: RecordDict, cfg: KMeansConfig, centroids: np.ndarray) -> None:
-    got = _arrays_of(content, ("sums", "sumsq", "counts"))
-    for name, shape in (("sums", centroids.shape), ("sumsq", centroids.shape), ("counts", (len(centroids),))):
+    got = _arrays_of(content, ("centred_sums", "centred_sumsq", "counts"))
+    for name, shape in (
+        ("centred_sums", centroids.shape),
+        ("centred_sumsq", centroids.shape),
+        ("counts", (len(centroids),)),
+    ):
         if got[name].shape != shape:
             raise KMeansError(f"{name} of shape {got[name].shape}, not {shape}")
     metrics = content["metrics"]
@@ -359,26 +366,30 @@ def _save_lloyd(
     out: Path,
     round_: int,
     centroids: np.ndarray,
+    seen: np.ndarray | None,
     rng: np.random.Generator,
     history: list,
-    previous: float | None,
+    progress: dict,
     converged: bool,
     cfg: KMeansConfig,
     failed: dict[int, dict],
 ) -> None:
     """The server's whole state after a Lloyd round (round 0: the initial codebook), so a killed run resumes it;
     only the newest LLOYD_KEEP are kept."""
+    tensors = {"centroids": torch.from_numpy(np.ascontiguousarray(centroids))}
+    if seen is not None:
+        tensors["seen"] = torch.from_numpy(seen.copy())
     save_checkpoint(
         round_checkpoint(out, round_),
         kind=LLOYD_KIND,
         model={"num_clusters": len(centroids), "dims": int(centroids.shape[1])},
         num_classes=len(centroids),
-        state_dict={"centroids": torch.from_numpy(np.ascontiguousarray(centroids))},
+        state_dict=tensors,
         state={
             "round": round_,
             "rng": rng.bit_generator.state,
             "history": history,
-            "previous": previous,
+            "progress": dict(progress),
             "converged": bool(converged),
             "failed": {str(client): why for client, why in failed.items()},
             "config": config_to_dict(cfg),
@@ -389,7 +400,7 @@ def _save_lloyd(
 
 def _restore_lloyd(
     out: Path, cfg: KMeansConfig, rng: np.random.Generator, server: _Server
-) -> tuple[int, np.ndarray, list, float | None, bool] | None:
+) -> tuple[int, np.ndarray, np.ndarray | None, list, dict, bool] | None:
     found = newest_checkpoint(out, LLOYD_KIND)
     if found is None:
         log.warning("no Lloyd checkpoint to resume from in %s; starting from the initial codebook", out / CHECKPOINTS)
@@ -404,11 +415,13 @@ def _restore_lloyd(
     rng.bit_generator.state = state["rng"]
     server.failed.update({int(client): why for client, why in state.get("failed", {}).items()})
     log.info("resuming federated k-means after Lloyd round %d (%s)", state["round"], path.name)
+    tensors = payload["state_dict"]
     return (
         int(state["round"]),
-        payload["state_dict"]["centroids"].numpy(),
+        tensors["centroids"].numpy(),
+        tensors["seen"].numpy().copy() if "seen" in tensors else None,
         list(state["history"]),
-        state["previous"],
+        dict(state["progress"]),
         bool(state["converged"]),
     )
 
@@ -433,16 +446,21 @@ def _initial(server: _Server, cfg: KMeansConfig) -> np.ndarray:
 def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple[np.ndarray, list]:
     """The federated codebook: initial centroids from a sample of the clients' local ones, then Lloyd rounds on the
     statistics of `lloyd.fraction` of the clients each. Every round is checkpointed; `resume` continues from the
-    newest readable checkpoint. With a sample per round the inertia is an estimate: the rounds stop once its change
-    is below `lloyd.tol` plus twice the standard error of a difference of two such estimates."""
+    newest readable checkpoint. With every client asked, the rounds stop once the inertia changes by less than
+    `lloyd.tol`. With a sample per round the inertia is an estimate whose noise (a one-speaker client's inertia per
+    frame varies with its voice) swamps any tol, so the rounds are mini-batch k-means and stop as scikit-learn's
+    MiniBatchKMeans does: once the smoothed inertia has not improved for `lloyd.patience` rounds."""
     rng = np.random.default_rng(cfg.seed)
+    sampled = cfg.lloyd.fraction < 1
     restored = _restore_lloyd(out, cfg, rng, server) if resume else None
     if restored is None:
         centroids = _initial(server, cfg)
-        start, history, previous, converged = 0, [], None, False
-        _save_lloyd(out, 0, centroids, rng, history, previous, converged, cfg, server.failed)
+        start, history, converged = 0, [], False
+        seen = np.zeros(len(centroids)) if sampled else None
+        progress: dict = {"previous": None, "smoothed": None, "best": None, "stale": 0}
+        _save_lloyd(out, 0, centroids, seen, rng, history, progress, converged, cfg, server.failed)
     else:
-        start, centroids, history, previous, converged = restored
+        start, centroids, seen, history, progress, converged = restored
     clock = RoundClock(start + 1, cfg.lloyd.max_rounds)
     for round_ in range(start + 1, cfg.lloyd.max_rounds + 1):
         if converged:
@@ -458,8 +476,9 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
             codebook=arrays(centroids=sent),
         )
         stats = [
-            ClusterStats(
-                **{k: v for k, v in numpy_arrays(r["stats"]).items()},
+            uncentred(
+                **numpy_arrays(r["stats"]),
+                centroids=sent,
                 inertia=float(r["metrics"]["inertia"]),
                 frames=int(r["metrics"]["frames"]),
             )
@@ -467,35 +486,53 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         ]
         inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
         unseen = 1 - len(stats) / max(len(server.active()), len(stats))  # the finite-population correction
-        noise = float(2 * np.sqrt(2) * sampling_error(stats) * np.sqrt(unseen))  # numpy scalars fail weights_only loads
-        centroids, reseeded = lloyd_update(stats, centroids, rng)
+        noise = float(sampling_error(stats) * np.sqrt(unseen))  # a numpy scalar would fail weights_only loads
+        centroids, reseeded = lloyd_update(stats, centroids, rng, seen)
+        previous = progress["previous"]
         change = abs(previous - inertia) / previous if previous else float("inf")
-        history.append(
-            {
-                "round": round_,
-                "inertia": inertia,
-                "relative_change": change,
-                "sampling_noise": noise,
-                "clients": len(stats),
-                "reseeded": reseeded,
-                "seconds": round(time.monotonic() - round_started, 3),
-            }
-        )
+        row = {
+            "round": round_,
+            "inertia": inertia,
+            "relative_change": change,
+            "sampling_noise": noise,
+            "clients": len(stats),
+            "reseeded": reseeded,
+        }
+        progress["previous"] = inertia
+        if sampled:
+            converged = _no_longer_improving(progress, inertia, len(stats) / max(len(server.active()), 1), cfg)
+            row["smoothed_inertia"] = progress["smoothed"]
+        else:
+            converged = change < cfg.lloyd.tol and not reseeded
+        history.append(row | {"seconds": round(time.monotonic() - round_started, 3)})
         log.info(
-            "k-means round %d/%d (%s): inertia %.4f per frame over %d clients (change %.2e%s), %d clusters re-seeded",
+            "k-means round %d/%d (%s): inertia %.4f per frame over %d clients (%s), %d clusters re-seeded",
             round_,
             cfg.lloyd.max_rounds,
             clock.status(round_, bound=True),
             inertia,
             len(stats),
-            change,
-            f", sampling noise {noise:.1e}" if noise else "",
+            f"smoothed {progress['smoothed']:.4f}, {progress['stale']} of {cfg.lloyd.patience} rounds without "
+            f"improvement, sampling noise {noise:.1e}"
+            if sampled
+            else f"change {change:.2e}",
             len(reseeded),
         )
-        previous = inertia
-        converged = change < cfg.lloyd.tol + noise and not reseeded
-        _save_lloyd(out, round_, centroids, rng, history, previous, converged, cfg, server.failed)
+        _save_lloyd(out, round_, centroids, seen, rng, history, progress, converged, cfg, server.failed)
     return centroids.astype(np.float32), history
+
+
+def _no_longer_improving(progress: dict, inertia: float, share: float, cfg: KMeansConfig) -> bool:
+    """MiniBatchKMeans's stopping rule on the rounds' sampled inertias: an exponentially weighted mean with weight
+    2 x the sampled share, and a count of rounds in which it did not fall below the best by a relative tol."""
+    alpha = min(1.0, 2 * share)
+    smoothed = inertia if progress["smoothed"] is None else (1 - alpha) * progress["smoothed"] + alpha * inertia
+    progress["smoothed"] = float(smoothed)
+    if progress["best"] is None or smoothed < progress["best"] * (1 - cfg.lloyd.tol):
+        progress["best"], progress["stale"] = float(smoothed), 0
+    else:
+        progress["stale"] += 1
+    return progress["stale"] >= cfg.lloyd.patience
 
 
 def serve_kmeans(grid: Grid, run: ServerRun) -> None:

@@ -130,18 +130,50 @@ def initial_codebook(local: list[tuple[np.ndarray, np.ndarray]], num_clusters: i
     return model.cluster_centers_
 
 
+def centred(stats: ClusterStats, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The statistics about the centroids they were assigned to, in float32 for the wire: per cluster, the sum of
+    x - c and of (x - c)^2. Centred, they are small next to the raw sums (768-dim HuBERT features, millions of
+    frames), so float32 keeps them exact enough and halves a reply."""
+    counts = stats.counts[:, None].astype(np.float64)
+    dsums = stats.sums - counts * centroids
+    dsumsq = stats.sumsq - 2 * centroids * stats.sums + counts * np.square(centroids)
+    return dsums.astype(np.float32), dsumsq.astype(np.float32)
+
+
+def uncentred(
+    centred_sums: np.ndarray,
+    centred_sumsq: np.ndarray,
+    counts: np.ndarray,
+    centroids: np.ndarray,
+    inertia: float,
+    frames: int,
+) -> ClusterStats:
+    """The inverse of `centred` (about the same centroids, as the client received them), in float64."""
+    c, n = centroids.astype(np.float64), counts.astype(np.float64)[:, None]
+    dsums, dsumsq = centred_sums.astype(np.float64), centred_sumsq.astype(np.float64)
+    sums = dsums + n * c
+    return ClusterStats(sums, dsumsq + 2 * c * dsums + n * np.square(c), counts.astype(np.int64), inertia, frames)
+
+
 def lloyd_update(
-    stats: list[ClusterStats], centroids: np.ndarray, rng: np.random.Generator
+    stats: list[ClusterStats], centroids: np.ndarray, rng: np.random.Generator, seen: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[int]]:
     """New centroids from the clients' summed statistics; each empty cluster takes half of the cluster with the
-    largest squared error (split along its standard deviation). Returns the centroids and the re-seeded ids."""
+    largest squared error (split along its standard deviation). Returns the centroids and the re-seeded ids.
+
+    With `seen` (the frames each cluster has been assigned in earlier rounds, updated in place) the update is
+    mini-batch k-means over sampled clients (Sculley 2010, as scikit-learn's MiniBatchKMeans): each centroid
+    moves to the running mean of every frame it has been assigned so far, so a round's sample of clients refines
+    the codebook instead of replacing it, and a cluster is empty only if no round has assigned it a frame."""
     sums = sum(s.sums for s in stats)
     sumsq = sum(s.sumsq for s in stats)
-    counts = sum(s.counts for s in stats)
+    counts = sum(s.counts for s in stats).astype(np.float64)
     new = centroids.astype(np.float64).copy()
-    filled = counts > 0
-    new[filled] = sums[filled] / counts[filled, None]
-    sse = np.where(filled[:, None], sumsq - np.square(sums) / np.maximum(counts, 1)[:, None], 0.0)
+    before = np.zeros_like(counts) if seen is None else seen.copy()
+    total = before + counts
+    filled = total > 0
+    new[filled] = (before[filled, None] * new[filled] + sums[filled]) / total[filled, None]
+    sse = np.where(counts[:, None] > 0, sumsq - np.square(sums) / np.maximum(counts, 1)[:, None], 0.0)
     per_cluster = sse.sum(axis=1)
     reseeded = []
     for empty in np.flatnonzero(~filled):
@@ -150,7 +182,10 @@ def lloyd_update(
         step = 0.5 * std * rng.choice([-1.0, 1.0], size=std.shape)
         new[empty], new[big] = new[big] + step, new[big] - step
         per_cluster[big] /= 4  # both halves are smaller; spread further re-seeds over other clusters
+        total[empty] = total[big] = total[big] / 2
         reseeded.append(int(empty))
+    if seen is not None:
+        seen[:] = total
     return new, reseeded
 
 
