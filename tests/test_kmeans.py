@@ -15,6 +15,7 @@ from fedhubert.labels.federated import sampling_error
 from fedhubert.labels.kmeans import (
     ClusterStats,
     KMeansError,
+    StatsSum,
     centred,
     cluster_stats,
     fit_minibatch,
@@ -283,25 +284,49 @@ def test_sampling_error_is_the_spread_of_the_clients_inertia_per_frame():
     """A Lloyd round on a sample of clients estimates the inertia per frame of all of them: over many samples of 50
     of 2,000 clients the estimates spread as sampling_error says (times the finite-population correction)."""
     rng = np.random.default_rng(0)
-    frames = rng.integers(200, 5000, size=2000)
+    frames = rng.integers(200, 5000, size=2000).astype(float)
     per_frame = rng.lognormal(0.0, 0.4, size=2000)
-    population = [
-        ClusterStats(np.zeros(0), np.zeros(0), np.zeros(0), float(p * f), int(f))
-        for p, f in zip(per_frame, frames, strict=True)
-    ]
-    truth = float((per_frame * frames).sum() / frames.sum())
+    inertia = per_frame * frames
+    truth = float(inertia.sum() / frames.sum())
     estimates, errors = [], []
     for _ in range(400):
-        sample = [population[i] for i in rng.choice(2000, size=50, replace=False)]
-        estimates.append(sum(s.inertia for s in sample) / sum(s.frames for s in sample))
-        errors.append(sampling_error(sample))
+        sample = rng.choice(2000, size=50, replace=False)
+        estimates.append(inertia[sample].sum() / frames[sample].sum())
+        errors.append(sampling_error(inertia[sample], frames[sample]))
     spread = np.std(estimates) / truth
     predicted = np.mean(errors) * np.sqrt(1 - 50 / 2000)
     assert abs(np.mean(estimates) / truth - 1) < 0.01
     assert 0.8 < spread / predicted < 1.25, (spread, predicted)
-    assert sampling_error(population[:1]) == 0.0
-    same = [ClusterStats(np.zeros(0), np.zeros(0), np.zeros(0), 2.0 * f, int(f)) for f in frames[:10]]
-    assert sampling_error(same) == pytest.approx(0.0, abs=1e-12)
+    assert sampling_error(inertia[:1], frames[:1]) == 0.0
+    assert sampling_error(2.0 * frames[:10], frames[:10]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_replies_summed_as_they_arrive_give_the_update_of_all_replies_in_any_order():
+    """The server folds each client's centred float32 statistics into one float64 sum as its reply lands: the
+    Lloyd update and the inertia equal those of the replies uncentred one by one, and the float32 codebook does not
+    depend on the order the replies came in."""
+    rng = np.random.default_rng(1)
+    centroids = rng.normal(20.0, 3.0, size=(8, 39))
+    sent = centroids.astype(np.float32)
+    clients = [
+        (centroids[rng.integers(0, 8, 400)] + rng.normal(0, 1.0, (400, 39))).astype(np.float32) for _ in range(30)
+    ]
+    stats = [cluster_stats(whole(x), sent) for x in clients]
+    one_by_one = [uncentred(*centred(s, sent), s.counts, sent, s.inertia, s.frames) for s in stats]
+    expected, _ = lloyd_update(one_by_one, centroids, np.random.default_rng(0))
+    codebooks = []
+    for order in (range(30), reversed(range(30)), rng.permutation(30)):
+        summed = StatsSum(sent)
+        for client in order:
+            summed.add(client, *centred(stats[client], sent), stats[client].counts, stats[client].inertia)
+        total = summed.total()
+        assert len(summed) == 30 and total.frames == 30 * 400
+        assert total.inertia == pytest.approx(sum(s.inertia for s in stats), rel=1e-12)
+        new, _ = lloyd_update([total], centroids, np.random.default_rng(0))
+        np.testing.assert_allclose(new, expected, rtol=1e-9)
+        codebooks.append(new.astype(np.float32))
+    for codebook in codebooks[1:]:
+        np.testing.assert_array_equal(codebook, codebooks[0])
 
 
 def test_a_fitted_timeout_waits_the_cap_until_measured_then_about_the_rounds_pace():

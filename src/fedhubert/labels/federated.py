@@ -48,8 +48,8 @@ from fedhubert.fl.training import client_seconds
 from fedhubert.labels.config import KMeansConfig
 from fedhubert.labels.features import FeatureSet, extractor_for, featurise, load_features
 from fedhubert.labels.kmeans import (
-    ClusterStats,
     KMeansError,
+    StatsSum,
     centred,
     cluster_stats,
     fit_minibatch,
@@ -57,7 +57,6 @@ from fedhubert.labels.kmeans import (
     label_lines,
     lloyd_update,
     sample_frames,
-    uncentred,
     write_label_file,
 )
 from fedhubert.manifest import file_sha256, read_manifest
@@ -291,10 +290,11 @@ class _Server:
         clients: list[int],
         round_: int | None = None,
         check: Callable[[RecordDict], None] | None = None,
+        fold: Callable[[int, RecordDict], None] | None = None,
         **records,
     ) -> dict[int, RecordDict]:
         """Send `action` with the config (and `records`) to `clients`; return the replies that passed `check`,
-        by client index."""
+        by client index. With `fold`, each such reply is handed to it as it arrives and only its metrics are kept."""
         outgoing = []
         config = config_to_record(self.cfg)
         plan = self.clients.assign(clients, self.seconds)
@@ -327,7 +327,11 @@ class _Server:
             except (KMeansError, KeyError, TypeError, ValueError) as err:
                 self._fail(client, action, round_, f"rejected reply: {err}")
                 return
-            replies[client] = reply.content
+            if fold is None:
+                replies[client] = reply.content
+            else:
+                fold(client, reply.content)
+                replies[client] = RecordDict({"metrics": reply.content["metrics"]})
 
         timeout = self.timeouts.setdefault(action, FittedTimeout(self.cfg.lloyd.timeout_s))
         wait_s = timeout.seconds()
@@ -348,17 +352,17 @@ class _Server:
         return replies
 
 
-def sampling_error(stats: list[ClusterStats]) -> float:
+def sampling_error(inertia: np.ndarray, frames: np.ndarray) -> float:
     """The relative standard error of a round's inertia per frame (sum of inertias / sum of frames, a ratio
-    estimator over the sampled clients) as an estimate of the same ratio over all clients: the spread of the
-    clients' inertia per frame, weighted by their frames, over sqrt(n). 0 for fewer than 2 clients."""
-    if len(stats) < 2:
+    estimator over the sampled clients, given each client's inertia and frames) as an estimate of the same ratio over
+    all clients: the spread of the clients' inertia per frame, weighted by their frames, over sqrt(n). 0 for fewer
+    than 2 clients."""
+    if len(inertia) < 2:
         return 0.0
-    inertia = np.array([s.inertia for s in stats])
-    frames = np.array([s.frames for s in stats], dtype=np.float64)
+    inertia, frames = np.asarray(inertia, dtype=np.float64), np.asarray(frames, dtype=np.float64)
     ratio = inertia.sum() / frames.sum()
     residual = inertia - ratio * frames
-    se = np.sqrt(np.sum(residual**2) / (len(stats) * (len(stats) - 1))) / frames.mean()
+    se = np.sqrt(np.sum(residual**2) / (len(inertia) * (len(inertia) - 1))) / frames.mean()
     return float(se / ratio) if ratio > 0 else 0.0
 
 
@@ -468,26 +472,22 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
         asked = server.sample(round_, cfg.lloyd.fraction)
         round_started = time.monotonic()
         sent = centroids.astype(np.float32)
-        replies_stats = server.ask(
+        summed = StatsSum(sent)
+        server.ask(
             "kmeans_stats",
             asked,
             round_,
             lambda content, sent=sent: _check_stats(content, cfg, sent),
+            fold=lambda client, content, summed=summed: summed.add(
+                client, **numpy_arrays(content["stats"]), inertia=float(content["metrics"]["inertia"])
+            ),
             codebook=arrays(centroids=sent),
         )
-        stats = [
-            uncentred(
-                **numpy_arrays(r["stats"]),
-                centroids=sent,
-                inertia=float(r["metrics"]["inertia"]),
-                frames=int(r["metrics"]["frames"]),
-            )
-            for _, r in sorted(replies_stats.items())
-        ]
-        inertia = sum(s.inertia for s in stats) / sum(s.frames for s in stats)
-        unseen = 1 - len(stats) / max(len(server.active()), len(stats))  # the finite-population correction
-        noise = float(sampling_error(stats) * np.sqrt(unseen))  # a numpy scalar would fail weights_only loads
-        centroids, reseeded = lloyd_update(stats, centroids, rng, seen)
+        stats = summed.total()
+        inertia = stats.inertia / stats.frames
+        unseen = 1 - len(summed) / max(len(server.active()), len(summed))  # the finite-population correction
+        noise = float(sampling_error(*summed.per_client()) * np.sqrt(unseen))  # numpy scalars fail weights_only loads
+        centroids, reseeded = lloyd_update([stats], centroids, rng, seen)
         previous = progress["previous"]
         change = abs(previous - inertia) / previous if previous else float("inf")
         row = {
@@ -495,12 +495,12 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
             "inertia": inertia,
             "relative_change": change,
             "sampling_noise": noise,
-            "clients": len(stats),
+            "clients": len(summed),
             "reseeded": reseeded,
         }
         progress["previous"] = inertia
         if sampled:
-            converged = _no_longer_improving(progress, inertia, len(stats) / max(len(server.active()), 1), cfg)
+            converged = _no_longer_improving(progress, inertia, len(summed) / max(len(server.active()), 1), cfg)
             row["smoothed_inertia"] = progress["smoothed"]
         else:
             converged = change < cfg.lloyd.tol and not reseeded
@@ -511,7 +511,7 @@ def _lloyd(server: _Server, cfg: KMeansConfig, out: Path, resume: bool) -> tuple
             cfg.lloyd.max_rounds,
             clock.status(round_, bound=True),
             inertia,
-            len(stats),
+            len(summed),
             f"smoothed {progress['smoothed']:.4f}, {progress['stale']} of {cfg.lloyd.patience} rounds without "
             f"improvement, sampling noise {noise:.1e}"
             if sampled

@@ -155,6 +155,42 @@ def uncentred(
     return ClusterStats(sums, dsumsq + 2 * c * dsums + n * np.square(c), counts.astype(np.int64), inertia, frames)
 
 
+class StatsSum:
+    """A Lloyd round's replies summed as they arrive, so that the server holds one sum and not a reply per client:
+    the clients' centred statistics (about the centroids they were all sent) in float64, their counts, and each
+    client's inertia and frames (for the round's inertia and its sampling error). Centring is linear, so `total()`
+    is the sum of each reply's `uncentred` statistics. Replies come in no fixed order: float64 sums keep the
+    float32 codebook independent of it, and the inertia is summed by client."""
+
+    def __init__(self, centroids: np.ndarray):
+        self.centroids = centroids
+        self.dsums = np.zeros(centroids.shape)
+        self.dsumsq = np.zeros(centroids.shape)
+        self.counts = np.zeros(len(centroids), dtype=np.int64)
+        self.inertia: dict[int, float] = {}
+        self.frames: dict[int, int] = {}
+
+    def add(
+        self, client: int, centred_sums: np.ndarray, centred_sumsq: np.ndarray, counts: np.ndarray, inertia: float
+    ) -> None:
+        self.dsums += centred_sums
+        self.dsumsq += centred_sumsq
+        self.counts += counts.astype(np.int64)
+        self.inertia[client], self.frames[client] = float(inertia), int(counts.sum())
+
+    def __len__(self) -> int:
+        return len(self.inertia)
+
+    def per_client(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each client's inertia and frames, by client index."""
+        clients = sorted(self.inertia)
+        return np.array([self.inertia[c] for c in clients]), np.array([self.frames[c] for c in clients], dtype=float)
+
+    def total(self) -> ClusterStats:
+        inertia, frames = self.per_client()
+        return uncentred(self.dsums, self.dsumsq, self.counts, self.centroids, float(inertia.sum()), int(frames.sum()))
+
+
 def lloyd_update(
     stats: list[ClusterStats], centroids: np.ndarray, rng: np.random.Generator, seen: np.ndarray | None = None
 ) -> tuple[np.ndarray, list[int]]:
