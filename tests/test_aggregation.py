@@ -93,6 +93,7 @@ def streamed(strategy_cfg, reference, accepted, privacy_cfg, clip, noise, order,
 
 STRATEGIES = {
     "fedavg": StrategyConfig(),
+    "fedavgm": StrategyConfig(name="fedavgm", eta=0.5, momentum=0.9),
     "fedadam": StrategyConfig(name="fedadam", eta=1e-2, tau=1e-3),
     "fedyogi": StrategyConfig(name="fedyogi", eta=1e-2, tau=1e-3),
 }
@@ -196,3 +197,41 @@ def test_the_round_statistics_and_the_audit_come_from_the_stream(tmp_path):
     for row, client in zip(saved["changes"], saved["clients"], strict=True):
         weights = accepted[int(client)][0]
         np.testing.assert_array_equal(row, audit.coordinates({k: weights[k] - reference[k] for k in reference}))
+
+
+def test_fedavgm_is_server_momentum_on_the_mean_change_and_resumes_exactly():
+    """FedAvgM: the server keeps m = momentum x m + (sent - mean) and moves by eta x m, against the arrays the
+    loop sent (not Flower's own record of its last result); a strategy restored from its state mid-run continues
+    with the same weights."""
+    cfg = StrategyConfig(name="fedavgm", eta=0.5, momentum=0.9)
+    assert cfg.server_rates() == (0.5, None) and StrategyConfig(name="fedavgm").server_rates() == (1.0, None)
+    rng = np.random.default_rng(2)
+    weights = model(rng)
+    shifts = [{k: 0.1 * torch.from_numpy(rng.normal(size=t.shape).astype(np.float32)) for k, t in weights.items()}]
+    shifts.append({k: t + 0.05 for k, t in shifts[0].items()})
+
+    def step(strategy, sent, shift, round_):
+        strategy.begin_round(sent)
+        mean = {k: sent[k] + shift[k] for k in sent}
+        message = Message(
+            RecordDict({"arrays": encode(mean, "float32"), "metrics": MetricRecord({WEIGHT_KEY: 1.0})}),
+            dst_node_id=0,
+            message_type="train",
+        )
+        new, _ = strategy.aggregate(round_, [message], {k: np.dtype(np.float32) for k in sent})
+        return {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}, mean
+
+    strategy = make_strategy(cfg)
+    first, mean = step(strategy, weights, shifts[0], 1)
+    momentum = {k: weights[k].double() - mean[k].double() for k in weights}
+    for k in weights:
+        torch.testing.assert_close(first[k], (weights[k].double() - 0.5 * momentum[k]).float())
+    saved = {"name": "fedavgm", **strategy.state()}
+    second, mean = step(strategy, first, shifts[1], 2)
+    momentum = {k: 0.9 * momentum[k] + (first[k].double() - mean[k].double()) for k in first}
+    for k in first:
+        torch.testing.assert_close(second[k], (first[k].double() - 0.5 * momentum[k]).float())
+    restored = make_strategy(cfg)
+    restored.load_state(saved)
+    again, _ = step(restored, first, shifts[1], 2)
+    assert all(torch.equal(again[k], second[k]) for k in second)

@@ -14,6 +14,7 @@ import torch
 
 from common import SMALL_K, run_cli
 from fedhubert.config import load_config
+from fedhubert.errors import ConfigError
 from fedhubert.manifest import ManifestEntry, read_manifest, write_manifest
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, model_config_of
 from fedhubert.model.config import ModelConfig
@@ -178,6 +179,41 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, smal
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, initial[k])]
     assert "logit_generator.label_embeddings" in changed and len(changed) > 0.8 * len(initial)
     assert result.metrics["audio_seconds_per_second"] > 0 and result.metrics["peak_memory_mb"] > 0
+
+
+def test_sgd_with_momentum_is_the_other_client_optimiser_and_needs_its_own_rate(small_partition, small_labels):
+    """optim.name=sgd gives torch's SGD with the configured momentum; the presets' rates are AdamW's, so it needs
+    optim.lr; and it trains."""
+    with pytest.raises(ConfigError, match="'optim.lr' must be set with optim.name=sgd"):
+        load_config(TrainConfig, None, ["optim.name=sgd"])
+    cfg = TrainConfig(
+        device="cpu",
+        log_every=5,
+        optim=load_config(
+            TrainConfig,
+            None,
+            ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "optim.warmup_steps=5", "optim.total_steps=500"],
+        ).optim,
+        data=FAST.data,
+    )
+    torch.manual_seed(0)
+    utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, cfg.data, MFCC_RATE)
+    model = build_hubert(TINY, SMALL_K)
+    optimizer = make_optimizer(model, cfg.optim)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    history = []
+    train(
+        model,
+        cycle_batches(batch_loader(utts, MFCC_RATE, cfg.data, seed=0)),
+        cfg,
+        objective=MaskedPrediction(LossConfig()),
+        steps=40,
+        global_step=0,
+        optimizer=optimizer,
+        device=torch.device("cpu"),
+        on_step=lambda step, m: history.append(m["loss"]),
+    )
+    assert history[-1] < history[0] - 0.3, history
 
 
 @pytest.mark.slow

@@ -274,7 +274,7 @@ def _stages() -> dict[str, Stage]:
         ),
         Stage(
             command=("pretrain",),
-            help="federated HuBERT pretraining on Flower (FedAvg by default; FedAdam, FedYogi), with exact resume",
+            help="federated HuBERT pretraining on Flower (FedAvg by default; FedAvgM, FedAdam, FedYogi), exact resume",
             out_help="run folder to create (checkpoints, metrics.jsonl, tensorboard, pretrain.png)",
             config_cls=pretrain_config.PretrainConfig,
             owned=pretrain_config.OUTPUTS,

@@ -63,22 +63,44 @@ class FederationConfig:
         return self.superlink is None if self.virtual_clients is None else self.virtual_clients
 
 
+# The server learning rate and adaptivity floor each strategy gets where `strategy.eta` / `strategy.tau` are null.
+STRATEGY_PRESETS: dict[str, dict[str, float]] = {
+    "fedavgm": {"eta": 1.0},
+    "fedadam": {"eta": 1e-3, "tau": 1e-3},
+    "fedyogi": {"eta": 1e-3, "tau": 1e-3},
+}
+
+
 @dataclass
 class StrategyConfig:
-    name: Literal["fedavg", "fedadam", "fedyogi"] = param(
-        "fedavg", "Flower strategy aggregating the clients (FedAvg: measured best for short runs; see README)"
+    name: Literal["fedavg", "fedavgm", "fedadam", "fedyogi"] = param(
+        "fedavg",
+        "Flower strategy aggregating the clients: FedAvg (measured best for short runs; see README), FedAvgM (server "
+        "momentum), FedAdam or FedYogi (adaptive server optimisers)",
     )
-    eta: float = param(
-        1e-3,
-        "server learning rate of FedAdam/FedYogi: each round moves a weight by at most about eta (Flower's "
-        "default 0.1 wrecks a transformer)",
+    eta: float | None = param(
+        None,
+        "server learning rate: FedAdam/FedYogi move a weight by at most about eta a round (Flower's default 0.1 "
+        "wrecks a transformer); FedAvgM scales its momentum step by it; null: the strategy's preset (STRATEGY_PRESETS)",
         gt=0,
     )
     beta_1: float = param(0.9, "FedAdam/FedYogi first-moment decay", ge=0, lt=1)
     beta_2: float = param(0.99, "FedAdam/FedYogi second-moment decay", ge=0, lt=1)
-    tau: float = param(1e-3, "FedAdam/FedYogi adaptivity floor (1e-9 would turn updates into eta * sign)", gt=0)
+    tau: float | None = param(
+        None,
+        "FedAdam/FedYogi adaptivity floor (1e-9 would turn updates into eta * sign); null: the strategy's preset",
+        gt=0,
+    )
+    momentum: float = param(0.9, "FedAvgM server momentum on the clients' mean change", ge=0, lt=1)
     fraction: float = param(1.0, "share of the clients sampled each round", gt=0, le=1)
     min_clients: int = param(2, "a round needs replies from at least this many clients", ge=1)
+
+    def server_rates(self) -> tuple[float, float | None]:
+        """(eta, tau) as configured, or the strategy's preset where null (tau: None for FedAvg and FedAvgM)."""
+        preset = STRATEGY_PRESETS.get(self.name, {})
+        eta = self.eta if self.eta is not None else preset.get("eta", 1.0)
+        tau = self.tau if self.tau is not None else preset.get("tau")
+        return eta, tau
 
     def sample_size(self, num_clients: int) -> int:
         """Clients asked each round: the `fraction`, at least `min_clients`, at most all."""

@@ -20,12 +20,19 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: Literal["adamw", "sgd"] = param(
+        "adamw", "the client optimiser: AdamW (the recipe's) or SGD with momentum (Reddi et al.'s FedAdam clients)"
+    )
     lr: float | None = param(
-        None, "peak learning rate of AdamW (null: the model preset's, e.g. base 5e-4 as the recipe, tiny 5e-3)", gt=0
+        None,
+        "peak learning rate (null: the model preset's AdamW rate, e.g. base 5e-4 as the recipe, tiny 5e-3; "
+        "required with name sgd)",
+        gt=0,
     )
     betas: list[float] = param([0.9, 0.98], "AdamW betas", ge=0, lt=1)
     eps: float = param(1e-6, "AdamW epsilon", gt=0)
-    weight_decay: float = param(0.01, "AdamW weight decay", ge=0)
+    momentum: float = param(0.9, "SGD momentum (name sgd)", ge=0, lt=1)
+    weight_decay: float = param(0.01, "weight decay (AdamW's decoupled; SGD's L2)", ge=0)
     warmup_steps: int | None = param(
         None, "linear warm-up updates, counted by the global step (null: warmup_fraction of total_steps)", ge=0
     )
@@ -38,6 +45,11 @@ class OptimConfig:
     def validate(self) -> None:
         if len(self.betas) != 2:
             raise ConfigError(f"key 'optim.betas' must be [beta1, beta2], got {self.betas}")
+        if self.name == "sgd" and self.lr is None:
+            raise ConfigError(
+                "key 'optim.lr' must be set with optim.name=sgd: the model presets' rates are AdamW's (SGD needs a "
+                "rate 10-1000x larger; benchmarks/server_opt.py fits one)"
+            )
         if self.warmup_steps is not None and self.total_steps is not None and self.warmup_steps >= self.total_steps:
             raise ConfigError(
                 f"key 'optim.warmup_steps' ({self.warmup_steps}) must be below 'optim.total_steps' ({self.total_steps})"

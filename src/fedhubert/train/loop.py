@@ -63,8 +63,13 @@ def learning_rate(step: int, optim: OptimConfig) -> float:
     return optim.lr * max(0.0, remaining)
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; its learning rate is set before every update by `train` (`learning_rate`)."""
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW, or SGD with momentum (`optim.name`); its learning rate is set before every update by `train`
+    (`learning_rate`)."""
+    if optim.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=optim.lr or 0.0, momentum=optim.momentum, weight_decay=optim.weight_decay
+        )
     return torch.optim.AdamW(
         model.parameters(), lr=optim.lr or 0.0, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
     )
