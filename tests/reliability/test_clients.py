@@ -72,9 +72,9 @@ def test_bad_updates_are_rejected_with_reasons_and_rounds_complete(
 
 
 def test_a_client_process_that_dies_is_left_out(small_partition, small_kmeans, tmp_path, plan):
-    """Flower 1.41's simulation does not replace a dead Ray actor: the clients it would have run fail for the rest
-    of the run (logged as ActorDiedError), the rounds go on from the others, and `--resume` (fresh actors) or
-    `strategy.min_clients` (stop with a checkpoint) are the remedies."""
+    """A client whose process dies (its Ray actor with it) fails its round, named; Flower 1.41 would keep the dead
+    actor and fail every later message given to it, so fedhubert's simulation makes actors restartable
+    (`fedhubert.fl.runtime.actors`): the round goes on, and round 2 trains every client again."""
     plan({1: {1: "exit"}})
     out = tmp_path / "died"
     assert (
@@ -95,8 +95,8 @@ def test_a_client_process_that_dies_is_left_out(small_partition, small_kmeans, t
         == 0
     )
     failures = rows(out, "failure")
-    assert any(f["round"] == 1 and f["client"] == 1 and "died" in f["reason"] for f in failures), failures
-    assert [r["round"] for r in rows(out, "train")] == [1, 2] and rows(out, "train")[0]["clients"] >= 1
+    assert [(f["round"], f["client"]) for f in failures] == [(1, 1)] and "actor" in failures[0]["reason"], failures
+    assert [(r["round"], r["clients"]) for r in rows(out, "train")] == [(1, 2), (2, 3)]
     assert finite(out / "checkpoints" / "final.pt")
 
 

@@ -29,6 +29,7 @@ from typing import IO
 
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import FedhubertError
+from fedhubert.fl.runtime.actors import write_launcher
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ def end_with_parent() -> None:
 class Daemon:
     """A Flower process in its own session, ended with its parent; `stop()` ends it and everything it started."""
 
-    def __init__(self, name: str, command: list[str], flwr_home: Path, log_path: Path | None):
+    def __init__(
+        self, name: str, command: list[str], flwr_home: Path, log_path: Path | None, first_on_path: Path | None = None
+    ):
         self.name = name
         self.flwr_home = Path(flwr_home)
         self.log_path = log_path
@@ -126,10 +129,13 @@ class Daemon:
         if log_path is not None:
             Path(log_path).parent.mkdir(parents=True, exist_ok=True)
             sink = open(log_path, "ab")
+        env = flower_env(self.flwr_home)
+        if first_on_path is not None:
+            env["PATH"] = f"{first_on_path}{os.pathsep}{env['PATH']}"
         try:
             self.process = subprocess.Popen(
                 command,
-                env=flower_env(self.flwr_home),
+                env=env,
                 stdout=sink,
                 stderr=subprocess.STDOUT if sink else None,
                 stdin=subprocess.DEVNULL,
@@ -212,9 +218,11 @@ def start_superlink(
         command.append("--insecure")
     if auth:
         command.append("--enable-supernode-auth")
+    launchers = None
     if simulation:
         command.append("--simulation")
-    daemon = Daemon("SuperLink", command, flwr_home, log_path)
+        launchers = write_launcher(Path(flwr_home) / "bin").parent  # flwr-simulation with restartable actors
+    daemon = Daemon("SuperLink", command, flwr_home, log_path, first_on_path=launchers)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if not daemon.alive():
