@@ -33,6 +33,7 @@ def restartable_actors() -> None:
 
     def __init__(self, actor_type, client_resources, actor_kwargs):
         original(self, actor_type, client_resources, actor_kwargs)
+        self._fedhubert_jobs = {}  # future -> (actor_fn, job), to send a job again (set up before any thread runs)
         kwargs = {} if actor_kwargs is None else actor_kwargs
         options = {**client_resources, "max_restarts": -1, "max_task_retries": 0}
         self.create_actor_fn = lambda: actor_type.options(**options).remote(**kwargs)
@@ -41,7 +42,6 @@ def restartable_actors() -> None:
 
     def remembering_submit(self, actor_fn, job):
         future = submit(self, actor_fn, job)
-        self._fedhubert_jobs = getattr(self, "_fedhubert_jobs", {})
         self._fedhubert_jobs[future] = (actor_fn, job)
         return future
 
