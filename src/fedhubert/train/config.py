@@ -47,8 +47,8 @@ class OptimConfig:
             raise ConfigError(f"key 'optim.betas' must be [beta1, beta2], got {self.betas}")
         if self.name == "sgd" and self.lr is None:
             raise ConfigError(
-                "key 'optim.lr' must be set with optim.name=sgd: the model presets' rates are AdamW's (SGD needs a "
-                "rate 10-1000x larger; benchmarks/server_opt.py fits one)"
+                "key 'optim.lr' must be set with optim.name=sgd: the model presets' rates are AdamW's and do not "
+                "carry over to SGD (benchmarks/server_opt.py fits one)"
             )
         if self.warmup_steps is not None and self.total_steps is not None and self.warmup_steps >= self.total_steps:
             raise ConfigError(
