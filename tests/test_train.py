@@ -155,6 +155,23 @@ def test_a_call_that_trains_no_batch_raises():
         )
 
 
+def forty_steps(model, loader, cfg: TrainConfig, optimizer, global_step: int):
+    """40 masked-prediction updates on CPU: the result and the loss of each update."""
+    history = []
+    result = train(
+        model,
+        cycle_batches(loader),
+        cfg,
+        objective=MaskedPrediction(LossConfig()),
+        steps=40,
+        global_step=global_step,
+        optimizer=optimizer,
+        device=torch.device("cpu"),
+        on_step=lambda step, m: history.append(m["loss"]),
+    )
+    return result, history
+
+
 def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, small_labels):
     torch.manual_seed(0)
     utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, FAST.data, MFCC_RATE)
@@ -162,18 +179,7 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, smal
     model = build_hubert(TINY, SMALL_K)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = make_optimizer(model, FAST.optim)
-    history = []
-    result = train(
-        model,
-        cycle_batches(loader),
-        FAST,
-        objective=MaskedPrediction(LossConfig()),
-        steps=40,
-        global_step=7,
-        optimizer=optimizer,
-        device=torch.device("cpu"),
-        on_step=lambda step, m: history.append(m["loss"]),
-    )
+    result, history = forty_steps(model, loader, FAST, optimizer, global_step=7)
     assert result.global_step == 47 and result.metrics["steps"] == 40
     assert history[-1] < history[0] - 0.5, history
     changed = [k for k, v in model.state_dict().items() if v.dtype.is_floating_point and not torch.equal(v, initial[k])]
@@ -201,18 +207,7 @@ def test_sgd_with_momentum_is_the_other_client_optimiser_and_needs_its_own_rate(
     model = build_hubert(TINY, SMALL_K)
     optimizer = make_optimizer(model, cfg.optim)
     assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
-    history = []
-    train(
-        model,
-        cycle_batches(batch_loader(utts, MFCC_RATE, cfg.data, seed=0)),
-        cfg,
-        objective=MaskedPrediction(LossConfig()),
-        steps=40,
-        global_step=0,
-        optimizer=optimizer,
-        device=torch.device("cpu"),
-        on_step=lambda step, m: history.append(m["loss"]),
-    )
+    _, history = forty_steps(model, batch_loader(utts, MFCC_RATE, cfg.data, seed=0), cfg, optimizer, global_step=0)
     assert history[-1] < history[0] - 0.3, history
 
 

@@ -255,8 +255,8 @@ class Accountant:
         return self.spent.get_privacy_spent().epsilon if self.rounds else 0.0
 
     def next_round_exceeds(self) -> bool:
-        limit = self.config.max_epsilon
-        return self.ahead is not None and limit is not None and self.ahead.get_epsilon(self.config.target_delta) > limit
+        # `ahead` exists exactly when there is a target (`_reset`).
+        return self.ahead is not None and self.ahead.get_epsilon(self.config.target_delta) > self.config.max_epsilon
 
     def spend_round(self, noise_shares: int | None = None) -> float:
         """Account one round; `noise_shares` < sampled (mode client, some clients did not reply) means less noise."""
