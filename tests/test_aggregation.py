@@ -15,7 +15,7 @@ from fedhubert.config import load_config
 from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
 from fedhubert.fl.config import PrivacyConfig, StrategyConfig
 from fedhubert.fl.privacy import UpdateAudit, privatise_change, update_norm
-from fedhubert.fl.rounds import server_step
+from fedhubert.fl.server_step import server_step
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.fl.weights import decode, encode
 

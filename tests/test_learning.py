@@ -16,7 +16,7 @@ from common import PRETRAIN_FAST, SMALL_K, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.fl.config import StrategyConfig
 from fedhubert.fl.local import planned_local_steps
-from fedhubert.fl.rounds import server_step
+from fedhubert.fl.server_step import STEP_RATIO_RANGE, WATCH_ROUNDS, StepWatch, server_step
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -214,6 +214,23 @@ def test_the_server_step_is_compared_with_the_clients_mean_change():
     sideways = server_step(sent, {"w": torch.tensor([0.0, 0, 0.1, 0])}, mean_change)
     assert sideways["step_cosine"] == pytest.approx(0.0)
     assert sideways["step_ratio"] == pytest.approx(0.1 / math.hypot(0.25, 0.75))
+
+
+def test_a_server_step_far_from_the_clients_change_is_named_once_with_the_fix():
+    low, high = STEP_RATIO_RANGE
+    timid = StepWatch("fedadam", 1e-4, 1e-3)
+    said = [timid.add(ratio) for ratio in [0.05, 0.04, 0.06, 0.05, 0.05]]
+    assert said[: WATCH_ROUNDS - 1] == [None] * (WATCH_ROUNDS - 1) and said[WATCH_ROUNDS:] == [None, None]
+    warning = said[WATCH_ROUNDS - 1]
+    assert "strategy.eta=0.0001, strategy.tau=0.001" in warning and "5% of the clients' mean change" in warning
+    assert "raise strategy.eta" in warning
+    wild = StepWatch("fedavgm", 3.0, None)
+    warning = [wild.add(r) for r in [9.0, 8.0, 12.0]][-1]
+    assert warning.startswith("fedavgm with strategy.eta=3 moved the model by 900%") and "lower strategy.eta" in warning
+    following = StepWatch("fedyogi", 1e-2, 1e-2)
+    assert [following.add(r) for r in [low, 1.0, high]] == [None, None, None]
+    fedavg = StepWatch("fedavg", 1.0, None)
+    assert [fedavg.add(r) for r in [0.0, 0.0, 0.0]] == [None, None, None]
 
 
 def test_a_strategy_state_saved_before_the_first_aggregation_loads():

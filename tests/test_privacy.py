@@ -26,6 +26,7 @@ from fedhubert.fl.privacy import (
     check_settings,
     clip_per_layer,
     clip_update,
+    noise_for_target,
     noise_share,
     privatise_change,
     update_noise_multiplier,
@@ -155,6 +156,16 @@ def test_the_target_is_checked_before_the_round():
     assert spent and spent[-1] <= 6.0 < reference_epsilon(1.0, len(spent) + 1, 1e-5, 10, 10)
 
 
+@pytest.mark.parametrize(("population", "sampled", "rounds", "target"), [(10, 10, 5, 8.0), (2000, 100, 200, 4.0)])
+def test_the_noise_for_a_target_is_the_smallest_that_meets_it(population, sampled, rounds, target):
+    """Checked against dp-accounting called directly: the chosen z meets the target over the rounds, 0.2% less
+    noise does not."""
+    settings = privacy(clip_norm=1.0, noise_multiplier="null", delta=1e-6, target_epsilon=target)
+    z = noise_for_target(settings, population, sampled, rounds)
+    assert reference_epsilon(z, rounds, 1e-6, population, sampled) <= target
+    assert reference_epsilon(z / 1.002, rounds, 1e-6, population, sampled) > target
+
+
 def test_clipping_bounds_the_norm_and_keeps_the_direction():
     change = {"a": torch.full((3,), 3.0), "b": torch.full((4,), 4.0)}
     clipped, before = clip_update(change, 2.0)
@@ -190,6 +201,7 @@ def test_noise_shares_are_reproducible_per_round_and_client():
     [
         ({"noise_multiplier": 1.0}, "needs privacy.clip_norm"),
         ({"clip_norm": 1.0, "target_epsilon": 5}, "needs privacy.noise_multiplier > 0"),
+        ({"clip_norm": 1.0, "noise_multiplier": "null"}, "chooses the noise for privacy.target_epsilon, which is not"),
         ({"clip_norm": 1.0, "noise_multiplier": 1.0, "delta": 0.5}, "is not below 1/3 clients"),
         ({"clip_norm": 1.0, "noise_multiplier": 0.5, "adaptive_clipping": "true"}, "clipped_count_stddev above 0.25"),
     ],
@@ -294,6 +306,27 @@ def test_clipping_alone_bounds_the_server_step(small_partition, small_kmeans, tm
     owned = [*PRETRAIN_OUTPUTS, CONFIG_FILE, RUN_FILE, LOG_DIR]
     unowned = [p.name for p in out.iterdir() if not any(fnmatch.fnmatch(p.name, o) for o in owned)]
     assert unowned == [], "everything the run wrote is the stage's own (so --force replaces it)"
+
+
+@pytest.mark.slow
+def test_a_target_without_a_noise_multiplier_chooses_the_noise_and_spends_it_all(
+    small_partition, small_kmeans, tmp_path
+):
+    out = tmp_path / "chosen"
+    chosen = [a for a in DP if not a.startswith("privacy.noise_multiplier")]
+    target = 30.0
+    args = ["--rounds", "3", *chosen, "privacy.noise_multiplier=null", f"privacy.target_epsilon={target}"]
+    assert pretrain(small_partition, small_kmeans, out, *args) == 0
+    record = json.loads((out / "run.json").read_text())
+    summary = record["summary"]["privacy"]
+    assert record["status"] == "completed" and summary["noise_chosen_for_target"] and summary["accounted_rounds"] == 3
+    settings = privacy(clip_norm=0.5, noise_multiplier="null", target_epsilon=target)
+    assert summary["noise_multiplier"] == pytest.approx(noise_for_target(settings, 3, 2, 3))
+    assert summary["epsilon"] <= target
+    assert summary["epsilon"] == pytest.approx(reference_epsilon(summary["noise_multiplier"], 3, 1e-5, 3, 2))
+    assert summary["epsilon"] > reference_epsilon(summary["noise_multiplier"] * 1.01, 3, 1e-5, 3, 2)
+    saved = load_checkpoint(out / "checkpoints" / "final.pt")["state"]["privacy"]
+    assert saved["noise_multiplier"] == summary["noise_multiplier"]
 
 
 @pytest.mark.slow

@@ -118,12 +118,19 @@ class PrivacyConfig:
     clip_norm: float | None = param(
         None, "L2 bound on each client's update over all shared tensors (required with mode server)", gt=0
     )
-    noise_multiplier: float = param(
-        0.0, "noise standard deviation on the sum of clipped updates, in units of clip_norm (0: clipping only)", ge=0
+    noise_multiplier: float | None = param(
+        0.0,
+        "noise standard deviation on the sum of clipped updates, in units of clip_norm (0: clipping only); null: the "
+        "smallest that keeps epsilon within target_epsilon over num_rounds rounds of this sampling (bisection on the "
+        "accountant; recorded in run.json)",
+        ge=0,
     )
     delta: float = param(1e-5, "the delta of (epsilon, delta); must be below 1 / number of clients", gt=0, lt=1)
     target_epsilon: float | None = param(
-        None, "stop (with a checkpoint) before a round that would take epsilon above this; null: no limit", gt=0
+        None,
+        "stop (with a checkpoint) before a round that would take epsilon above this (with noise_multiplier null, the "
+        "noise is chosen to reach it after num_rounds rounds); null: no limit",
+        gt=0,
     )
     per_layer_clipping: bool = param(
         False,

@@ -32,7 +32,7 @@ hide the single replies.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +54,7 @@ def check_settings(privacy: PrivacyConfig, num_clients: int, sampled: int) -> No
     """Settings that make no sense stop the run before it starts (`sampled`: clients per round)."""
     if privacy.mode == "none":
         return
-    if privacy.adaptive_clipping and privacy.noise_multiplier > 0:
+    if privacy.adaptive_clipping and privacy.noise_multiplier:  # null: checked once chosen
         stddev = count_stddev(privacy, sampled)
         if privacy.noise_multiplier >= 2 * stddev:
             raise ConfigError(
@@ -68,11 +68,16 @@ def check_settings(privacy: PrivacyConfig, num_clients: int, sampled: int) -> No
             f"privacy.mode={privacy.mode} needs privacy.clip_norm (noise without clipping bounds nothing): set it, "
             "e.g. privacy.clip_norm=1.0, after looking at the update norms a run without noise logs"
         )
+    if privacy.noise_multiplier is None and privacy.target_epsilon is None:
+        raise ConfigError(
+            "privacy.noise_multiplier=null chooses the noise for privacy.target_epsilon, which is not set: set it "
+            "(e.g. privacy.target_epsilon=8), or give privacy.noise_multiplier a value"
+        )
     if privacy.target_epsilon is not None and privacy.noise_multiplier == 0:
         raise ConfigError(
             "privacy.target_epsilon needs privacy.noise_multiplier > 0 (without noise epsilon is infinite)"
         )
-    if privacy.noise_multiplier > 0 and privacy.delta >= 1 / num_clients:
+    if (privacy.noise_multiplier is None or privacy.noise_multiplier > 0) and privacy.delta >= 1 / num_clients:
         raise ConfigError(
             f"privacy.delta={privacy.delta:g} is not below 1/{num_clients} clients: such a delta allows leaking one "
             f"client outright; use e.g. privacy.delta={0.1 / num_clients:.1g}"
@@ -191,6 +196,39 @@ class ClipBound:
         if self.privacy.adaptive_clipping:
             self.value *= math.exp(-self.privacy.clip_learning_rate * (share - self.privacy.target_quantile))
         return share
+
+
+def noise_for_target(privacy: PrivacyConfig, num_clients: int, sampled: int, rounds: int) -> float:
+    """The smallest noise multiplier (to 0.1%) whose `rounds` rounds, `sampled` of `num_clients` clients each, spend
+    at most `privacy.target_epsilon` at `privacy.delta`, by bisection on the run's own accountant (`Accountant`, the
+    same neighbouring relation and sampling)."""
+    target = privacy.target_epsilon
+    if target is None:
+        raise ConfigError("choosing the noise multiplier needs privacy.target_epsilon")
+
+    def epsilon(z: float) -> float:
+        accountant = Accountant(replace(privacy, noise_multiplier=z, target_epsilon=None), num_clients, sampled)
+        accountant._compose(1.0, rounds)
+        return accountant.epsilon()
+
+    high = 1.0
+    while epsilon(high) > target:
+        high *= 2
+        if high > 1e6:
+            raise ConfigError(
+                f"no noise multiplier up to 1e6 keeps epsilon within privacy.target_epsilon={target:g} over {rounds} "
+                f"rounds of {sampled} of {num_clients} clients at delta {privacy.delta:g}: raise the target or delta"
+            )
+    low = high / 2
+    while epsilon(low) <= target and low > 1e-3:
+        high, low = low, low / 2
+    while high / low > 1.001:
+        middle = math.sqrt(low * high)
+        if epsilon(middle) <= target:
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 class Accountant:

@@ -50,11 +50,13 @@ from fedhubert.fl.privacy import (
     ClipBound,
     UpdateAudit,
     check_settings,
+    noise_for_target,
     update_noise_multiplier,
     update_norm,
 )
 from fedhubert.fl.records import MessageLog, config_to_record
 from fedhubert.fl.round_log import RoundLog, read_rows
+from fedhubert.fl.server_step import StepWatch, server_step
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.fl.weights import WeightsError, check_update, decode, encode
 from fedhubert.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, sidecar
@@ -167,7 +169,6 @@ class FederatedRun:
             cfg,
             train=dataclasses.replace(cfg.train, optim=fit_schedule(cfg.train.optim, self.planned, task.default_lr)),
         )
-        self.privacy = cfg.privacy
         self.audit: UpdateAudit | None = None
         self.clients: ClientNodes | None = None
         self._population(dict(task.unavailable))
@@ -189,8 +190,27 @@ class FederatedRun:
             raise RoundError(f"none of the {self.num_clients} clients can take part: {unavailable}")
         self.min_required = min(self.cfg.strategy.min_clients, len(self.available))
         self.sampled = self.cfg.strategy.sample_size(len(self.available))
-        check_settings(self.privacy, len(self.available), self.sampled)
+        check_settings(self.cfg.privacy, len(self.available), self.sampled)
+        noise = self.cfg.privacy.noise_multiplier
+        if noise is None and self.cfg.privacy.mode != "none":
+            noise = noise_for_target(self.cfg.privacy, len(self.available), self.sampled, self.cfg.num_rounds)
+            log.info(
+                "privacy.noise_multiplier=%.4g: the smallest that keeps epsilon within privacy.target_epsilon=%g "
+                "after %d rounds of %d of %d clients (delta %g)",
+                noise,
+                self.cfg.privacy.target_epsilon,
+                self.cfg.num_rounds,
+                self.sampled,
+                len(self.available),
+                self.cfg.privacy.delta,
+            )
+        self._set_noise(noise or 0.0)
         self.clip = ClipBound(self.privacy, self.sampled) if self.privacy.mode != "none" else None
+
+    def _set_noise(self, noise: float) -> None:
+        """The noise multiplier the run adds and accounts, and what follows from it."""
+        self.privacy = dataclasses.replace(self.cfg.privacy, noise_multiplier=noise)
+        check_settings(self.privacy, len(self.available), self.sampled)
         self.update_noise = update_noise_multiplier(self.privacy, self.sampled)
         self.accountant = (
             Accountant(self.privacy, len(self.available), self.sampled)
@@ -221,6 +241,12 @@ class FederatedRun:
         self.strategy.load_state(saved["strategy"])
         if self.clip is not None:
             self.clip.value = float(saved["privacy"]["clip_norm"])
+            chosen = saved["privacy"].get("noise_multiplier", self.privacy.noise_multiplier)
+            if chosen != self.privacy.noise_multiplier:
+                # Chosen for the target over the planned rounds; a resumed run with other rounds keeps it (the
+                # accountant's ledger is in its units), and the target stops the run if more rounds would exceed it.
+                log.info("keeping the noise multiplier the run chose, %.4g (privacy.noise_multiplier=null)", chosen)
+                self._set_noise(float(chosen))
         if self.accountant is not None:
             self.accountant.load_state(saved["privacy"]["accountant"])
             if self.accountant.next_round_exceeds() and int(saved["round"]) < self.cfg.num_rounds:
@@ -391,6 +417,7 @@ class FederatedRun:
                 if self.clip is None
                 else {
                     "clip_norm": self.clip.value,
+                    "noise_multiplier": self.privacy.noise_multiplier,
                     "accountant": self.accountant.state() if self.accountant is not None else None,
                 },
                 **self.task.checkpoint_extra(round_),
@@ -414,6 +441,7 @@ class FederatedRun:
             "adaptive_clipping": self.privacy.adaptive_clipping,
             "final_clip_norm": self.clip.value,
             "noise_multiplier": self.privacy.noise_multiplier,
+            "noise_chosen_for_target": self.cfg.privacy.noise_multiplier is None,
             "update_noise_multiplier": self.update_noise,
             "delta": self.privacy.delta if self.accountant is not None else None,
             "epsilon": self.accountant.epsilon() if self.accountant is not None else math.inf,
@@ -442,6 +470,7 @@ class FederatedRun:
             self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
         started = time.monotonic()
         clock = RoundClock(start + 1, self.cfg.num_rounds)
+        watch = StepWatch(self.cfg.strategy.name, *self.cfg.strategy.server_rates())
         stopped, stop_reason = None, None
         if start == 0 and self.task.evaluate is not None:
             first = self.task.evaluate({**self.task.state, **arrays})
@@ -496,6 +525,8 @@ class FederatedRun:
             new_arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
             del new
             step_stats = server_step(arrays, new_arrays, aggregate.change)
+            if (warning := watch.add(step_stats["step_ratio"])) is not None:
+                log.warning("%s", warning)
             arrays = new_arrays
             round_metrics = aggregate.metrics
             del aggregate  # the mean change goes before the evaluation and the checkpoints
@@ -578,28 +609,6 @@ class FederatedRun:
             "privacy": self._privacy_summary(),
             "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt"),
         }
-
-
-def server_step(
-    sent: dict[str, torch.Tensor], new: dict[str, torch.Tensor], mean_change: dict[str, torch.Tensor]
-) -> dict[str, float]:
-    """How the server's step (new - sent) compares with the clients' mean change (with the aggregation's weights:
-    the step FedAvg takes): both norms, their ratio and the cosine between them. FedAvg gives ratio 1, cosine 1;
-    a server optimizer far from that is not following its clients."""
-    step_sq = mean_sq = dot = 0.0
-    for key, before in sent.items():
-        step = (new[key] - before).double()
-        mean = mean_change[key].double()
-        step_sq += float((step * step).sum())
-        mean_sq += float((mean * mean).sum())
-        dot += float((step * mean).sum())
-    step_norm, mean_norm = math.sqrt(step_sq), math.sqrt(mean_sq)
-    return {
-        "server_step_norm": step_norm,
-        "client_change_norm": mean_norm,
-        "step_ratio": step_norm / mean_norm if mean_norm > 0 else 0.0,
-        "step_cosine": dot / (step_norm * mean_norm) if step_norm > 0 and mean_norm > 0 else 0.0,
-    }
 
 
 def _brief(metrics: dict) -> str:
