@@ -102,32 +102,37 @@ def label(r: dict) -> str:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """Held-out gain over the eta x tau grid of each screened FedAdam/FedYogi family, and every refined cell's
-    probe gap to FedAvg."""
+    """Top: held-out gain over the eta x tau grid of each screened FedAdam/FedYogi family (a cross: <= MIN_CLUSTERS
+    clusters predicted). Bottom: every refined cell's probe gap to FedAvg with AdamW clients."""
     families = sorted({(r["strategy"], r["client"]) for r in records if r["stage"] == "screen" and r["tau"]})
     refined = [r for r in records if r["stage"] == "refine" and "probe_gap" in r]
-    fig, axes = plt.subplots(1, len(families) + 1, figsize=(4.2 * (len(families) + 1), 3.8), squeeze=False)
-    for ax, (strategy, client) in zip(axes[0], families, strict=False):
+    columns = max(len(families), 1)
+    fig = plt.figure(figsize=(5.2 * columns, 4.0 + 0.32 * max(len(refined), 4)))
+    grid_spec = fig.add_gridspec(2, columns, height_ratios=[4.0, 0.32 * max(len(refined), 4)])
+    for column, (strategy, client) in enumerate(families):
+        ax = fig.add_subplot(grid_spec[0, column])
         grid = np.full((len(TAUS), len(ETAS)), np.nan)
         for r in records:
-            if (r["strategy"], r["client"], r["stage"]) == (strategy, client, "screen") and r["tau"] in TAUS:
-                if r["eta"] in ETAS and r["gain"] is not None:
-                    grid[TAUS.index(r["tau"]), ETAS.index(r["eta"])] = r["gain"]
-        image = ax.imshow(grid, cmap="viridis", origin="lower")
+            if (r["strategy"], r["client"], r["stage"]) != (strategy, client, "screen") or r["gain"] is None:
+                continue
+            if r["tau"] in TAUS and r["eta"] in ETAS:
+                y, x = TAUS.index(r["tau"]), ETAS.index(r["eta"])
+                grid[y, x] = r["gain"]
+                ax.text(x, y, f"{r['gain']:.2f}", ha="center", va="center", fontsize=8, color="white")
+                if (r["clusters"] or 0) <= MIN_CLUSTERS:
+                    ax.plot(x, y + 0.3, "rx", markersize=6)
+        image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(ETAS)), [f"{e:g}" for e in ETAS])
         ax.set_yticks(range(len(TAUS)), [f"{t:g}" for t in TAUS])
-        ax.set_xlabel("eta")
-        ax.set_ylabel("tau")
-        ax.set_title(f"{strategy}, {client} clients: held-out gain", fontsize=9)
-        fig.colorbar(image, ax=ax, shrink=0.8)
-    ax = axes[0][-1]
+        ax.set(xlabel="eta", ylabel="tau", title=f"{strategy}, {client} clients: held-out gain (nats)")
+        fig.colorbar(image, ax=ax, shrink=0.85)
     if refined:
+        ax = fig.add_subplot(grid_spec[1, :])
         ys = np.arange(len(refined))
         ax.errorbar([r["probe_gap"] for r in refined], ys, xerr=[r["probe_gap_sd"] for r in refined], fmt="o")
-        ax.set_yticks(ys, [label(r) for r in refined], fontsize=7)
+        ax.set_yticks(ys, [label(r) for r in refined], fontsize=8)
         ax.axvline(0, color="grey", lw=0.8)
-        ax.set_xlabel("probe gap to FedAvg (AdamW), points")
-        ax.set_title("refined cells (full compute)", fontsize=9)
+        ax.set(xlabel="probe gap to FedAvg with AdamW clients (points; sd over 5 folds)", title="refined cells")
     save_figure(fig, path)
 
 
