@@ -178,8 +178,29 @@ def planned(args: argparse.Namespace) -> int:
     return args.rounds * args.local_steps * CLIENTS
 
 
-def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) -> dict:
+def completed_with(out: Path, *command: object) -> str | None:
+    """The git commit of the completed run in `out` that was made by exactly this fedhubert command, or None."""
+    try:
+        record = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("status") != "completed" or record.get("command", [])[1:] != [str(c) for c in command]:
+        return None
+    return record.get("git_commit") or "unknown"
+
+
+def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, reuse: bool = False) -> dict:
+    """Train one run and read back what it measured. `reuse`: a completed run of the same command in the run's folder
+    is read back instead of trained again (the record says so, with the commit that made it)."""
     out = ROOT / "runs" / run.slug
+    reused: list[str] = []
+
+    def run_or_reuse(*command: object) -> None:
+        commit = completed_with(out, *command) if reuse else None
+        if commit is None:
+            run_cli(*command)
+        else:
+            reused.append(commit)
     partition = data["partitions"][run.partition]
     kmeans = data["labels"][run.partition, run.codebook]
     batch = f"train.data.batch_seconds={args.batch_seconds}"
@@ -188,7 +209,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
         manifests = json.dumps([str(c / "train.tsv") for c in clients])
         labels = json.dumps([str(kmeans / c.name / "train.km") for c in clients])
         every = args.local_steps * CLIENTS  # one round's compute
-        run_cli(
+        run_or_reuse(
             "train-local",
             "--out",
             out,
@@ -232,9 +253,9 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
             *run.overrides,
         ]
         if run.stage == "pretrain":
-            run_cli("pretrain", "--kmeans", kmeans, "--preset", args.preset, *common)
+            run_or_reuse("pretrain", "--kmeans", kmeans, "--preset", args.preset, *common)
         else:
-            run_cli("distill", "--teacher", teacher, *common)
+            run_or_reuse("distill", "--teacher", teacher, *common)
         per_round = args.local_steps * CLIENTS
         evals = [(r["round"] * per_round, r) for r in rows(out / "metrics.jsonl", "eval")]
         curve_checkpoints = {
@@ -253,6 +274,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None) 
         "updates": planned(args),
         "batch_seconds": args.batch_seconds,
         "curve_checkpoints": {str(k): str(v) for k, v in sorted(curve_checkpoints.items())},
+        **({"reused_from_commit": reused[0]} if reused else {}),
     }
     if run.stage != "distill":
         gains = [(u, r["gain_nats"]) for u, r in evals if "gain_nats" in r]
