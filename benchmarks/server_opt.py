@@ -9,7 +9,8 @@ federated K=100 codebook, the keyword set of other speakers for the probe). Ever
    the SGD clients' rate for the rest (AdamW clients start at the preset's rate, PRESET_LR);
 2. screen (`--screen-rounds`, default 6 of the learning benchmark's 15 rounds): FedAvg with AdamW clients (the
    reference at screen length), FedAdam and FedYogi over ETAS x TAUS with AdamW clients, FedAdam over the same grid
-   with SGD clients, FedAvgM (eta 1, momentum 0.9) with both;
+   with SGD clients, FedAvgM (eta 1, momentum 0.9) with both, and FedAdam without its server momentum (beta_1 0,
+   tau 1e-3) over ETAS with AdamW clients;
 3. refine (the learning benchmark's full compute: `--rounds` x `--local-steps` x 4 clients): FedAvg with both client
    optimisers; the best screened FedAdam cell of each client optimiser (by held-out gain, see `gain`) with eta x 1,
    x 0.5 and x 2; the better of the two with the client rate x 0.5 and x 2; the best FedYogi and FedAvgM cells.
@@ -54,20 +55,31 @@ MOMENTUM = 0.9
 MIN_CLUSTERS = 10
 
 
-def cell(slug: str, strategy: str, client: str, lr: float, eta: float | None = None, tau: float | None = None):
-    """A Run of learning.py for one cell, and what it stands for."""
+def cell(
+    slug: str,
+    strategy: str,
+    client: str,
+    lr: float,
+    eta: float | None = None,
+    tau: float | None = None,
+    beta_1: float | None = None,
+):
+    """A Run of learning.py for one cell, and what it stands for (beta_1: FedAdam's first-moment decay, where not
+    the default 0.9)."""
     overrides = [f"strategy.name={strategy}"]
     if eta is not None:
         overrides.append(f"strategy.eta={eta:g}")
     if tau is not None:
         overrides.append(f"strategy.tau={tau:g}")
+    if beta_1 is not None:
+        overrides.append(f"strategy.beta_1={beta_1:g}")
     if strategy == "fedavgm":
         overrides.append(f"strategy.momentum={MOMENTUM}")
     if client == "sgd":
         overrides += ["train.optim.name=sgd", f"train.optim.momentum={MOMENTUM}"]
     overrides.append(f"train.optim.lr={lr:g}")
     run = Run(f"so-{slug}", "pretrain", "iid", overrides=overrides)
-    return run, {"strategy": strategy, "client": client, "lr": lr, "eta": eta, "tau": tau}
+    return run, {"strategy": strategy, "client": client, "lr": lr, "eta": eta, "tau": tau, "beta_1": beta_1}
 
 
 def measured(run: Run, spec: dict, data: dict, args: argparse.Namespace, stage: str) -> dict:
@@ -109,22 +121,29 @@ def label(r: dict) -> str:
         parts.append(f"eta {r['eta']:g}")
     if r["tau"] is not None:
         parts.append(f"tau {r['tau']:g}")
+    if r.get("beta_1") is not None:
+        parts.append(f"beta_1 {r['beta_1']:g}")
     return ", ".join(parts)
 
 
 def plot(records: list[dict], path: Path) -> None:
     """Top: held-out gain over the eta x tau grid of each screened FedAdam/FedYogi family (a cross: <= MIN_CLUSTERS
     clusters predicted). Bottom: every refined cell's probe gap to FedAvg with AdamW clients."""
-    families = sorted({(r["strategy"], r["client"]) for r in records if r["stage"] == "screen" and r["tau"]})
+    families = sorted(
+        {(r["strategy"], r["client"], r.get("beta_1")) for r in records if r["stage"] == "screen" and r["tau"]},
+        key=str,
+    )
     refined = [r for r in records if r["stage"] == "refine" and "probe_gap" in r]
     columns = max(len(families), 1)
     fig = plt.figure(figsize=(5.2 * columns, 4.0 + 0.32 * max(len(refined), 4)))
     grid_spec = fig.add_gridspec(2, columns, height_ratios=[4.0, 0.32 * max(len(refined), 4)])
-    for column, (strategy, client) in enumerate(families):
+    for column, (strategy, client, beta_1) in enumerate(families):
         ax = fig.add_subplot(grid_spec[0, column])
         grid = np.full((len(TAUS), len(ETAS)), np.nan)
         for r in records:
-            if (r["strategy"], r["client"], r["stage"]) != (strategy, client, "screen") or r["gain"] is None:
+            if (r["strategy"], r["client"], r.get("beta_1"), r["stage"]) != (strategy, client, beta_1, "screen"):
+                continue
+            if r["gain"] is None:
                 continue
             if r["tau"] in TAUS and r["eta"] in ETAS:
                 y, x = TAUS.index(r["tau"]), ETAS.index(r["eta"])
@@ -135,7 +154,8 @@ def plot(records: list[dict], path: Path) -> None:
         image = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
         ax.set_xticks(range(len(ETAS)), [f"{e:g}" for e in ETAS])
         ax.set_yticks(range(len(TAUS)), [f"{t:g}" for t in TAUS])
-        ax.set(xlabel="eta", ylabel="tau", title=f"{strategy}, {client} clients: held-out gain (nats)")
+        momentum = f", beta_1 {beta_1:g}" if beta_1 is not None else ""
+        ax.set(xlabel="eta", ylabel="tau", title=f"{strategy}{momentum}, {client} clients: held-out gain (nats)")
         fig.colorbar(image, ax=ax, shrink=0.85)
     if refined:
         ax = fig.add_subplot(grid_spec[1, :])
@@ -238,27 +258,33 @@ def main() -> None:
                 screened.append(go(slug, "screen", screen, strategy, client, rate[client], eta=eta, tau=tau))
     for client in ("adamw", "sgd"):
         screened.append(go(f"screen-fedavgm-{client}", "screen", screen, "fedavgm", client, rate[client], eta=1.0))
+    for eta in etas:  # FedAdam without its server momentum: which of momentum and normalisation costs more
+        slug = f"screen-fedadam-adamw-eta{eta:g}-tau{taus[0]:g}-beta1-0"
+        screened.append(go(slug, "screen", screen, "fedadam", "adamw", adamw_lr, eta=eta, tau=taus[0], beta_1=0.0))
 
     def best(strategy: str, client: str | None = None) -> dict:
         return max((r for r in screened if r["strategy"] == strategy and client in (None, r["client"])), key=gain)
 
-    refine = [("fedavg", client, rate[client], None, None) for client in ("adamw", "sgd")]
+    refine = [("fedavg", client, rate[client], None, None, None) for client in ("adamw", "sgd")]
     fedadam = {client: best("fedadam", client) for client in ("adamw", "sgd")}
-    for client, cell_ in fedadam.items():
-        refine += [("fedadam", client, cell_["lr"], cell_["eta"] * k, cell_["tau"]) for k in (1, 0.5, 2)]
+    for client, c in fedadam.items():
+        refine += [("fedadam", client, c["lr"], c["eta"] * k, c["tau"], c.get("beta_1")) for k in (1, 0.5, 2)]
     if not args.quick:
         top = max(fedadam.values(), key=gain)
-        refine += [("fedadam", top["client"], top["lr"] * k, top["eta"], top["tau"]) for k in (0.5, 2)]
+        refine += [
+            ("fedadam", top["client"], top["lr"] * k, top["eta"], top["tau"], top.get("beta_1")) for k in (0.5, 2)
+        ]
     for strategy in ("fedyogi", "fedavgm"):
-        cell_ = best(strategy)
-        refine.append((strategy, cell_["client"], cell_["lr"], cell_["eta"], cell_["tau"]))
-    for strategy, client, lr, eta, tau in dict.fromkeys(refine):
+        c = best(strategy)
+        refine.append((strategy, c["client"], c["lr"], c["eta"], c["tau"], c.get("beta_1")))
+    for strategy, client, lr, eta, tau, beta_1 in dict.fromkeys(refine):
         slug = "-".join(
             ["refine", strategy, client, f"lr{lr:g}"]
             + ([f"eta{eta:g}"] if eta else [])
             + ([f"tau{tau:g}"] if tau else [])
+            + ([f"beta1-{beta_1:g}"] if beta_1 is not None else [])
         )
-        go(slug, "refine", full, strategy, client, lr, eta=eta, tau=tau)
+        go(slug, "refine", full, strategy, client, lr, eta=eta, tau=tau, beta_1=beta_1)
     result = timer(
         "probe",
         probe,
