@@ -44,11 +44,14 @@ def run_cli(*args: object) -> None:
         sys.exit(1)
 
 
-def write_results(name: str, figures: list[dict], notes: str = "", extra: dict | None = None) -> Path:
+def write_results(
+    name: str, figures: list[dict], notes: str = "", extra: dict | None = None, path: Path | None = None
+) -> Path:
     """figures: [{figure, ours, unit, reference?, target?, met?}]; writes results/<name>.json (with `extra`'s
-    keys) and prints a table."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    keys) and prints a table. `path` writes the record there instead (a check run's), and RESULTS.md is then
+    regenerated only if that is in results/."""
+    path = Path(path) if path is not None else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "date": time.strftime("%Y-%m-%d"),
@@ -58,7 +61,8 @@ def write_results(name: str, figures: list[dict], notes: str = "", extra: dict |
         **(extra or {}),
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
-    write_results_md()
+    if path.resolve().parent == RESULTS.resolve():
+        write_results_md()
     print(f"\n{name}: results in {path}")
     print(f"| {'figure':<40} | {'ours':>12} | {'unit':<8} | {'target':<12} | met |")
     print(f"|{'-' * 42}|{'-' * 14}|{'-' * 10}|{'-' * 14}|-----|")
