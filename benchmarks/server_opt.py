@@ -12,8 +12,9 @@ federated K=100 codebook, the keyword set of other speakers for the probe). Ever
    with SGD clients, FedAvgM (eta 1, momentum 0.9) with both, and FedAdam without its server momentum (beta_1 0,
    tau 1e-3) over ETAS with AdamW clients;
 3. refine (the learning benchmark's full compute: `--rounds` x `--local-steps` x 4 clients): FedAvg with both client
-   optimisers; the best screened FedAdam cell of each client optimiser (by held-out gain, see `gain`) with eta x 1,
-   x 0.5 and x 2; the better of the two with the client rate x 0.5 and x 2; the best FedYogi and FedAvgM cells.
+   optimisers; the best screened FedAdam cell (by held-out gain, see `gain`) with AdamW clients, with and without
+   server momentum, each with eta x 1, x 0.5 and x 2; the best with SGD clients; the best of these with the client
+   rate x 0.5 and x 2; the best FedYogi and FedAvgM cells.
 
 `--reuse` reads back a cell whose folder holds a completed run of the same command (the record names the commit
 that made it), so that a sweep stopped part-way, or one whose later stages change, does not train its cells again.
@@ -262,15 +263,33 @@ def main() -> None:
         slug = f"screen-fedadam-adamw-eta{eta:g}-tau{taus[0]:g}-beta1-0"
         screened.append(go(slug, "screen", screen, "fedadam", "adamw", adamw_lr, eta=eta, tau=taus[0], beta_1=0.0))
 
-    def best(strategy: str, client: str | None = None) -> dict:
-        return max((r for r in screened if r["strategy"] == strategy and client in (None, r["client"])), key=gain)
+    def best(strategy: str, client: str | None = None, **keys) -> dict:
+        return max(
+            (
+                r
+                for r in screened
+                if r["strategy"] == strategy
+                and client in (None, r["client"])
+                and all(r.get(k) == v for k, v in keys.items())
+            ),
+            key=gain,
+        )
 
     refine = [("fedavg", client, rate[client], None, None, None) for client in ("adamw", "sgd")]
-    fedadam = {client: best("fedadam", client) for client in ("adamw", "sgd")}
-    for client, c in fedadam.items():
-        refine += [("fedadam", client, c["lr"], c["eta"] * k, c["tau"], c.get("beta_1")) for k in (1, 0.5, 2)]
+    # Each FedAdam family: with AdamW clients (with and without server momentum) its best and eta x 0.5 and x 2;
+    # with SGD clients its best; the best of all with the client rate x 0.5 and x 2.
+    families = {
+        ("adamw", None): (1, 0.5, 2),
+        ("adamw", 0.0): (1, 0.5, 2),
+        ("sgd", None): (1,),
+    }
+    fedadam = []
+    for (client, beta_1), factors in families.items():
+        c = best("fedadam", client, beta_1=beta_1)
+        fedadam.append(c)
+        refine += [("fedadam", client, c["lr"], c["eta"] * k, c["tau"], beta_1) for k in factors]
     if not args.quick:
-        top = max(fedadam.values(), key=gain)
+        top = max(fedadam, key=gain)
         refine += [
             ("fedadam", top["client"], top["lr"] * k, top["eta"], top["tau"], top.get("beta_1")) for k in (0.5, 2)
         ]
