@@ -13,7 +13,9 @@ federated K=100 codebook, the keyword set of other speakers for the probe). Ever
    tau 1e-3) over ETAS with AdamW clients;
 3. refine (the learning benchmark's full compute: `--rounds` x `--local-steps` x 4 clients): FedAvg with both client
    optimisers; the best screened FedAdam cell (by held-out gain, see `gain`) with AdamW clients, with and without
-   server momentum, each with eta x 1, x 0.5 and x 2; the best with SGD clients; the best of these with the client
+   server momentum, each with eta x 1, x 0.5 and x 2, and beside it the one whose step ratio is nearest 1 (the
+   step that follows the clients; at 6 rounds the gain favours large steps that settle at the label prior); the
+   best with SGD clients; the best of these with the client
    rate x 0.5 and x 2; the best FedYogi and FedAvgM cells.
 
 `--reuse` reads back a cell whose folder holds a completed run of the same command (the record names the commit
@@ -275,6 +277,18 @@ def main() -> None:
             key=gain,
         )
 
+    def following(strategy: str, client: str, **keys) -> dict:
+        return min(
+            (
+                r
+                for r in screened
+                if (r["strategy"], r["client"]) == (strategy, client)
+                and all(r.get(k) == v for k, v in keys.items())
+                and r["step_ratio"]
+            ),
+            key=lambda r: abs(math.log(r["step_ratio"])),
+        )
+
     refine = [("fedavg", client, rate[client], None, None, None) for client in ("adamw", "sgd")]
     # Each FedAdam family: with AdamW clients (with and without server momentum) its best and eta x 0.5 and x 2;
     # with SGD clients its best; the best of all with the client rate x 0.5 and x 2.
@@ -288,6 +302,9 @@ def main() -> None:
         c = best("fedadam", client, beta_1=beta_1)
         fedadam.append(c)
         refine += [("fedadam", client, c["lr"], c["eta"] * k, c["tau"], beta_1) for k in factors]
+        if client == "adamw":  # and the cell whose step follows its clients most closely: ratio nearest 1
+            c = following("fedadam", client, beta_1=beta_1)
+            refine.append(("fedadam", client, c["lr"], c["eta"], c["tau"], beta_1))
     if not args.quick:
         top = max(fedadam, key=gain)
         refine += [
