@@ -94,6 +94,7 @@ def measured(run: Run, spec: dict, data: dict, args: argparse.Namespace, stage: 
         **spec,
         "slug": run.slug,
         "stage": stage,
+        "train_s": json.loads((Path(record["out"]) / "run.json").read_text())["elapsed_s"],
         "rounds": args.rounds,
         "local_steps": args.local_steps,
         "checkpoint": record["checkpoint"],
@@ -213,7 +214,22 @@ def figures_for(records: list[dict], random_init: dict, quick: bool, wall_s: flo
             }
         )
     figures.append({"figure": "cells run (all stages)", "ours": len(records), "unit": "pretraining runs"})
-    figures.append({"figure": "whole sweep, wall time", "ours": round(wall_s / 60, 1), "unit": "min", "target": "~90"})
+    reused = sum("reused_from_commit" in r for r in records)
+    figures.append(
+        {
+            "figure": "the cells' training time, summed (each cell's run.json elapsed_s)",
+            "ours": round(sum(r["train_s"] for r in records) / 60, 1),
+            "unit": "min",
+            "target": "~90",
+        }
+    )
+    figures.append(
+        {
+            "figure": f"this invocation, wall time ({reused} of {len(records)} cells read back with --reuse)",
+            "ours": round(wall_s / 60, 1),
+            "unit": "min",
+        }
+    )
     return figures
 
 
