@@ -201,6 +201,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
             run_cli(*command)
         else:
             reused.append(commit)
+
     partition = data["partitions"][run.partition]
     kmeans = data["labels"][run.partition, run.codebook]
     batch = f"train.data.batch_seconds={args.batch_seconds}"

@@ -16,7 +16,7 @@ from common import PRETRAIN_FAST, SMALL_K, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.fl.config import StrategyConfig
 from fedhubert.fl.local import planned_local_steps
-from fedhubert.fl.server_step import STEP_RATIO_RANGE, WATCH_ROUNDS, StepWatch, server_step
+from fedhubert.fl.server_step import MIN_COSINE, STEP_RATIO_RANGE, WATCH_ROUNDS, StepWatch, server_step
 from fedhubert.fl.strategy import make_strategy
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.model.config import ModelConfig
@@ -218,19 +218,46 @@ def test_the_server_step_is_compared_with_the_clients_mean_change():
 
 def test_a_server_step_far_from_the_clients_change_is_named_once_with_the_fix():
     low, high = STEP_RATIO_RANGE
-    timid = StepWatch("fedadam", 1e-4, 1e-3)
-    said = [timid.add(ratio) for ratio in [0.05, 0.04, 0.06, 0.05, 0.05]]
+    timid = StepWatch("fedadam", 1e-4, 1e-3, beta_1=0.0)
+    said = [timid.add(ratio, 0.97) for ratio in [0.05, 0.04, 0.06, 0.05, 0.05]]
     assert said[: WATCH_ROUNDS - 1] == [None] * (WATCH_ROUNDS - 1) and said[WATCH_ROUNDS:] == [None, None]
     warning = said[WATCH_ROUNDS - 1]
-    assert "strategy.eta=0.0001, strategy.tau=0.001" in warning and "5% of the clients' mean change" in warning
-    assert "raise strategy.eta" in warning
+    assert "strategy.eta=0.0001, strategy.tau=0.001, strategy.beta_1=0" in warning
+    assert "moved the model by 5% of the clients' mean change" in warning and "raise strategy.eta" in warning
+    assert "turned" not in warning
     wild = StepWatch("fedavgm", 3.0, None)
-    warning = [wild.add(r) for r in [9.0, 8.0, 12.0]][-1]
-    assert warning.startswith("fedavgm with strategy.eta=3 moved the model by 900%") and "lower strategy.eta" in warning
-    following = StepWatch("fedyogi", 1e-2, 1e-2)
-    assert [following.add(r) for r in [low, 1.0, high]] == [None, None, None]
+    warning = [wild.add(r, c) for r, c in [(9.0, 0.5), (8.0, 0.4), (12.0, 0.6)]][-1]
+    assert warning.startswith("fedavgm with strategy.eta=3, median over 3 rounds: moved the model by 900%")
+    assert "lower strategy.eta" in warning and "cosine 0.50" in warning and "lower strategy.momentum" in warning
+    momentum = StepWatch("fedadam", 1e-2, 1e-3, beta_1=0.9)
+    warning = [momentum.add(1.0, c) for c in (0.5, 0.6, 0.55)][-1]
+    assert "moved" not in warning and "lower strategy.beta_1 (0: no server momentum)" in warning
+    following = StepWatch("fedyogi", 1e-2, 1e-2, beta_1=0.0)
+    assert [following.add(r, MIN_COSINE) for r in [low, 1.0, high]] == [None, None, None]
     fedavg = StepWatch("fedavg", 1.0, None)
-    assert [fedavg.add(r) for r in [0.0, 0.0, 0.0]] == [None, None, None]
+    assert [fedavg.add(r, 0.0) for r in [0.0, 0.0, 0.0]] == [None, None, None]
+
+
+@pytest.mark.slow
+def test_fedadam_with_its_defaults_learns_and_follows_its_clients(small_partition, small_kmeans, tmp_path):
+    """`strategy.name=fedadam` alone (its preset, the clients' preset rate) at tiny size: the held-out gain over
+    the label-frequency baseline ends above 0 with more than 2 clusters predicted (the bar the centralized tiny
+    test sets), the run's learning verdict is positive, and the server's step stays within STEP_RATIO_RANGE of the
+    clients' mean change (no warning)."""
+    out = tmp_path / "fedadam"
+    fast = [a for a in PRETRAIN_FAST if not a.startswith("train.optim.lr")]
+    fast[fast.index("--local-steps") + 1] = "10"
+    args = ["--partition", small_partition, "--kmeans", small_kmeans, "--out", out, *fast, "--rounds", "8"]
+    assert run_cli("pretrain", *args, "strategy.name=fedadam") == 0
+    saved = load_checkpoint(out / "checkpoints" / "final.pt")["state"]
+    assert saved["config"]["strategy"]["beta_1"] is None and saved["config"]["strategy"]["eta"] is None
+    last = rows(out, "eval")[-1]
+    assert last["gain_nats"] > 0 and last["predicted_clusters"] > 2, last
+    assert json.loads((out / "run.json").read_text())["summary"]["learning"]["learned"]
+    ratios = [r["step_ratio"] for r in rows(out, "train")]
+    low, high = STEP_RATIO_RANGE
+    assert low <= sorted(ratios)[len(ratios) // 2] <= high, ratios
+    assert "moved the model by" not in (out / "logs" / "server-pretrain.log").read_text()
 
 
 def test_a_strategy_state_saved_before_the_first_aggregation_loads():

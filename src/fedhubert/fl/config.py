@@ -63,10 +63,14 @@ class FederationConfig:
         return self.superlink is None if self.virtual_clients is None else self.virtual_clients
 
 
-# The server learning rate and adaptivity floor each strategy gets where `strategy.eta` / `strategy.tau` are null.
+# What each strategy gets where `strategy.eta` / `strategy.tau` / `strategy.beta_1` are null. FedAdam's is the
+# setting of benchmarks/server_opt.py that learnt (results/server_opt.json): no server momentum (with it, every refined
+# cell's step turned away from the clients' change, cosine 0.33-0.60, and collapsed onto a few clusters) and eta 1e-2,
+# which with the AdamW clients' preset rate moves the model by about their mean change. FedAvgM's and FedYogi's are
+# unmeasured beyond the sweep's momentum cells, none of which learnt.
 STRATEGY_PRESETS: dict[str, dict[str, float]] = {
     "fedavgm": {"eta": 1.0},
-    "fedadam": {"eta": 1e-3, "tau": 1e-3},
+    "fedadam": {"eta": 1e-2, "tau": 1e-3, "beta_1": 0.0},
     "fedyogi": {"eta": 1e-3, "tau": 1e-3},
 }
 
@@ -84,7 +88,13 @@ class StrategyConfig:
         "wrecks a transformer); FedAvgM scales its momentum step by it; null: the strategy's preset (STRATEGY_PRESETS)",
         gt=0,
     )
-    beta_1: float = param(0.9, "FedAdam/FedYogi first-moment decay", ge=0, lt=1)
+    beta_1: float | None = param(
+        None,
+        "FedAdam/FedYogi first-moment decay (server momentum; 0: none); null: the strategy's preset (0.9 where it has "
+        "none)",
+        ge=0,
+        lt=1,
+    )
     beta_2: float = param(0.99, "FedAdam/FedYogi second-moment decay", ge=0, lt=1)
     tau: float | None = param(
         None,
@@ -94,6 +104,10 @@ class StrategyConfig:
     momentum: float = param(0.9, "FedAvgM server momentum on the clients' mean change", ge=0, lt=1)
     fraction: float = param(1.0, "share of the clients sampled each round", gt=0, le=1)
     min_clients: int = param(2, "a round needs replies from at least this many clients", ge=1)
+
+    def first_moment(self) -> float:
+        """beta_1 as configured, or the strategy's preset where null."""
+        return self.beta_1 if self.beta_1 is not None else STRATEGY_PRESETS.get(self.name, {}).get("beta_1", 0.9)
 
     def server_rates(self) -> tuple[float, float | None]:
         """(eta, tau) as configured, or the strategy's preset where null (tau: None for FedAvg and FedAvgM)."""

@@ -470,7 +470,12 @@ class FederatedRun:
             self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
         started = time.monotonic()
         clock = RoundClock(start + 1, self.cfg.num_rounds)
-        watch = StepWatch(self.cfg.strategy.name, *self.cfg.strategy.server_rates())
+        strategy = self.cfg.strategy
+        watch = StepWatch(
+            strategy.name,
+            *strategy.server_rates(),
+            beta_1=strategy.first_moment() if strategy.name in ("fedadam", "fedyogi") else None,
+        )
         stopped, stop_reason = None, None
         if start == 0 and self.task.evaluate is not None:
             first = self.task.evaluate({**self.task.state, **arrays})
@@ -525,7 +530,7 @@ class FederatedRun:
             new_arrays = {k: torch.from_numpy(a.numpy().copy()) for k, a in new.items()}
             del new
             step_stats = server_step(arrays, new_arrays, aggregate.change)
-            if (warning := watch.add(step_stats["step_ratio"])) is not None:
+            if (warning := watch.add(step_stats["step_ratio"], step_stats["step_cosine"])) is not None:
                 log.warning("%s", warning)
             arrays = new_arrays
             round_metrics = aggregate.metrics

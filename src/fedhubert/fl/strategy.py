@@ -87,4 +87,4 @@ def make_strategy(cfg: StrategyConfig) -> _Resumable:
     if cfg.name == "fedavgm":
         return ResumableFedAvgM(server_learning_rate=eta, server_momentum=cfg.momentum)
     cls = ResumableFedAdam if cfg.name == "fedadam" else ResumableFedYogi
-    return cls(eta=eta, beta_1=cfg.beta_1, beta_2=cfg.beta_2, tau=tau)
+    return cls(eta=eta, beta_1=cfg.first_moment(), beta_2=cfg.beta_2, tau=tau)
