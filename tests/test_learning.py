@@ -232,6 +232,9 @@ def test_a_server_step_far_from_the_clients_change_is_named_once_with_the_fix():
     momentum = StepWatch("fedadam", 1e-2, 1e-3, beta_1=0.9)
     warning = [momentum.add(1.0, c) for c in (0.5, 0.6, 0.55)][-1]
     assert "moved" not in warning and "lower strategy.beta_1 (0: no server momentum)" in warning
+    normalised = StepWatch("fedadam", 1e-2, 1e-3, beta_1=0.0)
+    warning = [normalised.add(1.0, 0.5) for _ in range(WATCH_ROUNDS)][-1]
+    assert "raise strategy.tau" in warning and "beta_1 (" not in warning
     following = StepWatch("fedyogi", 1e-2, 1e-2, beta_1=0.0)
     assert [following.add(r, MIN_COSINE) for r in [low, 1.0, high]] == [None, None, None]
     fedavg = StepWatch("fedavg", 1.0, None)

@@ -72,7 +72,12 @@ class StepWatch:
                 f"benchmarks/server_opt.py: {100 * low:.0f}-{100 * high:.0f}%): {direction} strategy.eta"
             )
         if turned < MIN_COSINE:
-            fix = "lower strategy.beta_1 (0: no server momentum)" if self.beta_1 else "lower strategy.momentum"
+            if self.strategy == "fedavgm":
+                fix = "lower strategy.momentum"
+            elif self.beta_1:
+                fix = "lower strategy.beta_1 (0: no server momentum)"
+            else:
+                fix = "raise strategy.tau (the per-weight normalisation turns it)"
             problems.append(
                 f"turned its step away from the clients' mean change (cosine {turned:.2f}; the settings that learnt: "
                 f">= {MIN_COSINE:g}): {fix}"
