@@ -44,6 +44,19 @@ def run_cli(*args: object) -> None:
         sys.exit(1)
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file that parse (a line cut short by a stopped run is skipped); none if it is
+    missing."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows
+
+
 def write_results(
     name: str, figures: list[dict], notes: str = "", extra: dict | None = None, path: Path | None = None
 ) -> Path:

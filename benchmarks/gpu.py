@@ -938,6 +938,8 @@ def part_federated(rec: PartRecord, ctx: Context) -> None:
         sampler.stop()
     rec.detail("stages_s", stages)
     rec.detail("memory_samples", {"count": sampler.count, "what": sampler.what, "baseline_bytes": sampler.baseline})
+    from _common import read_jsonl  # benchmarks/ is on the path when run as a script, not when loaded by a test
+
     rows = read_jsonl(run / "metrics.jsonl")
     rounds = {r["round"]: r for r in rows if r.get("kind") == "train"}
     clients = [r for r in rows if r.get("kind") == "client"]
@@ -1071,17 +1073,6 @@ def make_corpus(rec: PartRecord, ctx: Context) -> Path:
             "corpus", fedhubert_cli(rec, ctx, "synth", ["librispeech", "--out", corpus, *workers, *ctx.sizes.corpus])
         )
     return corpus
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut short by a stopped run
-    return rows
 
 
 def tail(path: Path, lines: int) -> str:

@@ -58,7 +58,7 @@ from pathlib import Path
 
 import psutil
 
-from _common import RESULTS, run_cli, write_results
+from _common import RESULTS, read_jsonl, run_cli, write_results
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "scale"
 NAME = "scale"
@@ -515,14 +515,7 @@ def pretrain(
     reader.join(timeout=30)
 
     run_record = _read_json(out / "run.json") or {}
-    metrics_path = out / "metrics.jsonl"
-    rows = []
-    if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue
+    rows = read_jsonl(out / "metrics.jsonl")
     train_rows = [r for r in rows if r.get("kind") == "train"]
     client_rows = [r for r in rows if r.get("kind") == "client"]
     round_s = [float(r["seconds"]) for r in train_rows]
