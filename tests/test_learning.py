@@ -314,8 +314,13 @@ def test_the_global_step_follows_the_longest_client_and_the_schedule_plans_for_i
     small_partition, small_kmeans, tmp_path
 ):
     """A client_configs override of local_steps: the round advances the global step by the updates actually run,
-    and the fitted schedule counts them (not the config's local_steps)."""
+    and the fitted schedule counts them (not the config's local_steps). In the same run, client 2's validation split
+    holds only an utterance shorter than its (overridden) min_seconds, as a one-speaker client's often does: it still
+    trains, says it skipped validation, and the round counts it; and the server evaluates a bounded sample of
+    dev-clean (eval_seconds), recording its seconds and audio per evaluation and the sample in run.json."""
     import shutil
+
+    from fedhubert.manifest import read_manifest
 
     partition, kmeans = tmp_path / "partition", tmp_path / "kmeans"
     shutil.copytree(small_partition, partition)
@@ -325,12 +330,41 @@ def test_the_global_step_follows_the_longest_client_and_the_schedule_plans_for_i
     (kmeans / "kmeans.json").write_text(json.dumps(record))
     (partition / "client_configs").mkdir(exist_ok=True)
     (partition / "client_configs" / "client_1.yaml").write_text("local_steps: 5\n")
+    valid_tsv, valid_km = partition / "client_2" / "valid.tsv", kmeans / "client_2" / "valid.km"
+    entries, labels = valid_tsv.read_text().splitlines(), valid_km.read_text().splitlines()
+    lengths = [e.num_samples for e in read_manifest(valid_tsv).entries]
+    shortest = int(np.argmin(lengths))
+    valid_tsv.write_text(f"{entries[0]}\n{entries[1 + shortest]}\n")
+    valid_km.write_text(labels[shortest] + "\n")
+    min_seconds = lengths[shortest] / 16000 + 0.05
+    assert sum(
+        e.num_samples / 16000 >= min_seconds for e in read_manifest(partition / "client_2" / "train.tsv").entries
+    )
+    (partition / "client_configs" / "client_2.yaml").write_text(f"train: {{data: {{min_seconds: {min_seconds}}}}}\n")
     out = tmp_path / "run"
-    assert pretrain(partition, kmeans, out, "--rounds", "2") == 0
+    assert pretrain(partition, kmeans, out, "--rounds", "2", "eval_seconds=8") == 0
     assert [r["global_step"] for r in rows(out, "train")] == [5, 10]
     assert {r["client"]: r["train_steps"] for r in rows(out, "client") if r["round"] == 1} == {0: 3, 1: 5, 2: 3}
     summary = json.loads((out / "run.json").read_text())["summary"]
     assert summary["schedule"]["planned_updates"] == 10 and summary["schedule"]["total_steps"] == 10
+    assert rows(out, "failure") == []
+    assert [(r["clients"], r["valid_skipped"]) for r in rows(out, "train")] == [(3, 1), (3, 1)]
+    for row in rows(out, "client"):
+        skipped = row["client"] == 2
+        assert row.get("valid_skipped", 0) == int(skipped) and ("valid_gain_nats" in row) != skipped, row
+    clients = rows(out, "client")
+    for train in rows(out, "train"):  # validation means are over the clients that validated
+        validated = [r for r in clients if r["round"] == train["round"] and "valid_loss" in r]
+        weights = np.array([r["num-examples"] for r in validated])
+        mean = float(np.dot(weights, [r["valid_loss"] for r in validated]) / weights.sum())
+        assert len(validated) == 2 and train["valid_loss"] == pytest.approx(mean, rel=1e-5)
+    sample = summary["evaluation"]
+    assert sample["subset"] == "dev-clean" and sample["budget_seconds"] == 8
+    assert 0 < sample["seconds"] <= 8 < sample["of_seconds"] and 1 <= sample["speakers"] <= sample["of_speakers"]
+    evals = rows(out, "eval")
+    assert [r["round"] for r in evals] == [0, 1, 2]
+    assert all(r["eval_s"] > 0 and 0 < r["eval_audio_s"] <= sample["seconds"] for r in evals)
+    assert len({r["eval_audio_s"] for r in evals}) == 1, "the same crops at every evaluation"
 
 
 @pytest.mark.slow

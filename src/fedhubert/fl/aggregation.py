@@ -12,7 +12,8 @@ Privacy mode server: a change is clipped here and its share of the noise is draw
 (seed, round, client); the shares' standard deviation depends on how many replies are accepted, which is known
 only at the end, so the unit-variance draws are summed and scaled once the round is complete (the same sum).
 Mode client: the clients clipped and noised; their reported norms are gathered. The metrics are averaged with
-the same weights, as Flower's `aggregate_metricrecords` does (the weighting key left out).
+the same weights, as Flower's `aggregate_metricrecords` does (the weighting key left out), each over the replies
+that report it (a client that skipped its validation reports no validation metrics, rather than zeros).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class StreamingMean:
         )
         self.weight = 0.0
         self.metric_sums: dict[str, float | list[float]] = {}
+        self.metric_weights: dict[str, float] = {}  # a key's mean is over the replies that carry it
         self.replies = 0
         self.norms: list[float] = []
         self.clipped: list[bool] = []
@@ -111,6 +113,7 @@ class StreamingMean:
                 self.metric_sums[key] = scaled if old is None else [a + b for a, b in zip(old, scaled, strict=True)]
             else:
                 self.metric_sums[key] = float(self.metric_sums.get(key, 0.0)) + float(value) * weight
+            self.metric_weights[key] = self.metric_weights.get(key, 0.0) + weight
 
     def noise_std(self, sampled: int) -> float:
         """The standard deviation of the noise on the mean: m shares of std z C / sqrt(m) summed, over the k replies
@@ -133,7 +136,9 @@ class StreamingMean:
             change[key] = total.to(torch.float32)
         self.sum = None
         metrics = {
-            k: [v * scale for v in value] if isinstance(value, list) else value * scale
+            k: [v / self.metric_weights[k] for v in value]
+            if isinstance(value, list)
+            else value / self.metric_weights[k]
             for k, value in self.metric_sums.items()
         }
         return Aggregate(change, metrics, self.replies, self.norms, self.clipped)

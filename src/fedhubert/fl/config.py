@@ -13,6 +13,8 @@ from fedhubert.train.config import TrainConfig
 
 # What the round loop and Flower write into a training stage's output folder (a stage adds its plot and summary);
 # --force replaces them as a whole.
+# The server's held-out audio a evaluation covers by default (benchmarks/scale.py measures its cost at HuBERT Base).
+EVAL_SECONDS = 600.0
 ROUNDS_OUTPUTS = ("checkpoints", "clients", "metrics.jsonl", "messages.jsonl", "tensorboard", "flwr", "audit")
 
 
@@ -191,6 +193,12 @@ class RoundsConfig:
     )
     evaluate_every: int = param(1, "server-side evaluation on the held-out set every this many rounds", ge=1)
     eval_subset: str = param("dev-clean", "held-out subset of the partition for server-side evaluation")
+    eval_seconds: float | None = param(
+        EVAL_SECONDS,
+        "server-side evaluation on at most this many seconds of eval_subset: a seeded sample drawn round-robin over "
+        "its speakers, the same at every evaluation (null: all of it)",
+        gt=0,
+    )
     checkpoint_every: int = param(1, "checkpoint every this many rounds (and after the last)", ge=1)
     checkpoint_keep: int | None = param(
         3,

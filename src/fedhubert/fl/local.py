@@ -30,7 +30,7 @@ from fedhubert.config import layer_file
 from fedhubert.fl.config import RoundsConfig
 from fedhubert.fl.nodes import served_client
 from fedhubert.fl.place import ClientPlace
-from fedhubert.train.data import LabelRate, load_utterances
+from fedhubert.train.data import DataError, LabelRate, load_utterances
 
 T = TypeVar("T")
 R = TypeVar("R", bound=RoundsConfig)
@@ -387,18 +387,23 @@ def local_round(message: Message, context: Context, config_cls: type, build) -> 
     train_utts, cap, seconds = trained.utterances, trained.batch_cap, trained.seconds
     metrics = dict(trained.metrics)
     if cfg.valid_seconds > 0 and place.has("valid"):
-        valid_utts = validation_subset(
-            utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data), cfg.valid_seconds
-        )
-        valid = evaluate(
-            model,
-            batch_loader(valid_utts, task.rate, cfg.train.data, cfg.seed + 1, cap),
-            cfg.train,
-            objective=task.objective,
-            device=device,
-            seed=cfg.seed,
-        )
-        metrics.update({f"valid_{k}": float(v) for k, v in valid.items() if isinstance(v, (int, float))})
+        try:
+            valid_utts = utterances(place.pair("valid"), task.num_classes, task.rate, cfg.train.data)
+        except DataError as error:  # e.g. a one-speaker client whose validation utterances are all short
+            log.warning("client %d, round %d: validation skipped (%s); the update is sent", place.index, round_, error)
+            metrics["valid_skipped"] = 1
+        else:
+            valid = evaluate(
+                model,
+                batch_loader(
+                    validation_subset(valid_utts, cfg.valid_seconds), task.rate, cfg.train.data, cfg.seed + 1, cap
+                ),
+                cfg.train,
+                objective=task.objective,
+                device=device,
+                seed=cfg.seed,
+            )
+            metrics.update({f"valid_{k}": float(v) for k, v in valid.items() if isinstance(v, (int, float))})
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if task.head_keys:
         kept = list(info["checkpoint_rounds"]) if "checkpoint_rounds" in info else None

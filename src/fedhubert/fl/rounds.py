@@ -85,10 +85,11 @@ class RoundTask:
     checkpoint_kind: str
     model_config: Any
     num_classes: int
-    state: dict[str, torch.Tensor]  # the full initial state dict
+    state: dict[str, torch.Tensor]  # the full initial state dict; once the rounds start, only its unshared keys
     shared_keys: list[str]  # what is aggregated
     round_info: dict[str, Any]  # extra scalars every client gets
-    evaluate: Callable[[dict[str, torch.Tensor]], dict] | None = None
+    # (state, label for its progress lines) -> metrics; its `sample` (if any) describes the held-out audio.
+    evaluate: Callable[[dict[str, torch.Tensor], str], dict] | None = None
     best_key: str | None = None
     higher_is_better: bool = True
     local_steps: int | None = None  # the most updates any client runs a round (client overrides); None: the config's
@@ -466,6 +467,9 @@ class FederatedRun:
         start, global_step, state = self._restore()
         arrays = {k: state[k].to(torch.float32) for k in self.task.shared_keys}
         self.task.state.update(state)
+        for key in arrays:  # in place: the rounds' arrays hold these, so the initial weights would be one model more
+            del self.task.state[key]
+        del state
         if self.privacy.audit_coordinates:
             self.audit = UpdateAudit(self.out / "audit", arrays, self.privacy.audit_coordinates, self.cfg.seed)
         started = time.monotonic()
@@ -478,9 +482,9 @@ class FederatedRun:
         )
         stopped, stop_reason = None, None
         if start == 0 and self.task.evaluate is not None:
-            first = self.task.evaluate({**self.task.state, **arrays})
+            first = self.task.evaluate({**self.task.state, **arrays}, "round 0 server evaluation")
             self.records.write({"kind": "eval", "round": 0, **first})
-            log.info("round 0 (initial model): %s", _brief(first))
+            log.info("round 0 (initial model) server evaluation%s: %s", _took(first), _brief(first))
         for round_ in range(start + 1, self.cfg.num_rounds + 1):
             if self.accountant is not None and self.accountant.next_round_exceeds():
                 if self.saved_round < round_ - 1:
@@ -550,12 +554,13 @@ class FederatedRun:
                 "failed": len(failed),
                 "global_step": global_step,
                 "seconds": round(time.monotonic() - round_started, 3),
+                "valid_skipped": sum(int(m.get("valid_skipped", 0)) for m in accepted.values()),
                 **step_stats,
                 **privacy_row,
                 **{
                     k: v
                     for k, v in round_metrics.items()
-                    if k not in ("client", "update_norm", "clipped", "received_norm")
+                    if k not in ("client", "update_norm", "clipped", "received_norm", "valid_skipped")
                 },
             }
             self.records.write(row)
@@ -572,9 +577,9 @@ class FederatedRun:
             if self.task.evaluate is not None and (
                 round_ % self.cfg.evaluate_every == 0 or round_ == self.cfg.num_rounds
             ):
-                result = self.task.evaluate({**self.task.state, **arrays})
+                result = self.task.evaluate({**self.task.state, **arrays}, f"round {round_} server evaluation")
                 self.records.write({"kind": "eval", "round": round_, **result})
-                log.info("round %d server evaluation: %s", round_, _brief(result))
+                log.info("round %d server evaluation%s: %s", round_, _took(result), _brief(result))
                 if self._improves(result):
                     self.best = {
                         "round": round_,
@@ -612,8 +617,16 @@ class FederatedRun:
             "stopped_after_round": stopped,
             "stopped_because": stop_reason,
             "privacy": self._privacy_summary(),
+            "evaluation": getattr(self.task.evaluate, "sample", None),
             "final_checkpoint": None if stopped else str(self.out / CHECKPOINTS / "final.pt"),
         }
+
+
+def _took(result: dict) -> str:
+    """' (12 s, 600 s of audio)' for an evaluation's row."""
+    if "eval_s" not in result:
+        return ""
+    return f" ({result['eval_s']:.0f} s, {result['eval_audio_s']:.0f} s of audio)"
 
 
 def _brief(metrics: dict) -> str:

@@ -15,11 +15,12 @@ from flwr.serverapp import Grid
 from fedhubert.atomic import atomic_write_text
 from fedhubert.errors import ConfigError
 from fedhubert.fl.config import RoundsConfig
+from fedhubert.fl.held_out import HeldOutEvaluation, describe, stratified_sample
 from fedhubert.fl.local import client_heads
 from fedhubert.fl.rounds import FederatedRun, RoundTask, summary_path
 from fedhubert.fl.tasks import ServerRun
 from fedhubert.train.data import LabelRate, batch_loader, load_utterances
-from fedhubert.train.loop import Objective, evaluate, resolve_device
+from fedhubert.train.loop import Objective, resolve_device
 from fedhubert.train.memory import batch_cap
 
 log = logging.getLogger(__name__)
@@ -79,26 +80,34 @@ def held_out_evaluator(
     labels: Path | None = None,
     num_classes: int = 0,
     frozen: Sequence[torch.nn.Module] = (),
-) -> Callable[[dict[str, torch.Tensor]], dict] | None:
-    """Server-side evaluation of a global state on the partition's `eval_subset` (with `labels`, its k-means labels
-    of `num_classes` clusters), on the trainer's device, where the objective's `frozen` modules (a teacher) go too.
-    None, with a warning, when the held-out files are missing."""
+) -> HeldOutEvaluation | None:
+    """Server-side evaluation of a global state on at most `eval_seconds` of the partition's `eval_subset` (a
+    seeded, speaker-stratified sample; with `labels`, its k-means labels of `num_classes` clusters), on the trainer's
+    device, where the objective's `frozen` modules (a teacher) go too. None, with a warning, when the held-out files
+    are missing."""
     manifest = Path(cfg.partition) / "global" / f"{cfg.eval_subset}.tsv"
     missing = [str(path) for path in (manifest, labels) if path is not None and not path.is_file()]
     if missing:
         log.warning("no %s: no server-side evaluation", " / ".join(missing))
         return None
-    utts = load_utterances([(manifest, labels)], num_classes, cfg.train.data, rate)
+    whole = load_utterances([(manifest, labels)], num_classes, cfg.train.data, rate)
+    utts = stratified_sample(whole, cfg.eval_seconds, cfg.seed)
+    sample = describe(utts, whole, cfg.eval_subset, cfg.eval_seconds, cfg.seed)
+    log.info(
+        "server evaluation on %s s of %s (%d utterances of %d speakers; of %s s, %d speakers; eval_seconds=%s)",
+        sample["seconds"],
+        cfg.eval_subset,
+        sample["utterances"],
+        sample["speakers"],
+        sample["of_seconds"],
+        sample["of_speakers"],
+        cfg.eval_seconds,
+    )
     loader = batch_loader(utts, rate, cfg.train.data, cfg.seed, batch_cap(cfg.train, rate.model, num_classes))
     device = resolve_device(cfg.train.device)
     for module in (*frozen, model):
         module.to(device)
-
-    def run(state: dict[str, torch.Tensor]) -> dict:
-        model.load_state_dict(state)
-        return evaluate(model, loader, cfg.train, objective=objective, device=device, seed=cfg.seed)
-
-    return run
+    return HeldOutEvaluation(model, loader, cfg.train, objective, device, cfg.seed, sample)
 
 
 def label_heads(label_head: str, out: Path, num_clients: int) -> Callable[[int], dict]:
