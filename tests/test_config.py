@@ -347,3 +347,47 @@ def test_the_flower_apps_flat_keys_are_each_read_and_each_declared():
             for part in key.split("."):
                 assert dataclasses.is_dataclass(node) and part in {f.name for f in dataclasses.fields(node)}, key
                 node = getattr(node, part)
+
+
+def test_virtual_clients_null_follows_the_runtime_the_server_app_is_in():
+    """null: virtual in Flower's simulation engine (its ServerApp's in-memory Grid), one SuperNode per client in a
+    deployment (the Grid that talks to the SuperLink), whatever `superlink` says: `flwr run .` against a deployment
+    SuperLink sets no `superlink` key. A fedhubert command, which starts the simulation itself unless `superlink`
+    is set, infers it from that key; an explicit value always wins."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import HttpGrid, InMemoryGrid
+
+    from fedhubert.fl.config import FederationConfig
+    from fedhubert.fl.nodes import in_simulation
+
+    state = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    simulation = InMemoryGrid(state_factory=state)  # as flwr-simulation makes it
+    deployment = HttpGrid("127.0.0.1:9091", insecure=True, token="t")
+    assert in_simulation(simulation) and not in_simulation(deployment)
+    default = FederationConfig()
+    assert default.virtual(in_simulation(simulation)) and not default.virtual(in_simulation(deployment))
+    assert default.virtual() and not FederationConfig(superlink="127.0.0.1:9092").virtual()
+    assert FederationConfig(virtual_clients=True).virtual(False) and not FederationConfig(
+        virtual_clients=False
+    ).virtual(True)
+
+
+def test_launcher_keys_set_under_flwr_run_are_refused_with_flowers_own_setting_named():
+    from fedhubert.errors import ConfigError
+    from fedhubert.fl.tasks import launcher_keys_unread
+    from fedhubert.pretrain.config import PretrainConfig
+
+    paths = ["partition=/p", "kmeans=/k"]
+    launcher_keys_unread(
+        load_config(PretrainConfig, None, [*paths, "federation.connect_timeout_s=5"])
+    )  # the server reads it
+    cfg = load_config(PretrainConfig, None, [*paths, "federation.cpus_per_client=2", "federation.timeout_s=60"])
+    with pytest.raises(ConfigError) as err:
+        launcher_keys_unread(cfg)
+    message = str(err.value)
+    assert "federation.cpus_per_client is not read (use --federation-config 'client-resources-num-cpus=N')" in message
+    assert "federation.timeout_s is not read (use `flwr stop RUN_ID`)" in message
+    assert "gpus_per_client" not in message

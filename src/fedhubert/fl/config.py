@@ -20,6 +20,17 @@ ROUNDS_OUTPUTS = ("checkpoints", "clients", "metrics.jsonl", "messages.jsonl", "
 
 @dataclass
 class FederationConfig:
+    # Read by the fedhubert command that starts the Flower run, not by the ServerApp: under a user's own `flwr run`,
+    # Flower's federation config decides these, so setting one there is refused (fl.tasks).
+    LAUNCHER_KEYS: ClassVar[dict[str, str]] = {
+        "superlink": "the federation's address in pyproject.toml ([tool.flwr.federations])",
+        "root_certificates": "the federation's root-certificates in pyproject.toml",
+        "cpus_per_client": "--federation-config 'client-resources-num-cpus=N'",
+        "gpus_per_client": "--federation-config 'client-resources-num-gpus=X'",
+        "timeout_s": "`flwr stop RUN_ID`",
+        "app": "the app folder given to `flwr run`",
+    }
+
     superlink: str | None = param(
         None, "host:port of a running SuperLink (Flower's deployment engine); null: a private local simulation"
     )
@@ -60,9 +71,14 @@ class FederationConfig:
         "task, config, out, resume, threads and managed); null: fedhubert's",
     )
 
-    def virtual(self) -> bool:
-        """Whether messages name their client (`virtual_clients`, resolved for a simulation or a SuperLink)."""
-        return self.superlink is None if self.virtual_clients is None else self.virtual_clients
+    def virtual(self, simulation: bool | None = None) -> bool:
+        """Whether messages name their client: `virtual_clients`, or where it is null whether the run is a
+        simulation. The ServerApp knows that from its runtime (`simulation`, from `fl.nodes.in_simulation`: `flwr run
+        .` against a deployment SuperLink sets no `superlink` key); a fedhubert command, which starts the simulation
+        itself unless `superlink` is set, infers it from that key."""
+        if self.virtual_clients is not None:
+            return self.virtual_clients
+        return self.superlink is None if simulation is None else simulation
 
 
 # What each strategy gets where `strategy.eta` / `strategy.tau` / `strategy.beta_1` are null. FedAdam's is the

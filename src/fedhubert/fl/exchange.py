@@ -9,6 +9,13 @@ long it has waited and how long it will still wait.
 
 A dead or hung client should cost a round no more than the round needs: `FittedTimeout` waits the configured cap
 until it has seen an exchange complete, then `factor` times the last complete exchange's time plus a slack.
+
+What an exchange gives up on must not stay in the SuperLink: Flower deletes an instruction and its reply only when
+the reply is pulled, or once the instruction's TTL (12 h by default) has passed and its id is asked for. The callers
+give their instructions a TTL of the exchange's wait plus `TTL_SLACK_S` (`message_ttl`), and `Stragglers` keeps the
+ids of the instructions an exchange gave up on and pulls them again at the start of every later exchange: a late
+reply is taken and dropped, and once the TTL has passed Flower answers the pull with an expiry error and deletes
+the instruction. Either way the id is let go, so the stored messages stay flat over rounds with timeouts.
 """
 
 from __future__ import annotations
@@ -29,9 +36,42 @@ log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
 PULL_BATCH = 4  # message ids per pull: at most this many replies are held at once before `take` sees them
 POLL_MIN_S, POLL_MAX_S = 0.02, 0.1
+TTL_SLACK_S = 60.0  # an instruction outlives its exchange's wait by this much
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def message_ttl(wait_s: float | None) -> float | None:
+    """The TTL of an exchange's instructions: its wait plus TTL_SLACK_S (None, Flower's default: no wait limit)."""
+    return None if wait_s is None else wait_s + TTL_SLACK_S
+
+
+class Stragglers:
+    """The ids of instructions that exchanges gave up on, pulled again until the SuperLink lets them go."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, str] = {}  # message id -> what it was (for the log)
+        self.late_replies = 0
+
+    def add(self, ids: Sequence[str], label: str) -> None:
+        self.ids.update(dict.fromkeys(ids, label))
+
+    def collect(self, grid: Grid) -> None:
+        """Pull every straggler once: a late reply (dropped) or Flower's expiry error lets its id go."""
+        ids = list(self.ids)
+        for first in range(0, len(ids), PULL_BATCH):
+            for reply in grid.pull_messages(ids[first : first + PULL_BATCH]):
+                label = self.ids.pop(reply.metadata.reply_to_message_id, None)
+                if label is not None and not reply.has_error():
+                    self.late_replies += 1
+                    log.info("%s: a late reply came and was dropped", label)
+
+
+def send_window(nodes: int) -> int:
+    """How many messages an exchange keeps in flight for `nodes` serving nodes: a few per node, since Flower's
+    simulation dispatcher scans every stored message for each node (and a SuperLink holds what is in flight)."""
+    return max(16, 4 * nodes)
 
 
 def client_error(reply: Message) -> str:
@@ -49,6 +89,7 @@ class Exchanged:
 
     missing: list = field(default_factory=list)
     last_reply_s: float = 0.0
+    unanswered: list[str] = field(default_factory=list)  # ids of the sent instructions among the missing
 
 
 @dataclass
@@ -82,12 +123,16 @@ def exchange(
     label: str,
     window: int | None = None,
     every_s: float = 30.0,
+    stragglers: Stragglers | None = None,
 ) -> Exchanged:
     """Send each (key, message) of `outgoing` in order and call `take(key, reply)` for each reply as it is pulled.
     Returns the keys whose reply did not come within `timeout_s` (None: wait as long as it takes) of the start,
     and when the last reply came.
     When a pass pulls nothing it waits 20 ms, up to 100 ms when many replies are pending (one pull per 4 ids), so a
-    round's last reply is taken within tens of milliseconds without flooding a remote SuperLink with pulls."""
+    round's last reply is taken within tens of milliseconds without flooding a remote SuperLink with pulls.
+    With `stragglers`, those of earlier exchanges are pulled first and this one's unanswered instructions join them."""
+    if stragglers is not None:
+        stragglers.collect(grid)
     start = time.monotonic()
     deadline = None if timeout_s is None else start + timeout_s
     window = len(outgoing) if window is None else max(1, window)
@@ -126,7 +171,9 @@ def exchange(
                 now - start,
                 len(missing),
             )
-            return Exchanged(missing, last_reply)
+            if stragglers is not None:
+                stragglers.add(list(pending), label)
+            return Exchanged(missing, last_reply, list(pending))
         if now - said >= every_s:
             left = "" if deadline is None else f", waiting at most {deadline - now:.0f} s more"
             log.info("%s: %d of %d replies after %.0f s%s", label, received, len(outgoing), now - start, left)

@@ -30,6 +30,14 @@ from fedhubert.fl.exchange import client_error
 log = logging.getLogger(__name__)
 
 
+def in_simulation(grid: Grid) -> bool:
+    """Whether the ServerApp runs in Flower's simulation engine (whose ServerApp gets an in-memory Grid; a
+    deployment's gets one that talks to the SuperLink)."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 class ClientsMissing(FedhubertError):
     """Fewer clients connected than the run needs, within the configured wait."""
 

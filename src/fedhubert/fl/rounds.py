@@ -43,8 +43,8 @@ from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
 from fedhubert.fl.config import RoundsConfig
-from fedhubert.fl.exchange import FittedTimeout, client_error, exchange
-from fedhubert.fl.nodes import ClientNodes, connect_clients
+from fedhubert.fl.exchange import FittedTimeout, Stragglers, client_error, exchange, message_ttl, send_window
+from fedhubert.fl.nodes import ClientNodes, connect_clients, in_simulation
 from fedhubert.fl.privacy import (
     Accountant,
     ClipBound,
@@ -162,6 +162,7 @@ class FederatedRun:
         self.messages = MessageLog(self.out / "messages.jsonl")
         self.records = RoundLog(self.out, num_clients)
         self.timeout = FittedTimeout(cfg.round_timeout_s)
+        self.stragglers = Stragglers()  # instructions a round gave up on, until the SuperLink has let them go
         self.best: dict | None = None
         self.saved_round = -1
         self.planned = cfg.num_rounds * (task.local_steps or cfg.local_steps)
@@ -294,6 +295,7 @@ class FederatedRun:
         payload = encode(arrays, self.cfg.transfer)
         config = config_to_record(self.sent_cfg)
         kept = [r for r, _ in _round_files(self.out)] if self.cfg.checkpoint_keep is not None else None
+        wait_s = self.timeout.seconds()
         outgoing = []
         for client, node in plan:
             info = self._round_info(round_, global_step, client, kept)
@@ -302,6 +304,7 @@ class FederatedRun:
                 dst_node_id=node,
                 message_type=self.task.message_type,
                 group_id=str(round_),
+                ttl=message_ttl(wait_s),
             )
             self.messages.record("to_client", message, round_, client)
             outgoing.append((client, message))
@@ -341,8 +344,16 @@ class FederatedRun:
             metrics.update(stream.add(client, tensors, metrics, received))
             accepted[client] = metrics
 
-        wait_s = self.timeout.seconds()
-        done = exchange(self.grid, outgoing, take, timeout_s=wait_s, label=f"round {round_}")
+        window = send_window(len({node for _, node in plan}))
+        done = exchange(
+            self.grid,
+            outgoing,
+            take,
+            timeout_s=wait_s,
+            label=f"round {round_}",
+            window=window,
+            stragglers=self.stragglers,
+        )
         self.timeout.observe(done)
         for client in done.missing:
             failed[client] = f"no reply within {wait_s:.0f} s"
@@ -454,7 +465,7 @@ class FederatedRun:
         self.clients = connect_clients(
             self.grid,
             self.num_clients,
-            self.cfg.federation.virtual(),
+            self.cfg.federation.virtual(in_simulation(self.grid)),
             self.cfg.federation.connect_timeout_s,
             self.cfg.round_timeout_s,
             pool=self.cfg.federation.supernodes,

@@ -34,6 +34,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedhubert.config import absolute_paths, load_config
 from fedhubert.errors import ConfigError, FedhubertError
 from fedhubert.fl.local import identify
+from fedhubert.fl.nodes import in_simulation
+from fedhubert.fl.runtime.actors import ActorPoolChanged, require_restartable
 from fedhubert.runlog import CONFIG_FILE, setup_logging, stage_run
 
 log = logging.getLogger("fedhubert")
@@ -117,6 +119,22 @@ def flat_overrides(task: FederatedTask, run_config: Mapping[str, object], root: 
     return overrides
 
 
+def launcher_keys_unread(cfg: object) -> None:
+    """Under `flwr run` nothing reads the federation keys that a fedhubert command's launcher reads: one set to
+    other than its default is an error naming Flower's own setting for it (it would be silently ignored)."""
+    federation = getattr(cfg, "federation", None)
+    if federation is None:
+        return
+    default = type(federation)()
+    set_keys = [k for k in federation.LAUNCHER_KEYS if getattr(federation, k) != getattr(default, k)]
+    if set_keys:
+        raise ConfigError(
+            "under `flwr run` Flower starts the run, so "
+            + "; ".join(f"federation.{k} is not read (use {federation.LAUNCHER_KEYS[k]})" for k in set_keys)
+            + ": remove it from the config, or start the run with the stage's fedhubert command"
+        )
+
+
 def _serve_flower_native(task: FederatedTask, grid: Grid, run_config: Mapping[str, object]) -> None:
     """A run started by `flwr run`: the stage's config from the run config, and the stage's records around it."""
     if task.config_cls is None:
@@ -131,6 +149,7 @@ def _serve_flower_native(task: FederatedTask, grid: Grid, run_config: Mapping[st
     if resume and not path.is_file():
         raise ConfigError(f"resume=true: {path} not found; {out} is not a run folder of task '{task.name}'")
     cfg = absolute_paths(load_config(task.config_cls, path, flat_overrides(task, run_config, root)), root)
+    launcher_keys_unread(cfg)
     command = ["flwr", "run", "--run-config", " ".join(f"{k}={v!r}" for k, v in sorted(run_config.items()))]
     with stage_run(
         task.name,
@@ -165,6 +184,8 @@ def server_app(tasks: Sequence[FederatedTask]) -> ServerApp:
         if not run_config.get("managed", False):
             setup_logging()
             try:
+                if in_simulation(grid):
+                    require_restartable(managed=False)
                 _serve_flower_native(by_name[name], grid, run_config)
             except FedhubertError as error:  # one clear line in the stream, not only a traceback
                 log.error("%s", error)
@@ -177,6 +198,12 @@ def server_app(tasks: Sequence[FederatedTask]) -> ServerApp:
         out.mkdir(parents=True, exist_ok=True)
         setup_logging(out / "logs" / f"server-{name}.log")
         log.info("ServerApp: task %s, config %s, output %s", name, config, out)
+        if in_simulation(grid):
+            try:
+                require_restartable(managed=True)
+            except ActorPoolChanged as error:
+                log.error("%s", error)
+                raise
         by_name[name].serve(
             grid,
             ServerRun(

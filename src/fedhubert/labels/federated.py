@@ -32,8 +32,8 @@ from flwr.serverapp import Grid
 
 from fedhubert.atomic import atomic_path, atomic_write_text
 from fedhubert.config import config_to_dict, load_config
-from fedhubert.fl.exchange import FittedTimeout, client_error, exchange
-from fedhubert.fl.nodes import connect_clients, served_client
+from fedhubert.fl.exchange import FittedTimeout, Stragglers, client_error, exchange, message_ttl, send_window
+from fedhubert.fl.nodes import connect_clients, in_simulation, served_client
 from fedhubert.fl.place import ClientPlace
 from fedhubert.fl.records import MessageLog, arrays, config_from_record, config_to_record, numpy_arrays
 from fedhubert.fl.rounds import (
@@ -250,12 +250,13 @@ class _Server:
         self.messages = MessageLog(out / "messages.jsonl")
         self.failed: dict[int, dict] = {}  # client -> {"stage", "round", "reason"}
         self.timeouts: dict[str, FittedTimeout] = {}
+        self.stragglers = Stragglers()
         self.exchange_seconds: dict[str, float] = {}  # by action, over the stage
         federation = cfg.federation
         self.clients = connect_clients(
             grid,
             self.num_clients,
-            federation.virtual(),
+            federation.virtual(in_simulation(grid)),
             federation.connect_timeout_s,
             None,
             pool=federation.supernodes,
@@ -298,6 +299,8 @@ class _Server:
         outgoing = []
         config = config_to_record(self.cfg)
         plan = self.clients.assign(clients, self.seconds)
+        timeout = self.timeouts.setdefault(action, FittedTimeout(self.cfg.lloyd.timeout_s))
+        wait_s = timeout.seconds()
         for client, node in plan:
             run = {"out": str(self.out), **({"client": client} if self.clients.virtual else {})}
             content = RecordDict({"config": config, "run": ConfigRecord(run), **records})
@@ -306,6 +309,7 @@ class _Server:
                 dst_node_id=node,
                 message_type=f"query.{action}",
                 group_id=str(round_ if round_ is not None else action),
+                ttl=message_ttl(wait_s),
             )
             self.messages.record("to_client", message, round_, client)
             outgoing.append((client, message))
@@ -333,12 +337,17 @@ class _Server:
                 fold(client, reply.content)
                 replies[client] = RecordDict({"metrics": reply.content["metrics"]})
 
-        timeout = self.timeouts.setdefault(action, FittedTimeout(self.cfg.lloyd.timeout_s))
-        wait_s = timeout.seconds()
-        # A few messages in flight per node: Flower's simulation dispatcher scans every stored message for each node.
-        window = max(16, 4 * len({node for _, node in plan}))
+        window = send_window(len({node for _, node in plan}))
         started = time.monotonic()
-        done = exchange(self.grid, outgoing, take, timeout_s=wait_s, label=f"k-means {action}", window=window)
+        done = exchange(
+            self.grid,
+            outgoing,
+            take,
+            timeout_s=wait_s,
+            label=f"k-means {action}",
+            window=window,
+            stragglers=self.stragglers,
+        )
         self.exchange_seconds[action] = self.exchange_seconds.get(action, 0.0) + time.monotonic() - started
         timeout.observe(done)
         for client in done.missing:
