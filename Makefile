@@ -1,6 +1,7 @@
 # fedhubert: two commands on a fresh machine.
 #   make demo   set up (once) and run the pipeline on the built-in synthetic corpora
 #   make test   set up (once), lint (ruff check, ruff format --check) and run the test suite
+#   make test-quick   the same set-up and lint, then the unit tests and one end-to-end smoke pass
 # Other targets: setup, bench, lock, clean. Variables: PYTHON (a Python 3.11), VENV, DEMO_DIR, PYTEST_ARGS,
 # SKIP_SYSTEM_DEPS=1 (do not check or install system packages; see setup.md for HPC clusters), WITH_SLURM=1 (make
 # test also installs slurm-wlm and munge, so the Slurm tests run instead of being skipped; CI sets it).
@@ -13,7 +14,7 @@ STAMP := $(VENV)/.fedhubert-installed
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps demo test bench lock clean
+.PHONY: setup system-deps demo test test-quick bench lock clean
 
 setup: $(STAMP)
 
@@ -45,6 +46,12 @@ test: setup
 	$(BIN)/ruff format --check .
 	@if [ "$(WITH_SLURM)" = "1" ] && [ "$(SKIP_SYSTEM_DEPS)" != "1" ]; then WITH_SLURM=1 bash scripts/install_system_deps.sh; fi
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The inner loop: lint, the unit tests and one end-to-end smoke pass (README: Tests).
+test-quick: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -m "smoke or not (slow or stages)" $(PYTEST_ARGS)
 
 # Speed and memory benchmarks: each writes benchmarks/results/<name>.json and prints a table.
 bench: setup

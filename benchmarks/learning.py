@@ -43,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -301,14 +302,14 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
     return record
 
 
-def probe(checkpoints: list[str], keywords: Path, out: Path = ROOT / "probe") -> dict:
-    """One `fedhubert probe` over every checkpoint (and random init of each architecture); models by checkpoint."""
+def probe(checkpoints: list[str], keywords: Path, out: Path, random_init: bool = False) -> dict:
+    """One `fedhubert probe` over the checkpoints (and with `random_init` each architecture at random init)."""
     run_cli(
         "probe",
         "--dataset",
         keywords,
         *[a for c in checkpoints for a in ("--checkpoint", c)],
-        "--random-init",
+        *(["--random-init"] if random_init else []),
         "--out",
         out,
         "--force",
@@ -317,13 +318,14 @@ def probe(checkpoints: list[str], keywords: Path, out: Path = ROOT / "probe") ->
     return result
 
 
-def s3prl(jobs: list[tuple[str, list[str]]], keywords: Path, args: argparse.Namespace) -> dict[str, dict]:
-    """S3PRL speech_commands for each (name, checkpoint flags), `--s3prl-jobs` at a time, each in its own process."""
+def s3prl(jobs: list[tuple[str, list[str], Path, dict]], keywords: Path, args: argparse.Namespace) -> dict[str, dict]:
+    """S3PRL speech_commands for each (name, checkpoint flags, cell file, cell key), `--s3prl-jobs` at a time, each
+    in its own process; each result goes to its cell file as it finishes."""
     threads = max(1, (os.cpu_count() or 1) // args.s3prl_jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-    def one(job: tuple[str, list[str]]) -> tuple[str, dict]:
-        name, flags = job
+    def one(job: tuple[str, list[str], Path, dict]) -> tuple[str, dict]:
+        name, flags, path, key = job
         out = ROOT / "s3prl" / name
         command = [
             sys.executable,
@@ -355,6 +357,7 @@ def s3prl(jobs: list[tuple[str, list[str]]], keywords: Path, args: argparse.Name
         clips = result["data"]["test_clips"]
         correct = round(result["test_acc"] * clips)
         result["test_ci95"] = list(wilson_interval(correct, clips))
+        write_cell(path, {"key": key, "record": result})
         return name, result
 
     with ThreadPoolExecutor(args.s3prl_jobs) as pool:
@@ -584,6 +587,62 @@ def with_seed(run: Run, seed: int) -> Run:
     return replace(run, name=f"{slug}-seed{seed}:{what}", overrides=[*run.overrides, f"seed={seed}"])
 
 
+CELLS = RESULTS / "learning"  # one results file per run and seed, and per S3PRL evaluation, as each finishes
+CURVE_RUNS = ("centralized", "fedavg-iid")
+
+
+def cell_key(run: Run, args: argparse.Namespace) -> dict:
+    """What a cell's result depends on: the run and every data, model and compute flag."""
+    flags = ("preset", "rounds", "local_steps", "batch_seconds", "probe_every", "speakers", "minutes")
+    flags += ("keyword_speakers", "keyword_test_speakers")
+    return {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}}
+
+
+def read_cell(path: Path, key: dict) -> dict | None:
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return cell if cell.get("key") == key else None
+
+
+def write_cell(path: Path, cell: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cell, indent=2) + "\n")
+
+
+def probed_run(run: Run, seed: int, data: dict, args: argparse.Namespace, teacher: Callable[[], Path] | None) -> dict:
+    """One run's record with its probe (and for seed 0 of the curve runs, the probe of its curve checkpoints; for
+    seed 0 of the centralized run, random init too): read back from its cell file when one of the same key exists
+    (a benchmark cut off resumes where it stopped, even on a fresh checkout), else trained and probed and written."""
+    seeded = with_seed(run, seed)
+    key = cell_key(seeded, args)
+    path = CELLS / f"{seeded.slug}.json"
+    if not args.retrain and (cell := read_cell(path, key)) is not None:
+        print(f"[learning] {seeded.slug}: read back from {path.relative_to(RESULTS.parent)}", flush=True)
+        return {**cell["record"], "read_back": True}
+    record = train(seeded, data, args, teacher() if teacher else None, reuse=not args.retrain)
+    curve = seed == 0 and run.slug in CURVE_RUNS
+    checkpoints = [record["checkpoint"]]
+    if curve:
+        checkpoints += [c for c in record["curve_checkpoints"].values() if c not in checkpoints]
+    started = time.perf_counter()
+    random_init = seed == 0 and run.slug == "centralized"
+    result = probe(checkpoints, data["keywords"], ROOT / "probe" / seeded.slug, random_init=random_init)
+    by_checkpoint = {str(Path(m["checkpoint"]).resolve()): m for m in result["models"] if not m["random_init"]}
+    record["probe"] = by_checkpoint[str(Path(record["checkpoint"]).resolve())]
+    record["probe_data"] = result["data"]
+    if curve:
+        record["curve_probes"] = {
+            u: by_checkpoint[str(Path(c).resolve())] for u, c in record["curve_checkpoints"].items()
+        }
+    if random_init:
+        record["random_init_probe"] = next(m for m in result["models"] if m["random_init"] and m["kind"] == "hubert")
+    record["probe_s"] = round(time.perf_counter() - started, 1)
+    write_cell(path, {"key": key, "record": record})
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -594,55 +653,57 @@ def main() -> None:
     parser.add_argument(
         "--retrain",
         action="store_true",
-        help="train every run again (default: a run whose folder holds a completed run of the same command is read "
-        "back, so a benchmark cut off resumes where it stopped)",
+        help="train every run again (default: a run with a cell file of the same settings in "
+        "benchmarks/results/learning/ is read back, so a benchmark cut off resumes where it stopped)",
     )
     args = parser.parse_args()
     started = time.perf_counter()
     timer = Timer()
     data = timer("data", make_data, args)
     records: dict[str, dict] = {run.slug: {"seeds": []} for run in RUNS}
+
+    def checkpoint_of(slug: str, seed: int) -> Path:
+        """A run's final checkpoint, trained again if its cell was read back on a checkout without it."""
+        record = records[slug]["seeds"][seed]
+        if not Path(record["checkpoint"]).is_file():
+            run = next(r for r in RUNS if r.slug == slug)
+            teacher = checkpoint_of("fedavg-iid", seed) if run.stage == "distill" else None
+            train(with_seed(run, seed), data, args, teacher, reuse=True)
+        return Path(record["checkpoint"])
+
     for seed in range(args.seeds):
         for run in RUNS:
-            teacher = Path(records["fedavg-iid"]["seeds"][seed]["checkpoint"]) if run.stage == "distill" else None
-            seeded = with_seed(run, seed)
-            records[run.slug]["seeds"].append(
-                timer(seeded.slug, train, seeded, data, args, teacher, reuse=not args.retrain)
-            )
-    curve_runs = ("centralized", "fedavg-iid")
-    checkpoints = [r["checkpoint"] for record in records.values() for r in record["seeds"]]
-    checkpoints += [
-        c
-        for slug in curve_runs
-        for c in records[slug]["seeds"][0]["curve_checkpoints"].values()
-        if c not in checkpoints
-    ]
-    result = timer("probe", probe, checkpoints, data["keywords"])
-    by_checkpoint = {Path(m["checkpoint"]).resolve(): m for m in result["models"] if not m["random_init"]}
-    random_init = next(m for m in result["models"] if m["random_init"] and m["kind"] == "hubert")
+            teacher = (lambda seed=seed: checkpoint_of("fedavg-iid", seed)) if run.stage == "distill" else None
+            record = timer(with_seed(run, seed).slug, probed_run, run, seed, data, args, teacher)
+            records[run.slug]["seeds"].append(record)
+    random_init = records["centralized"]["seeds"][0]["random_init_probe"]
+    probe_data = records["centralized"]["seeds"][0]["probe_data"]
     for record in records.values():
-        for r in record["seeds"]:
-            r["probe"] = by_checkpoint[Path(r["checkpoint"]).resolve()]
         record["summary"] = summarise(record["seeds"])
-    for slug in curve_runs:
+    for slug in CURVE_RUNS:
+        probes = records[slug]["seeds"][0]["curve_probes"]
         records[slug]["probe_curve"] = [
-            (
-                int(u),
-                100 * by_checkpoint[Path(c).resolve()]["accuracy_mean"],
-                100 * by_checkpoint[Path(c).resolve()]["accuracy_sd"],
-            )
-            for u, c in records[slug]["seeds"][0]["curve_checkpoints"].items()
+            (int(u), 100 * m["accuracy_mean"], 100 * m["accuracy_sd"]) for u, m in probes.items()
         ]
-    s3prl_results = {}
+    s3prl_results: dict[str, dict] = {}
     if args.s3prl_steps:
-        first = {slug: record["seeds"][0]["checkpoint"] for slug, record in records.items()}
-        jobs = [("random-init", ["--checkpoint", first["fedavg-iid"], "--random-init"])]
-        jobs += [(run.slug, ["--checkpoint", first[run.slug]]) for run in RUNS if run.s3prl]
-        s3prl_results = timer("s3prl", s3prl, jobs, data["keywords"], args)
+        jobs = []
+        for name, slug in [("random-init", "fedavg-iid"), *[(r.slug, r.slug) for r in RUNS if r.s3prl]]:
+            run = next(r for r in RUNS if r.slug == slug)
+            key = {**cell_key(with_seed(run, 0), args), "s3prl_steps": args.s3prl_steps, "random_init": name != slug}
+            path = CELLS / f"s3prl-{name}.json"
+            if not args.retrain and (cell := read_cell(path, key)) is not None:
+                s3prl_results[name] = cell["record"]
+                continue
+            flags = ["--checkpoint", str(checkpoint_of(slug, 0)), *(["--random-init"] if name != slug else [])]
+            jobs.append((name, flags, path, key))
+        s3prl_results.update(timer("s3prl", s3prl, jobs, data["keywords"], args))
     invocation_s = time.perf_counter() - started
-    runs_s = sum(r.get("train_s") or 0.0 for record in records.values() for r in record["seeds"])
-    reused = sum("reused_from_commit" in r for record in records.values() for r in record["seeds"])
-    wall_s = runs_s + sum(timer.seconds.get(part, 0.0) for part in ("data", "probe", "s3prl"))
+    runs_s = sum((r.get("train_s") or 0.0) + r.get("probe_s", 0.0) for rec in records.values() for r in rec["seeds"])
+    reused = sum(
+        bool(r.get("read_back") or r.get("reused_from_commit")) for rec in records.values() for r in rec["seeds"]
+    )
+    wall_s = runs_s + sum(timer.seconds.get(part, 0.0) for part in ("data", "s3prl"))
     plot(records, random_init, s3prl_results, RESULTS / "learning.png")
     figures = figures_of(records, random_init, s3prl_results, wall_s, reused)
     described = describe_data(data)
@@ -653,8 +714,8 @@ def main() -> None:
             f"{args.preset} preset; every trained model {planned(args)} updates of {args.batch_seconds:g} s batches "
             f"(federated: {args.rounds} rounds x {args.local_steps} local steps x {CLIENTS} clients); "
             f"{described['train_hours']} h of training speech from {described['train_speakers']} speakers; "
-            f"{args.seeds} pretraining seed(s) per run; probe: {result['data']['clips']} keyword clips of "
-            f"{result['data']['speakers']} other speakers, 5 speaker-disjoint folds, accuracies and gaps as mean +- "
+            f"{args.seeds} pretraining seed(s) per run; probe: {probe_data['clips']} keyword clips of "
+            f"{probe_data['speakers']} other speakers, 5 speaker-disjoint folds, accuracies and gaps as mean +- "
             "standard error over seeds x folds (gaps paired over folds, each seed against the same seed); held-out "
             f"gain mean +- SE over seeds; curves and S3PRL ({args.s3prl_steps} steps, Wilson 95% intervals) of seed 0"
         ),

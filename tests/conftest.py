@@ -21,6 +21,16 @@ from common import (
 
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
+# Session fixtures that run a stage (a Flower simulation, a training, S3PRL): a test that needs one is marked
+# `stages`, so that `make test-quick` (-m "smoke or not (slow or stages)") leaves it to `make test`.
+STAGE_FIXTURES = {"small_kmeans", "tiny_teacher", "four_rounds", "distilled", "evaluations"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if STAGE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.stages)
+
 
 @pytest.fixture
 def task_identity():

@@ -247,6 +247,7 @@ def run_kmeans(cfg: KMeansConfig, out: Path, run: StageRun) -> dict:
         out,
         len(clients),
         cfg.federation,
+        written=out / KMEANS_FILE,
     )
     record = json.loads((out / KMEANS_FILE).read_text())
     record["flower_run_id"] = run_id

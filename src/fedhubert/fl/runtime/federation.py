@@ -206,6 +206,7 @@ def run_training_task(
         federation,
         resources,
         stop_file=out / STOP_FILE,
+        written=summary_path(out, task),
     )
     summary = json.loads(summary_path(out, task).read_text())
     summary["flower_run_id"] = run_id
@@ -238,6 +239,7 @@ def run_flower_app(
     resources: SimulationResources | None = None,
     stop_file: Path | None = None,
     managed: bool = True,
+    written: Path | None = None,
 ) -> str:
     """Run fedhubert's Flower app with `run_config` (flat scalars); returns the run id once it has completed.
     `resources` (for a simulation) defaults to the machine's cores shared out over the clients. The Flower app is
@@ -247,7 +249,12 @@ def run_flower_app(
 
     SIGTERM or Ctrl-C: with `stop_file` (a task that checkpoints per round), the first one writes that file, which
     the ServerApp reads after the current round to save its state and end; a second one, or the first without
-    `stop_file`, ends the run at once."""
+    `stop_file`, ends the run at once.
+
+    `written`: the file the ServerApp writes once it has done its work (the stage's summary). When `flwr run` ends
+    with it written during this run, the run completed and its status is not asked of the SuperLink (`flwr ls`, a
+    process start of 2-3 s); otherwise it is, for Flower's reason."""
+    started = time.time()
     out_dir = Path(out_dir).resolve()
     if managed:
         run_config = {**run_config, "managed": True}  # this command keeps the run's records (fedhubert.fl.tasks)
@@ -290,7 +297,8 @@ def run_flower_app(
             command += ["--federation-config", resources.federation_config(nodes)]
         if stop_file is not None:
             Path(stop_file).unlink(missing_ok=True)  # a request left over from an earlier run of this folder
-        return _follow(command, flwr_home, log_dir / "flower.log", federation.timeout_s, stop_file)
+        done = None if written is None else lambda: written.is_file() and written.stat().st_mtime >= started
+        return _follow(command, flwr_home, log_dir / "flower.log", federation.timeout_s, stop_file, done)
     finally:
         if superlink is not None:
             superlink.stop()
@@ -346,7 +354,14 @@ def _show(line: str) -> None:
         log.info("flower: %s", line)
 
 
-def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: float, stop_file: Path | None) -> str:
+def _follow(
+    command: list[str],
+    flwr_home: Path,
+    log_path: Path,
+    timeout_s: float,
+    stop_file: Path | None,
+    done: Callable[[], bool] | None = None,
+) -> str:
     run_id = None
     tail: list[str] = []
     process = subprocess.Popen(
@@ -396,6 +411,8 @@ def _follow(command: list[str], flwr_home: Path, log_path: Path, timeout_s: floa
         raise FederationError(
             f"the Flower run did not start (flwr exited {process.returncode}); see {log_path}:\n  " + "\n  ".join(tail)
         )
+    if process.returncode == 0 and done is not None and done():
+        return run_id
     status, details = _run_status(flwr_home, run_id)
     if status != "finished:completed":
         raise FederationError(
