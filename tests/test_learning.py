@@ -179,14 +179,14 @@ def test_a_briefly_trained_tiny_model_beats_the_frequency_baseline_on_held_out_f
             "--preset",
             "tiny",
             "--steps",
-            "80",
+            "50",
             f"num_classes={SMALL_K}",
             f"train_manifests={manifests}",
             f"train_labels={labels}",
             f"valid_manifests={valid}",
             f"valid_labels={valid_labels}",
-            "eval_every=40",
-            "checkpoint_every=80",
+            "eval_every=25",
+            "checkpoint_every=50",
             "train.device=cpu",
             "train.data.min_seconds=1",
             "train.data.max_seconds=3",
@@ -195,7 +195,7 @@ def test_a_briefly_trained_tiny_model_beats_the_frequency_baseline_on_held_out_f
         == 0
     )
     summary = json.loads((out / "run.json").read_text())["summary"]
-    assert summary["schedule"]["total_steps"] == 80 and summary["schedule"]["warmup_steps"] == 8
+    assert summary["schedule"]["total_steps"] == 50 and summary["schedule"]["warmup_steps"] == 5
     assert summary["schedule"]["lr"] == 5e-3 and summary["schedule"]["lr_from"] == "model preset"
     assert summary["valid_last"]["gain_nats"] > 0, summary["valid_last"]
     assert summary["valid_last"]["predicted_clusters"] > 2
