@@ -14,12 +14,9 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedhubert.atomic import atomic_path  # noqa: E402
+from fedhubert.display import MANY_CLIENTS  # noqa: E402
 
 __all__ = ["MANY_CLIENTS", "integer_ticks", "plt", "save_figure"]
-
-# Above this many clients a figure shows distributions (ranks, histograms, quantile bands), not a bar or line each:
-# at 2,000 one-speaker clients one mark per client is unreadable (and a bar chart 1,000 inches wide).
-MANY_CLIENTS = 40
 
 
 def integer_ticks(ax: Axes) -> None:

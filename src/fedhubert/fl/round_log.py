@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.figure import Figure
 
-from fedhubert.plots import MANY_CLIENTS, integer_ticks, plt, save_figure
+from fedhubert.display import MANY_CLIENTS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 class RoundLog:
@@ -85,6 +88,8 @@ def plot_rounds(
     rows: list[dict], path: Path, title: str, loss_key: str = "train_loss", acc_key: str | None = "train_acc_masked"
 ) -> None:
     """Write `rounds_figure` as a PNG at `path`."""
+    from fedhubert.plots import save_figure
+
     save_figure(rounds_figure(rows, title, loss_key, acc_key), path)
 
 
@@ -95,6 +100,8 @@ def rounds_figure(
     server's evaluation); with `acc_key` also masked accuracy,
     and, where evaluations report it, the gain over the label-frequency baseline (held-out, in nats). The round
     axes have integer ticks. `round_panels` names the panels."""
+    from fedhubert.plots import integer_ticks, plt  # here: the processes that only record rounds never plot
+
     aggregated = [r for r in rows if r["kind"] == "train" and loss_key in r]
     evals = [r for r in rows if r["kind"] == "eval"]
     gains = [r for r in evals if "gain_nats" in r]

@@ -10,15 +10,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from fedhubert.errors import FedhubertError
 from fedhubert.labels.features import FeatureSet
 from fedhubert.labels.settings import MiniBatchConfig
 from fedhubert.manifest import Manifest, write_aligned_lines
 from fedhubert.model.frames import mfcc_frames
+
+if TYPE_CHECKING:
+    from sklearn.cluster import MiniBatchKMeans
 
 _CHUNK = 65536  # frames per distance computation
 
@@ -57,6 +60,8 @@ def fit_minibatch(frames: np.ndarray, num_clusters: int, cfg: MiniBatchConfig, s
             f"{who} has {len(frames)} frames, fewer than num_clusters={num_clusters}; lower num_clusters, raise "
             f"sample_fraction, or give this client more audio"
         )
+    from sklearn.cluster import MiniBatchKMeans  # here: a training client process never fits k-means (2.6 s import)
+
     model = MiniBatchKMeans(
         n_clusters=num_clusters,
         init=cfg.init,
@@ -126,6 +131,8 @@ def initial_codebook(local: list[tuple[np.ndarray, np.ndarray]], num_clusters: i
             f"the clients shared {len(points)} local centroids, fewer than num_clusters={num_clusters}; lower "
             f"num_clusters or lloyd.min_shared_count, or give the clients more audio"
         )
+    from sklearn.cluster import KMeans
+
     model = KMeans(n_clusters=num_clusters, n_init=10, random_state=seed).fit(points, sample_weight=weights)
     return model.cluster_centers_
 
