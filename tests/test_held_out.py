@@ -52,3 +52,23 @@ def test_a_short_speaker_runs_out_and_the_others_go_on():
     sample = stratified_sample(utts, 6.0, seed=1)
     assert len(sample) == 6 and sum(speaker_of(u.path) == "a" for u in sample) == 1
     assert np.isclose(sum(u.num_samples for u in sample) / 16000, 6.0)
+
+
+def test_a_long_evaluation_says_how_far_it_is_and_how_long_is_left(monkeypatch, caplog):
+    import time
+
+    from fedhubert.fl import held_out
+
+    monkeypatch.setattr(held_out, "PROGRESS_EVERY_S", 0.05)
+    caplog.set_level("INFO", logger="fedhubert.fl.held_out")
+
+    def slow(n: int):
+        for i in range(n):
+            time.sleep(0.03)
+            yield i
+
+    assert list(held_out.with_progress(slow(6), 6, "round 3 server evaluation")) == list(range(6))
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(line.startswith("round 3 server evaluation: batch ") for line in lines), lines
+    assert all(" of 6, " in line and "elapsed, about " in line and line.endswith(" left") for line in lines)
+    assert not any("batch 6 of 6" in line for line in lines), "no progress line once it is done"
