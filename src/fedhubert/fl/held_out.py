@@ -39,7 +39,8 @@ def speaker_of(path: Path) -> str:
 
 def stratified_sample(utterances: Sequence[Utterance], seconds: float | None, seed: int) -> list[Utterance]:
     """At most `seconds` of audio (at least one utterance; None: all), drawn round-robin over the speakers in a
-    seeded order, each speaker's utterances in a seeded order; returned in the manifest's order."""
+    seeded order, each speaker's utterances in a seeded order, up to the first that would go over the budget;
+    returned in the manifest's order."""
     if seconds is None:
         return list(utterances)
     rng = np.random.default_rng(seed)
@@ -62,7 +63,9 @@ def stratified_sample(utterances: Sequence[Utterance], seconds: float | None, se
     return [utterances[i] for i in sorted(chosen)]
 
 
-def describe(sample: Sequence[Utterance], whole: Sequence[Utterance], subset: str, seconds: float | None, seed: int):
+def describe(
+    sample: Sequence[Utterance], whole: Sequence[Utterance], subset: str, seconds: float | None, seed: int
+) -> dict:
     """What run.json records of the held-out sample."""
     return {
         "subset": subset,
