@@ -22,6 +22,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "fedhubert.runlog",
         "fedhubert.parallel",
         "fedhubert.plots",
+        "fedhubert.display",
         "fedhubert.audio",
         "fedhubert.manifest",
         "fedhubert.corpus",
