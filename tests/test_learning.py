@@ -163,6 +163,7 @@ def test_a_frequency_only_model_is_flagged(held_out):
     assert any("predicts only 1 distinct cluster" in p for p in verdict["problems"])
 
 
+@pytest.mark.slow  # trains (or composes) for a minute: make test, not make test-quick
 def test_a_briefly_trained_tiny_model_beats_the_frequency_baseline_on_held_out_frames(
     small_partition, small_labels, tmp_path
 ):

@@ -98,6 +98,7 @@ def test_a_resumed_accountant_continues_exactly():
     assert (second.spend_round(), second.rounds) == (first.spend_round(), first.rounds)
 
 
+@pytest.mark.slow  # trains (or composes) for a minute: make test, not make test-quick
 def test_the_accountant_keeps_running_totals_that_equal_a_replay():
     """The spent total and the one-round-ahead total, which the accountant adds to round by round (its cost per
     round is measured in benchmarks/growth.py, not here), give what Flower's RdpAccountant gives by replaying every

@@ -172,6 +172,7 @@ def forty_steps(model, loader, cfg: TrainConfig, optimizer, global_step: int):
     return result, history
 
 
+@pytest.mark.slow  # trains (or composes) for a minute: make test, not make test-quick
 def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, small_labels):
     torch.manual_seed(0)
     utts = load_utterances(pairs(small_partition, small_labels, "train"), SMALL_K, FAST.data, MFCC_RATE)
@@ -187,6 +188,7 @@ def test_a_few_steps_lower_the_loss_and_change_the_weights(small_partition, smal
     assert result.metrics["audio_seconds_per_second"] > 0 and result.metrics["peak_memory_mb"] > 0
 
 
+@pytest.mark.slow  # trains (or composes) for a minute: make test, not make test-quick
 def test_sgd_with_momentum_is_the_other_client_optimiser_and_needs_its_own_rate(small_partition, small_labels):
     """optim.name=sgd gives torch's SGD with the configured momentum; the presets' rates are AdamW's, so it needs
     optim.lr; and it trains."""
