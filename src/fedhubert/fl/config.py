@@ -14,7 +14,7 @@ from fedhubert.train.config import TrainConfig
 # What the round loop and Flower write into a training stage's output folder (a stage adds its plot and summary);
 # --force replaces them as a whole.
 # The server's held-out audio a evaluation covers by default (benchmarks/scale.py measures its cost at HuBERT Base).
-EVAL_SECONDS = 600.0
+EVAL_SECONDS = 200.0
 ROUNDS_OUTPUTS = ("checkpoints", "clients", "metrics.jsonl", "messages.jsonl", "tensorboard", "flwr", "audit")
 
 
