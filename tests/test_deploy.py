@@ -362,7 +362,10 @@ def test_twelve_supernodes_one_never_connecting_and_two_killed_mid_run(twelve_cl
         keys = [f"federation.superlink={address}", "federation.connect_timeout_s=30", "federation.timeout_s=900"]
         kmeans = tmp_path / "kmeans"
         assert (
-            run_cli("kmeans", "--partition", twelve_clients, "--out", kmeans, *KMEANS_FAST, *keys, "reference=false")
+            run_cli(
+                *("kmeans", "--partition", twelve_clients, "--out", kmeans, *KMEANS_FAST, *keys),
+                *("reference=false", "lloyd.max_rounds=3"),  # each Lloyd round starts 11 ClientApp processes
+            )
             == 0
         )
         record = json.loads((kmeans / "kmeans.json").read_text())
@@ -382,6 +385,7 @@ def test_twelve_supernodes_one_never_connecting_and_two_killed_mid_run(twelve_cl
                 *PRETRAIN_FAST,
                 *keys,
                 "round_timeout_s=180",  # 11 SuperNodes start their executors on 2 cores in round 1 (76 s seen)
+                "federation.connect_timeout_s=15",  # the 11 are connected already: this is client 11's wait
                 "strategy.min_clients=1",
             ],
             stdout=subprocess.DEVNULL,

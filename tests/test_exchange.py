@@ -20,7 +20,7 @@ from flwr.supercore.run import Run
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
 
-from fedhubert.fl.exchange import Stragglers, exchange, message_ttl, send_window
+from fedhubert.fl.exchange import Stragglers, exchange, message_ttl, send_window, stored_messages
 
 
 @pytest.fixture
@@ -102,13 +102,14 @@ def test_a_timed_out_instruction_and_its_late_reply_are_let_go(link):
     assert sorted(taken) == [0, 1] and done.missing == [2] and len(done.unanswered) == 1
     assert list(stragglers.ids) == done.unanswered
     assert state.num_message_ins() == 1 and state.num_message_res() == 0  # the straggler's instruction is stored
+    assert stored_messages(grid)["link_instructions"] == 1 and stored_messages(grid)["link_replies"] == 0
     # Its reply comes late; the next exchange (here with nothing to send) pulls it first and drops it.
     [late] = held
     reply_to(state, late)
     assert state.num_message_res() == 1
     exchange(grid, [], lambda c, r: None, timeout_s=1.0, label="round 2", stragglers=stragglers)
     assert stragglers.ids == {} and stragglers.late_replies == 1
-    assert state.num_message_ins() == 0 and state.num_message_res() == 0
+    assert stored_messages(grid) == {"link_instructions": 0, "link_replies": 0, "link_objects": 0}
 
 
 def test_an_instruction_never_answered_is_deleted_once_its_ttl_has_passed(link):

@@ -54,6 +54,8 @@ def test_the_global_model_trains_and_dev_accuracy_is_reported(four_rounds):
     assert (four_rounds / "pretrain.png").is_file()
     summary = json.loads((four_rounds / "run.json").read_text())["summary"]
     assert summary["rounds"] == 4 and summary["best"]["round"] >= 1
+    left = ("late_replies_so_far", "stragglers_held", "link_instructions", "link_replies", "link_objects")
+    assert [[r[k] for k in left] for r in rows(four_rounds, "train")] == [[0] * 5] * 4, "nothing left in the link"
 
 
 def test_weights_travel_as_float32_and_weigh_the_model(four_rounds):

@@ -68,6 +68,22 @@ class Stragglers:
                     log.info("%s: a late reply came and was dropped", label)
 
 
+def stored_messages(grid: Grid) -> dict[str, int]:
+    """What the run's link state holds now, where the ServerApp can see it (simulation: Flower's in-memory state,
+    in this process): instructions, replies and message objects (payloads). Empty on a deployment SuperLink,
+    whose state is in another process. Flat over rounds when nothing an exchange gave up on is left behind."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    if not isinstance(grid, InMemoryGrid):
+        return {}
+    state = grid.state
+    return {
+        "link_instructions": state.num_message_ins(),
+        "link_replies": state.num_message_res(),
+        "link_objects": len(state.object_store),
+    }
+
+
 def send_window(nodes: int) -> int:
     """How many messages an exchange keeps in flight for `nodes` serving nodes: a few per node, since Flower's
     simulation dispatcher scans every stored message for each node (and a SuperLink holds what is in flight)."""

@@ -43,7 +43,15 @@ from fedhubert.config import config_to_dict
 from fedhubert.errors import FedhubertError
 from fedhubert.fl.aggregation import WEIGHT_KEY, StreamingMean
 from fedhubert.fl.config import RoundsConfig
-from fedhubert.fl.exchange import FittedTimeout, Stragglers, client_error, exchange, message_ttl, send_window
+from fedhubert.fl.exchange import (
+    FittedTimeout,
+    Stragglers,
+    client_error,
+    exchange,
+    message_ttl,
+    send_window,
+    stored_messages,
+)
 from fedhubert.fl.nodes import ClientNodes, connect_clients, in_simulation
 from fedhubert.fl.privacy import (
     Accountant,
@@ -566,6 +574,9 @@ class FederatedRun:
                 "global_step": global_step,
                 "seconds": round(time.monotonic() - round_started, 3),
                 "valid_skipped": sum(int(m.get("valid_skipped", 0)) for m in accepted.values()),
+                "late_replies_so_far": self.stragglers.late_replies,
+                "stragglers_held": len(self.stragglers.ids),
+                **stored_messages(self.grid),
                 **step_stats,
                 **privacy_row,
                 **{
