@@ -357,6 +357,7 @@ def s3prl(jobs: list[tuple[str, list[str], Path, dict]], keywords: Path, args: a
         clips = result["data"]["test_clips"]
         correct = round(result["test_acc"] * clips)
         result["test_ci95"] = list(wilson_interval(correct, clips))
+        result["seconds"] = json.loads((out / "run.json").read_text())["elapsed_s"]
         write_cell(path, {"key": key, "record": result})
         return name, result
 
@@ -373,7 +374,9 @@ def fold_gap(a: dict, b: dict) -> tuple[float, float]:
 def seeds_gap(a: list[dict], b: list[dict]) -> dict:
     """a - b in points over seeds and folds together: each seed's model against the same seed's model (or one
     model, for random init), paired over the same folds. Mean, standard error over the seeds x folds differences,
-    each seed's mean, and whether the mean lies beyond two standard errors."""
+    each seed's mean, the standard error over those seed means (the seeds x folds one treats a seed's 5 folds as
+    independent draws, which they are not: a seed moves all its folds together), and whether the mean lies beyond
+    two of the larger of the two standard errors."""
     b = b * len(a) if len(b) == 1 else b
     diffs = np.concatenate(
         [100 * (np.asarray(x["fold_accuracies"]) - np.asarray(y["fold_accuracies"])) for x, y in zip(a, b, strict=True)]
@@ -381,7 +384,15 @@ def seeds_gap(a: list[dict], b: list[dict]) -> dict:
     mean = float(diffs.mean())
     se = float(diffs.std(ddof=1) / np.sqrt(diffs.size)) if diffs.size > 1 else float("nan")
     per_seed = [round(fold_gap(x, y)[0], 2) for x, y in zip(a, b, strict=True)]
-    return {"mean": mean, "se": se, "per_seed": per_seed, "beyond_2se": bool(abs(mean) > 2 * se)}
+    se_seeds = float(np.std(per_seed, ddof=1) / np.sqrt(len(per_seed))) if len(per_seed) > 1 else float("nan")
+    wider = max(se, se_seeds) if not np.isnan(se_seeds) else se
+    return {
+        "mean": mean,
+        "se": se,
+        "se_seeds": se_seeds,
+        "per_seed": per_seed,
+        "beyond_2se": bool(abs(mean) > 2 * wider),
+    }
 
 
 def pm(mean: float, sd: float) -> str:
@@ -398,6 +409,8 @@ def summarise(seeds: list[dict]) -> dict:
         "probe_se": float(folds.std(ddof=1) / np.sqrt(folds.size)),
         "probe_by_seed": [round(100 * r["probe"]["accuracy_mean"], 2) for r in seeds],
     }
+    by_seed = [100 * r["probe"]["accuracy_mean"] for r in seeds]
+    out["probe_se_seeds"] = float(np.std(by_seed, ddof=1) / np.sqrt(len(by_seed))) if len(by_seed) > 1 else float("nan")
     gains = [r["gain_last"] for r in seeds if "gain_last" in r]
     if gains:
         out["gain_mean"] = float(np.mean(gains))
@@ -415,7 +428,7 @@ def plot(records: dict[str, dict], random_init: dict, s3prl_results: dict, path:
         [100 * random_init["accuracy_mean"], *[r["summary"]["probe_mean"] for r in records.values()]],
         yerr=[
             100 * random_init["accuracy_sd"] / np.sqrt(len(random_init["fold_accuracies"])),
-            *[r["summary"]["probe_se"] for r in records.values()],
+            *[max(r["summary"]["probe_se"], r["summary"].get("probe_se_seeds") or 0.0) for r in records.values()],
         ],
         capsize=4,
         color=["grey", *["tab:blue"] * len(records)],
@@ -423,7 +436,7 @@ def plot(records: dict[str, dict], random_init: dict, s3prl_results: dict, path:
     for x, r in enumerate(records.values(), start=1):
         ax_probe.plot([x] * r["summary"]["seeds"], r["summary"]["probe_by_seed"], "k.", markersize=4)
     ax_probe.set(
-        ylabel="accuracy (%)", title="linear probe of frozen features (mean +- SE over seeds x 5 folds; dots: seeds)"
+        ylabel="accuracy (%)", title="linear probe (mean +- the larger SE: seeds x folds or seed means; dots: seeds)"
     )
     ax_probe.tick_params(axis="x", rotation=30)
     if s3prl_results:
@@ -467,7 +480,8 @@ def figures_of(
         )
         return {
             "figure": f"{label} (probe)",
-            "ours": pm(gap["mean"], gap["se"]),
+            "ours": pm(gap["mean"], gap["se"])
+            + (f" (seeds: +- {gap['se_seeds']:.1f})" if len(gap["per_seed"]) > 1 else ""),
             "unit": "points",
             "reference": ("beyond 2 SE" if gap["beyond_2se"] else "within 2 SE")
             + f"; by seed {', '.join(f'{g:+.1f}' for g in gap['per_seed'])}",
@@ -487,9 +501,10 @@ def figures_of(
         figures.append(
             {
                 "figure": f"probe accuracy, {slug}",
-                "ours": pm(summary["probe_mean"], summary["probe_se"]),
+                "ours": pm(summary["probe_mean"], summary["probe_se"])
+                + (f" (seeds: +- {summary['probe_se_seeds']:.1f})" if summary["seeds"] > 1 else ""),
                 "unit": "%",
-                "reference": f"SE over {summary['seeds']} seeds x 5 folds",
+                "reference": f"SE over {summary['seeds']} seeds x 5 folds (and over the seeds' means)",
             }
         )
         if "gain_mean" in summary:
@@ -557,7 +572,8 @@ def figures_of(
         )
     figures.append(
         {
-            "figure": "whole benchmark, time (every run's own training time + data + probe + S3PRL)",
+            "figure": "whole benchmark, time (every run's own training time + data + probe + S3PRL, its evaluations' "
+            "summed time / the number side by side)",
             "ours": round(wall_s / 60, 1),
             "unit": "min",
             "reference": f"{reused} run(s) read back from an earlier invocation keep their own time",
@@ -703,7 +719,9 @@ def main() -> None:
     reused = sum(
         bool(r.get("read_back") or r.get("reused_from_commit")) for rec in records.values() for r in rec["seeds"]
     )
-    wall_s = runs_s + sum(timer.seconds.get(part, 0.0) for part in ("data", "s3prl"))
+    # S3PRL: each evaluation's own time (read back with its cell), `--s3prl-jobs` of them side by side.
+    s3prl_s = sum(r.get("seconds", 0.0) for r in s3prl_results.values()) / max(1, args.s3prl_jobs)
+    wall_s = runs_s + timer.seconds.get("data", 0.0) + s3prl_s
     plot(records, random_init, s3prl_results, RESULTS / "learning.png")
     figures = figures_of(records, random_init, s3prl_results, wall_s, reused)
     described = describe_data(data)
