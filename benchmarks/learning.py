@@ -52,6 +52,7 @@ import numpy as np
 
 from _common import RESULTS, run_cli, write_results
 from fedhubert.eval.confidence import wilson_interval
+from fedhubert.fl.config import STRATEGY_PRESETS
 from fedhubert.plots import plt, save_figure
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "learning"
@@ -252,6 +253,9 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
             batch,
             "train.log_every=1000",
             "checkpoint_keep=null",  # the probe curve reads every probe_every-th round's checkpoint
+            # the whole dev-clean (495 s), as the centralized run's validation and every cell in results/learning/
+            # (made while the default bound, 600 s, covered it all): the default 200 s would count clusters on less
+            "eval_seconds=null",
             *fraction,
             *run.overrides,
         ]
@@ -611,7 +615,12 @@ def cell_key(run: Run, args: argparse.Namespace) -> dict:
     """What a cell's result depends on: the run and every data, model and compute flag."""
     flags = ("preset", "rounds", "local_steps", "batch_seconds", "probe_every", "speakers", "minutes")
     flags += ("keyword_speakers", "keyword_test_speakers")
-    return {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}}
+    key = {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}}
+    strategy = next((o.split("=", 1)[1] for o in run.overrides if o.startswith("strategy.name=")), None)
+    preset = {k: v for k, v in STRATEGY_PRESETS.get(strategy, {}).items() if f"strategy.{k}=" not in str(run.overrides)}
+    if preset:  # a run that takes a strategy's preset depends on it (a cell of an older preset is trained again)
+        key["strategy_preset"] = preset
+    return key
 
 
 def read_cell(path: Path, key: dict) -> dict | None:
