@@ -303,6 +303,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
     run_json = json.loads((out / "run.json").read_text())
     record["learning"] = run_json.get("summary", {}).get("learning")
     record["train_s"] = run_json.get("elapsed_s")
+    record["git_commit"] = run_json.get("git_commit")  # cells made by other code are read back too: say whose
     return record
 
 

@@ -63,6 +63,23 @@ KMEANS_FAST = ["--clusters", "16", "sample_fraction=1.0", "minibatch.n_init=2", 
 SECAGG_STAGES = ["setup", "share_keys", "collect_masked_vectors", "unmask"]
 
 
+def aggregate_error_and_spread(out: Path, summary: dict) -> tuple[float, float]:
+    """A SecAgg+ app run with `keep-client-weights` (its clients write what they trained): the largest difference
+    between the final model and the plain mean of the clients' last weights, and between two clients' weights."""
+    import numpy as np
+
+    from fedhubert.model.checkpoint import load_checkpoint
+
+    final = load_checkpoint(out / "final.pt")["state_dict"]
+    last = summary["rounds"][-1]["round"]
+    trained = [np.load(out / "clients" / f"client_{i}" / f"round_{last:05d}.npz") for i in range(summary["clients"])]
+    error = max(
+        float(np.abs(final[k].double().numpy() - np.mean([t[k] for t in trained], axis=0)).max()) for k in final
+    )
+    spread = max(float(np.abs(trained[0][k] - trained[1][k]).max()) for k in final)
+    return error, spread
+
+
 def run_cli(*args: str | Path) -> int:
     return main([str(a) for a in args])
 

@@ -23,7 +23,7 @@ os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
 # Session fixtures that run a stage (a Flower simulation, a training, S3PRL): a test that needs one is marked
 # `stages`, so that `make test-quick` (-m "smoke or not (slow or stages)") leaves it to `make test`.
-STAGE_FIXTURES = {"small_kmeans", "tiny_teacher", "four_rounds", "distilled", "evaluations"}
+STAGE_FIXTURES = {"small_kmeans", "per_client_kmeans", "tiny_teacher", "four_rounds", "distilled", "evaluations"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -105,6 +105,20 @@ def small_kmeans(small_partition: Path, kmeans_features: Path, tmp_path_factory:
     out = tmp_path_factory.mktemp("stages") / "kmeans"
     assert (
         run_cli("kmeans", "--partition", small_partition, "--out", out, *KMEANS_FAST, f"feature_dir={kmeans_features}")
+        == 0
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def per_client_kmeans(small_partition: Path, kmeans_features: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Per-client k-means (a real Flower simulation, K=16, a codebook per client) of the small partition."""
+    out = tmp_path_factory.mktemp("stages") / "kmeans-per-client"
+    assert (
+        run_cli(
+            *("kmeans", "--partition", small_partition, "--out", out, "--mode", "per-client", *KMEANS_FAST),
+            f"feature_dir={kmeans_features}",
+        )
         == 0
     )
     return out

@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 
-from common import SECAGG_STAGES
+from common import SECAGG_STAGES, aggregate_error_and_spread
 from fedhubert.config import load_config
 from fedhubert.fl.records import read_messages
 from fedhubert.fl.runtime.deploy import flower_bin, free_port
@@ -146,15 +146,16 @@ def test_a_key_the_task_does_not_read_is_refused(flower_user, small_partition, t
 
 def test_the_secagg_app_runs_as_the_readme_runs_it(flower_user, small_partition, small_kmeans, tmp_path):
     """README's `flwr run apps/secagg ...` from the checkout, on Flower's local SuperLink: the SecAgg+ stages run
-    every round and the final model is written."""
+    every round, the final model is written, and it is the mean of what the clients trained (which they also write
+    here, `keep-client-weights`: the simulation shares the disk) within SecAgg+'s quantization step."""
     app, env = flower_user
     shutil.copytree(REPO / "apps" / "secagg", app / "apps" / "secagg")
     config = tmp_path / "fast.yaml"
     config.write_text(yaml.safe_dump(FAST))
     out = tmp_path / "secagg"
     run_config = (
-        f"num-server-rounds=2 local-steps=1 preset='tiny' partition='{small_partition}' kmeans='{small_kmeans}' "
-        f"out='{out}' config='{config}'"
+        f"num-server-rounds=2 local-steps=2 preset='tiny' partition='{small_partition}' kmeans='{small_kmeans}' "
+        f"out='{out}' config='{config}' keep-client-weights=true"
     )
     result = flwr_run(app, env, run_config, supernodes=3, folder="apps/secagg")
     assert (out / "secagg.json").is_file(), (result.stdout + result.stderr)[-3000:]
@@ -162,4 +163,10 @@ def test_the_secagg_app_runs_as_the_readme_runs_it(flower_user, small_partition,
     assert summary["secagg"] is True and summary["clients"] == 3
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     assert all(list(r["stages"]) == SECAGG_STAGES for r in summary["rounds"])
+    assert all(r["clients"] == 3 and r["out_of_range"] == 0 for r in summary["rounds"])
     assert (out / "final.pt").is_file() and (out / "logs" / "secagg.log").is_file()
+    error, spread = aggregate_error_and_spread(out, summary)
+    step = summary["quantization_step"]
+    assert step == pytest.approx(2 * summary["clipping_range"] / 2**22)
+    assert 0 < error <= step + 2e-7, "SecAgg+ gives the mean within its quantization step (and a float32 cast)"
+    assert spread > 100 * step, "the clients differ by far more than the quantization error"

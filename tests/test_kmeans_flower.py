@@ -131,44 +131,8 @@ def test_only_cluster_statistics_cross_the_wire(federated):
     assert all(set(m["arrays"]) <= {"codebook.centroids"} for m in sent)
 
 
-def test_same_seed_gives_identical_labels(federated, small_partition, features, tmp_path):
-    again = tmp_path / "again"
-    assert (
-        run_cli(
-            "kmeans",
-            "--partition",
-            small_partition,
-            "--out",
-            again,
-            *FAST,
-            f"feature_dir={features}",
-            "reference=false",
-        )
-        == 0
-    )
-    np.testing.assert_array_equal(np.load(again / "codebook.npy"), np.load(federated / "codebook.npy"))
-    for client in range(3):
-        for split in ("train", "valid"):
-            name = f"client_{client}/{split}.km"
-            assert (again / name).read_text() == (federated / name).read_text()
-
-
-def test_per_client_codebooks_stay_with_their_clients(small_partition, features, tmp_path):
-    out = tmp_path / "per-client"
-    assert (
-        run_cli(
-            "kmeans",
-            "--partition",
-            small_partition,
-            "--out",
-            out,
-            "--mode",
-            "per-client",
-            *FAST,
-            f"feature_dir={features}",
-        )
-        == 0
-    )
+def test_per_client_codebooks_stay_with_their_clients(per_client_kmeans):
+    out = per_client_kmeans
     record = json.loads((out / "kmeans.json").read_text())
     assert record["mode"] == "per-client" and record["label_head"] == "local" and record["codebook"] is None
     assert not (out / "codebook.npy").exists()
@@ -206,8 +170,9 @@ def test_too_few_frames_for_k_stops_before_any_flower_run(small_partition, featu
     assert not (out / "flwr").exists()
 
 
-def test_features_computed_per_client_ahead_are_reused_by_kmeans(small_partition, tmp_path, capsys):
-    """What the Slurm features array does: one `fedhubert features` per client, then kmeans reuses them all."""
+def test_features_computed_per_client_ahead_are_reused_by_kmeans(federated, small_partition, tmp_path, capsys):
+    """What the Slurm features array does: one `fedhubert features` per client, then kmeans reuses them all; with the
+    same seed and settings as the session's federated run, its codebook and every label file are identical."""
     cache = tmp_path / "features"
     for client in range(3):
         assert (
@@ -229,6 +194,11 @@ def test_features_computed_per_client_ahead_are_reused_by_kmeans(small_partition
     assert run_cli("kmeans", "--partition", small_partition, "--out", out, *FAST, f"feature_dir={cache}") == 0
     assert json.loads((out / "run.json").read_text())["summary"]["features"]["computed"] == 0
     assert json.loads((out / "run.json").read_text())["summary"]["features"]["reused"] == 6
+    np.testing.assert_array_equal(np.load(out / "codebook.npy"), np.load(federated / "codebook.npy"))
+    for client in range(3):
+        for split in ("train", "valid"):
+            name = f"client_{client}/{split}.km"
+            assert (out / name).read_text() == (federated / name).read_text()
     capsys.readouterr()
     assert run_cli("features", "--partition", small_partition, "--client", 1, "--out", cache / "elsewhere") == 2
     assert "--out must be FEATURE_DIR/client_1 (not elsewhere)" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from common import KMEANS_FAST, PRETRAIN_FAST as FAST, rows, run_cli
+from common import PRETRAIN_FAST as FAST, rows, run_cli
 from fedhubert.config import load_config
 from fedhubert.fl.local import heads_to_keep, save_head
 from fedhubert.fl.records import read_messages
@@ -144,24 +144,9 @@ def test_resume_keeps_the_config(four_rounds, capsys):
 
 
 def test_per_client_heads_never_leave_their_clients_and_bf16_halves_the_bytes(
-    small_partition, kmeans_features, tmp_path
+    small_partition, per_client_kmeans, tmp_path
 ):
-    kmeans = tmp_path / "kmeans-per-client"
-    assert (
-        run_cli(
-            "kmeans",
-            "--partition",
-            small_partition,
-            "--out",
-            kmeans,
-            "--mode",
-            "per-client",
-            *KMEANS_FAST,
-            "reference=false",
-            f"feature_dir={kmeans_features}",
-        )
-        == 0
-    )
+    kmeans = per_client_kmeans
     out = tmp_path / "pretrain"
     assert pretrain(small_partition, kmeans, out, "--rounds", "3", "transfer=bfloat16", "checkpoint_keep=1") == 0
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["final.pt", "round_00003.pt"]
@@ -201,9 +186,9 @@ def test_a_client_keeps_the_heads_that_the_kept_checkpoints_resume_from(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"head_round_0000{r}.pt" for r in (7, 8)]
 
 
-def test_a_failing_client_is_left_out_and_too_few_stop_with_a_checkpoint(
-    small_partition, small_kmeans, tmp_path, capsys
-):
+def test_a_failing_client_is_left_out(small_partition, small_kmeans, tmp_path):
+    """A client whose labels do not match its audio fails its round, named, and the others train. (Too few clients
+    to go on: tests/reliability/test_clients.py, test_a_run_stopped_in_round_one_resumes.)"""
     kmeans = tmp_path / "kmeans"
     shutil.copytree(small_kmeans, kmeans, ignore=shutil.ignore_patterns("flwr", "features"))
     broken = kmeans / "client_2" / "train.km"
@@ -213,11 +198,6 @@ def test_a_failing_client_is_left_out_and_too_few_stop_with_a_checkpoint(
     [failure] = rows(out, "failure")
     assert failure["client"] == 2 and "lines but its manifest" in failure["reason"]
     assert rows(out, "train")[0]["clients"] == 2
-    stopped = tmp_path / "stopped"
-    assert pretrain(small_partition, kmeans, stopped, "--rounds", "2", "strategy.min_clients=3") == 2
-    err = capsys.readouterr().err
-    assert "fewer than strategy.min_clients=3" in err and "--resume" in err
-    assert load_checkpoint(stopped / "checkpoints" / "round_00000.pt")["state"]["round"] == 0
 
 
 def test_iteration_two_relabels_from_a_checkpoint_and_pretrains_again(
