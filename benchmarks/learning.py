@@ -253,7 +253,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
             batch,
             "train.log_every=1000",
             "checkpoint_keep=null",  # the probe curve reads every probe_every-th round's checkpoint
-            # the whole dev-clean (495 s), as the centralized run's validation and every cell in results/learning/
+            # the whole dev-clean (510 s), as the centralized run's validation and every cell in results/learning/
             # (made while the default bound, 600 s, covered it all): the default 200 s would count clusters on less
             "eval_seconds=null",
             *fraction,
