@@ -618,7 +618,8 @@ def cell_key(run: Run, args: argparse.Namespace) -> dict:
     flags += ("keyword_speakers", "keyword_test_speakers")
     key = {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}}
     strategy = next((o.split("=", 1)[1] for o in run.overrides if o.startswith("strategy.name=")), None)
-    preset = {k: v for k, v in STRATEGY_PRESETS.get(strategy, {}).items() if f"strategy.{k}=" not in str(run.overrides)}
+    taken = STRATEGY_PRESETS.get(strategy, {}).items()
+    preset = {k: v for k, v in taken if not any(o.startswith(f"strategy.{k}=") for o in run.overrides)}
     if preset:  # a run that takes a strategy's preset depends on it (a cell of an older preset is trained again)
         key["strategy_preset"] = preset
     return key
