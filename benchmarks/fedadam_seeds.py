@@ -24,7 +24,19 @@ import time
 import numpy as np
 
 from _common import write_results
-from learning import RUNS, Run, Timer, add_arguments, make_data, pm, probed_run, seeds_gap, summarise
+from learning import (
+    RUNS,
+    Run,
+    Timer,
+    add_arguments,
+    add_reuse_arguments,
+    make_data,
+    parse_reuse_arguments,
+    pm,
+    probed_run,
+    seeds_gap,
+    summarise,
+)
 
 NAME = "fedadam_seeds"
 CANDIDATES = (5e-3, 1e-2, 2e-2)  # eta: the sweep's choice (1e-2) and either side; beta_1 0 and tau 1e-3 (the preset's)
@@ -52,8 +64,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--retrain", action="store_true", help="train every cell again instead of reading it back")
-    args = parser.parse_args()
+    add_reuse_arguments(parser)
+    args = parse_reuse_arguments(parser)
     started = time.perf_counter()
     timer = Timer()
     data = timer("data", make_data, args)

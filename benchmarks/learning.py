@@ -54,6 +54,7 @@ from _common import RESULTS, run_cli, write_results
 from fedhubert.eval.confidence import wilson_interval
 from fedhubert.fl.config import STRATEGY_PRESETS
 from fedhubert.plots import plt, save_figure
+from fedhubert.runlog import environment_record
 
 ROOT = Path(__file__).resolve().parents[1] / "build" / "bench" / "learning"
 CLIENTS = 4
@@ -200,7 +201,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
 
     def run_or_reuse(*command: object) -> None:
         commit = completed_with(out, *command) if reuse else None
-        if commit is None:
+        if commit is None or (args.only_commit and commit != args.only_commit):
             run_cli(*command)
         else:
             reused.append(commit)
@@ -362,7 +363,9 @@ def s3prl(jobs: list[tuple[str, list[str], Path, dict]], keywords: Path, args: a
         clips = result["data"]["test_clips"]
         correct = round(result["test_acc"] * clips)
         result["test_ci95"] = list(wilson_interval(correct, clips))
-        result["seconds"] = json.loads((out / "run.json").read_text())["elapsed_s"]
+        run_json = json.loads((out / "run.json").read_text())
+        result["seconds"] = run_json["elapsed_s"]
+        result["git_commit"] = run_json.get("git_commit")
         write_cell(path, {"key": key, "record": result})
         return name, result
 
@@ -602,6 +605,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keyword-test-speakers", type=int, default=40)
 
 
+def add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retrain",
+        action="store_true",
+        help="train every run again (default: a run with a cell file of the same settings in "
+        "benchmarks/results/learning/ is read back, so a benchmark cut off resumes where it stopped)",
+    )
+    parser.add_argument(
+        "--only-this-commit",
+        action="store_true",
+        help="read back only cells and runs made by the checked-out commit and train the others again: every figure "
+        "from one commit, and a benchmark cut off still resumes",
+    )
+
+
+def parse_reuse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments, with `only_commit`: the commit whose cells may be read back (None: any commit's)."""
+    args = parser.parse_args()
+    state = environment_record()
+    args.only_commit = state["git_commit"] if args.only_this_commit else None
+    if args.only_this_commit and (not args.only_commit or state["git_dirty"]):
+        parser.error("--only-this-commit needs a clean git checkout (its cells are recorded under its commit)")
+    return args
+
+
 def with_seed(run: Run, seed: int) -> Run:
     """The run with pretraining seed `seed` (initial model, sampling, crops, masks, dropout), in its own folder."""
     slug, _, what = run.name.partition(":")
@@ -625,12 +653,15 @@ def cell_key(run: Run, args: argparse.Namespace) -> dict:
     return key
 
 
-def read_cell(path: Path, key: dict) -> dict | None:
+def read_cell(path: Path, key: dict, commit: str | None = None) -> dict | None:
+    """The cell of this key, or None; with `commit`, only a cell that commit made (others are trained again)."""
     try:
         cell = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return cell if cell.get("key") == key else None
+    if cell.get("key") != key or (commit and cell.get("record", {}).get("git_commit") != commit):
+        return None
+    return cell
 
 
 def write_cell(path: Path, cell: dict) -> None:
@@ -645,7 +676,7 @@ def probed_run(run: Run, seed: int, data: dict, args: argparse.Namespace, teache
     seeded = with_seed(run, seed)
     key = cell_key(seeded, args)
     path = CELLS / f"{seeded.slug}.json"
-    if not args.retrain and (cell := read_cell(path, key)) is not None:
+    if not args.retrain and (cell := read_cell(path, key, args.only_commit)) is not None:
         print(f"[learning] {seeded.slug}: read back from {path.relative_to(RESULTS.parent)}", flush=True)
         return {**cell["record"], "read_back": True}
     record = train(seeded, data, args, teacher() if teacher else None, reuse=not args.retrain)
@@ -677,13 +708,8 @@ def main() -> None:
     parser.add_argument("--s3prl-steps", type=int, default=3000, help="0 skips S3PRL")
     parser.add_argument("--s3prl-jobs", type=int, default=2, help="S3PRL evaluations run side by side")
     parser.add_argument("--s3prl-device", default="cpu")
-    parser.add_argument(
-        "--retrain",
-        action="store_true",
-        help="train every run again (default: a run with a cell file of the same settings in "
-        "benchmarks/results/learning/ is read back, so a benchmark cut off resumes where it stopped)",
-    )
-    args = parser.parse_args()
+    add_reuse_arguments(parser)
+    args = parse_reuse_arguments(parser)
     started = time.perf_counter()
     timer = Timer()
     data = timer("data", make_data, args)
@@ -719,7 +745,7 @@ def main() -> None:
             run = next(r for r in RUNS if r.slug == slug)
             key = {**cell_key(with_seed(run, 0), args), "s3prl_steps": args.s3prl_steps, "random_init": name != slug}
             path = CELLS / f"s3prl-{name}.json"
-            if not args.retrain and (cell := read_cell(path, key)) is not None:
+            if not args.retrain and (cell := read_cell(path, key, args.only_commit)) is not None:
                 s3prl_results[name] = cell["record"]
                 continue
             flags = ["--checkpoint", str(checkpoint_of(slug, 0)), *(["--random-init"] if name != slug else [])]
