@@ -1,8 +1,8 @@
 """The batch scripts in slurm/ on a real one-node Slurm cluster (tests/slurm_cluster.py): a tiny pipeline
 submitted with slurm/submit.sh (partition, the k-means features array and k-means job, pretraining, distillation,
-evaluation), the multi-node job with TLS, authenticated SuperNodes and virtual clients, a SIGTERM stop that a second
-submission continues, a time-limit warning after which the job requeues itself and completes the run, and a
-pre-flight failure that a second submission replaces instead. Skipped, with the reason, where Slurm cannot run."""
+evaluation), the multi-node job with TLS, authenticated SuperNodes and virtual clients, one long job through a
+time-limit warning (it requeues itself and continues the run) and a SIGTERM stop that a second submission finishes,
+and a pre-flight failure that a second submission replaces instead. Skipped, with the reason, where Slurm cannot run."""
 
 from __future__ import annotations
 
@@ -201,39 +201,61 @@ def submit_long(cluster: SlurmCluster, work: Path, partition: Path, kmeans: Path
     return submit(cluster, work, *args, FEDHUBERT_SBATCH_ARGS="")
 
 
-def test_a_sigterm_stop_is_checkpointed_and_a_second_submission_finishes(cluster, work, partition, kmeans):
+def last_round(out: Path) -> int:
+    """The last round the run has recorded so far (0: none), skipping a line still being written."""
+    last = 0
+    for line in (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("kind") == "train":
+            last = max(last, row["round"])
+    return last
+
+
+def wait_for_a_round_after(cluster: SlurmCluster, work: Path, job: str, out: Path, text: str, timeout_s: float) -> None:
+    """Until the job's output says `text` and the run has then recorded a round it had not before."""
+    log = work / "logs" / f"fedhubert-pretrain-{job}.out"
+    deadline = time.monotonic() + timeout_s
+    while text not in (log.read_text() if log.is_file() else ""):
+        assert time.monotonic() < deadline and cluster.queue(job), job_output(work)
+        time.sleep(0.5)
+    before = last_round(out)
+    while last_round(out) <= before:
+        assert time.monotonic() < deadline and cluster.queue(job), job_output(work)
+        time.sleep(0.5)
+
+
+def test_a_time_limit_warning_requeues_the_job_a_sigterm_stops_it_and_a_second_submission_finishes(
+    cluster, work, partition, kmeans
+):
+    """One long job through both of Slurm's stops: the time-limit warning (the job requeues itself and continues the
+    run), then SIGTERM (a checkpointed stop without requeue); a second submission finishes the run, every round
+    trained exactly once."""
     out = work / "long"
     job = submit_long(cluster, work, partition, kmeans, out)
     wait_for_a_round(cluster, work, job, out)
+    # What Slurm sends at the script's --signal=B:USR1@600 before the time limit: SIGUSR1 to the batch shell only.
+    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
+    # a requeued job waits cred_expire (30 s here) before it starts again; then it continues the run
+    wait_for_a_round_after(cluster, work, job, out, "continuing the run in", 600)
     # SIGTERM to the batch shell only (scancel --batch; a script's --signal=B:TERM@...): a stop without requeue.
     assert cluster.run("scancel", "--batch", "--signal=TERM", job).returncode == 0
     wait_until_gone(cluster, work, job, 300)
-    output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()
-    assert "batch job: SIGTERM, passing it to fedhubert" in output and "requeueing" not in output
-    assert status(out) == "stopped", output
-    stopped = json.loads((out / "run.json").read_text())["summary"]["stopped_after_round"]
+    output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()  # both starts: --open-mode=append
+    assert "batch job: SIGUSR1, the time limit is near, passing it to fedhubert" in output
+    assert f"requeueing job {job} (requeue 1 of at most 5, FEDHUBERT_MAX_REQUEUES)" in output
+    assert output.count(f"fedhubert job {job} ") == 2, output
+    assert "batch job: SIGTERM, passing it to fedhubert" in output and output.count("requeueing") == 1, output
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "stopped" and record["resumed"], output
+    stopped = record["summary"]["stopped_after_round"]
     assert 1 <= stopped < LONG and (out / "checkpoints" / f"round_{stopped:05d}.pt").is_file()
     assert not (out / "checkpoints" / "final.pt").exists()
     again = submit(cluster, work, "pretrain", partition, kmeans, out, *PRETRAIN_FAST, "--rounds", str(LONG))
     assert status(out) == "completed" and (out / "checkpoints" / "final.pt").is_file()
     assert "continuing the run in" in (work / "logs" / f"fedhubert-pretrain-{again}.out").read_text()
-    assert train_rounds(out) == list(range(1, LONG + 1))
-
-
-def test_a_job_warned_of_its_time_limit_requeues_itself_and_completes_the_run(cluster, work, partition, kmeans):
-    out = work / "requeued"
-    job = submit_long(cluster, work, partition, kmeans, out)
-    wait_for_a_round(cluster, work, job, out)
-    # What Slurm sends at the script's --signal=B:USR1@600 before the time limit: SIGUSR1 to the batch shell only.
-    assert cluster.run("scancel", "--batch", "--signal=USR1", job).returncode == 0
-    wait_until_gone(cluster, work, job, 600)  # a requeued job waits cred_expire (30 s here) before it starts again
-    output = (work / "logs" / f"fedhubert-pretrain-{job}.out").read_text()  # both starts: --open-mode=append
-    assert "batch job: SIGUSR1, the time limit is near, passing it to fedhubert" in output
-    assert f"requeueing job {job} (requeue 1 of at most 5, FEDHUBERT_MAX_REQUEUES)" in output
-    assert output.count(f"fedhubert job {job} ") == 2 and "continuing the run in" in output, output
-    record = json.loads((out / "run.json").read_text())
-    assert record["status"] == "completed" and record["resumed"], output
-    assert (out / "checkpoints" / "final.pt").is_file()
     assert train_rounds(out) == list(range(1, LONG + 1))
 
 

@@ -225,8 +225,15 @@ class RoundsConfig:
     round_timeout_s: float = param(
         3600.0,
         "longest wait for a round's replies; once a round has had every reply, the next waits 3x that round's "
-        "time + 60 s (at most this), so a dead or hung client costs a round little more than the round needs",
+        "time + round_timeout_slack_s (at most this), so a dead or hung client costs a round little more than the "
+        "round needs",
         gt=0,
+    )
+    round_timeout_slack_s: float = param(
+        60.0,
+        "what a round's wait adds to 3x the time of the last round that had every reply (rounds of a few seconds "
+        "whose clients never pause can lower it)",
+        ge=0,
     )
     valid_seconds: float = param(
         120.0,

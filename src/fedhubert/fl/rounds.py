@@ -169,7 +169,7 @@ class FederatedRun:
         self.strategy = make_strategy(cfg.strategy)
         self.messages = MessageLog(self.out / "messages.jsonl")
         self.records = RoundLog(self.out, num_clients)
-        self.timeout = FittedTimeout(cfg.round_timeout_s)
+        self.timeout = FittedTimeout(cfg.round_timeout_s, slack_s=cfg.round_timeout_slack_s)
         self.stragglers = Stragglers()  # instructions a round gave up on, until the SuperLink has let them go
         self.best: dict | None = None
         self.saved_round = -1
