@@ -5,7 +5,9 @@ labels, build/bench/scale/<N>/), `--rounds` rounds (1,000) of `--sampled` client
 hostile ClientApp (tests/reliability/hostile_app): each client stalls in a round with probability `--stall-rate`
 (5%, a seeded plan fixed before the run) for `--stall-s` seconds, longer than the round's wait (3x the last round
 that had every reply + `round_timeout_slack_s`, here `--slack-s`), so its round gives up on it and its reply comes
-late. Read per round, from the round rows the
+late. The simulation runs `--actors` client actors (8: the stage is given that many cores through
+SLURM_CPUS_PER_TASK), since a stalled client holds its actor while it sleeps and with 2 actors two stalls would hold
+every one, timing out the round's healthy clients too. Read per round, from the round rows the
 stage writes (metrics.jsonl): the instructions, replies and payload objects stored in Flower's link state
 (in simulation, the in-memory LinkState of the flwr-simulation process), the stragglers still held, the late
 replies dropped so far; and, sampled every second by this script, the resident memory of the flwr-simulation process
@@ -28,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -94,6 +97,8 @@ class MemoryByRound(threading.Thread):
 
     def _new_rounds(self) -> list[int]:
         try:
+            if self.metrics.stat().st_size < self._offset:
+                self._offset = 0  # a new file
             with self.metrics.open() as handle:
                 handle.seek(self._offset)
                 text = handle.read()
@@ -151,7 +156,8 @@ def summarise(args: argparse.Namespace, run: dict) -> None:
     link = {key: [(r["round"], r.get(key, 0)) for r in rows] for key in ("link_instructions", "link_replies")}
     link["link_objects"] = [(r["round"], r.get("link_objects", 0)) for r in rows]
     objects_trend = slope(link["link_objects"])
-    late = [r for r in memory if r["round"] > WARM_ROUNDS and "simulation_rss_mb" in r]
+    warm = min(WARM_ROUNDS, last // 2)  # a short check run fits its second half
+    late = [r for r in memory if r["round"] > warm and "simulation_rss_mb" in r]
     rss_trend = slope([(r["round"], r["simulation_rss_mb"]) for r in late])
     failed = sum(r.get("failed", 0) for r in rows)
     asked = sum(r.get("clients", 0) + r.get("failed", 0) for r in rows)
@@ -180,16 +186,14 @@ def summarise(args: argparse.Namespace, run: dict) -> None:
             "figure": "link objects trend",
             "ours": f"{objects_trend['per_100_rounds']:+.3f} +- {objects_trend['se_per_100_rounds']:.3f}"
             if objects_trend
-            else None,
+            else "",
             "unit": "/100 rnd",
             "target": "<= 2 SE",
             "met": flat_objects,
         },
         {
-            "figure": f"flwr-simulation RSS trend after round {WARM_ROUNDS}",
-            "ours": f"{rss_trend['per_100_rounds']:+.2f} +- {rss_trend['se_per_100_rounds']:.2f}"
-            if rss_trend
-            else None,
+            "figure": f"flwr-simulation RSS trend after round {warm}",
+            "ours": f"{rss_trend['per_100_rounds']:+.2f} +- {rss_trend['se_per_100_rounds']:.2f}" if rss_trend else "",
             "unit": "MB/100 r",
             "target": f"< {TARGET_RSS_MB_PER_100_ROUNDS:g}",
             "met": flat_rss if rss_trend else None,
@@ -210,7 +214,7 @@ def summarise(args: argparse.Namespace, run: dict) -> None:
             f"{covered}; tiny preset, {args.clients} one-speaker clients, {args.sampled} sampled a round, "
             f"{args.stall_rate:.0%} stall for {args.stall_s:g} s (a round waits 3x the last full round + "
             f"{args.slack_s:g} s), "
-            f"hostile drill app; link counts from the round rows, RSS sampled every 1 s"
+            f"{args.actors} client actors, hostile drill app; link counts from the round rows, RSS sampled every 1 s"
         ),
         extra={
             "run": run,
@@ -236,9 +240,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=40, help="one-speaker clients (N)")
     parser.add_argument("--sampled", type=int, default=10, help="clients asked a round (m)")
     parser.add_argument("--stall-rate", type=float, default=0.05, help="chance a client stalls in a round")
-    parser.add_argument("--stall-s", type=float, default=12.0, help="how long a stalled client waits before training")
+    parser.add_argument("--stall-s", type=float, default=7.0, help="how long a stalled client waits before training")
     parser.add_argument(
-        "--slack-s", type=float, default=6.0, help="round_timeout_slack_s: a round waits 3x the last full round + this"
+        "--slack-s", type=float, default=3.0, help="round_timeout_slack_s: a round waits 3x the last full round + this"
+    )
+    parser.add_argument(
+        "--actors", type=int, default=8, help="client actors (a stalled client holds one while it sleeps)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--summarise", action="store_true", help="only the figures of the run already there")
@@ -280,7 +287,13 @@ def main() -> None:
         f"federation.app={HOSTILE_APP}",
         *TRAIN,
     ]
-    env = {**os.environ, "FEDHUBERT_DRILL_PLAN": str(plan), "FEDHUBERT_DRILL_STALL_S": f"{args.stall_s:g}"}
+    env = {
+        **os.environ,
+        "FEDHUBERT_DRILL_PLAN": str(plan),
+        "FEDHUBERT_DRILL_STALL_S": f"{args.stall_s:g}",
+        "SLURM_CPUS_PER_TASK": str(args.actors),  # how the stage is told its cores: one client actor per core
+    }
+    shutil.rmtree(out, ignore_errors=True)  # the sampler must not read an earlier run's rows
     print(f"message_hygiene: {' '.join(command[2:])}", flush=True)
     started = time.perf_counter()
     with (ROOT / "console.log").open("w") as console:
