@@ -385,7 +385,7 @@ def test_twelve_supernodes_one_never_connecting_and_two_killed_mid_run(twelve_cl
                 *PRETRAIN_FAST,
                 *keys,
                 "round_timeout_s=180",  # 11 SuperNodes start their executors on 2 cores in round 1 (76 s seen)
-                "federation.connect_timeout_s=15",  # the 11 are connected already: this is client 11's wait
+                "federation.connect_timeout_s=5",  # the 11 are connected already: this is client 11's wait
                 "strategy.min_clients=1",
             ],
             stdout=subprocess.DEVNULL,
