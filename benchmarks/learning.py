@@ -623,11 +623,26 @@ def add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_reuse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed arguments, with `only_commit`: the commit whose cells may be read back (None: any commit's)."""
     args = parser.parse_args()
-    state = environment_record()
-    args.only_commit = state["git_commit"] if args.only_this_commit else None
-    if args.only_this_commit and (not args.only_commit or state["git_dirty"]):
-        parser.error("--only-this-commit needs a clean git checkout (its cells are recorded under its commit)")
+    args.only_commit = environment_record()["git_commit"] if args.only_this_commit else None
+    if args.only_this_commit and (not args.only_commit or code_changed()):
+        parser.error(
+            "--only-this-commit needs a git checkout whose code is committed (its cells are recorded under its "
+            "commit; results files may differ, so a run cut off resumes)"
+        )
     return args
+
+
+def code_changed() -> list[str]:
+    """Files of the checkout's code (not its results) that differ from its commit."""
+    repo = Path(__file__).resolve().parents[1]
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--", "src", "apps", "configs", "benchmarks/*.py", "pyproject.toml"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return [line[3:] for line in status.splitlines()]
 
 
 def with_seed(run: Run, seed: int) -> Run:
