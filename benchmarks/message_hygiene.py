@@ -22,7 +22,7 @@ The run's records stay in build/bench/hygiene/ as it goes (the stage's metrics.j
 summarised as far as it went with `--summarise` (the figures say which rounds they cover).
 
     python benchmarks/message_hygiene.py [--rounds 1000] [--clients 40] [--sampled 10] [--stall-rate 0.05]
-    python benchmarks/message_hygiene.py --summarise     # the figures of the run in build/bench/hygiene/ again
+    python benchmarks/message_hygiene.py --summarise     # its figures again (give the flags the run was made with)
 """
 
 from __future__ import annotations
@@ -153,6 +153,8 @@ def summarise(args: argparse.Namespace, run: dict) -> None:
     if not rows:
         sys.exit(f"no round rows in {out / 'metrics.jsonl'}: nothing to summarise")
     last = rows[-1]["round"]
+    command = run.get("command", [])
+    planned = int(command[command.index("--rounds") + 1]) if "--rounds" in command else args.rounds
     keys = ("link_instructions", "link_replies", "link_objects", "stragglers_held")
     link = {key: [(r["round"], r.get(key, 0)) for r in rows] for key in keys}
     stage = scale._read_json(out / "run.json") or {}
@@ -163,14 +165,14 @@ def summarise(args: argparse.Namespace, run: dict) -> None:
     failed = sum(r.get("failed", 0) for r in rows)
     asked = sum(r.get("clients", 0) + r.get("failed", 0) for r in rows)
     flat_rss = rss_trend is not None and rss_trend["per_100_rounds"] < TARGET_RSS_MB_PER_100_ROUNDS
-    covered = f"rounds 1-{last} of {args.rounds}" + ("" if last >= args.rounds else " (cut off)")
+    covered = f"rounds 1-{last} of {planned}" + ("" if last >= planned else " (cut off)")
     figures = [
         {
             "figure": "rounds run",
             "ours": last,
             "unit": "rounds",
-            "target": f"{args.rounds}",
-            "met": last >= args.rounds,
+            "target": f"{planned}",
+            "met": last >= planned,
         },
         {"figure": "client rounds that timed out or failed", "ours": failed, "unit": f"of {asked}"},
         {"figure": "late replies dropped", "ours": rows[-1].get("late_replies_so_far", 0), "unit": "replies"},
