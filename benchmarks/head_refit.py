@@ -40,6 +40,7 @@ from fedhubert.audio import read_audio
 from fedhubert.eval.frozen_features import frozen_model, read_payload
 from fedhubert.model.checkpoint import model_config_of
 from fedhubert.train.data import LabelRate, read_labelled
+from fedhubert.train.loop import label_log_prior
 from learning import CELLS, RUNS, add_arguments, make_data
 
 RUN_SLUGS = ("fedavg-iid", "dirichlet-sex", "one-speaker")
@@ -87,24 +88,23 @@ def prior_shift(kmeans) -> dict:
     k = int(json.loads((kmeans / "kmeans.json").read_text())["num_clusters"])
     train = np.concatenate([read_labels(f) for f in sorted(kmeans.glob("client_*/train.km"))])
     dev = read_labels(kmeans / "global" / "dev-clean.km")
-    prior = np.bincount(train, minlength=k) + 1.0
-    prior /= prior.sum()
+    log_prior = label_log_prior(np.bincount(train, minlength=k)).double().numpy()
     freq = np.bincount(dev, minlength=k) / len(dev)
     seen = freq > 0
     entropy = float(-(freq[seen] * np.log(freq[seen])).sum())
     return {
         "dev_frames": int(len(dev)),
-        "cross_entropy_under_training_prior": float(-(freq * np.log(prior)).sum()),
+        "cross_entropy_under_training_prior": float(-(freq * log_prior).sum()),
         "dev_entropy": entropy,
-        "free_gain_nats": float(-(freq * np.log(prior)).sum()) - entropy,
+        "free_gain_nats": float(-(freq * log_prior).sum()) - entropy,
         "top_dev_label_share": float(freq.max()),
     }
 
 
 def baseline_ce(train_y: np.ndarray, test_y: np.ndarray, k: int) -> float:
-    """Cross-entropy of the training half's label frequencies (add-one smoothed) on the scored half."""
-    counts = np.bincount(train_y, minlength=k) + 1.0
-    return float(-np.mean(np.log(counts / counts.sum())[test_y]))
+    """Cross-entropy of the training half's label frequencies (the training loop's add-one smoothed baseline) on the
+    scored half."""
+    return float(-label_log_prior(np.bincount(train_y, minlength=k)).double().numpy()[test_y].mean())
 
 
 def measure(checkpoint, manifest, labels, random_init: bool = False) -> dict:

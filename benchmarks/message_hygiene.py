@@ -263,24 +263,7 @@ def main() -> None:
     plan = ROOT / "stall_plan.json"
     plan.write_text(json.dumps(stall_plan(args.clients, args.rounds, args.stall_rate, args.seed)) + "\n")
     out = ROOT / "run"
-    command = [
-        sys.executable,
-        "-m",
-        "fedhubert",
-        "pretrain",
-        "--partition",
-        str(partition),
-        "--kmeans",
-        str(kmeans),
-        "--out",
-        str(out),
-        "--preset",
-        "tiny",
-        "--rounds",
-        str(args.rounds),
-        "--local-steps",
-        "1",
-        "--force",
+    overrides = [
         f"strategy.fraction={scale.fraction_for(args.sampled, args.clients)!r}",
         f"evaluate_every={args.rounds}",
         f"checkpoint_every={args.rounds}",
@@ -289,6 +272,7 @@ def main() -> None:
         f"federation.app={HOSTILE_APP}",
         *TRAIN,
     ]
+    command = scale.pretrain_command(partition, kmeans, out, "tiny", args.rounds, 1, overrides)
     env = {
         **os.environ,
         "FEDHUBERT_DRILL_PLAN": str(plan),

@@ -478,6 +478,32 @@ def _tail(path: Path, lines: int = 12) -> str:
         return ""
 
 
+def pretrain_command(
+    partition: Path, kmeans: Path, out: Path, preset: str, rounds: int, local_steps: int, overrides: list[str]
+) -> list[str]:
+    """`python -m fedhubert pretrain` of these inputs into `out` (--force), with the KEY=VALUE overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "fedhubert",
+        "pretrain",
+        "--partition",
+        str(partition),
+        "--kmeans",
+        str(kmeans),
+        "--out",
+        str(out),
+        "--preset",
+        preset,
+        "--rounds",
+        str(rounds),
+        "--local-steps",
+        str(local_steps),
+        "--force",
+        *overrides,
+    ]
+
+
 def pretrain(
     part: str,
     n: int,
@@ -505,26 +531,7 @@ def pretrain(
     overrides = merged(
         [f"strategy.fraction={fraction_for(m, n)!r}", f"evaluate_every={rounds}", *train, *variant_overrides], extra
     )
-    command = [
-        sys.executable,
-        "-m",
-        "fedhubert",
-        "pretrain",
-        "--partition",
-        str(partition),
-        "--kmeans",
-        str(kmeans),
-        "--out",
-        str(out),
-        "--preset",
-        preset,
-        "--rounds",
-        str(rounds),
-        "--local-steps",
-        str(local_steps),
-        "--force",
-        *overrides,
-    ]
+    command = pretrain_command(partition, kmeans, out, preset, rounds, local_steps, overrides)
     console = out.parent / f"{label}.console.log"
     cell = CELLS / f"n{n}-{label}.json"
     repo = str(Path(__file__).resolve().parents[1])  # paths in the key relative to the checkout: a fresh one resumes
