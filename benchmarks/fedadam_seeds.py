@@ -30,6 +30,7 @@ from learning import (
     Timer,
     add_arguments,
     add_reuse_arguments,
+    cells_of,
     make_data,
     parse_reuse_arguments,
     pm,
@@ -64,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--etas", type=float, nargs="+", default=list(CANDIDATES), help="FedAdam's eta of each cell")
     add_reuse_arguments(parser)
     args = parse_reuse_arguments(parser)
     started = time.perf_counter()
@@ -71,7 +73,7 @@ def main() -> None:
     data = timer("data", make_data, args)
     by_slug = {r.slug: r for r in RUNS}
     runs = {"fedavg-now": FEDAVG}
-    runs.update({candidate(eta).slug: candidate(eta) for eta in CANDIDATES})
+    runs.update({candidate(eta).slug: candidate(eta) for eta in args.etas})
     records = {slug: [] for slug in runs}
     for seed in range(args.seeds):
         for slug, run in runs.items():
@@ -132,13 +134,14 @@ def main() -> None:
     train_s = sum(r.get("train_s") or 0.0 for seeds in records.values() for r in seeds)
     figures.append({"figure": "the cells' training time, summed", "ours": round(train_s / 60, 1), "unit": "min"})
     write_results(
-        NAME,
+        NAME + cells_of(args).name.removeprefix("learning"),  # fedadam_seeds-devN for a held-out set of its own
         figures,
         notes=(
             f"{args.preset} preset, learning.py's IID partition of 4 clients, {args.rounds} rounds x "
             f"{args.local_steps} local steps of {args.batch_seconds:g} s batches; {args.seeds} pretraining seeds per "
             "cell; FedAdam beta_1 0, tau 1e-3 (the preset's) and eta as named; held-out gain and clusters on the "
-            "whole dev-clean (shared codebook); cells shared with learning.py (results/learning/)"
+            "whole dev-clean (shared codebook); cells shared with learning.py ("
+            f"results/{cells_of(args).name}/)"
         ),
         extra={
             "cells": table,

@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import RESULTS, run_cli, write_results
+from fedhubert.corpus.librispeech_synth import LibriSpeechSynthConfig, allocate
 from fedhubert.eval.confidence import wilson_interval
 from fedhubert.fl.config import STRATEGY_PRESETS
 from fedhubert.plots import plt, save_figure
@@ -109,17 +110,45 @@ class Timer:
         return result
 
 
+def data_flags(args: argparse.Namespace) -> dict:
+    """The flags the data depends on; `dev_speakers` only when set, so that the default data keeps its stamp."""
+    flags = ["speakers", "minutes", "keyword_speakers", "keyword_test_speakers"]
+    return {key: getattr(args, key) for key in flags + (["dev_speakers"] if args.dev_speakers else [])}
+
+
+def root_of(args: argparse.Namespace) -> Path:
+    """The benchmark's data and runs: its own folder for a `--dev-speakers` held-out set."""
+    return ROOT.with_name(f"{ROOT.name}-dev{args.dev_speakers}") if args.dev_speakers else ROOT
+
+
+def cells_of(args: argparse.Namespace) -> Path:
+    """The cell files: their own folder for a `--dev-speakers` held-out set (the default's cells stay as they are)."""
+    return CELLS.with_name(f"{CELLS.name}-dev{args.dev_speakers}") if args.dev_speakers else CELLS
+
+
+def synth_flags(args: argparse.Namespace) -> list[object]:
+    """synth librispeech's speakers; with `--dev-speakers`, the training and test subsets keep the speakers that
+    `--speakers` gives them and dev-clean gets that many (allocate() gives one speaker a subset and the rest by share,
+    so shares of count - 1 give the counts exactly)."""
+    if not args.dev_speakers:
+        return ["--speakers", args.speakers]
+    counts = {**allocate(args.speakers, LibriSpeechSynthConfig().subsets), "dev-clean": args.dev_speakers}
+    subsets = {subset: count - 1 for subset, count in counts.items()}
+    return ["--speakers", sum(counts.values()), f"subsets={json.dumps(subsets)}"]
+
+
 def make_data(args: argparse.Namespace) -> dict:
     """The corpus, its three partitions, their labels and the keyword set (made once; made again when the data flags
     change)."""
-    corpus, keywords, stamp = ROOT / "LibriSpeech", ROOT / "speech_commands", ROOT / "data.json"
-    wanted = {key: getattr(args, key) for key in ("speakers", "minutes", "keyword_speakers", "keyword_test_speakers")}
+    root = root_of(args)
+    corpus, keywords, stamp = root / "LibriSpeech", root / "speech_commands", root / "data.json"
+    wanted = data_flags(args)
     if not stamp.is_file() or json.loads(stamp.read_text()) != wanted:
-        shutil.rmtree(ROOT, ignore_errors=True)
-        ROOT.mkdir(parents=True)
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
         stamp.write_text(json.dumps(wanted) + "\n")
     if not (corpus / "SPEAKERS.TXT").is_file():
-        run_cli("synth", "librispeech", "--out", corpus, "--speakers", args.speakers, "--minutes", args.minutes)
+        run_cli("synth", "librispeech", "--out", corpus, *synth_flags(args), "--minutes", args.minutes)
     if not (keywords / "run.json").is_file():
         run_cli(
             "synth",
@@ -136,7 +165,7 @@ def make_data(args: argparse.Namespace) -> dict:
         )
     partitions = {}
     for name, overrides in PARTITIONS.items():
-        folder = ROOT / f"partition-{name}"
+        folder = root / f"partition-{name}"
         if not (folder / "partition.json").is_file():
             run_cli("partition", "--corpus", corpus, "--out", folder, "--clients", CLIENTS, "--force", *overrides)
         partitions[name] = folder
@@ -147,7 +176,7 @@ def make_data(args: argparse.Namespace) -> dict:
         ("natural", "federated"),
         ("iid", "per-client"),
     ]:
-        folder = ROOT / f"kmeans-{part}-{mode}"
+        folder = root / f"kmeans-{part}-{mode}"
         if not (folder / "kmeans.json").is_file():
             run_cli(
                 "kmeans", "--partition", partitions[part], "--out", folder, "--force", f"mode={mode}", "reference=false"
@@ -196,7 +225,7 @@ def completed_with(out: Path, *command: object) -> str | None:
 def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, reuse: bool = False) -> dict:
     """Train one run and read back what it measured. `reuse`: a completed run of the same command in the run's folder
     is read back instead of trained again (the record says so, with the commit that made it)."""
-    out = ROOT / "runs" / run.slug
+    out = root_of(args) / "runs" / run.slug
     reused: list[str] = []
 
     def run_or_reuse(*command: object) -> None:
@@ -332,7 +361,7 @@ def s3prl(jobs: list[tuple[str, list[str], Path, dict]], keywords: Path, args: a
 
     def one(job: tuple[str, list[str], Path, dict]) -> tuple[str, dict]:
         name, flags, path, key = job
-        out = ROOT / "s3prl" / name
+        out = root_of(args) / "s3prl" / name
         command = [
             sys.executable,
             "-m",
@@ -354,7 +383,7 @@ def s3prl(jobs: list[tuple[str, list[str], Path, dict]], keywords: Path, args: a
             "--force",
             *flags,
         ]
-        log = ROOT / "s3prl" / f"{name}.log"
+        log = root_of(args) / "s3prl" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as handle:
             if subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode:
@@ -601,6 +630,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--probe-every", type=int, default=3, help="probe the curves every this many rounds")
     parser.add_argument("--speakers", type=int, default=30, help="synthetic LibriSpeech speakers (80%% training)")
     parser.add_argument("--minutes", type=float, default=2.75, help="minutes of speech per speaker")
+    parser.add_argument(
+        "--dev-speakers",
+        type=int,
+        default=None,
+        help="speakers of dev-clean, the held-out set (default: --speakers' share, 3 of 30; training speakers stay as "
+        "--speakers gives them); its data and cells go to folders of their own (build/bench/learning-devN, "
+        "results/learning-devN/)",
+    )
     parser.add_argument("--keyword-speakers", type=int, default=48)
     parser.add_argument("--keyword-test-speakers", type=int, default=40)
 
@@ -623,6 +660,8 @@ def add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_reuse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed arguments, with `only_commit`: the commit whose cells may be read back (None: any commit's)."""
     args = parser.parse_args()
+    if args.dev_speakers is not None and args.dev_speakers < 2:
+        parser.error("--dev-speakers must be at least 2 (leave it out for the default held-out set)")
     args.only_commit = environment_record()["git_commit"] if args.only_this_commit else None
     if args.only_this_commit and (not args.only_commit or code_changed()):
         parser.error(
@@ -657,9 +696,8 @@ CURVE_RUNS = ("centralized", "fedavg-iid")
 
 def cell_key(run: Run, args: argparse.Namespace) -> dict:
     """What a cell's result depends on: the run and every data, model and compute flag."""
-    flags = ("preset", "rounds", "local_steps", "batch_seconds", "probe_every", "speakers", "minutes")
-    flags += ("keyword_speakers", "keyword_test_speakers")
-    key = {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}}
+    flags = ("preset", "rounds", "local_steps", "batch_seconds", "probe_every")
+    key = {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}, **data_flags(args)}
     strategy = next((o.split("=", 1)[1] for o in run.overrides if o.startswith("strategy.name=")), None)
     taken = STRATEGY_PRESETS.get(strategy, {}).items()
     preset = {k: v for k, v in taken if not any(o.startswith(f"strategy.{k}=") for o in run.overrides)}
@@ -690,7 +728,7 @@ def probed_run(run: Run, seed: int, data: dict, args: argparse.Namespace, teache
     (a benchmark cut off resumes where it stopped, even on a fresh checkout), else trained and probed and written."""
     seeded = with_seed(run, seed)
     key = cell_key(seeded, args)
-    path = CELLS / f"{seeded.slug}.json"
+    path = cells_of(args) / f"{seeded.slug}.json"
     if not args.retrain and (cell := read_cell(path, key, args.only_commit)) is not None:
         print(f"[learning] {seeded.slug}: read back from {path.relative_to(RESULTS.parent)}", flush=True)
         return {**cell["record"], "read_back": True}
@@ -701,7 +739,7 @@ def probed_run(run: Run, seed: int, data: dict, args: argparse.Namespace, teache
         checkpoints += [c for c in record["curve_checkpoints"].values() if c not in checkpoints]
     started = time.perf_counter()
     random_init = seed == 0 and run.slug == "centralized"
-    result = probe(checkpoints, data["keywords"], ROOT / "probe" / seeded.slug, random_init=random_init)
+    result = probe(checkpoints, data["keywords"], root_of(args) / "probe" / seeded.slug, random_init=random_init)
     by_checkpoint = {str(Path(m["checkpoint"]).resolve()): m for m in result["models"] if not m["random_init"]}
     record["probe"] = by_checkpoint[str(Path(record["checkpoint"]).resolve())]
     record["probe_data"] = result["data"]
@@ -759,7 +797,7 @@ def main() -> None:
         for name, slug in [("random-init", "fedavg-iid"), *[(r.slug, r.slug) for r in RUNS if r.s3prl]]:
             run = next(r for r in RUNS if r.slug == slug)
             key = {**cell_key(with_seed(run, 0), args), "s3prl_steps": args.s3prl_steps, "random_init": name != slug}
-            path = CELLS / f"s3prl-{name}.json"
+            path = cells_of(args) / f"s3prl-{name}.json"
             if not args.retrain and (cell := read_cell(path, key, args.only_commit)) is not None:
                 s3prl_results[name] = cell["record"]
                 continue
@@ -774,11 +812,12 @@ def main() -> None:
     # S3PRL: each evaluation's own time (read back with its cell), `--s3prl-jobs` of them side by side.
     s3prl_s = sum(r.get("seconds", 0.0) for r in s3prl_results.values()) / max(1, args.s3prl_jobs)
     wall_s = runs_s + timer.seconds.get("data", 0.0) + s3prl_s
-    plot(records, random_init, s3prl_results, RESULTS / "learning.png")
+    name = cells_of(args).name  # learning, or learning-devN for a held-out set of its own
+    plot(records, random_init, s3prl_results, RESULTS / f"{name}.png")
     figures = figures_of(records, random_init, s3prl_results, wall_s, reused)
     described = describe_data(data)
     write_results(
-        "learning",
+        name,
         figures,
         notes=(
             f"{args.preset} preset; every trained model {planned(args)} updates of {args.batch_seconds:g} s batches "
