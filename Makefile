@@ -3,8 +3,9 @@
 #   make test   set up (once), lint (ruff check, ruff format --check) and run the test suite
 #   make test-quick   the same set-up and lint, then the unit tests and one end-to-end smoke pass
 # Other targets: setup, bench, lock, clean. Variables: PYTHON (a Python 3.11), VENV, DEMO_DIR, PYTEST_ARGS,
-# SKIP_SYSTEM_DEPS=1 (do not check or install system packages; see setup.md for HPC clusters), WITH_SLURM=1 (make
-# test also installs slurm-wlm and munge, so the Slurm tests run instead of being skipped; CI sets it).
+# PYTEST_WORKERS (pytest-xdist workers, default 2; 0 runs in one process), SKIP_SYSTEM_DEPS=1 (do not check or install
+# system packages; see setup.md for HPC clusters), WITH_SLURM=1 (make test also installs slurm-wlm and munge, so the
+# Slurm tests run instead of being skipped; CI sets it).
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -13,6 +14,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedhubert-installed
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
+# pytest-xdist workers: the suite waits on process start-up and sockets a third of its time, so two workers share the
+# two cores; files stay whole on one worker (--dist loadfile: module fixtures, the one Slurm cluster). 0: no workers.
+PYTEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 .PHONY: setup system-deps demo test test-quick bench lock clean
 
@@ -45,13 +50,13 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	@if [ "$(WITH_SLURM)" = "1" ] && [ "$(SKIP_SYSTEM_DEPS)" != "1" ]; then WITH_SLURM=1 bash scripts/install_system_deps.sh; fi
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(PYTEST) $(PYTEST_ARGS)
 
 # The inner loop: lint, the unit tests and one end-to-end smoke pass (README: Tests).
 test-quick: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -m "smoke or not (slow or stages)" $(PYTEST_ARGS)
+	$(PYTEST) -m "smoke or not (slow or stages)" $(PYTEST_ARGS)
 
 # Speed and memory benchmarks: each writes benchmarks/results/<name>.json and prints a table.
 bench: setup

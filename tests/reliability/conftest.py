@@ -59,6 +59,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     target = os.environ.get(SUMMARY_ENV)
     if not target or not _results:
         return
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker saw only its share of the drills: no summary (-n 0 for one)
+        return
     drills = sorted(_results.values(), key=lambda e: e["drill"])
     count = {k: sum(e["outcome"] == k for e in drills) for k in ("passed", "failed", "skipped")}
     record = {"drills_run": len(drills), **count, "data_lost": _lost, "drills": drills}
