@@ -41,7 +41,7 @@ from fedhubert.eval.frozen_features import frozen_model, read_payload
 from fedhubert.model.checkpoint import model_config_of
 from fedhubert.train.data import LabelRate, read_labelled
 from fedhubert.train.loop import label_log_prior
-from learning import CELLS, RUNS, add_arguments, make_data
+from learning import RUNS, add_arguments, cells_of, make_data
 
 RUN_SLUGS = ("fedavg-iid", "dirichlet-sex", "one-speaker")
 SEEDS = 3
@@ -158,7 +158,7 @@ def main() -> None:
         manifest = data["partitions"][part] / "global" / "dev-clean.tsv"
         labels = data["labels"][part, "federated"] / "global" / "dev-clean.km"
         for seed in range(SEEDS):
-            cell = CELLS / f"{slug}-seed{seed}.json"
+            cell = cells_of(args) / f"{slug}-seed{seed}.json"
             if not cell.is_file():
                 print(f"head_refit: {cell} missing, {slug} seed {seed} left out", flush=True)
                 continue
@@ -175,7 +175,7 @@ def main() -> None:
                 f"{result['refit_head_gain']:+.3f} nats",
                 flush=True,
             )
-    first = json.loads((CELLS / "fedavg-iid-seed0.json").read_text())["record"]["checkpoint"]
+    first = json.loads((cells_of(args) / "fedavg-iid-seed0.json").read_text())["record"]["checkpoint"]
     iid = data["partitions"]["iid"] / "global" / "dev-clean.tsv"
     iid_labels = data["labels"]["iid", "federated"] / "global" / "dev-clean.km"
     results["random-init"] = [{"seed": 0, **measure(first, iid, iid_labels, random_init=True)}]
@@ -206,7 +206,7 @@ def main() -> None:
                 }
             )
     write_results(
-        "head_refit",
+        "head_refit" + cells_of(args).name.removeprefix("learning"),  # head_refit-devN for a held-out set of its own
         figures,
         notes=(
             "learning benchmark's final checkpoints, dev-clean of each run's partition with its federated codebook; "

@@ -37,7 +37,7 @@ import numpy as np
 from _common import RESULTS, write_results
 from fedhubert.eval.confidence import wilson_interval
 from fedhubert.plots import plt, save_figure
-from learning import CLIENTS, ROOT, Run, Timer, add_arguments, fold_gap, make_data, pm, probe, rows, train
+from learning import CLIENTS, Run, Timer, add_arguments, fold_gap, make_data, pm, probe, root_of, rows, train
 
 AUDIT_COORDINATES = 16384
 
@@ -214,7 +214,7 @@ def main() -> None:
     for record in records.values():
         record["attack"] = linkage_attack(Path(record["out"]))
     result = timer(
-        "probe", probe, [r["checkpoint"] for r in records.values()], data["keywords"], ROOT / "probe-privacy"
+        "probe", probe, [r["checkpoint"] for r in records.values()], data["keywords"], root_of(args) / "probe-privacy"
     )
     by_checkpoint = {Path(m["checkpoint"]).resolve(): m for m in result["models"] if not m["random_init"]}
     random_init = next(m for m in result["models"] if m["random_init"] and m["kind"] == "hubert")
