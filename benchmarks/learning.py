@@ -113,7 +113,8 @@ class Timer:
 def data_flags(args: argparse.Namespace) -> dict:
     """The flags the data depends on; `dev_speakers` only when set, so that the default data keeps its stamp."""
     flags = ["speakers", "minutes", "keyword_speakers", "keyword_test_speakers"]
-    return {key: getattr(args, key) for key in flags + (["dev_speakers"] if args.dev_speakers else [])}
+    flags += ["dev_speakers"] if args.dev_speakers else []
+    return {key: getattr(args, key) for key in flags}
 
 
 def root_of(args: argparse.Namespace) -> Path:
@@ -258,7 +259,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
             partition / "global" / "dev-clean.tsv",
             "--valid-labels",
             kmeans / "global" / "dev-clean.km",
-            f"eval_every={every}",
+            f"eval_every={every * args.evaluate_every}",
             f"checkpoint_every={every * args.probe_every}",
             f"train.log_every={every}",
             batch,
@@ -286,6 +287,7 @@ def train(run: Run, data: dict, args: argparse.Namespace, teacher: Path | None, 
             # the whole dev-clean (510 s), as the centralized run's validation and every cell in results/learning/
             # (made while the default bound, 600 s, covered it all): the default 200 s would count clusters on less
             "eval_seconds=null",
+            *([f"evaluate_every={args.evaluate_every}"] if args.evaluate_every != 1 else []),
             *fraction,
             *run.overrides,
         ]
@@ -638,6 +640,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--speakers gives them); its data and cells go to folders of their own (build/bench/learning-devN, "
         "results/learning-devN/)",
     )
+    parser.add_argument(
+        "--evaluate-every",
+        type=int,
+        default=1,
+        help="the server's held-out evaluation every this many rounds and after the last (the gain's curve is coarser; "
+        "a large --dev-speakers set costs less)",
+    )
     parser.add_argument("--keyword-speakers", type=int, default=48)
     parser.add_argument("--keyword-test-speakers", type=int, default=40)
 
@@ -698,6 +707,8 @@ def cell_key(run: Run, args: argparse.Namespace) -> dict:
     """What a cell's result depends on: the run and every data, model and compute flag."""
     flags = ("preset", "rounds", "local_steps", "batch_seconds", "probe_every")
     key = {"run": run.name, "overrides": run.overrides, **{k: getattr(args, k) for k in flags}, **data_flags(args)}
+    if args.evaluate_every != 1:  # only when set, so that earlier cells keep their keys
+        key["evaluate_every"] = args.evaluate_every
     strategy = next((o.split("=", 1)[1] for o in run.overrides if o.startswith("strategy.name=")), None)
     taken = STRATEGY_PRESETS.get(strategy, {}).items()
     preset = {k: v for k, v in taken if not any(o.startswith(f"strategy.{k}=") for o in run.overrides)}
