@@ -14,8 +14,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedhubert-installed
 DEMO_DIR ?= data/demo
 PYTEST_ARGS ?=
-# pytest-xdist workers: the suite waits on process start-up and sockets a third of its time, so two workers share the
-# two cores; files stay whole on one worker (--dist loadfile: module fixtures, the one Slurm cluster). 0: no workers.
+# pytest-xdist workers: in one process the suite left the cores idle a third of its time (63% busy), so two workers
+# share the two cores; files stay whole on one worker (--dist loadfile: module fixtures, the one Slurm cluster).
 PYTEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 

@@ -671,6 +671,8 @@ def parse_reuse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace
     args = parser.parse_args()
     if args.dev_speakers is not None and args.dev_speakers < 2:
         parser.error("--dev-speakers must be at least 2 (leave it out for the default held-out set)")
+    if args.evaluate_every < 1:
+        parser.error("--evaluate-every must be at least 1 (1: every round)")
     args.only_commit = environment_record()["git_commit"] if args.only_this_commit else None
     if args.only_this_commit and (not args.only_commit or code_changed()):
         parser.error(
