@@ -37,6 +37,7 @@ from learning import (
     probed_run,
     seeds_gap,
     summarise,
+    variant,
 )
 
 NAME = "fedadam_seeds"
@@ -134,7 +135,7 @@ def main() -> None:
     train_s = sum(r.get("train_s") or 0.0 for seeds in records.values() for r in seeds)
     figures.append({"figure": "the cells' training time, summed", "ours": round(train_s / 60, 1), "unit": "min"})
     write_results(
-        NAME + cells_of(args).name.removeprefix("learning"),  # fedadam_seeds-devN for a held-out set of its own
+        NAME + variant(args),
         figures,
         notes=(
             f"{args.preset} preset, learning.py's IID partition of 4 clients, {args.rounds} rounds x "

@@ -41,7 +41,7 @@ from fedhubert.eval.frozen_features import frozen_model, read_payload
 from fedhubert.model.checkpoint import model_config_of
 from fedhubert.train.data import LabelRate, read_labelled
 from fedhubert.train.loop import label_log_prior
-from learning import RUNS, add_arguments, cells_of, make_data
+from learning import RUNS, add_arguments, cells_of, make_data, variant
 
 RUN_SLUGS = ("fedavg-iid", "dirichlet-sex", "one-speaker")
 SEEDS = 3
@@ -206,7 +206,7 @@ def main() -> None:
                 }
             )
     write_results(
-        "head_refit" + cells_of(args).name.removeprefix("learning"),  # head_refit-devN for a held-out set of its own
+        "head_refit" + variant(args),
         figures,
         notes=(
             "learning benchmark's final checkpoints, dev-clean of each run's partition with its federated codebook; "

@@ -117,14 +117,20 @@ def data_flags(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in flags}
 
 
+def variant(args: argparse.Namespace) -> str:
+    """The suffix of the folders and results names of a `--dev-speakers` held-out set ('-devN'); '' by default, so
+    the default's data, cells and results stay where they are."""
+    return f"-dev{args.dev_speakers}" if args.dev_speakers else ""
+
+
 def root_of(args: argparse.Namespace) -> Path:
-    """The benchmark's data and runs: its own folder for a `--dev-speakers` held-out set."""
-    return ROOT.with_name(f"{ROOT.name}-dev{args.dev_speakers}") if args.dev_speakers else ROOT
+    """The benchmark's data and runs."""
+    return ROOT.with_name(ROOT.name + variant(args))
 
 
 def cells_of(args: argparse.Namespace) -> Path:
-    """The cell files: their own folder for a `--dev-speakers` held-out set (the default's cells stay as they are)."""
-    return CELLS.with_name(f"{CELLS.name}-dev{args.dev_speakers}") if args.dev_speakers else CELLS
+    """The cell files."""
+    return CELLS.with_name(CELLS.name + variant(args))
 
 
 def synth_flags(args: argparse.Namespace) -> list[object]:
@@ -623,6 +629,18 @@ def figures_of(
     return figures
 
 
+def at_least(lowest: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least `lowest`."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
+        return value
+
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The model, compute and data flags (shared with benchmarks/privacy.py, which runs on the same data)."""
     parser.add_argument("--preset", default="tiny")
@@ -634,7 +652,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=2.75, help="minutes of speech per speaker")
     parser.add_argument(
         "--dev-speakers",
-        type=int,
+        type=at_least(2),
         default=None,
         help="speakers of dev-clean, the held-out set (default: --speakers' share, 3 of 30; training speakers stay as "
         "--speakers gives them); its data and cells go to folders of their own (build/bench/learning-devN, "
@@ -642,7 +660,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--evaluate-every",
-        type=int,
+        type=at_least(1),
         default=1,
         help="the server's held-out evaluation every this many rounds and after the last (the gain's curve is coarser; "
         "a large --dev-speakers set costs less)",
@@ -669,10 +687,6 @@ def add_reuse_arguments(parser: argparse.ArgumentParser) -> None:
 def parse_reuse_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The parsed arguments, with `only_commit`: the commit whose cells may be read back (None: any commit's)."""
     args = parser.parse_args()
-    if args.dev_speakers is not None and args.dev_speakers < 2:
-        parser.error("--dev-speakers must be at least 2 (leave it out for the default held-out set)")
-    if args.evaluate_every < 1:
-        parser.error("--evaluate-every must be at least 1 (1: every round)")
     args.only_commit = environment_record()["git_commit"] if args.only_this_commit else None
     if args.only_this_commit and (not args.only_commit or code_changed()):
         parser.error(
@@ -825,7 +839,7 @@ def main() -> None:
     # S3PRL: each evaluation's own time (read back with its cell), `--s3prl-jobs` of them side by side.
     s3prl_s = sum(r.get("seconds", 0.0) for r in s3prl_results.values()) / max(1, args.s3prl_jobs)
     wall_s = runs_s + timer.seconds.get("data", 0.0) + s3prl_s
-    name = cells_of(args).name  # learning, or learning-devN for a held-out set of its own
+    name = "learning" + variant(args)
     plot(records, random_init, s3prl_results, RESULTS / f"{name}.png")
     figures = figures_of(records, random_init, s3prl_results, wall_s, reused)
     described = describe_data(data)

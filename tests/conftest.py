@@ -18,7 +18,7 @@ from common import (
     TINY_SPEECH_COMMANDS,
     run_cli,
 )
-from fedhubert.parallel import available_cpus
+from fedhubert.parallel import THREAD_POOL_VARIABLES, available_cpus
 
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
@@ -28,7 +28,7 @@ os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 # default, 43 and 33 s with one thread a process (measured beside two benchmarks and beside one). Flower's simulated
 # clients set their own threads.
 if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 0:
-    for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for _name in THREAD_POOL_VARIABLES:
         os.environ.setdefault(_name, str(max(1, available_cpus() // _workers)))
 
 # Session fixtures that run a stage (a Flower simulation, a training, S3PRL): a test that needs one is marked

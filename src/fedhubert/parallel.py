@@ -26,10 +26,13 @@ def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else available_cpus()
 
 
+THREAD_POOL_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")  # read when a library loads
+
+
 def _one_thread_per_worker() -> None:
     """The workers are the parallelism: BLAS/OpenMP thread pools in each would fight over the same cores.
     Runs before the worker imports anything numerical, so the variables take effect when the libraries load."""
-    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for name in THREAD_POOL_VARIABLES:
         os.environ[name] = "1"
     from threadpoolctl import threadpool_limits
 
