@@ -115,14 +115,15 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def corpus(train_speakers: int) -> tuple[Path, dict]:
-    """The corpus: at least `train_speakers` one-speaker training clients (an existing larger one is reused, the
-    smaller N sample from it), plus the held-out speakers."""
-    path, stamp_path = ROOT / "corpus", ROOT / "corpus.json"
+def corpus(train_speakers: int, root: Path = ROOT, heldout: int = HELDOUT_SPEAKERS) -> tuple[Path, dict]:
+    """The corpus under `root`: at least `train_speakers` one-speaker training clients (an existing larger one is
+    reused, the smaller N sample from it), plus `heldout` speakers in dev-clean."""
+    path, stamp_path = root / "corpus", root / "corpus.json"
     stamp = _read_json(stamp_path)
     if (
         stamp
         and stamp.get("train_speakers", 0) >= train_speakers
+        and stamp.get("heldout_speakers") == heldout
         and stamp.get("minutes") == MINUTES
         and stamp.get("seed") == SEED
         and (path / "SPEAKERS.TXT").is_file()
@@ -138,7 +139,7 @@ def corpus(train_speakers: int) -> tuple[Path, dict]:
         "--out",
         path,
         "--speakers",
-        train_speakers + HELDOUT_SPEAKERS,
+        train_speakers + heldout,
         "--minutes",
         MINUTES,
         "--seed",
@@ -146,14 +147,14 @@ def corpus(train_speakers: int) -> tuple[Path, dict]:
         f"subsets.train-clean-100={train_speakers - 1}",
         "subsets.train-clean-360=0",
         "subsets.train-other-500=0",
-        f"subsets.dev-clean={HELDOUT_SPEAKERS - 1}",
+        f"subsets.dev-clean={heldout - 1}",
         "subsets.test-clean=0",
     ]
     started = time.perf_counter()
     run_cli(*command)
     stamp = {
         "train_speakers": train_speakers,
-        "heldout_speakers": HELDOUT_SPEAKERS,
+        "heldout_speakers": heldout,
         "minutes": MINUTES,
         "seed": SEED,
         "synth_s": round(time.perf_counter() - started, 1),
@@ -164,9 +165,9 @@ def corpus(train_speakers: int) -> tuple[Path, dict]:
     return path, stamp
 
 
-def inputs(n: int, corpus_path: Path, corpus_stamp: dict) -> tuple[Path, Path, dict]:
-    """build/bench/scale/<n>/partition and kmeans: n one-speaker clients of the corpus, and their labels."""
-    base = ROOT / str(n)
+def inputs(n: int, corpus_path: Path, corpus_stamp: dict, root: Path = ROOT) -> tuple[Path, Path, dict]:
+    """<root>/<n>/partition and kmeans: n one-speaker clients of the corpus, and their labels."""
+    base = root / str(n)
     partition, kmeans, stamp_path = base / "partition", base / "kmeans", base / "inputs.json"
     wanted = {
         "clients": n,
