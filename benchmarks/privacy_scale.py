@@ -334,7 +334,7 @@ def analyse(args: argparse.Namespace, records: dict[str, dict], clip: float, qui
     return figures, {"points": points, "law": law, "random_init": random_init}
 
 
-def plot(points: list[dict], path: Path) -> None:
+def plot(points: list[dict], a: float | None, path: Path) -> None:
     fig, (ax, ax_law) = plt.subplots(1, 2, figsize=(11, 4))
     for m in sorted({p["sampled"] for p in points}):
         mine = [p for p in points if p["sampled"] == m and p["epsilon"] is not None]
@@ -361,6 +361,10 @@ def plot(points: list[dict], path: Path) -> None:
     ax_law.loglog([p["law_x"] for p in noised], [p["snr"] for p in noised], "o")
     for p in noised:
         ax_law.annotate(p["label"], (p["law_x"], p["snr"]), fontsize=7)
+    if a is not None and noised:
+        xs = np.geomspace(min(p["law_x"] for p in noised) / 2, max(p["law_x"] for p in noised) * 2, 20)
+        ax_law.loglog(xs, a * xs, "k--", linewidth=1, label=f"SNR = {a:.3g} m / (z sqrt(d))")
+        ax_law.legend()
     ax_law.set(xlabel="m / (z sqrt(d))", ylabel="SNR of the round's mean", title="signal-to-noise against the law")
     save_figure(fig, path)
 
@@ -412,7 +416,7 @@ def main() -> None:
         }
     )
     png = root / f"{NAME}.png" if args.quick else RESULTS / f"{NAME}.png"
-    plot(extra["points"], png)
+    plot(extra["points"], extra["law"]["a"], png)
     write_results(
         NAME,
         figures,
