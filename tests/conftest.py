@@ -18,24 +18,18 @@ from common import (
     TINY_SPEECH_COMMANDS,
     run_cli,
 )
-from fedhubert.parallel import THREAD_POOL_VARIABLES
+from fedhubert.parallel import THREAD_POOL_VARIABLES, available_cpus
 
 os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
-# pytest-xdist workers share the cores: each worker gets its own share of them (its CPU affinity, which every stage
-# and daemon it starts inherits, and which fedhubert reads as the cores it may use), and cores / workers threads in
-# its OpenMP and BLAS pools (PyTorch reads OMP_NUM_THREADS when first imported, after this). Without a share, each
-# worker's simulations start an actor per core and each process a thread pool of all cores, so two workers
-# oversubscribe the cores: the twelve-SuperNode drill's two rounds took 97 and 86 s with PyTorch's default threads,
-# 43 and 33 s with one thread a process; a pretraining fixture's Flower stages cost 78 s of CPU with two cores and
-# 56 s on one (both measured beside a benchmark).
+# pytest-xdist workers share the cores: each worker, and every stage and daemon it starts, gets cores / workers
+# threads in its OpenMP and BLAS pools (PyTorch reads OMP_NUM_THREADS when first imported, after this). A pool of all
+# cores per process oversubscribes them: the twelve-SuperNode drill's two rounds took 97 and 86 s with PyTorch's
+# default, 43 and 33 s with one thread a process (measured beside two benchmarks and beside one). Flower's simulated
+# clients set their own threads.
 if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 0:
-    _cores = sorted(os.sched_getaffinity(0))
-    _index = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
-    _share = _cores[_index::_workers] if _workers <= len(_cores) else [_cores[_index % len(_cores)]]
-    os.sched_setaffinity(0, _share)
     for _name in THREAD_POOL_VARIABLES:
-        os.environ.setdefault(_name, str(len(_share)))
+        os.environ.setdefault(_name, str(max(1, available_cpus() // _workers)))
 
 # Session fixtures that run a stage (a Flower simulation, a training, S3PRL): a test that needs one is marked
 # `stages`, so that `make test-quick` (-m "smoke or not (slow or stages)") leaves it to `make test`.
