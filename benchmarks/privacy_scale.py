@@ -53,7 +53,7 @@ from fedhubert.fl.config import PrivacyConfig
 from fedhubert.fl.privacy import noise_for_target
 from fedhubert.model.checkpoint import load_checkpoint
 from fedhubert.plots import plt, save_figure
-from learning import fold_gap, probe
+from learning import fold_gap, probe, read_cell, write_cell
 from scale import MINUTES, TRAIN, corpus, fraction_for, inputs
 
 NAME = "privacy_scale"
@@ -121,11 +121,9 @@ class Bench:
         """One pretraining and its probe, or its record read back from its cell file."""
         key = self.key(label, overrides)
         path = self.cells / f"{label}.json"
-        if not self.args.rerun and path.is_file():
-            cell = json.loads(path.read_text())
-            if cell.get("key") == key:
-                print(f"[{NAME}] {label}: read back from {path}", flush=True)
-                return cell["record"]
+        if not self.args.rerun and (cell := read_cell(path, key)) is not None:
+            print(f"[{NAME}] {label}: read back from {path}", flush=True)
+            return cell["record"]
         out = self.root / "runs" / label
         started = time.perf_counter()
         run_cli(
@@ -155,7 +153,7 @@ class Bench:
         metrics = read_jsonl(out / "metrics.jsonl")
         train_rows = [r for r in metrics if r.get("kind") == "train"]
         evals = [r for r in metrics if r.get("kind") == "eval" and "gain_nats" in r]
-        summary = json.loads((out / "run.json").read_text())["summary"]
+        run_record = json.loads((out / "run.json").read_text())
         record = {
             "label": label,
             "sampled": m,
@@ -168,19 +166,18 @@ class Bench:
             "clients_per_round": sorted({r.get("clients") for r in train_rows}),
             "server_step_norms": [r["server_step_norm"] for r in train_rows if "server_step_norm" in r],
             "noise_std": [r["privacy_noise_std"] for r in train_rows if "privacy_noise_std" in r],
-            "privacy": summary.get("privacy"),
+            "privacy": run_record["summary"].get("privacy"),
             "received_norms": [
                 r["received_norm"] for r in metrics if r.get("kind") == "client" and "received_norm" in r
             ],
             "trained_parameters": trained_parameters(checkpoint),
-            "git_commit": json.loads((out / "run.json").read_text()).get("git_commit"),
+            "git_commit": run_record.get("git_commit"),
         }
         if random_init:
             record["random_init_probe"] = next(
                 p for p in probed["models"] if p["random_init"] and p["kind"] == "hubert"
             )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"key": key, "record": record}, indent=2) + "\n")
+        write_cell(path, {"key": key, "record": record})
         print(f"[{NAME}] {label}: {record['train_s']:.0f} s training, {record['probe_s']:.0f} s probe", flush=True)
         return record
 
@@ -263,13 +260,13 @@ def analyse(args: argparse.Namespace, records: dict[str, dict], clip: float, qui
             "reference": f"chance {100 * random_init['chance']:.1f}%",
         }
     )
+    unprivate = gap(calibration["probe"], random_init)
     figures.append(
         {
             "figure": f"no privacy, m={min(args.sampled)}: probe over random init",
-            "ours": round(gap(calibration["probe"], random_init)["mean"], 2),
+            "ours": round(unprivate["mean"], 2),
             "unit": "points",
-            "reference": f"SE {gap(calibration['probe'], random_init)['se']:.2f}; clip C = median update norm "
-            f"{clip:.4g}",
+            "reference": f"SE {unprivate['se']:.2f}; clip C = median update norm {clip:.4g}",
         }
     )
     for p in points:
