@@ -98,26 +98,50 @@ def same_weights(a: Path, b: Path) -> None:
     assert not different, f"resumed run differs from the uninterrupted one in {different[:5]}"
 
 
-def test_pretraining_killed_mid_round_resumes_to_the_same_weights(
+def stop_with_sigterm(process: subprocess.Popen, out: Path, stage: str, rounds: int) -> None:
+    """What Slurm sends before a time limit, sent while round 1 trains: the run ends after that round, checkpointed,
+    with the command to continue it, and a new run over the stopped one is refused."""
+    wait_for(process, out, sent(f"train{'.distill' if stage == 'distill' else ''}", 1))
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 75, stderr
+    assert f"Continue with: fedhubert {stage} --resume {out}" in stderr and "Traceback" not in stderr
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "stopped" and record["summary"]["stopped_after_round"] == 1 < rounds, record
+    assert load_checkpoint(out / "checkpoints" / "round_00001.pt")["state"]["round"] == 1
+    assert not (out / "checkpoints" / "final.pt").exists() and not (out / "STOP").exists()
+    assert not run_processes(out), "the stopped run left processes behind"
+    assert run_cli(stage, "--out", out, "--config", out / "config.yaml") == 2, "no restart over a stopped run"
+
+
+def test_pretraining_stopped_orphaned_and_killed_resumes_to_the_same_weights(
     four_rounds, small_partition, small_kmeans, tmp_path, intact, stalled, monkeypatch
 ):
+    """One run of four_rounds' settings through the three ways a run is ended early, each followed by --resume:
+    SIGTERM in round 1; `kill -9` of the stage command alone in round 2 (as on a login node: the SuperLink it
+    started gets SIGTERM from the kernel, the parent-death signal, and ends the simulation and the ServerApp, so no
+    server goes on writing into the run folder unseen); and SIGKILL of everything in round 3 (a node dies or the
+    OOM killer strikes: nothing gets to clean up or finish a write). It ends with the uninterrupted run's weights."""
     intact(small_partition, small_kmeans)
-    out = tmp_path / "killed"
-    process = start(
-        "pretrain",
-        "--partition",
-        small_partition,
-        "--kmeans",
-        small_kmeans,
-        "--out",
-        out,
-        *PRETRAIN_FAST,
-        "--rounds",
-        "4",
-        "strategy.fraction=0.6",
-        "strategy.name=fedadam",
-        stalled(3),
-    )
+    out = tmp_path / "interrupted"
+    run = ("--partition", small_partition, "--kmeans", small_kmeans, "--out", out, *PRETRAIN_FAST, "--rounds", "4")
+    app = stalled(0)  # the hostile app, with no stall in the rounds a SIGTERM must let finish
+    process = start("pretrain", *run, "strategy.fraction=0.6", "strategy.name=fedadam", app)
+    stop_with_sigterm(process, out, "pretrain", 4)
+
+    stalled(2)
+    process = start("pretrain", "--resume", out)
+    wait_for(process, out, sent("train", 2))
+    process.kill()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 60
+    while run_processes(out) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not run_processes(out), run_processes(out)
+    assert not (out / "checkpoints" / "round_00002.pt").exists()
+
+    stalled(3)
+    process = start("pretrain", "--resume", out)
     wait_for(process, out, sent("train", 3))
     kill_everything(process, out)
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["best.pt", "round_00001.pt", "round_00002.pt"]
@@ -131,24 +155,19 @@ def test_pretraining_killed_mid_round_resumes_to_the_same_weights(
     assert sorted(p.name for p in (out / "checkpoints").glob("round_*.pt")) == [f"round_0000{r}.pt" for r in (2, 3, 4)]
 
 
-def test_distillation_killed_mid_round_resumes_to_the_same_weights(
+def test_distillation_stopped_and_killed_resumes_to_the_same_weights(
     distilled, tiny_teacher, small_partition, tmp_path, intact, stalled, monkeypatch
 ):
+    """The distilled fixture's run, stopped by SIGTERM in round 1 and resumed, then killed outright (everything,
+    SIGKILL) in round 2 and resumed: it ends with the uninterrupted run's weights."""
     intact(small_partition, tiny_teacher)
-    out = tmp_path / "killed"
-    process = start(
-        "distill",
-        "--teacher",
-        tiny_teacher,
-        "--partition",
-        small_partition,
-        "--out",
-        out,
-        "--rounds",
-        "2",
-        *DISTILL_FAST,
-        stalled(2),
-    )
+    out = tmp_path / "interrupted"
+    run = ("--teacher", tiny_teacher, "--partition", small_partition, "--out", out, "--rounds", "2", *DISTILL_FAST)
+    process = start("distill", *run, stalled(0))
+    stop_with_sigterm(process, out, "distill", 2)
+
+    stalled(2)
+    process = start("distill", "--resume", out)
     wait_for(process, out, sent("train.distill", 2))
     kill_everything(process, out)
     assert not (out / "checkpoints" / "round_00002.pt").exists()
@@ -178,87 +197,3 @@ def test_federated_kmeans_killed_mid_round_resumes_to_the_same_codebook(
     untimed = lambda history: [{k: v for k, v in row.items() if k != "seconds"} for row in history]  # noqa: E731
     assert untimed(record["history"]) == untimed(json.loads((small_kmeans / "kmeans.json").read_text())["history"])
     assert "skipping checkpoint" not in (out / "logs" / "kmeans.log").read_text()
-
-
-def test_killing_only_the_stage_command_takes_its_flower_processes_down(
-    small_partition, small_kmeans, tmp_path, stalled, monkeypatch
-):
-    """`kill -9` of the command on a login node: the SuperLink it started gets SIGTERM from the kernel (parent-death
-    signal) and ends the simulation and the ServerApp, so no server goes on writing into the run folder unseen."""
-    out = tmp_path / "orphans"
-    process = start(
-        "pretrain",
-        "--partition",
-        small_partition,
-        "--kmeans",
-        small_kmeans,
-        "--out",
-        out,
-        *PRETRAIN_FAST,
-        "--rounds",
-        "3",
-        stalled(2),
-    )
-    wait_for(process, out, sent("train", 2))
-    process.kill()
-    process.wait(timeout=30)
-    deadline = time.monotonic() + 60
-    while run_processes(out) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not run_processes(out), run_processes(out)
-    assert not (out / "checkpoints" / "round_00002.pt").exists()
-    monkeypatch.delenv("FEDHUBERT_DRILL_PLAN")
-    assert run_cli("pretrain", "--resume", out) == 0
-    assert json.loads((out / "run.json").read_text())["summary"]["resumed_after_round"] == 1
-
-
-@pytest.mark.parametrize("stage", ["pretrain", "distill"])
-def test_sigterm_ends_after_the_round_with_a_checkpoint_and_resume_matches(
-    stage, four_rounds, distilled, tiny_teacher, small_partition, small_kmeans, tmp_path
-):
-    """What Slurm sends before a time limit: the run ends after its round, checkpointed, and continues exactly."""
-    out = tmp_path / "stopped"
-    if stage == "pretrain":
-        reference, rounds = four_rounds, 4
-        process = start(
-            "pretrain",
-            "--partition",
-            small_partition,
-            "--kmeans",
-            small_kmeans,
-            "--out",
-            out,
-            *PRETRAIN_FAST,
-            "--rounds",
-            "4",
-            "strategy.fraction=0.6",
-            "strategy.name=fedadam",
-        )
-    else:
-        reference, rounds = distilled, 2
-        process = start(
-            "distill",
-            "--teacher",
-            tiny_teacher,
-            "--partition",
-            small_partition,
-            "--out",
-            out,
-            "--rounds",
-            "2",
-            *DISTILL_FAST,
-        )
-    wait_for(process, out, sent(f"train{'.distill' if stage == 'distill' else ''}", 1))
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 75, stderr
-    assert f"Continue with: fedhubert {stage} --resume {out}" in stderr and "Traceback" not in stderr
-    record = json.loads((out / "run.json").read_text())
-    stopped = record["summary"]["stopped_after_round"]
-    assert record["status"] == "stopped" and 1 <= stopped < rounds
-    assert load_checkpoint(out / "checkpoints" / f"round_{stopped:05d}.pt")["state"]["round"] == stopped
-    assert not (out / "checkpoints" / "final.pt").exists() and not (out / "STOP").exists()
-    assert not run_processes(out), "the stopped run left processes behind"
-    assert run_cli(stage, "--out", out, "--config", out / "config.yaml") == 2, "no restart over a stopped run"
-    assert run_cli(stage, "--resume", out) == 0
-    same_weights(reference / "checkpoints" / "final.pt", out / "checkpoints" / "final.pt")
