@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 
 from common import KMEANS_FAST, run_cli
 from fedhubert.manifest import read_manifest
@@ -90,12 +91,13 @@ def test_damaged_audio_stops_kmeans_with_the_file_named(damage, corpus_copy, tmp
 
 @pytest.mark.slow
 def test_nan_in_cached_features_leaves_the_client_out_named_with_its_file(
-    small_partition, small_kmeans, kmeans_features, tmp_path, capsys, intact
+    small_partition, small_kmeans, tmp_path, capsys, intact
 ):
     """A corrupt client is a counted, logged skip (partial participation), never a label: its reason is the
-    client's own message, without Ray's traceback around it."""
+    client's own message, without Ray's traceback around it. The features are a copy of the cache small_kmeans
+    filled (whichever pytest-xdist worker built it)."""
     features = tmp_path / "features"
-    shutil.copytree(kmeans_features, features)
+    shutil.copytree(yaml.safe_load((small_kmeans / "config.yaml").read_text())["feature_dir"], features)
     feats = next(features.glob("client_1/train.feats.npy"))
     array = np.load(feats, mmap_mode="r+")
     array[5, 3] = np.nan
