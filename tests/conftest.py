@@ -27,9 +27,9 @@ os.environ.setdefault("FEDHUBERT_PROGRESS", "0")
 
 # pytest-xdist workers share the cores: each worker, and every stage and daemon it starts, gets cores / workers
 # threads in its OpenMP and BLAS pools (PyTorch reads OMP_NUM_THREADS when first imported, after this). A pool of all
-# cores per process oversubscribes them: the (then twelve-)SuperNode drill's two rounds took 97 and 86 s with PyTorch's
-# default, 43 and 33 s with one thread a process (measured beside two benchmarks and beside one). Flower's simulated
-# clients set their own threads.
+# cores per process oversubscribes them: the deployment drill's two rounds (with twelve SuperNodes then) took 97 and
+# 86 s with PyTorch's default, 43 and 33 s with one thread a process (measured beside two benchmarks and beside
+# one). Flower's simulated clients set their own threads.
 if (_workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 0:
     for _name in THREAD_POOL_VARIABLES:
         os.environ.setdefault(_name, str(max(1, available_cpus() // _workers)))

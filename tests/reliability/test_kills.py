@@ -29,7 +29,9 @@ HOSTILE_APP = Path(__file__).resolve().parent / "hostile_app"
 @pytest.fixture
 def stalled(tmp_path, monkeypatch):
     """Runs started now use the hostile app, whose clients stall for a minute in round `round_` (so a kill lands
-    mid-round whatever the machine's speed); returns the override that selects the app. Resumes run normally."""
+    mid-round whatever the machine's speed; 0 stalls no round); returns the override that selects the app. The
+    app reads the plan per message, so calling again re-plans a resume; without FEDHUBERT_DRILL_PLAN it runs
+    normally."""
 
     def plan(round_: int) -> str:
         path = tmp_path / "stall.json"
